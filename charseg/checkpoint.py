@@ -1,0 +1,109 @@
+"""One checkpoint schema: save atomically, load strictly, find the latest."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+FORMAT = "charseg-checkpoint"
+FORMAT_VERSION = 1
+# Every key a checkpoint holds; loading rejects files with keys missing or extra.
+KEYS = frozenset({
+    "format", "format_version", "epoch", "model", "optimizer", "scheduler", "warmup", "seed",
+    "rng", "config", "model_spec", "num_classes", "metrics",
+})
+FINAL_NAME = "model_final.pth"
+LAST_NAME = "last.pth"
+_EPOCH_RE = re.compile(r"^model_epoch_(\d{3,})\.pth$")
+
+
+def epoch_filename(epoch: int) -> str:
+    """Versioned file name of an epoch's checkpoint: model_epoch_001.pth, ..."""
+    return f"model_epoch_{epoch:03d}.pth"
+
+
+def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
+                    rng: dict, config: dict, model_spec: dict, num_classes: int, metrics: dict) -> dict[str, Any]:
+    """Assemble a checkpoint dict of the current schema (all arguments required)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch, "model": model,
+            "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup, "seed": seed, "rng": rng,
+            "config": config, "model_spec": model_spec, "num_classes": num_classes, "metrics": metrics}
+
+
+def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """Write `checkpoint` to `path` atomically: a crash mid-write never replaces a good file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; keep the user's umask
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[str, Any]:
+    """Load and validate a charseg checkpoint on the CPU.
+
+    Raises CheckpointError naming the file when it is missing, not a checkpoint, of an unknown
+    format version, has missing or unknown keys, or holds another number of classes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and weights_only errors all mean "not ours"
+        raise CheckpointError(f"{path}: not a charseg checkpoint ({str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        holds = (f"a dict with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
+        raise CheckpointError(f"{path}: not a charseg checkpoint (it holds {holds}); for plain weights "
+                              "use `--weights PATH` on train")
+    version = checkpoint.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {version}, this charseg reads version "
+                              f"{FORMAT_VERSION}; use the charseg release that wrote it")
+    missing, unknown = KEYS - set(checkpoint), set(checkpoint) - KEYS
+    if missing or unknown:
+        raise CheckpointError(f"{path}: checkpoint keys do not match version {FORMAT_VERSION} "
+                              f"(missing {sorted(missing)}, unknown {sorted(unknown)})")
+    if num_classes is not None and checkpoint["num_classes"] != num_classes:
+        raise CheckpointError(f"{path}: checkpoint holds a {checkpoint['num_classes']}-class model, "
+                              f"charseg expects {num_classes} (background + character)")
+    return checkpoint
+
+
+def find_latest(directory: str | Path) -> Path | None:
+    """The checkpoint of the highest epoch in `directory` (versioned, last or final), or None."""
+    directory = Path(directory)
+    best: tuple[int, Path] | None = None
+    for path in directory.glob("*.pth"):
+        if not (_EPOCH_RE.match(path.name) or path.name in (LAST_NAME, FINAL_NAME)):
+            continue
+        try:
+            epoch = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1))
+        except Exception:
+            continue  # a foreign or broken file is not a candidate
+        if best is None or epoch > best[0]:
+            best = (epoch, path)
+    return best[1] if best else None

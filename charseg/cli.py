@@ -1,0 +1,191 @@
+"""click commands: parse options into a config and call the runner; no training logic here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from . import runner
+from .config import FINETUNE_LR_FACTOR, TrainConfig
+from .data import scan_dataset
+from .errors import CharsegError
+from .generate import generate_dataset
+from .model import BACKBONES, WEIGHT_CHOICES
+
+_DEFAULTS = TrainConfig()
+
+
+def _opt(*decls: str, help: str, field: str | None = None, **kwargs) -> Callable:
+    """An option whose default stays None (so only given values override) but whose help
+    shows the TrainConfig default."""
+    name = field or decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    if getattr(_DEFAULTS, name, "") != "":
+        default = getattr(_DEFAULTS, name)
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        help = f"{help} [default: {shown}]"
+    return click.option(*decls, name, default=None, help=help, **kwargs)
+
+
+def _options(*opts: Callable) -> Callable:
+    def decorate(func: Callable) -> Callable:
+        for opt in reversed(opts):
+            func = opt(func)
+        return func
+    return decorate
+
+
+OUTPUT = _opt("--output-dir", type=click.Path(file_okay=False),
+              help="Folder for checkpoints [default: outputs/<timestamp>-<mode>; resume: the checkpoint's folder]")
+EPOCHS = _opt("--epochs", type=click.IntRange(min=1), help="Total number of epochs (resume: the new total).")
+DEVICE = _opt("--device", type=str, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+WORKERS = _opt("--num-workers", type=click.IntRange(min=0), help="Data-loader worker processes (0: main process).")
+LOG_EVERY = _opt("--log-every", type=click.IntRange(min=1), help="Report per-step losses every N iterations.")
+SAVE_EVERY = _opt("--save-every-epoch/--no-save-every-epoch",
+                  help="Write a checkpoint after every epoch (the final model is always written).")
+SAVE_VERSIONED = _opt("--save-versioned/--no-save-versioned",
+                      help="Name checkpoints model_epoch_001.pth, ... instead of overwriting last.pth.")
+HYPER = (
+    _opt("--batch-size", type=click.IntRange(min=1), help="Images per optimizer step."),
+    _opt("--lr", type=click.FloatRange(min=0, min_open=True), help="Base SGD learning rate."),
+    _opt("--momentum", type=click.FloatRange(min=0, max=1), help="SGD momentum."),
+    _opt("--weight-decay", type=click.FloatRange(min=0), help="SGD weight decay."),
+    _opt("--lr-step-size", type=click.IntRange(min=1), help="StepLR: decay the LR every N epochs."),
+    _opt("--lr-gamma", type=click.FloatRange(min=0, min_open=True), help="StepLR: LR multiplier at each decay."),
+    _opt("--warmup-iters", type=click.IntRange(min=0), help="Linear LR warm-up iterations (capped to one epoch; 0: off)."),
+    _opt("--warmup-factor", type=click.FloatRange(min=0, max=1, min_open=True),
+         help="LR multiplier at the first warm-up iteration."),
+    _opt("--clip-grad-norm", type=click.FloatRange(min=0), help="Clip the total gradient norm to this (0: off)."),
+    _opt("--seed", type=int, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
+    _opt("--min-size", type=click.IntRange(min=1), help="Shorter image side after the model's resize."),
+    _opt("--max-size", type=click.IntRange(min=1), help="Longer image side cap after the model's resize."),
+    _opt("--rpn-proposals-train", type=click.IntRange(min=1), help="RPN proposals kept per image in training."),
+    _opt("--rpn-proposals-test", type=click.IntRange(min=1), help="RPN proposals kept per image at inference."),
+    _opt("--roi-samples", type=click.IntRange(min=1), help="Proposals sampled per image for the head losses."),
+    _opt("--detections-per-img", type=click.IntRange(min=1), help="Most detections returned per image."),
+)
+RUN = (OUTPUT, EPOCHS, *HYPER, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE)
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _run(action: Callable[[], runner.RunResult]) -> None:
+    try:
+        result = action()
+    except runner.TrainingAlreadyComplete as exc:
+        click.echo(str(exc))
+        return
+    except CharsegError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="charseg")
+@click.option("-q", "--quiet", is_flag=True, help="Print warnings and errors only.")
+def cli(quiet: bool) -> None:
+    """Train Mask R-CNN to find and outline every character in an image.
+
+    \b
+    A dataset is DATA_DIR/images/00001.png with DATA_DIR/annotations/00001.csv,
+    CSV header `char,polygon_json`, polygon a flat JSON list [x1,y1,x2,y2,...].
+    """
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
+
+
+@cli.command("train")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@_options(*RUN)
+@_opt("--weights", type=str,
+      help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
+@_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
+def train_command(data_dir: str, **options: Any) -> None:
+    """Train from pretrained (or random) initial weights on DATA_DIR."""
+    config = TrainConfig(data_dir=data_dir, **_given(options))
+    _run(lambda: runner.train(config))
+
+
+@cli.command("resume")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@_options(EPOCHS, _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
+                       help="Dataset folder, if it moved since the checkpoint was written."),
+          OUTPUT, WORKERS, LOG_EVERY, DEVICE)
+def resume_command(checkpoint: str, **options: Any) -> None:
+    """Continue an interrupted run from CHECKPOINT: model, optimizer, LR schedule, epoch and RNG."""
+    _run(lambda: runner.resume(checkpoint, _given(options)))
+
+
+@cli.command("finetune")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@_options(*RUN)
+@_opt("--lr-factor", type=click.FloatRange(min=0, min_open=True),
+      help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
+def finetune_command(checkpoint: str, data_dir: str, **options: Any) -> None:
+    """Fine-tune CHECKPOINT's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
+
+    Backbone, input size and optimizer settings come from the checkpoint unless given.
+    """
+    _run(lambda: runner.finetune(checkpoint, {"data_dir": data_dir, **_given(options)}))
+
+
+@cli.command("validate-data")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+def validate_data_command(data_dir: str) -> None:
+    """Report images, instances and every skipped polygon or image with file, line and reason.
+
+    Exits 1 when no image is usable. Never modifies the dataset.
+    """
+    try:
+        report = scan_dataset(data_dir)
+    except CharsegError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(report.format())
+    if not report.samples:
+        raise click.ClickException(f"{data_dir}: no usable image; fix the problems listed above")
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
+@cli.command("generate")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--num-images", default=20, show_default=True, type=click.IntRange(min=1), help="Images to render.")
+@click.option("--size", default="128x128", show_default=True, help="Image size WIDTHxHEIGHT (or one number).")
+@click.option("--chars-per-image", default="3-8", show_default=True, help="Characters per image, MIN-MAX or N.")
+@click.option("--font-size", default="18-40", show_default=True, help="Glyph size in pixels, MIN-MAX or N.")
+@click.option("--font", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A .ttf/.otf font [default: Pillow's bundled scalable font].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same dataset.")
+def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
+                     font: str | None, seed: int) -> None:
+    """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
+    try:
+        w, _, h = size.lower().partition("x")
+        width, height = int(w), int(h or w)
+        chars, sizes = _range(chars_per_image), _range(font_size)
+    except ValueError as exc:
+        raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
+    try:
+        summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height,
+                                   chars_per_image=chars, font_size=sizes, font_path=font, seed=seed,
+                                   progress=True)
+    except CharsegError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"wrote {summary.images} images with {summary.characters} characters to {summary.out_dir}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="charseg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Read images and CSV polygons, validate them, build Mask R-CNN targets.
+
+Dataset layout::
+
+    DATA_DIR/images/00001.png          (.png, .jpg or .jpeg; any mode)
+    DATA_DIR/annotations/00001.csv     header ``char,polygon_json``
+
+Every problem is recorded as a :class:`Problem` with file, line and reason; nothing
+is dropped silently and no input file is ever modified.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DatasetError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CSV_HEADER = ["char", "polygon_json"]
+# Polygons with less area than this (in pixels^2, after clipping) cannot be rasterised.
+MIN_POLYGON_AREA = 1e-6
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input: where, and why."""
+
+    path: str
+    line: int | None  # 1-based CSV line (the header is line 1); None for whole files
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class Sample:
+    """One usable image and its valid (clipped) polygons."""
+
+    name: str
+    image_path: Path
+    annotation_path: Path
+    width: int
+    height: int
+    polygons: list[np.ndarray]  # each (K, 2) float32, inside the image
+    chars: list[str]
+
+
+@dataclass
+class DatasetReport:
+    """What a scan of DATA_DIR found: usable samples and every problem met."""
+
+    data_dir: Path
+    samples: list[Sample] = field(default_factory=list)
+    skipped_polygons: list[Problem] = field(default_factory=list)
+    clipped_polygons: list[Problem] = field(default_factory=list)
+    skipped_images: list[Problem] = field(default_factory=list)
+    orphan_annotations: list[Problem] = field(default_factory=list)
+    images_found: int = 0
+
+    @property
+    def num_instances(self) -> int:
+        return sum(len(s.polygons) for s in self.samples)
+
+    def summary(self) -> dict[str, int]:
+        """Counts, as logged with a run."""
+        return {
+            "images_found": self.images_found,
+            "images_used": len(self.samples),
+            "images_skipped": len(self.skipped_images),
+            "instances": self.num_instances,
+            "polygons_skipped": len(self.skipped_polygons),
+            "polygons_clipped": len(self.clipped_polygons),
+            "annotations_without_image": len(self.orphan_annotations),
+        }
+
+    def problems(self) -> list[tuple[str, Problem]]:
+        """Every problem with its kind, in a stable order."""
+        kinds = (("skipped image", self.skipped_images), ("skipped polygon", self.skipped_polygons),
+                 ("clipped polygon", self.clipped_polygons), ("annotation without image", self.orphan_annotations))
+        return [(kind, p) for kind, items in kinds for p in items]
+
+    def format(self, max_problems: int | None = None) -> str:
+        """Human-readable report; at most `max_problems` problem lines (None: all)."""
+        s = self.summary()
+        lines = [
+            f"dataset {self.data_dir}",
+            f"  images found:             {s['images_found']}",
+            f"  images usable:            {s['images_used']}",
+            f"  character instances:      {s['instances']}",
+            f"  images skipped:           {s['images_skipped']}",
+            f"  polygons skipped:         {s['polygons_skipped']}",
+            f"  polygons clipped:         {s['polygons_clipped']}",
+            f"  annotations without image: {s['annotations_without_image']}",
+        ]
+        problems = self.problems()
+        shown = problems if max_problems is None else problems[:max_problems]
+        for kind, problem in shown:
+            lines.append(f"{kind}: {problem}")
+        if len(shown) < len(problems):
+            lines.append(f"... and {len(problems) - len(shown)} more: run `charseg validate-data "
+                         f"{self.data_dir}` for the full list")
+        return "\n".join(lines)
+
+
+def polygon_area(points: np.ndarray) -> float:
+    """Absolute shoelace area of a (K, 2) polygon."""
+    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def clip_polygon_to_image(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Sutherland-Hodgman clip of a polygon to the rectangle [0, width] x [0, height].
+
+    Exact for any simple polygon against a convex window; returns (K, 2), K may be 0.
+    """
+    edges = (  # (inside test, intersection with the boundary line)
+        (lambda p: p[0] >= 0, 0, 0.0),
+        (lambda p: p[0] <= width, 0, float(width)),
+        (lambda p: p[1] >= 0, 1, 0.0),
+        (lambda p: p[1] <= height, 1, float(height)),
+    )
+    out = [tuple(p) for p in points.astype(np.float64)]
+    for inside, axis, bound in edges:
+        if not out:
+            break
+        src, out = out, []
+        for i, cur in enumerate(src):
+            prev = src[i - 1]
+            if inside(cur):
+                if not inside(prev):
+                    out.append(_intersect(prev, cur, axis, bound))
+                out.append(cur)
+            elif inside(prev):
+                out.append(_intersect(prev, cur, axis, bound))
+    return np.asarray(out, dtype=np.float32).reshape(-1, 2)
+
+
+def _intersect(a: tuple, b: tuple, axis: int, bound: float) -> tuple[float, float]:
+    t = (bound - a[axis]) / (b[axis] - a[axis])
+    return (a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1]))
+
+
+def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None, str]:
+    """Parse one `polygon_json` cell and fit it to a width x height image.
+
+    Returns (points, note): points is (K, 2) float32 inside the image, or None when the
+    polygon must be skipped; note is the skip reason, "clipped ..." when it was clipped, or "".
+    """
+    try:
+        values = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as exc:
+        return None, f"polygon_json is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+    if not isinstance(values, list):
+        return None, f"polygon_json must be a flat JSON list [x1,y1,x2,y2,...], got {type(values).__name__}"
+    for v in values:
+        # bool is an int subclass in Python; JSON true/false are not coordinates.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return None, f"polygon holds a non-number {json.dumps(v)[:40]}"
+        if not math.isfinite(v):
+            return None, f"polygon holds a non-finite number ({v})"
+    if len(values) % 2:
+        return None, f"polygon has an odd number of values ({len(values)}); expected x,y pairs"
+    if len(values) < 6:
+        return None, f"polygon has {len(values) // 2} points; at least 3 are needed"
+    points = np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    if polygon_area(points) <= MIN_POLYGON_AREA:
+        return None, "polygon has zero area"
+    clipped = clip_polygon_to_image(points, width, height)
+    if len(clipped) < 3 or polygon_area(clipped) <= MIN_POLYGON_AREA:
+        return None, f"polygon lies wholly outside the {width}x{height} image"
+    outside = (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+    note = f"clipped to the {width}x{height} image ({int(outside.sum())} points outside)" if outside.any() else ""
+    return clipped.astype(np.float32), note
+
+
+def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetReport
+                     ) -> tuple[list[np.ndarray], list[str]] | None:
+    """Read one CSV; record each problem in `report`. None when the whole file is unusable."""
+    polygons: list[np.ndarray] = []
+    chars: list[str] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header] != CSV_HEADER:
+                report.skipped_images.append(Problem(
+                    str(csv_path), 1, f"header is {','.join(header or []) or 'missing'}; "
+                                      f"expected {','.join(CSV_HEADER)}"))
+                return None
+            for row in reader:
+                line = reader.line_num
+                if not row or all(not cell.strip() for cell in row):
+                    continue
+                if len(row) != 2:
+                    report.skipped_polygons.append(Problem(
+                        str(csv_path), line, f"row has {len(row)} fields; expected 2 (char,polygon_json) "
+                                             "- quote a char that contains a comma"))
+                    continue
+                points, note = parse_polygon(row[1], width, height)
+                if points is None:
+                    report.skipped_polygons.append(Problem(str(csv_path), line, note))
+                    continue
+                if note:
+                    report.clipped_polygons.append(Problem(str(csv_path), line, note))
+                polygons.append(points)
+                chars.append(row[0])
+    except UnicodeDecodeError as exc:
+        report.skipped_images.append(Problem(str(csv_path), None, f"not UTF-8 text ({exc.reason}); save it as UTF-8"))
+        return None
+    except csv.Error as exc:
+        report.skipped_images.append(Problem(str(csv_path), None, f"malformed CSV ({exc})"))
+        return None
+    return polygons, chars
+
+
+def scan_dataset(data_dir: str | Path) -> DatasetReport:
+    """Index DATA_DIR: pair images with CSVs, parse and validate every polygon.
+
+    Raises DatasetError when DATA_DIR or its images/ folder does not exist.
+    """
+    root = Path(data_dir)
+    images_dir, ann_dir = root / "images", root / "annotations"
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder does not exist; pass a folder holding images/ and annotations/")
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: folder missing; a dataset holds images/*.png and annotations/*.csv")
+    report = DatasetReport(data_dir=root)
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    report.images_found = len(images)
+    stems = {p.stem for p in images}
+    if ann_dir.is_dir():
+        for csv_path in sorted(ann_dir.glob("*.csv")):
+            if csv_path.stem not in stems:
+                report.orphan_annotations.append(Problem(str(csv_path), None, "no image with this name in images/"))
+    for image_path in images:
+        csv_path = ann_dir / f"{image_path.stem}.csv"
+        if not csv_path.is_file():
+            report.skipped_images.append(Problem(str(image_path), None, f"no annotation file {csv_path}"))
+            continue
+        try:
+            with Image.open(image_path) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError) as exc:
+            report.skipped_images.append(Problem(str(image_path), None, f"cannot read image ({exc})"))
+            continue
+        parsed = _read_annotation(csv_path, width, height, report)
+        if parsed is None:
+            continue
+        polygons, chars = parsed
+        if not polygons:
+            report.skipped_images.append(Problem(str(image_path), None, "no valid polygon; skipped from training"))
+            continue
+        report.samples.append(Sample(image_path.stem, image_path, csv_path, width, height, polygons, chars))
+    return report
+
+
+def load_image_rgb(path: Path) -> np.ndarray:
+    """Read any image mode (gray, RGBA, palette, 16-bit) as an HxWx3 uint8 RGB array."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                arr = np.asarray(img).astype(np.float64)
+                # 16-bit data: scale the full 16-bit range, not the (often tiny) 8-bit one.
+                scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0
+                gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+                return np.repeat(gray[:, :, None], 3, axis=2)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                # Transparent pixels often hold black RGB; composite on white like a page.
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
+            return np.array(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DatasetError(f"{path}: cannot read image ({exc}); re-export it as PNG or JPEG") from exc
+
+
+def polygons_to_masks(polygons: list[np.ndarray], height: int, width: int) -> torch.Tensor:
+    """Rasterise polygons to (N, H, W) uint8 instance masks.
+
+    The only place masks are built, so the representation can change in one spot.
+    """
+    masks = np.zeros((len(polygons), height, width), dtype=np.uint8)
+    for i, points in enumerate(polygons):
+        # fillPoly works on integer pixel coordinates; 4 fractional bits keep sub-pixel precision.
+        pts = np.round(points * 16).astype(np.int32).reshape(-1, 1, 2)
+        cv2.fillPoly(masks[i], [pts], 1, lineType=cv2.LINE_8, shift=4)
+    return torch.from_numpy(masks)
+
+
+def polygons_to_boxes(polygons: list[np.ndarray]) -> torch.Tensor:
+    """(N, 4) float32 x1,y1,x2,y2 boxes enclosing each polygon."""
+    if not polygons:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    boxes = [np.concatenate([p.min(axis=0), p.max(axis=0)]) for p in polygons]
+    return torch.from_numpy(np.stack(boxes).astype(np.float32))
+
+
+def build_target(sample: Sample, index: int) -> dict[str, torch.Tensor]:
+    """Mask R-CNN target dict for one sample: boxes, labels (1 = character), masks, ..."""
+    boxes = polygons_to_boxes(sample.polygons)
+    return {
+        "boxes": boxes,
+        "labels": torch.ones((len(sample.polygons),), dtype=torch.int64),
+        "masks": polygons_to_masks(sample.polygons, sample.height, sample.width),
+        "image_id": torch.tensor(index),
+        "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+        "iscrowd": torch.zeros((len(sample.polygons),), dtype=torch.int64),
+    }
+
+
+class CharacterDataset(torch.utils.data.Dataset):
+    """Map-style dataset over validated samples: (image CHW float in [0,1], target, name)."""
+
+    def __init__(self, samples: list[Sample]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        rgb = load_image_rgb(sample.image_path)
+        if rgb.shape[:2] != (sample.height, sample.width):
+            raise DatasetError(f"{sample.image_path}: image changed size while training")
+        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+        return image, build_target(sample, index), sample.name
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation that depends only on (seed, epoch), like DistributedSampler.
+
+    Neither the number of loader workers nor any global RNG changes the order, so a resumed
+    run sees exactly the batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+def collate(batch):
+    """Keep variable-size images as lists: (images, targets, names)."""
+    return tuple(zip(*batch))

@@ -1,0 +1,85 @@
+"""Training loop over one epoch: pure function of its arguments, returns numbers."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite: training cannot continue from this state."""
+
+    def __init__(self, epoch: int, step: int, losses: dict[str, float], image_names: list[str]):
+        self.epoch, self.step, self.losses, self.image_names = epoch, step, losses, image_names
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}: {parts}; batch images: "
+                         f"{', '.join(image_names)}. Lower --lr, keep --clip-grad-norm on, or check these images")
+
+
+# on_step(global_step, losses, lr): called every `log_every` steps with float losses.
+StepCallback = Callable[[int, dict[str, float], float], None]
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable,
+                    device: torch.device, epoch: int, *, steps_per_epoch: int,
+                    warmup: torch.optim.lr_scheduler.LRScheduler | None = None, warmup_iters: int = 0,
+                    clip_grad_norm: float = 0.0, log_every: int = 10, on_step: StepCallback | None = None,
+                    progress: bool | None = None) -> dict[str, float]:
+    """Train `model` for one pass over `loader`.
+
+    Args:
+        epoch: 1-based epoch number, used for global step numbers and messages.
+        steps_per_epoch: len(loader); global step = (epoch - 1) * steps_per_epoch + i.
+        warmup: per-iteration LR scheduler stepped while its last_epoch < warmup_iters.
+        clip_grad_norm: max gradient norm (0: no clipping).
+        on_step: called every `log_every` steps with (global step, losses, lr).
+        progress: show a tqdm bar (None: only on a terminal).
+    Returns:
+        Mean of each loss component and of the total "loss", plus "lr" (at the end), "images",
+        "seconds" and "images_per_s".
+    Raises:
+        NonFiniteLossError before the optimizer step when the loss is not finite.
+    """
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    n_steps = n_images = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=None if progress is None else not progress,
+               dynamic_ncols=True, leave=True)
+    for i, (images, targets, names) in enumerate(bar, start=1):
+        step = (epoch - 1) * steps_per_epoch + i
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+        loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        values["loss"] = float(loss.detach())
+        if not math.isfinite(values["loss"]):
+            bar.close()
+            raise NonFiniteLossError(epoch, step, values, list(names))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        if warmup is not None and warmup.last_epoch < warmup_iters:
+            warmup.step()
+        for k, v in values.items():
+            sums[k] += v
+        n_steps += 1
+        n_images += len(images)
+        bar.set_postfix(loss=f"{sums['loss'] / n_steps:.4f}", lr=f"{lr:.2e}")
+        if on_step is not None and (i % log_every == 0 or i == steps_per_epoch):
+            on_step(step, values, lr)
+    bar.close()
+    seconds = time.perf_counter() - start
+    result = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    result.update(lr=optimizer.param_groups[0]["lr"], images=float(n_images), seconds=seconds,
+                  images_per_s=n_images / seconds if seconds > 0 else 0.0)
+    return result

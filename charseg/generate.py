@@ -1,0 +1,133 @@
+"""Synthetic character pages in the charseg dataset format, for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .data import CSV_HEADER
+from .errors import CharsegError
+
+DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
+
+
+@dataclass
+class GenerationSummary:
+    """What `generate_dataset` wrote."""
+
+    out_dir: Path
+    images: int
+    characters: int
+
+
+def load_font(font_path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    """A scalable font: the given TTF/OTF, else Pillow's bundled one."""
+    if font_path:
+        try:
+            return ImageFont.truetype(font_path, size)
+        except OSError as exc:
+            raise CharsegError(f"{font_path}: cannot load font ({exc}); pass a .ttf or .otf file") from exc
+    return ImageFont.load_default(size=size)
+
+
+def glyph_outline(mask: np.ndarray) -> np.ndarray | None:
+    """One polygon enclosing a glyph mask: its outer contour, or the convex hull when it has
+    several parts (i, j, %). Returns (K, 2) float pixel-edge coordinates, or None if empty."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours = [c for c in contours if len(c) > 0]
+    if not contours:
+        return None
+    if len(contours) == 1 and len(contours[0]) >= 3:
+        points = contours[0].reshape(-1, 2).astype(np.float32)
+        # Contour points are pixel indices; +0.5 puts them at pixel centres in image coordinates.
+        return points + 0.5
+    ys, xs = np.nonzero(mask)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
+    hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2)
+    return hull if len(hull) >= 3 else None
+
+
+def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
+    left, top, right, bottom = font.getbbox(char)
+    if right <= left or bottom <= top:
+        return None
+    canvas = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+    ImageDraw.Draw(canvas).text((1 - left, 1 - top), char, fill=255, font=font)
+    mask = np.asarray(canvas) >= 128
+    if not mask.any():
+        return None
+    ys, xs = np.nonzero(mask)
+    return mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 128, height: int = 128,
+                     chars_per_image: tuple[int, int] = (3, 8), font_size: tuple[int, int] = (18, 40),
+                     font_path: str | None = None, charset: str = DEFAULT_CHARSET, seed: int = 0,
+                     progress: bool = False) -> GenerationSummary:
+    """Render `num_images` pages of non-overlapping characters and their polygons.
+
+    Writes OUT_DIR/images/00001.png ... and OUT_DIR/annotations/00001.csv (char,polygon_json).
+    Returns counts of what was written.
+    """
+    if num_images < 1 or width < 8 or height < 8:
+        raise CharsegError("need at least 1 image of at least 8x8 pixels")
+    lo, hi = chars_per_image
+    if not 1 <= lo <= hi:
+        raise CharsegError(f"chars per image must be 1 <= min <= max, got {lo}-{hi}")
+    if not 4 <= font_size[0] <= font_size[1]:
+        raise CharsegError(f"font size must be 4 <= min <= max, got {font_size[0]}-{font_size[1]}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    fonts: dict[int, ImageFont.FreeTypeFont] = {}
+    total = 0
+    indices = range(1, num_images + 1)
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc="generating", unit="image")
+    for index in indices:
+        background = tuple(rng.randint(170, 255) for _ in range(3))
+        page = np.empty((height, width, 3), dtype=np.uint8)
+        page[:] = background
+        occupied = np.zeros((height, width), dtype=bool)
+        rows = []
+        for _ in range(rng.randint(lo, hi)):
+            size = rng.randint(*font_size)
+            font = fonts.setdefault(size, load_font(font_path, size))
+            char = rng.choice(charset)
+            glyph = _render_glyph(char, font)
+            if glyph is None or glyph.shape[0] >= height or glyph.shape[1] >= width:
+                continue
+            gh, gw = glyph.shape
+            for _attempt in range(30):
+                x, y = rng.randint(0, width - gw), rng.randint(0, height - gh)
+                # One pixel of margin so outlines of neighbours never touch.
+                if not occupied[max(y - 1, 0):y + gh + 1, max(x - 1, 0):x + gw + 1].any():
+                    break
+            else:
+                continue
+            occupied[y:y + gh, x:x + gw] |= glyph
+            color = tuple(rng.randint(0, 90) for _ in range(3))
+            page[y:y + gh, x:x + gw][glyph] = color
+            outline = glyph_outline(glyph)
+            if outline is None:
+                continue
+            outline = outline + np.array([x, y], dtype=np.float32)
+            rows.append((char, json.dumps([round(float(v), 2) for v in outline.reshape(-1)])))
+        name = f"{index:05d}"
+        Image.fromarray(page).save(out / "images" / f"{name}.png")
+        with open(out / "annotations" / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(CSV_HEADER)
+            writer.writerows(rows)
+        total += len(rows)
+    return GenerationSummary(out_dir=out, images=num_images, characters=total)

@@ -1,0 +1,180 @@
+"""Build Mask R-CNN (ResNet FPN) for N classes with the chosen initial weights."""
+
+from __future__ import annotations
+
+import urllib.error
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.ops import misc as misc_nn_ops
+
+from .errors import WeightsError
+
+NUM_CLASSES = 2  # background 0, character 1
+BACKBONES = ("resnet50", "resnet34", "resnet18")
+WEIGHT_CHOICES = ("coco", "imagenet", "none")  # or a path to a local file
+_IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "resnet34": ResNet34_Weights.IMAGENET1K_V1,
+             "resnet18": ResNet18_Weights.IMAGENET1K_V1}
+# Keys of the class-specific layers, re-initialised when a file was trained for other classes.
+_HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture facts needed to rebuild a model before loading its weights."""
+
+    backbone: str = "resnet50"
+    num_classes: int = NUM_CLASSES
+    min_size: int = 800
+    max_size: int = 1333
+    # Pretrained backbones keep frozen BatchNorm statistics (as torchvision does); a
+    # backbone trained from scratch needs live BatchNorm to train at all.
+    frozen_bn: bool = True
+    trainable_layers: int = 3  # backbone stages trained, counted from the top (0-5)
+    # torchvision's COCO weights were converted with FrozenBatchNorm eps 0 and must keep it.
+    frozen_bn_eps: float = 1e-5
+    # Proposal, sampler and detection limits (torchvision's defaults).
+    rpn_proposals_train: int = 2000  # RPN proposals kept per image before and after NMS, training
+    rpn_proposals_test: int = 1000  # the same at inference
+    roi_samples: int = 512  # proposals sampled per image for the box and mask heads' losses
+    detections_per_img: int = 100  # most detections returned per image
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def detector_kwargs(self) -> dict:
+        """Keyword arguments of torchvision's MaskRCNN for this spec."""
+        return {"min_size": self.min_size, "max_size": self.max_size,
+                "rpn_pre_nms_top_n_train": self.rpn_proposals_train, "rpn_post_nms_top_n_train": self.rpn_proposals_train,
+                "rpn_pre_nms_top_n_test": self.rpn_proposals_test, "rpn_post_nms_top_n_test": self.rpn_proposals_test,
+                "box_batch_size_per_image": self.roi_samples, "box_detections_per_img": self.detections_per_img}
+
+
+def spec_for_weights(backbone: str, weights: str, **sizes_and_limits: int) -> ModelSpec:
+    """The architecture torchvision uses for this initialisation.
+
+    sizes_and_limits: min_size, max_size and the ModelSpec limit fields.
+    """
+    if backbone not in BACKBONES:
+        raise WeightsError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    pretrained = weights != "none"
+    return ModelSpec(backbone=backbone, frozen_bn=pretrained, trainable_layers=3 if pretrained else 5,
+                     frozen_bn_eps=0.0 if weights == "coco" else 1e-5, **sizes_and_limits)
+
+
+def build_model(spec: ModelSpec) -> MaskRCNN:
+    """A randomly initialised Mask R-CNN with this architecture."""
+    norm_layer = misc_nn_ops.FrozenBatchNorm2d if spec.frozen_bn else nn.BatchNorm2d
+    backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, norm_layer=norm_layer,
+                                   trainable_layers=spec.trainable_layers)
+    for module in backbone.modules():
+        if isinstance(module, misc_nn_ops.FrozenBatchNorm2d):
+            module.eps = spec.frozen_bn_eps
+    return MaskRCNN(backbone, num_classes=spec.num_classes, **spec.detector_kwargs())
+
+
+def replace_heads(model: MaskRCNN, num_classes: int) -> MaskRCNN:
+    """Swap the class-specific box and mask predictors for `num_classes` fresh ones."""
+    box_in = model.roi_heads.box_predictor.cls_score.in_features
+    model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
+    mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
+    hidden = model.roi_heads.mask_predictor.conv5_mask.out_channels
+    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, hidden, num_classes)
+    return model
+
+
+def _offline_error(what: str, exc: Exception) -> WeightsError:
+    return WeightsError(
+        f"could not download the {what} weights ({exc}). Without internet pass `--weights none` "
+        "(random init) or `--weights PATH` to a local file (a torchvision state dict such as "
+        "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth, or a charseg checkpoint)")
+
+
+def create_model(spec: ModelSpec, weights: str) -> tuple[MaskRCNN, str]:
+    """Build the model of `spec` initialised from `weights`.
+
+    weights: "coco" (COCO Mask R-CNN, heads replaced), "imagenet" (backbone only), "none",
+    or a path to a torchvision state dict or charseg checkpoint.
+    Returns (model, one line describing what was loaded).
+    """
+    if weights == "coco":
+        if spec.backbone != "resnet50":
+            raise WeightsError(f"COCO Mask R-CNN weights exist only for resnet50, not {spec.backbone}; "
+                               "pass `--weights imagenet` or `--weights none`")
+        try:
+            model = maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
+                                          trainable_backbone_layers=spec.trainable_layers, **spec.detector_kwargs())
+        except (urllib.error.URLError, OSError) as exc:
+            raise _offline_error("COCO Mask R-CNN", exc) from exc
+        return replace_heads(model, spec.num_classes), "COCO Mask R-CNN weights, box and mask heads re-initialised"
+    if weights == "imagenet":
+        model = build_model(spec)
+        try:
+            state = _IMAGENET[spec.backbone].get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, OSError) as exc:
+            raise _offline_error(f"ImageNet {spec.backbone}", exc) from exc
+        _load_backbone_body(model, state, f"ImageNet {spec.backbone}")
+        return model, f"ImageNet {spec.backbone} backbone, detection layers random"
+    if weights == "none":
+        return build_model(spec), "random initialisation"
+    model = build_model(spec)
+    return model, load_weights_file(model, Path(weights))
+
+
+def load_weights_file(model: MaskRCNN, path: Path) -> str:
+    """Load a local torchvision state dict or charseg checkpoint into `model`.
+
+    Class-specific heads of another class count are re-initialised; any other mismatch is an
+    error that names the file. Returns a one-line description.
+    """
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found; pass coco, imagenet, none or an existing file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign files
+        raise WeightsError(f"{path}: not a PyTorch weights file ({str(exc).splitlines()[0]})") from exc
+    if isinstance(state, dict) and "model" in state and "format" in state:
+        state = state["model"]  # a charseg checkpoint
+    elif isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # torchvision reference-script checkpoints
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: holds no state dict of tensors; expected a torchvision state dict "
+                           "or a charseg checkpoint")
+    if any(k.startswith("backbone.") for k in state):
+        return _load_detector(model, state, path)
+    if "conv1.weight" in state:
+        return _load_backbone_body(model, state, str(path))
+    raise WeightsError(f"{path}: keys {sorted(state)[:3]}... fit neither Mask R-CNN nor a ResNet; "
+                       "expected a torchvision Mask R-CNN/ResNet state dict or a charseg checkpoint")
+
+
+def _load_detector(model: MaskRCNN, state: dict, path: Path) -> str:
+    own = model.state_dict()
+    reinitialised = sorted(k for k in state if k.startswith(_HEAD_PREFIXES) and k in own
+                           and state[k].shape != own[k].shape)
+    state = {k: v for k, v in state.items() if k not in reinitialised}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in reinitialised]
+    if missing or result.unexpected_keys:
+        raise WeightsError(f"{path}: does not fit a {model.backbone.body.__class__.__name__} Mask R-CNN "
+                           f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}); "
+                           "check --backbone")
+    if reinitialised:
+        return f"weights from {path}, class heads re-initialised for {NUM_CLASSES} classes"
+    return f"weights from {path}"
+
+
+def _load_backbone_body(model: MaskRCNN, state: dict, source: str) -> str:
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = model.backbone.body.load_state_dict(body, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise WeightsError(f"{source}: ResNet weights do not fit the backbone (missing {result.missing_keys[:3]}, "
+                           f"unexpected {result.unexpected_keys[:3]}); check --backbone")
+    return f"backbone weights from {source}"

@@ -1,0 +1,260 @@
+"""The main() of training: data, model, optimizer, (resume), epoch loop, checkpoints.
+
+Three entry points, one per mode: `train`, `resume`, `finetune`. Each reads top to bottom
+and hands the shared epoch loop (`_fit`) fully built objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import checkpoint as ckpt
+from .config import FINETUNE_LR_FACTOR, MODEL_OPTIONS, TrainConfig
+from .data import CharacterDataset, DatasetReport, EpochShuffleSampler, collate, scan_dataset
+from .engine import NonFiniteLossError, train_one_epoch
+from .errors import CharsegError, DatasetError
+from .model import NUM_CLASSES, ModelSpec, build_model, create_model, spec_for_weights
+from .reproducibility import capture_rng_state, restore_rng_state, seed_everything, seed_worker
+
+log = logging.getLogger("charseg")
+
+# Warnings printed at start; the rest is counted and left to `charseg validate-data`.
+MAX_PROBLEMS_SHOWN = 20
+# Settings a fine-tune inherits from its source checkpoint unless given again.
+FINETUNE_INHERITED = ("backbone", *MODEL_OPTIONS, "lr", "batch_size", "momentum", "weight_decay",
+                      "lr_step_size", "lr_gamma", "warmup_iters", "warmup_factor", "clip_grad_norm")
+# Settings a resume may change: where things are and how fast they run, never the maths.
+RESUME_OVERRIDABLE = ("epochs", "data_dir", "output_dir", "device", "num_workers", "log_every",
+                      "save_every_epoch", "save_versioned")
+
+
+class TrainingAlreadyComplete(CharsegError):
+    """Resume was asked for a run whose checkpoint already reached its last epoch."""
+
+
+class Tracker(Protocol):
+    """What the loop reports to (MLflow in tracking.py); every method may be a no-op."""
+
+    def start(self, config: TrainConfig, report: DatasetReport, spec: ModelSpec) -> None: ...
+    def log_step(self, step: int, losses: dict[str, float], lr: float) -> None: ...
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
+    def log_checkpoint(self, path: Path) -> None: ...
+
+
+class NullTracker:
+    """Tracks nothing: the default when charseg runs without MLflow."""
+
+    def start(self, config, report, spec) -> None:
+        pass
+
+    def log_step(self, step, losses, lr) -> None:
+        pass
+
+    def log_epoch(self, epoch, metrics) -> None:
+        pass
+
+    def log_checkpoint(self, path) -> None:
+        pass
+
+
+@dataclass
+class RunResult:
+    """What a training run produced."""
+
+    output_dir: Path
+    start_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch
+    checkpoints: list[Path] = field(default_factory=list)  # every file written, in order
+    final_checkpoint: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available else cpu; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CharsegError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CharsegError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
+    return device
+
+
+def load_dataset_report(data_dir: str) -> DatasetReport:
+    """Scan the dataset, print its summary and problems; error when nothing is usable."""
+    report = scan_dataset(data_dir)
+    problems = report.problems()
+    for kind, problem in problems[:MAX_PROBLEMS_SHOWN]:
+        log.warning("warning: %s: %s", kind, problem)
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        log.warning("warning: ... and %d more problems; run `charseg validate-data %s` for the full list",
+                    len(problems) - MAX_PROBLEMS_SHOWN, data_dir)
+    s = report.summary()
+    log.info("dataset %s: %d images, %d characters (%d images and %d polygons skipped)", data_dir,
+             s["images_used"], s["instances"], s["images_skipped"], s["polygons_skipped"])
+    if not report.samples:
+        raise DatasetError(f"{data_dir}: no usable image (found {report.images_found}); "
+                           f"run `charseg validate-data {data_dir}` to see why")
+    return report
+
+
+def default_output_dir(mode: str) -> str:
+    """outputs/<timestamp>-<mode>: a new folder per run so nothing is overwritten."""
+    return str(Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
+
+
+def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
+    """Train from the initial weights named by `config.weights`."""
+    config = dataclasses.replace(config, mode="train", output_dir=config.output_dir or default_output_dir("train"))
+    _check(config)
+    seed_everything(config.seed)
+    report = load_dataset_report(config.data_dir)
+    spec = spec_for_weights(config.backbone, config.weights, **config.model_options())
+    model, how = create_model(spec, config.weights)
+    log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
+    return _fit(config, spec, model, report, tracker or NullTracker())
+
+
+def resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = None,
+           tracker: Tracker | None = None) -> RunResult:
+    """Continue a run from its checkpoint: model, optimizer, schedulers, epoch, seed and RNG.
+
+    `overrides` may set only RESUME_OVERRIDABLE keys (e.g. a larger `epochs`).
+    """
+    overrides = dict(overrides or {})
+    refused = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
+    if refused:
+        raise CharsegError(f"resume keeps the checkpoint's training settings; cannot change {refused}")
+    state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
+    saved = TrainConfig.from_dict(state["config"])
+    config = dataclasses.replace(saved, **overrides, mode="resume", init_checkpoint=str(checkpoint_path))
+    if not overrides.get("output_dir"):
+        config.output_dir = str(Path(checkpoint_path).parent)
+    _check(config)
+    if state["epoch"] >= config.epochs:
+        raise TrainingAlreadyComplete(
+            f"{checkpoint_path}: training already finished all {config.epochs} epochs (checkpoint is epoch "
+            f"{state['epoch']}); pass --epochs N with N > {state['epoch']} to train further")
+    seed_everything(config.seed)
+    report = load_dataset_report(config.data_dir)
+    spec = ModelSpec(**state["model_spec"])
+    model = build_model(spec)
+    log.info("resuming %s at epoch %d of %d", checkpoint_path, state["epoch"] + 1, config.epochs)
+    return _fit(config, spec, model, report, tracker or NullTracker(), resume_state=state)
+
+
+def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
+             tracker: Tracker | None = None) -> RunResult:
+    """Start a new schedule from a checkpoint's weights only, at FINETUNE_LR_FACTOR x the LR.
+
+    Architecture and optimizer settings come from the source checkpoint unless overridden;
+    `overrides` must hold `data_dir`.
+    """
+    state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
+    source = TrainConfig.from_dict(state["config"])
+    inherited = {k: getattr(source, k) for k in FINETUNE_INHERITED}
+    values = {**inherited, "lr_factor": FINETUNE_LR_FACTOR, **overrides}
+    config = TrainConfig(**values, mode="finetune", weights=str(checkpoint_path),
+                         init_checkpoint=str(checkpoint_path))
+    config.output_dir = config.output_dir or default_output_dir("finetune")
+    _check(config)
+    seed_everything(config.seed)
+    report = load_dataset_report(config.data_dir)
+    spec = dataclasses.replace(ModelSpec(**state["model_spec"]), **config.model_options())
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
+             config.effective_lr, config.lr_factor, config.lr)
+    return _fit(config, spec, model, report, tracker or NullTracker())
+
+
+def _check(config: TrainConfig) -> None:
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise CharsegError(str(exc)) from exc
+
+
+def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, tracker: Tracker,
+         resume_state: dict | None = None) -> RunResult:
+    """The epoch loop shared by all modes: train, step the LR, checkpoint, report."""
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    model.to(device)
+    dataset = CharacterDataset(report.samples)
+    sampler = EpochShuffleSampler(len(dataset), config.seed)
+    # A private generator for the loader's worker seeds keeps the global RNG stream (used by
+    # the RPN and ROI samplers) independent of the number of workers.
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                        generator=torch.Generator().manual_seed(config.seed),
+                        num_workers=config.num_workers, collate_fn=collate, worker_init_fn=seed_worker,
+                        pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0)
+    steps_per_epoch = len(loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.effective_lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size, gamma=config.lr_gamma)
+    # Linear warm-up within the first epoch (torchvision reference); chained with StepLR.
+    warmup_iters = min(config.warmup_iters, steps_per_epoch)
+    warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=config.warmup_factor, total_iters=warmup_iters)
+              if warmup_iters > 0 else None)
+    result = RunResult(output_dir=Path(config.output_dir), start_epoch=1)
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if warmup is not None and resume_state["warmup"]:
+            warmup.load_state_dict(resume_state["warmup"])
+        restore_rng_state(resume_state["rng"])
+        result.start_epoch = resume_state["epoch"] + 1
+        result.history = list(resume_state["metrics"].get("history", []))
+
+    tracker.start(config, report, spec)
+    log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
+             config.epochs, steps_per_epoch, config.output_dir)
+    for epoch in range(result.start_epoch, config.epochs + 1):
+        sampler.set_epoch(epoch)
+        try:
+            metrics = train_one_epoch(
+                model, optimizer, loader, device, epoch, steps_per_epoch=steps_per_epoch, warmup=warmup,
+                warmup_iters=warmup_iters, clip_grad_norm=config.clip_grad_norm, log_every=config.log_every,
+                on_step=tracker.log_step)
+        except NonFiniteLossError as exc:
+            raise CharsegError(str(exc)) from exc
+        scheduler.step()
+        metrics["epoch"] = float(epoch)
+        result.history.append(metrics)
+        components = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+        log.info("epoch %d/%d finished: avg loss %.4f (%s), lr %.2e, %.1f images/s", epoch, config.epochs,
+                 metrics["loss"], components, metrics["lr"], metrics["images_per_s"])
+        # Checkpoint before anything else reports, so a later failure still leaves this epoch saved.
+        state = ckpt.make_checkpoint(
+            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), warmup=warmup.state_dict() if warmup is not None else {},
+            seed=config.seed, rng=capture_rng_state(), config=config.to_dict(), model_spec=spec.to_dict(),
+            num_classes=spec.num_classes, metrics={"history": result.history})
+        names = []
+        if config.save_every_epoch:
+            names.append(ckpt.epoch_filename(epoch) if config.save_versioned else ckpt.LAST_NAME)
+        if epoch == config.epochs:
+            names.append(ckpt.FINAL_NAME)
+        for name in names:
+            path = ckpt.save_checkpoint(state, Path(config.output_dir) / name)
+            result.checkpoints.append(path)
+            log.info("saved checkpoint %s", path)
+            tracker.log_checkpoint(path)
+        tracker.log_epoch(epoch, metrics)
+    result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
+    return result
+

@@ -1,0 +1,87 @@
+"""Checkpoint schema: atomic writes, strict loads, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from charseg import checkpoint as ckpt
+from charseg.errors import CheckpointError
+
+
+def sample_checkpoint(epoch: int = 1, num_classes: int = 2) -> dict:
+    return ckpt.make_checkpoint(epoch=epoch, model={"w": torch.ones(3)}, optimizer={}, scheduler={}, warmup={},
+                                seed=1, rng={}, config={}, model_spec={}, num_classes=num_classes, metrics={})
+
+
+def test_versioned_names():
+    assert ckpt.epoch_filename(1) == "model_epoch_001.pth"
+    assert ckpt.epoch_filename(12) == "model_epoch_012.pth"
+    assert ckpt.epoch_filename(1234) == "model_epoch_1234.pth"
+
+
+def test_round_trip(tmp_path):
+    path = ckpt.save_checkpoint(sample_checkpoint(3), tmp_path / "a" / "x.pth")
+    loaded = ckpt.load_checkpoint(path, num_classes=2)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["model"]["w"], torch.ones(3))
+
+
+def test_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
+    path = ckpt.save_checkpoint(sample_checkpoint(1), tmp_path / "last.pth")
+    good = path.read_bytes()
+
+    def crash_mid_write(obj, fh, *args, **kwargs):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(sample_checkpoint(2), path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left behind
+
+
+def test_not_a_checkpoint(tmp_path):
+    path = tmp_path / "x.pth"
+    path.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"x\.pth: not a charseg checkpoint"):
+        ckpt.load_checkpoint(path)
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"holds a dict with keys \['conv.weight'\].*--weights PATH"):
+        ckpt.load_checkpoint(path)
+
+
+def test_unknown_format_version(tmp_path):
+    state = sample_checkpoint()
+    state["format_version"] = 99
+    torch.save(state, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        ckpt.load_checkpoint(tmp_path / "x.pth")
+
+
+def test_missing_and_unknown_keys(tmp_path):
+    state = sample_checkpoint()
+    del state["optimizer"]
+    state["surprise"] = 1
+    torch.save(state, tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match=r"missing \['optimizer'\], unknown \['surprise'\]"):
+        ckpt.load_checkpoint(tmp_path / "x.pth")
+
+
+def test_wrong_num_classes(tmp_path):
+    path = ckpt.save_checkpoint(sample_checkpoint(num_classes=91), tmp_path / "x.pth")
+    with pytest.raises(CheckpointError, match="91-class model, charseg expects 2"):
+        ckpt.load_checkpoint(path, num_classes=2)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        ckpt.load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_find_latest(tmp_path):
+    assert ckpt.find_latest(tmp_path) is None
+    for epoch in (1, 3, 2):
+        ckpt.save_checkpoint(sample_checkpoint(epoch), tmp_path / ckpt.epoch_filename(epoch))
+    (tmp_path / "junk.pth").write_text("x")
+    assert ckpt.find_latest(tmp_path).name == "model_epoch_003.pth"

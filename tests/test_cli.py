@@ -1,0 +1,81 @@
+"""The command line as a user meets it: help, errors, validate-data, a real train and resume."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from charseg.cli import cli
+from charseg.config import TrainConfig
+
+LIGHT_ARGS = ["--weights", "none", "--backbone", "resnet18", "--min-size", "64", "--max-size", "64",
+              "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_help_lists_every_training_option(command):
+    text = invoke(command, "--help").output
+    skip = {"mode", "data_dir", "init_checkpoint", "extra", "lr_factor", "weights", "backbone"}
+    for name in TrainConfig.__dataclass_fields__:
+        if name not in skip:
+            assert f"--{name.replace('_', '-')}" in text, name
+    assert "[default: 15107]" in text
+
+
+def test_validate_data_on_broken_dataset(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "annotations").mkdir()
+    from PIL import Image
+    Image.new("L", (20, 20)).save(tmp_path / "images" / "p1.png")
+    (tmp_path / "annotations" / "p1.csv").write_text('char,polygon_json\na,"[1,2,3,4,5]"\nb,"[0,0,0,0,0,0]"\n')
+    result = CliRunner().invoke(cli, ["validate-data", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "images usable:            0" in result.output
+    assert re.search(r"skipped polygon: .*p1\.csv:2: polygon has an odd number of values \(5\)", result.output)
+    assert re.search(r"skipped polygon: .*p1\.csv:3: polygon has zero area", result.output)
+    assert "Error: " in result.output and "no usable image" in result.output
+
+
+def test_validate_data_on_good_dataset(tiny_dataset):
+    result = invoke("validate-data", str(tiny_dataset))
+    assert result.exit_code == 0 and "images usable:            4" in result.output
+
+
+def test_wrong_data_path_is_one_clear_error(tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_wrong_device_is_one_clear_error(tiny_dataset, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--device", "tpu",
+                                      "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "--device 'tpu' is not a device" in result.output
+
+
+def test_generate_writes_the_dataset_format(tmp_path):
+    result = invoke("generate", str(tmp_path / "g"), "--num-images", "2", "--size", "80x60", "--seed", "1")
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "g" / "annotations" / "00001.csv").read_text().splitlines()
+    assert lines[0] == "char,polygon_json"
+    points = json.loads(lines[1].split(",", 1)[1].strip('"'))
+    assert len(points) >= 6 and len(points) % 2 == 0
+    assert invoke("validate-data", str(tmp_path / "g")).exit_code == 0
+
+
+def test_train_then_resume_via_cli(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1", "--output-dir", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["model_epoch_001.pth", "model_final.pth"]
+    result = invoke("resume", str(out / "model_final.pth"), "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert (out / "model_epoch_002.pth").is_file()
+    result = invoke("resume", str(out / "model_epoch_002.pth"))
+    assert result.exit_code == 0 and "already finished all 2 epochs" in result.output

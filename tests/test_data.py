@@ -1,0 +1,143 @@
+"""Dataset reading and validation: every bad-input case gives its warning, nothing is modified."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from charseg.data import (CharacterDataset, clip_polygon_to_image, load_image_rgb, parse_polygon,
+                          polygon_area, polygons_to_masks, scan_dataset)
+from charseg.errors import DatasetError
+
+
+def write_dataset(root: Path, annotations: dict[str, str], images: dict[str, tuple[int, int]]) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for name, (w, h) in images.items():
+        Image.new("RGB", (w, h), (255, 255, 255)).save(root / "images" / f"{name}.png")
+    for name, text in annotations.items():
+        (root / "annotations" / f"{name}.csv").write_text(text, encoding="utf-8")
+    return root
+
+
+GOOD = "[2,2,20,2,20,20,2,20]"
+
+
+def test_generated_dataset_is_fully_valid(tiny_dataset):
+    report = scan_dataset(tiny_dataset)
+    assert len(report.samples) == 4
+    assert report.problems() == []
+    assert report.num_instances >= 8
+
+
+def test_target_holds_boxes_labels_and_masks(tiny_dataset):
+    dataset = CharacterDataset(scan_dataset(tiny_dataset).samples)
+    image, target, name = dataset[0]
+    n = len(dataset.samples[0].polygons)
+    assert image.shape == (3, 64, 64) and image.dtype.is_floating_point and 0 <= image.min() <= image.max() <= 1
+    assert target["boxes"].shape == (n, 4) and target["masks"].shape == (n, 64, 64)
+    assert target["labels"].tolist() == [1] * n
+    assert name == "00001"
+    boxes = target["boxes"]
+    assert bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all())
+
+
+@pytest.mark.parametrize("cell, reason", [
+    ("[1,2,3,4,5]", "odd number of values"),
+    ("[1,2,3,4]", "at least 3 are needed"),
+    ('[1,2,"a",4,5,6]', "non-number"),
+    ("[1,2,NaN,4,5,6]", "non-finite"),
+    ("[1,2,Infinity,4,5,6]", "non-finite"),
+    ("[1,1,5,5,9,9]", "zero area"),
+    ("[100,100,120,100,120,120]", "wholly outside"),
+    ("[1,2,3", "not valid JSON"),
+    ('{"x": 1}', "flat JSON list"),
+    ("[true,2,3,4,5,6]", "non-number"),
+])
+def test_bad_polygon_is_skipped_with_reason(cell, reason):
+    points, note = parse_polygon(cell, 50, 50)
+    assert points is None
+    assert reason in note
+
+
+def test_polygon_partly_outside_is_clipped_exactly():
+    points, note = parse_polygon("[-10,-10,10,-10,10,10,-10,10]", 50, 50)
+    assert "clipped" in note
+    assert polygon_area(points) == pytest.approx(100.0)
+    assert points.min() >= 0
+
+
+def test_clip_keeps_inside_polygon_unchanged():
+    square = np.array([[1, 1], [5, 1], [5, 5], [1, 5]], dtype=np.float32)
+    assert np.allclose(clip_polygon_to_image(square, 10, 10), square)
+
+
+def test_mask_rasterises_polygon_area():
+    mask = polygons_to_masks([np.array([[2, 2], [12, 2], [12, 12], [2, 12]], dtype=np.float32)], 20, 20)
+    assert mask.shape == (1, 20, 20)
+    assert abs(int(mask.sum()) - 100) <= 21  # area 100 plus at most one edge row/column
+
+
+def test_broken_dataset_report_names_file_line_and_reason(tmp_path):
+    root = write_dataset(tmp_path / "d", images={"a": (50, 50), "b": (50, 50), "c": (50, 50), "e": (50, 50)}, annotations={
+        "a": f'char,polygon_json\n"x,""y",{json.dumps(GOOD)}\nq,"[1,2,3]"\nr,"[-5,-5,10,-5,10,10,-5,10]"\n',
+        "b": 'char,polygon_json\nz,"[1,2,NaN,4,5,6]"\n',
+        "c": "letter,points\nx,[1,2]\n",
+        "orphan": f'char,polygon_json\nx,"{GOOD}"\n',
+    })
+    report = scan_dataset(root)
+    assert [s.name for s in report.samples] == ["a"]
+    assert report.samples[0].chars == ['x,"y', "r"]  # CSV-quoted comma and quote survive
+    skipped = {(Path(p.path).name, p.line): p.reason for p in report.skipped_polygons}
+    assert "odd number" in skipped[("a.csv", 3)]
+    assert "non-finite" in skipped[("b.csv", 2)]
+    assert [(Path(p.path).name, p.line) for p in report.clipped_polygons] == [("a.csv", 4)]
+    images = {Path(p.path).name: p.reason for p in report.skipped_images}
+    assert "no valid polygon" in images["b.png"]
+    assert "expected char,polygon_json" in images["c.csv"]
+    assert "no annotation file" in images["e.png"]
+    assert [Path(p.path).name for p in report.orphan_annotations] == ["orphan.csv"]
+    text = report.format()
+    assert f"{root / 'annotations' / 'a.csv'}:3: polygon has an odd number" in text
+
+
+def test_scan_never_modifies_inputs(tmp_path):
+    root = write_dataset(tmp_path / "d", images={"a": (30, 30)},
+                         annotations={"a": 'char,polygon_json\nx,"[-5,-5,10,-5,10,10]"\ny,"[1]"\n'})
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    scan_dataset(root)
+    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_missing_folders_raise_clear_errors(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_dataset(tmp_path / "nope")
+    with pytest.raises(DatasetError, match="images"):
+        scan_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "LA", "1"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / "img.png"
+    if mode == "I;16":
+        Image.fromarray(np.full((8, 6), 65535, dtype=np.uint16)).save(path)
+    else:
+        Image.new("RGB", (6, 8), (200, 10, 10)).convert(mode).save(path)
+    rgb = load_image_rgb(path)
+    assert rgb.shape == (8, 6, 3) and rgb.dtype == np.uint8
+    if mode == "I;16":
+        assert rgb.min() == 255  # full-scale 16-bit white stays white, not clipped garbage
+
+
+def test_unreadable_image_is_reported(tmp_path):
+    root = write_dataset(tmp_path / "d", images={}, annotations={"a": f'char,polygon_json\nx,"{GOOD}"\n'})
+    (root / "images" / "a.png").write_bytes(b"not a png")
+    report = scan_dataset(root)
+    assert not report.samples
+    assert "cannot read image" in report.skipped_images[0].reason

@@ -1,0 +1,80 @@
+"""Model construction and initial weights: offline errors, local files written by the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from charseg.errors import WeightsError
+from charseg.model import ModelSpec, create_model, spec_for_weights
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No cached weights and every download refused (a closed local proxy port)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+
+
+@pytest.mark.parametrize("weights, backbone", [("coco", "resnet50"), ("imagenet", "resnet18")])
+def test_offline_pretrained_weights_fail_with_what_to_pass(offline, weights, backbone):
+    with pytest.raises(WeightsError) as info:
+        create_model(spec_for_weights(backbone, weights), weights)
+    message = str(info.value)
+    assert "--weights none" in message and "--weights PATH" in message
+    assert "\n" not in message
+
+
+def test_coco_needs_resnet50():
+    with pytest.raises(WeightsError, match="only for resnet50"):
+        create_model(spec_for_weights("resnet18", "coco"), "coco")
+
+
+def test_none_builds_two_class_model_with_live_batchnorm():
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
+    model, how = create_model(spec, "none")
+    assert how == "random initialisation"
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 2
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+
+
+def test_local_coco_style_state_dict_loads_with_heads_reinitialised(tmp_path):
+    # A 91-class torchvision Mask R-CNN, as the COCO download would be, written by the test.
+    torch.manual_seed(0)
+    source = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    path = tmp_path / "maskrcnn_coco_like.pth"
+    torch.save(source.state_dict(), path)
+    model, how = create_model(spec_for_weights("resnet50", str(path)), str(path))
+    assert "class heads re-initialised" in how
+    assert torch.equal(model.backbone.body.layer1[0].conv1.weight, source.backbone.body.layer1[0].conv1.weight)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+
+
+def test_local_resnet_state_dict_loads_into_backbone(tmp_path):
+    source = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model, how = create_model(spec_for_weights("resnet18", str(path)), str(path))
+    assert how.startswith("backbone weights")
+    assert torch.equal(model.backbone.body.conv1.weight, source.conv1.weight)
+
+
+def test_weights_for_another_backbone_are_refused(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    with pytest.raises(WeightsError, match="check --backbone"):
+        create_model(spec_for_weights("resnet34", str(path)), str(path))
+
+
+def test_foreign_file_is_refused(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("not weights")
+    with pytest.raises(WeightsError, match="not a PyTorch weights file"):
+        create_model(ModelSpec(backbone="resnet18"), str(path))
+    with pytest.raises(WeightsError, match="not found"):
+        create_model(ModelSpec(backbone="resnet18"), str(tmp_path / "missing.pth"))

@@ -1,0 +1,93 @@
+"""Training modes on CPU with a light config: resume exactness, fine-tune, checkpoints, failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from charseg import checkpoint as ckpt
+from charseg import runner
+from charseg.errors import CharsegError
+from conftest import light_config
+
+
+def epoch_losses(result: runner.RunResult) -> list[float]:
+    return [m["loss"] for m in result.history]
+
+
+def test_resume_continues_exactly(tiny_dataset, tmp_path):
+    # The straight run loads with worker processes, the split one without: batches and
+    # random streams must not depend on that either.
+    straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", epochs=4, num_workers=2))
+    first_half = runner.train(light_config(tiny_dataset, tmp_path / "split", epochs=2))
+    resumed = runner.resume(first_half.checkpoints[-1], {"epochs": 4})
+
+    assert resumed.start_epoch == 3
+    assert [m["epoch"] for m in resumed.history] == [1.0, 2.0, 3.0, 4.0]
+    assert epoch_losses(resumed) == epoch_losses(straight)  # bit-exact, not approximately
+    a = ckpt.load_checkpoint(straight.final_checkpoint)["model"]
+    b = ckpt.load_checkpoint(resumed.final_checkpoint)["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "split").glob("*.pth")) == [
+        "model_epoch_001.pth", "model_epoch_002.pth", "model_epoch_003.pth", "model_epoch_004.pth",
+        "model_final.pth"]
+
+
+def test_same_seed_same_losses(tiny_dataset, tmp_path):
+    a = runner.train(light_config(tiny_dataset, tmp_path / "a", epochs=1))
+    b = runner.train(light_config(tiny_dataset, tmp_path / "b", epochs=1))
+    c = runner.train(light_config(tiny_dataset, tmp_path / "c", epochs=1, seed=7))
+    assert epoch_losses(a) == epoch_losses(b)
+    assert epoch_losses(a) != epoch_losses(c)
+
+
+def test_finetune_starts_at_epoch_one_with_a_fifth_of_the_lr(tiny_dataset, tmp_path):
+    source = runner.train(light_config(tiny_dataset, tmp_path / "src", epochs=2, lr=0.004))
+    tuned = runner.finetune(source.final_checkpoint, {"data_dir": str(tiny_dataset), "epochs": 1,
+                                                      "output_dir": str(tmp_path / "ft"), "num_workers": 0})
+    assert tuned.start_epoch == 1
+    state = ckpt.load_checkpoint(tmp_path / "ft" / "model_epoch_001.pth")
+    assert state["epoch"] == 1
+    assert state["config"]["mode"] == "finetune"
+    # A fresh optimizer: its base LR is 0.2x the source's, and it holds one epoch of steps only.
+    assert state["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(0.2 * 0.004)
+    assert state["scheduler"]["last_epoch"] == 1
+    source_weights = ckpt.load_checkpoint(source.final_checkpoint)["model"]
+    assert state["config"]["backbone"] == "resnet18" and state["model_spec"]["min_size"] == 64
+    assert any(not torch.equal(source_weights[k], v) for k, v in state["model"].items())
+
+
+def test_unversioned_saves_overwrite_last(tiny_dataset, tmp_path):
+    runner.train(light_config(tiny_dataset, tmp_path, epochs=2, save_versioned=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "model_final.pth"]
+    assert ckpt.load_checkpoint(tmp_path / "last.pth")["epoch"] == 2
+
+
+def test_no_save_every_epoch_still_writes_final(tiny_dataset, tmp_path):
+    runner.train(light_config(tiny_dataset, tmp_path, epochs=1, save_every_epoch=False))
+    assert [p.name for p in tmp_path.iterdir()] == ["model_final.pth"]
+
+
+def test_resume_of_finished_run_says_so(tiny_dataset, tmp_path):
+    done = runner.train(light_config(tiny_dataset, tmp_path, epochs=1))
+    with pytest.raises(runner.TrainingAlreadyComplete, match="already finished all 1 epochs.*--epochs"):
+        runner.resume(done.final_checkpoint)
+
+
+def test_resume_refuses_to_change_the_maths(tiny_dataset, tmp_path):
+    done = runner.train(light_config(tiny_dataset, tmp_path, epochs=1))
+    with pytest.raises(CharsegError, match=r"cannot change \['lr'\]"):
+        runner.resume(done.final_checkpoint, {"lr": 1.0, "epochs": 3})
+
+
+def test_non_finite_loss_stops_with_components_and_images(tiny_dataset, tmp_path):
+    runner.train(light_config(tiny_dataset, tmp_path, epochs=1))
+    good = (tmp_path / "model_epoch_001.pth").read_bytes()
+    with pytest.raises(CharsegError) as info:
+        runner.train(light_config(tiny_dataset, tmp_path, epochs=3, lr=1e6, clip_grad_norm=0, warmup_iters=0))
+    message = str(info.value)
+    assert "non-finite loss at epoch 1" in message and "loss_mask=" in message
+    batch = message.split("batch images: ")[1].split(".")[0].split(", ")
+    assert len(batch) == 2 and set(batch) <= {"00001", "00002", "00003", "00004"}
+    assert (tmp_path / "model_epoch_001.pth").read_bytes() == good
