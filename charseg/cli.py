@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from . import runner
+from . import runner, tracking
 from .config import FINETUNE_LR_FACTOR, TrainConfig
 from .data import scan_dataset
 from .errors import CharsegError
@@ -37,16 +39,22 @@ def _options(*opts: Callable) -> Callable:
     return decorate
 
 
+def _bool_opt(*decls: str, help: str) -> Callable:
+    """A boolean that works as a flag (--opt), with a value (--opt false) and from MLproject."""
+    return _opt(*decls, type=click.BOOL, is_flag=False, flag_value=True, help=f"{help} (true/false)",
+                metavar="[BOOL]")
+
+
 OUTPUT = _opt("--output-dir", type=click.Path(file_okay=False),
               help="Folder for checkpoints [default: outputs/<timestamp>-<mode>; resume: the checkpoint's folder]")
 EPOCHS = _opt("--epochs", type=click.IntRange(min=1), help="Total number of epochs (resume: the new total).")
 DEVICE = _opt("--device", type=str, help="auto (CUDA when available), cpu, cuda or cuda:N.")
 WORKERS = _opt("--num-workers", type=click.IntRange(min=0), help="Data-loader worker processes (0: main process).")
 LOG_EVERY = _opt("--log-every", type=click.IntRange(min=1), help="Report per-step losses every N iterations.")
-SAVE_EVERY = _opt("--save-every-epoch/--no-save-every-epoch",
-                  help="Write a checkpoint after every epoch (the final model is always written).")
-SAVE_VERSIONED = _opt("--save-versioned/--no-save-versioned",
-                      help="Name checkpoints model_epoch_001.pth, ... instead of overwriting last.pth.")
+SAVE_EVERY = _bool_opt("--save-every-epoch",
+                       help="Write a checkpoint after every epoch (the final model is always written)")
+SAVE_VERSIONED = _bool_opt("--save-versioned",
+                           help="Name checkpoints model_epoch_001.pth, ... instead of overwriting last.pth")
 HYPER = (
     _opt("--batch-size", type=click.IntRange(min=1), help="Images per optimizer step."),
     _opt("--lr", type=click.FloatRange(min=0, min_open=True), help="Base SGD learning rate."),
@@ -70,18 +78,38 @@ RUN = (OUTPUT, EPOCHS, *HYPER, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, D
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if v is not None}
+    """Options the user set: None (not given) and "" (an empty MLproject parameter) are dropped."""
+    return {k: v for k, v in options.items() if v is not None and v != ""}
 
 
-def _run(action: Callable[[], runner.RunResult]) -> None:
+TRACKING = (
+    click.option("--experiment-name", default=None,
+                 help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or charseg; under `mlflow run`: its own]"),
+    click.option("--log-checkpoints", type=click.Choice(tracking.LOG_CHECKPOINTS), default="last", show_default=True,
+                 help="Checkpoints uploaded as MLflow artifacts: every one, the latest (enough to resume) "
+                      "plus the final model, or none."),
+)
+
+
+def _tracked(experiment_name: str | None, log_checkpoints: str, lineage: tracking.Lineage,
+             action: Callable[[tracking.MlflowTracker], runner.RunResult]) -> None:
+    """Run `action` inside an MLflow run; print where its results are."""
+    tracker = tracking.MlflowTracker(log_checkpoints=log_checkpoints, lineage=lineage)
     try:
-        result = action()
-    except runner.TrainingAlreadyComplete as exc:
-        click.echo(str(exc))
-        return
+        with tracking.tracked_run(experiment_name) as run_id:
+            result = action(tracker)
     except CharsegError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
+    click.echo(f"MLflow run {run_id} at {tracking.current_tracking_uri()}; "
+               f"view it with: mlflow ui --backend-store-uri {tracking.current_tracking_uri()}")
+
+
+def _resolve(source: str, purpose: str, download_dir: str, epoch: int | None = None):
+    try:
+        return tracking.resolve_checkpoint(source, purpose, Path(download_dir), epoch)
+    except CharsegError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -93,6 +121,7 @@ def cli(quiet: bool) -> None:
     \b
     A dataset is DATA_DIR/images/00001.png with DATA_DIR/annotations/00001.csv,
     CSV header `char,polygon_json`, polygon a flat JSON list [x1,y1,x2,y2,...].
+    Every training command is tracked in MLflow: $MLFLOW_TRACKING_URI, default sqlite:///mlflow.db.
     """
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
@@ -104,34 +133,69 @@ def cli(quiet: bool) -> None:
 @_opt("--weights", type=str,
       help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
 @_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
-def train_command(data_dir: str, **options: Any) -> None:
+@_options(*TRACKING)
+def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: str, **options: Any) -> None:
     """Train from pretrained (or random) initial weights on DATA_DIR."""
     config = TrainConfig(data_dir=data_dir, **_given(options))
-    _run(lambda: runner.train(config))
+    _tracked(experiment_name, log_checkpoints, tracking.Lineage(), lambda tracker: runner.train(config, tracker))
 
 
 @cli.command("resume")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
-@_options(EPOCHS, _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
-                       help="Dataset folder, if it moved since the checkpoint was written."),
-          OUTPUT, WORKERS, LOG_EVERY, DEVICE)
-def resume_command(checkpoint: str, **options: Any) -> None:
-    """Continue an interrupted run from CHECKPOINT: model, optimizer, LR schedule, epoch and RNG."""
-    _run(lambda: runner.resume(checkpoint, _given(options)))
+@click.argument("source")
+@_options(_opt("--epochs", type=click.IntRange(min=0), help="New total number of epochs (0: keep the checkpoint's)."),
+          click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True,
+                       help="With a run ID: resume from this epoch's checkpoint (0: the latest)."),
+          _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
+               help="Dataset folder, if it moved since the checkpoint was written."),
+          OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
+def resume_command(source: str, epoch: int, experiment_name: str | None, log_checkpoints: str,
+                   **options: Any) -> None:
+    """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
+
+    SOURCE is a checkpoint file, an MLflow run ID (its latest checkpoint artifact) or an
+    MLflow artifact URI (runs:/..., models:/...). Epochs continue the source's numbering.
+    """
+    overrides = _given(options)
+    if overrides.get("epochs") == 0:
+        del overrides["epochs"]
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        path, lineage = _resolve(source, "resume", download_dir, epoch or None)
+        if not Path(source).is_file():  # downloaded: write next to nothing temporary
+            overrides.setdefault("output_dir", runner.default_output_dir("resume"))
+        try:
+            plan = runner.plan_resume(path, overrides)
+        except runner.TrainingAlreadyComplete as exc:
+            click.echo(str(exc).replace(str(path), source))
+            return
+        except CharsegError as exc:
+            raise click.ClickException(str(exc)) from exc
+        _tracked(experiment_name, log_checkpoints, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
 
 
 @cli.command("finetune")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run-id", default="", help="Take the checkpoint from this MLflow run (its best, else its last); "
+                                           "SOURCE must then be empty (\"\").")
 @_options(*RUN)
 @_opt("--lr-factor", type=click.FloatRange(min=0, min_open=True),
       help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
-def finetune_command(checkpoint: str, data_dir: str, **options: Any) -> None:
-    """Fine-tune CHECKPOINT's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
+@_options(*TRACKING)
+def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: str | None, log_checkpoints: str,
+                     **options: Any) -> None:
+    """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
 
-    Backbone, input size and optimizer settings come from the checkpoint unless given.
+    SOURCE is a checkpoint file, an MLflow run ID (its best checkpoint, else its last) or an
+    MLflow artifact URI (runs:/..., models:/...). Backbone, input size and optimizer settings
+    come from the checkpoint unless given. Epochs start at 1.
     """
-    _run(lambda: runner.finetune(checkpoint, {"data_dir": data_dir, **_given(options)}))
+    if bool(source) == bool(run_id):
+        raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        path, lineage = _resolve(source or run_id, "finetune", download_dir)
+        overrides = {"data_dir": data_dir, **_given(options)}
+        _tracked(experiment_name, log_checkpoints, lineage,
+                 lambda tracker: runner.finetune(path, overrides, tracker))
 
 
 @cli.command("validate-data")

@@ -6,8 +6,11 @@ and hands the shared epoch loop (`_fit`) fully built objects.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -46,7 +49,7 @@ class Tracker(Protocol):
     def start(self, config: TrainConfig, report: DatasetReport, spec: ModelSpec) -> None: ...
     def log_step(self, step: int, losses: dict[str, float], lr: float) -> None: ...
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
-    def log_checkpoint(self, path: Path) -> None: ...
+    def log_checkpoints_of_epoch(self, epoch: int, paths: list[Path], final: bool) -> None: ...
 
 
 class NullTracker:
@@ -61,7 +64,7 @@ class NullTracker:
     def log_epoch(self, epoch, metrics) -> None:
         pass
 
-    def log_checkpoint(self, path) -> None:
+    def log_checkpoints_of_epoch(self, epoch, paths, final) -> None:
         pass
 
 
@@ -74,6 +77,24 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch
     checkpoints: list[Path] = field(default_factory=list)  # every file written, in order
     final_checkpoint: Path | None = None
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold back SIGINT inside the block and raise KeyboardInterrupt after it, so an
+    interrupted run always leaves its checkpoint complete. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        log.warning("interrupted: checkpoint saved, stopping")
+        raise KeyboardInterrupt
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,11 +145,19 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     return _fit(config, spec, model, report, tracker or NullTracker())
 
 
-def resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = None,
-           tracker: Tracker | None = None) -> RunResult:
-    """Continue a run from its checkpoint: model, optimizer, schedulers, epoch, seed and RNG.
+@dataclass
+class ResumePlan:
+    """A checkpoint loaded and checked for resuming, with the config the resumed run will use."""
 
-    `overrides` may set only RESUME_OVERRIDABLE keys (e.g. a larger `epochs`).
+    checkpoint_path: Path
+    state: dict
+    config: TrainConfig
+
+
+def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = None) -> ResumePlan:
+    """Load CHECKPOINT for resuming and apply `overrides` (only RESUME_OVERRIDABLE keys).
+
+    Raises TrainingAlreadyComplete when the checkpoint already reached the (new) last epoch.
     """
     overrides = dict(overrides or {})
     refused = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
@@ -144,11 +173,23 @@ def resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = None,
         raise TrainingAlreadyComplete(
             f"{checkpoint_path}: training already finished all {config.epochs} epochs (checkpoint is epoch "
             f"{state['epoch']}); pass --epochs N with N > {state['epoch']} to train further")
+    return ResumePlan(Path(checkpoint_path), state, config)
+
+
+def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = None,
+           tracker: Tracker | None = None) -> RunResult:
+    """Continue a run from its checkpoint: model, optimizer, schedulers, epoch, seed and RNG.
+
+    plan: a ResumePlan, or a checkpoint path planned here with `overrides`.
+    """
+    if not isinstance(plan, ResumePlan):
+        plan = plan_resume(plan, overrides)
+    config, state = plan.config, plan.state
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     spec = ModelSpec(**state["model_spec"])
     model = build_model(spec)
-    log.info("resuming %s at epoch %d of %d", checkpoint_path, state["epoch"] + 1, config.epochs)
+    log.info("resuming %s at epoch %d of %d", plan.checkpoint_path, state["epoch"] + 1, config.epochs)
     return _fit(config, spec, model, report, tracker or NullTracker(), resume_state=state)
 
 
@@ -247,13 +288,15 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
         names = []
         if config.save_every_epoch:
             names.append(ckpt.epoch_filename(epoch) if config.save_versioned else ckpt.LAST_NAME)
-        if epoch == config.epochs:
+        final = epoch == config.epochs
+        if final:
             names.append(ckpt.FINAL_NAME)
-        for name in names:
-            path = ckpt.save_checkpoint(state, Path(config.output_dir) / name)
-            result.checkpoints.append(path)
-            log.info("saved checkpoint %s", path)
-            tracker.log_checkpoint(path)
+        with deferred_interrupt():  # Ctrl-C waits until this epoch's files are written and logged
+            paths = [ckpt.save_checkpoint(state, Path(config.output_dir) / name) for name in names]
+            for path in paths:
+                log.info("saved checkpoint %s", path)
+            tracker.log_checkpoints_of_epoch(epoch, paths, final)
+        result.checkpoints.extend(paths)
         tracker.log_epoch(epoch, metrics)
     result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
     return result

@@ -12,7 +12,8 @@ from charseg.cli import cli
 from charseg.config import TrainConfig
 
 LIGHT_ARGS = ["--weights", "none", "--backbone", "resnet18", "--min-size", "64", "--max-size", "64",
-              "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2"]
+              "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2",
+              "--log-every", "1"]
 
 
 def invoke(*args: str):

@@ -1,0 +1,248 @@
+"""Everything MLflow: the run's lifecycle, params, metrics, artifacts and checkpoint lookup.
+
+The only module that imports mlflow. The runner talks to `MlflowTracker` through the
+small Tracker protocol; the CLI uses `tracked_run` and `resolve_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from . import checkpoint as ckpt
+from .errors import CharsegError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "charseg"
+CHECKPOINT_DIR = "checkpoints"  # artifact folder of every checkpoint
+LOG_CHECKPOINTS = ("all", "last", "none")
+BEST_NAME = "best.pth"
+TAG_MODE = "charseg.mode"
+TAG_SOURCE_RUN = "charseg.source_run_id"
+TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
+TAG_FAILURE = "charseg.failure_reason"
+_RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+class TrackingError(CharsegError):
+    """A run, artifact or tracking server cannot be used as asked."""
+
+
+def configure(experiment_name: str | None = None) -> None:
+    """Point mlflow at MLFLOW_TRACKING_URI (default sqlite:///mlflow.db) and the experiment.
+
+    Under `mlflow run` the run (and so its experiment) already exists: leave it alone.
+    """
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return
+    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    try:
+        mlflow.set_experiment(name)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot use experiment {name!r} at {mlflow.get_tracking_uri()}: {exc.message}") from exc
+
+
+def current_tracking_uri() -> str:
+    """The tracking URI in use (after `configure`)."""
+    return mlflow.get_tracking_uri()
+
+
+@dataclass
+class Lineage:
+    """Where a resume or fine-tune started from, recorded as tags."""
+
+    source_run_id: str = ""
+    source_uri: str = ""
+
+    def tags(self) -> dict[str, str]:
+        tags = {TAG_SOURCE_CHECKPOINT: self.source_uri} if self.source_uri else {}
+        if self.source_run_id:
+            tags[TAG_SOURCE_RUN] = self.source_run_id
+        return tags
+
+
+def _flatten(prefix: str, values: dict) -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(f"{prefix}{key}.", value))
+        else:  # booleans as MLproject writes them (true/false)
+            flat[f"{prefix}{key}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return flat
+
+
+@dataclass
+class MlflowTracker:
+    """Reports a training run to the active MLflow run (see `tracked_run`)."""
+
+    log_checkpoints: str = "last"  # all | last | none: which checkpoints become artifacts
+    lineage: Lineage = field(default_factory=Lineage)
+
+    def start(self, config, report, spec) -> None:
+        """Params (config, model spec, dataset facts), tags, config and dataset report artifacts."""
+        params = {k: v for k, v in config.to_dict().items() if k != "extra"}
+        params.update({f"model.{k}": v for k, v in spec.to_dict().items()})
+        params.update({f"data.{k}": v for k, v in report.summary().items()})
+        params["log_checkpoints"] = self.log_checkpoints
+        _log_params(_flatten("", params))
+        mlflow.set_tags({TAG_MODE: config.mode, **self.lineage.tags()})
+        mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
+        mlflow.log_text(report.format(), "data/dataset_report.txt")
+
+    def log_step(self, step: int, losses: dict[str, float], lr: float) -> None:
+        metrics = {f"train_step/{k}": v for k, v in losses.items()}
+        metrics["train_step/lr"] = lr
+        mlflow.log_metrics(metrics, step=step)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"train_epoch/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+    def log_checkpoints_of_epoch(self, epoch: int, paths: list[Path], final: bool) -> None:
+        """Upload this epoch's checkpoint files as the policy says.
+
+        all: every file under its own name; last: one `last.pth` overwritten each epoch and
+        the final model; none: nothing.
+        """
+        if self.log_checkpoints == "all":
+            for path in paths:
+                mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+        elif self.log_checkpoints == "last":
+            final_paths = [p for p in paths if p.name == ckpt.FINAL_NAME]
+            if final_paths:  # the final model holds this epoch's state: one upload is enough
+                mlflow.log_artifact(str(final_paths[0]), CHECKPOINT_DIR)
+            elif paths:
+                _log_artifact_as(paths[0], ckpt.LAST_NAME)
+
+
+def _log_params(params: dict[str, str]) -> None:
+    # Resume logs the same keys again: MLflow rejects a changed value, so log only new keys
+    # and record changed ones as tags.
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params
+    new = {k: v[:6000] for k, v in params.items() if k not in existing}
+    changed = {f"param_changed.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
+    if new:
+        mlflow.log_params(new)
+    if changed:
+        mlflow.set_tags(changed)
+
+
+def _log_artifact_as(path: Path, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / name
+        try:
+            os.link(path, target)  # no copy of a 0.3 GB file when the file system allows it
+        except OSError:
+            import shutil
+            shutil.copyfile(path, target)
+        mlflow.log_artifact(str(target), CHECKPOINT_DIR)
+
+
+@contextlib.contextmanager
+def tracked_run(experiment_name: str | None = None, run_name: str | None = None) -> Iterator[str]:
+    """Start (or, under `mlflow run`, attach to) a run; end it FINISHED, FAILED or KILLED.
+
+    Yields the run ID. A failure sets the tag charseg.failure_reason.
+    """
+    configure(experiment_name)
+    try:
+        run = mlflow.start_run(run_name=run_name)
+    except MlflowException as exc:
+        raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()}: {exc.message}") from exc
+    try:
+        yield run.info.run_id
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG_FAILURE, "interrupted (Ctrl-C); the last checkpoint is complete")
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as exc:
+        mlflow.set_tag(TAG_FAILURE, (str(exc) or type(exc).__name__)[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def is_run_id(text: str) -> bool:
+    """True for a bare MLflow run ID (32 hex digits)."""
+    return bool(_RUN_ID_RE.match(text))
+
+
+def _checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"run {run_id} not found at {mlflow.get_tracking_uri()}; check the run ID and "
+                            "MLFLOW_TRACKING_URI") from exc
+    return [Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR) if not f.is_dir]
+
+
+def pick_checkpoint(names: list[str], purpose: str, epoch: int | None = None) -> str | None:
+    """Choose among a run's checkpoint artifact names.
+
+    resume: the given epoch, else the final model, else the highest epoch, else last.pth.
+    finetune: best.pth when present, else as resume.
+    """
+    if epoch:
+        wanted = ckpt.epoch_filename(epoch)
+        return wanted if wanted in names else None
+    if purpose == "finetune" and BEST_NAME in names:
+        return BEST_NAME
+    if ckpt.FINAL_NAME in names:
+        return ckpt.FINAL_NAME
+    versioned = sorted(n for n in names if re.match(r"^model_epoch_\d+\.pth$", n))
+    if versioned:
+        return max(versioned, key=lambda n: int(n[len("model_epoch_"):-len(".pth")]))
+    return ckpt.LAST_NAME if ckpt.LAST_NAME in names else None
+
+
+def resolve_checkpoint(source: str, purpose: str, dst_dir: Path, epoch: int | None = None) -> tuple[Path, Lineage]:
+    """Turn SOURCE (local path, run ID or MLflow artifact URI) into a local checkpoint file.
+
+    purpose: "resume" or "finetune" (which checkpoint of a run to take). Downloads go to dst_dir.
+    """
+    local = Path(source)
+    if local.is_file():
+        if epoch:
+            raise TrackingError("--epoch picks a checkpoint of a run; with a file path, pass that epoch's file")
+        return local, Lineage(source_uri=str(local.resolve()))
+    configure()
+    client = MlflowClient()
+    if is_run_id(source):
+        names = _checkpoint_artifacts(client, source)
+        name = pick_checkpoint(names, purpose, epoch)
+        if name is None:
+            have = ", ".join(sorted(names)) or "none"
+            wanted = f"checkpoint of epoch {epoch}" if epoch else "checkpoint"
+            raise TrackingError(f"run {source} has no {wanted} under {CHECKPOINT_DIR}/ (it has: {have}); "
+                                "runs logged with --log-checkpoints last keep only the latest, none keeps none")
+        uri = f"runs:/{source}/{CHECKPOINT_DIR}/{name}"
+        run_id = source
+    elif "://" in source or source.startswith(("runs:/", "models:/")):
+        uri = source
+        run_id = source.split("/")[1] if source.startswith("runs:/") else ""
+    else:
+        raise TrackingError(f"{source}: no such file, and not a run ID or MLflow URI (runs:/, models:/, ...)")
+    try:
+        downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir)))
+    except MlflowException as exc:
+        raise TrackingError(f"cannot download {uri}: {exc.message}") from exc
+    if downloaded.is_dir():
+        candidates = sorted(downloaded.rglob("*.pth"))
+        preferred = [p for p in candidates if p.name == BEST_NAME] or candidates
+        if not preferred:
+            raise TrackingError(f"{uri} holds no .pth checkpoint")
+        downloaded = preferred[0]
+    return downloaded, Lineage(source_run_id=run_id, source_uri=uri)
+

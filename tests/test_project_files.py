@@ -1,0 +1,62 @@
+"""MLproject and conda.yaml stay in step with the CLI and pyproject.toml; `mlflow run` works."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from charseg.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_conda_env_pins_match_pyproject():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip_deps) == sorted(pyproject)
+
+
+@pytest.mark.parametrize("entry", ["train", "resume", "finetune"])
+def test_mlproject_entry_point_maps_onto_its_command(entry):
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
+    command = spec["command"]
+    assert command.startswith(f"python -m charseg {entry} ")
+    for name in spec["parameters"]:
+        assert f"{{{name}}}" in command, f"parameter {name} is not used"
+    click_command = cli.commands[entry]
+    options = {opt for p in click_command.params for opt in getattr(p, "opts", [])}
+    for flag in re.findall(r"(--[a-z-]+)", command):
+        assert flag in options, f"{flag} is not an option of charseg {entry}"
+
+
+def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    params = {"data_dir": tiny_dataset, "epochs": 1, "weights": "none", "backbone": "resnet18", "min_size": 64,
+              "max_size": 64, "num_workers": 0, "roi_samples": 32, "rpn_proposals_train": 100, "warmup_iters": 2,
+              "output_dir": tmp_path / "out"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
+           "--experiment-name", "mlproject"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["charseg.mode"] == "train"
+    assert run.data.params["data.images_used"] == "4"
+    assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == ["model_final.pth"]
+    assert (tmp_path / "out" / "model_final.pth").is_file()

@@ -1,0 +1,187 @@
+"""MLflow tracking against a real `mlflow server` (sqlite backend, artifact proxy) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from charseg import checkpoint as ckpt
+from charseg.cli import cli
+from charseg.tracking import pick_checkpoint
+from test_cli import LIGHT_ARGS
+
+
+@pytest.fixture
+def server(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return MlflowClient(mlflow_server)
+
+
+def run_cli(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def run_id_of(output: str) -> str:
+    return output.split("MLflow run ")[1].split()[0]
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def artifacts(client: MlflowClient, run_id: str, folder: str) -> list[str]:
+    return sorted(Path(f.path).name for f in client.list_artifacts(run_id, folder))
+
+
+@pytest.fixture(scope="module")
+def trained_run(mlflow_server, tiny_dataset, tmp_path_factory):
+    """One 2-epoch training run over HTTP with every checkpoint logged; shared by the tests below."""
+    out = tmp_path_factory.mktemp("trained")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        output = run_cli("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "2", "--output-dir", str(out),
+                         "--log-checkpoints", "all", "--experiment-name", "tracking-tests")
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return run_id_of(output)
+
+
+def test_train_run_records_params_metrics_tags_and_artifacts(server, trained_run):
+    run = server.get_run(trained_run)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["epochs"] == "2" and params["lr"] == "0.005" and params["seed"] == "15107"
+    assert params["backbone"] == "resnet18" and params["weights"] == "none" and params["mode"] == "train"
+    assert params["data.images_used"] == "4" and params["data.images_skipped"] == "0"
+    assert int(params["data.instances"]) >= 8
+    assert run.data.tags["charseg.mode"] == "train"
+    assert steps(server, trained_run, "train_epoch/loss") == [1, 2]
+    assert steps(server, trained_run, "train_epoch/lr") == [1, 2]
+    assert steps(server, trained_run, "train_epoch/images_per_s") == [1, 2]
+    assert steps(server, trained_run, "train_step/loss") == [1, 2, 3, 4]  # 2 steps per epoch, log_every 1
+    assert "train_step/loss_mask" in run.data.metrics
+    assert artifacts(server, trained_run, "checkpoints") == [
+        "model_epoch_001.pth", "model_epoch_002.pth", "model_final.pth"]
+    assert artifacts(server, trained_run, "config") == ["config.json"]
+    assert artifacts(server, trained_run, "data") == ["dataset_report.txt"]
+
+
+def test_resume_from_run_id_continues_the_steps(server, trained_run, tmp_path):
+    output = run_cli("resume", trained_run, "--epochs", "3", "--num-workers", "0", "--output-dir", str(tmp_path))
+    resumed = run_id_of(output)
+    run = server.get_run(resumed)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["charseg.mode"] == "resume"
+    assert run.data.tags["charseg.source_run_id"] == trained_run
+    assert run.data.tags["charseg.source_checkpoint"] == f"runs:/{trained_run}/checkpoints/model_final.pth"
+    assert steps(server, resumed, "train_epoch/loss") == [3]
+    assert steps(server, resumed, "train_step/loss") == [5, 6]
+    assert artifacts(server, resumed, "checkpoints") == ["model_final.pth"]  # default policy: last
+    assert ckpt.load_checkpoint(tmp_path / "model_final.pth")["epoch"] == 3
+
+
+def test_resume_from_a_chosen_epoch(server, trained_run, tmp_path):
+    output = run_cli("resume", trained_run, "--epoch", "1", "--num-workers", "0", "--output-dir", str(tmp_path))
+    assert steps(server, run_id_of(output), "train_epoch/loss") == [2]
+
+
+def test_resume_of_a_finished_run_says_so(server, trained_run):
+    output = run_cli("resume", trained_run)
+    assert "already finished all 2 epochs" in output and trained_run in output
+
+
+def test_finetune_from_run_id(server, trained_run, tiny_dataset, tmp_path):
+    output = run_cli("finetune", "", str(tiny_dataset), "--run-id", trained_run, "--epochs", "1",
+                     "--num-workers", "0", "--output-dir", str(tmp_path))
+    run = server.get_run(run_id_of(output))
+    assert run.data.tags["charseg.mode"] == "finetune"
+    assert run.data.tags["charseg.source_run_id"] == trained_run
+    assert run.data.params["lr_factor"] == "0.2"
+    assert steps(server, run.info.run_id, "train_epoch/loss") == [1]
+
+
+def test_finetune_accepts_an_artifact_uri(server, trained_run, tiny_dataset, tmp_path):
+    uri = f"runs:/{trained_run}/checkpoints/model_epoch_001.pth"
+    output = run_cli("finetune", uri, str(tiny_dataset), "--epochs", "1", "--num-workers", "0",
+                     "--output-dir", str(tmp_path), "--log-checkpoints", "none")
+    run = server.get_run(run_id_of(output))
+    assert run.data.tags["charseg.source_checkpoint"] == uri
+    assert artifacts(server, run.info.run_id, "checkpoints") == []
+
+
+def test_unknown_run_id_is_one_clear_error(server):
+    result = CliRunner().invoke(cli, ["resume", "0" * 32])
+    assert result.exit_code == 1
+    assert f"run {'0' * 32} not found" in result.output
+
+
+def test_run_without_checkpoint_is_one_clear_error(server):
+    run = server.create_run(server.create_experiment("empty-run")).info.run_id
+    result = CliRunner().invoke(cli, ["resume", run])
+    assert result.exit_code == 1
+    assert f"run {run} has no checkpoint under checkpoints/ (it has: none)" in result.output
+
+
+def test_checkpoint_of_another_class_count_is_one_clear_error(server, tmp_path):
+    run = server.create_run(server.create_experiment("ninety-one")).info.run_id
+    state = ckpt.make_checkpoint(epoch=1, model={}, optimizer={}, scheduler={}, warmup={}, seed=1, rng={},
+                                 config={}, model_spec={}, num_classes=91, metrics={})
+    path = ckpt.save_checkpoint(state, tmp_path / "model_final.pth")
+    server.log_artifact(run, str(path), "checkpoints")
+    result = CliRunner().invoke(cli, ["resume", run])
+    assert result.exit_code == 1 and "91-class model, charseg expects 2" in result.output
+
+
+def test_non_finite_loss_marks_the_run_failed(server, tiny_dataset, tmp_path):
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--lr", "1e6", "--clip-grad-norm", "0",
+                                      "--warmup-iters", "0", "--output-dir", str(tmp_path),
+                                      "--experiment-name", "failing"])
+    assert result.exit_code == 1 and "non-finite loss" in result.output
+    exp = server.get_experiment_by_name("failing")
+    run = server.search_runs([exp.experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert "non-finite loss" in run.data.tags["charseg.failure_reason"]
+
+
+def test_pick_checkpoint_prefers_best_for_finetune_and_final_for_resume():
+    names = ["last.pth", "model_epoch_002.pth", "model_epoch_010.pth", "best.pth"]
+    assert pick_checkpoint(names, "finetune") == "best.pth"
+    assert pick_checkpoint(names, "resume") == "model_epoch_010.pth"
+    assert pick_checkpoint(names + ["model_final.pth"], "resume") == "model_final.pth"
+    assert pick_checkpoint(["last.pth"], "resume") == "last.pth"
+    assert pick_checkpoint(names, "resume", epoch=2) == "model_epoch_002.pth"
+    assert pick_checkpoint(names, "resume", epoch=3) is None
+
+
+def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, tiny_dataset, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    proc = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(tiny_dataset), *LIGHT_ARGS,
+                             "--epochs", "50", "--output-dir", str(tmp_path), "--experiment-name", "interrupted"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "model_epoch_001.pth").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0, output
+    client = MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("interrupted").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    latest = ckpt.find_latest(tmp_path)
+    assert latest is not None and ckpt.load_checkpoint(latest)["epoch"] >= 1
+    assert not list(tmp_path.glob(".*.tmp"))
