@@ -29,9 +29,11 @@ $(DEMO_DATA)/images: | $(VENV)/.installed
 demo: $(VENV)/.installed $(DEMO_DATA)/images
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name charseg-demo \
 		-P data_dir=$(DEMO_DATA) -P weights=none -P backbone=resnet18 -P min_size=128 -P max_size=128 \
-		-P roi_samples=128 -P rpn_proposals_train=500 -P epochs=4 -P output_dir=$(DEMO_OUT)
+		-P roi_samples=128 -P rpn_proposals_train=500 -P epochs=4 -P output_dir=$(DEMO_OUT) \
+		-P register_as=charseg-demo
 	@echo
-	@echo "Checkpoints: $(DEMO_OUT)/model_epoch_00N.pth and $(DEMO_OUT)/model_final.pth"
+	@echo "Checkpoints: $(DEMO_OUT)/model_epoch_00N.pth, $(DEMO_OUT)/best.pth and $(DEMO_OUT)/model_final.pth"
+	@echo "Registry:    model charseg-demo; load it with mlflow.pyfunc.load_model('models:/charseg-demo@champion')"
 	@echo "Runs:        $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)"
 	@echo "Resume:      PATH=$(abspath $(BIN)):\$$PATH $(BIN)/mlflow run . -e resume --env-manager local -P run_id=<RUN_ID> -P epochs=6"
 

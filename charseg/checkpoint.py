@@ -17,9 +17,10 @@ FORMAT_VERSION = 1
 # Every key a checkpoint holds; loading rejects files with keys missing or extra.
 KEYS = frozenset({
     "format", "format_version", "epoch", "model", "optimizer", "scheduler", "warmup", "seed",
-    "rng", "config", "model_spec", "num_classes", "metrics",
+    "rng", "config", "model_spec", "num_classes", "metrics", "best",
 })
 FINAL_NAME = "model_final.pth"
+BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
 _EPOCH_RE = re.compile(r"^model_epoch_(\d{3,})\.pth$")
 
@@ -30,11 +31,17 @@ def epoch_filename(epoch: int) -> str:
 
 
 def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
-                    rng: dict, config: dict, model_spec: dict, num_classes: int, metrics: dict) -> dict[str, Any]:
-    """Assemble a checkpoint dict of the current schema (all arguments required)."""
+                    rng: dict, config: dict, model_spec: dict, num_classes: int, metrics: dict,
+                    best: dict) -> dict[str, Any]:
+    """Assemble a checkpoint dict of the current schema (all arguments required).
+
+    best: {"metric", "value", "epoch", "through_epoch"}: the best validation result among
+    epochs 1..through_epoch, so a resumed run compares against the true best so far.
+    """
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch, "model": model,
             "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup, "seed": seed, "rng": rng,
-            "config": config, "model_spec": model_spec, "num_classes": num_classes, "metrics": metrics}
+            "config": config, "model_spec": model_spec, "num_classes": num_classes, "metrics": metrics,
+            "best": best}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from .config import FINETUNE_LR_FACTOR, TrainConfig
 from .data import scan_dataset
 from .errors import CharsegError
 from .generate import generate_dataset
+from .evaluate import METRICS
 from .model import BACKBONES, WEIGHT_CHOICES
 
 _DEFAULTS = TrainConfig()
@@ -74,7 +76,19 @@ HYPER = (
     _opt("--roi-samples", type=click.IntRange(min=1), help="Proposals sampled per image for the head losses."),
     _opt("--detections-per-img", type=click.IntRange(min=1), help="Most detections returned per image."),
 )
-RUN = (OUTPUT, EPOCHS, *HYPER, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE)
+VAL_DIR = _opt("--val-dir", type=click.Path(file_okay=False),
+               help="Separate validation dataset [default: hold out --val-fraction of DATA_DIR]")
+VALIDATION = (
+    VAL_DIR,
+    _opt("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
+         help="Share of DATA_DIR held out for validation, chosen by the seed (0: no validation)."),
+    _opt("--best-metric", type=click.Choice(METRICS), help="Validation metric that picks best.pth."),
+    _opt("--score-threshold", type=click.FloatRange(min=0, max=1),
+         help="Detections counted by the character metrics and drawn on logged images."),
+    _opt("--val-images-logged", type=click.IntRange(min=0),
+         help="Validation images with predicted outlines logged to MLflow each epoch."),
+)
+RUN = (OUTPUT, EPOCHS, *HYPER, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE)
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -92,17 +106,29 @@ TRACKING = (
 
 
 def _tracked(experiment_name: str | None, log_checkpoints: str, lineage: tracking.Lineage,
-             action: Callable[[tracking.MlflowTracker], runner.RunResult]) -> None:
-    """Run `action` inside an MLflow run; print where its results are."""
+             action: Callable[[tracking.MlflowTracker], runner.RunResult], register_as: str | None = None) -> None:
+    """Run `action` inside an MLflow run (registering its best checkpoint when asked); print
+    where its results are."""
     tracker = tracking.MlflowTracker(log_checkpoints=log_checkpoints, lineage=lineage)
     try:
         with tracking.tracked_run(experiment_name) as run_id:
             result = action(tracker)
+            registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
+                            if register_as else None)
     except CharsegError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
-    click.echo(f"MLflow run {run_id} at {tracking.current_tracking_uri()}; "
-               f"view it with: mlflow ui --backend-store-uri {tracking.current_tracking_uri()}")
+    if result.best.get("epoch"):
+        click.echo(f"best {result.best['metric']} {result.best['value']:.4f} at epoch {result.best['epoch']}: "
+                   f"{result.output_dir / 'best.pth'}")
+    if registration:
+        click.echo(registration.message)
+    _echo_run(run_id)
+
+
+def _echo_run(run_id: str) -> None:
+    uri = tracking.current_tracking_uri()
+    click.echo(f"MLflow run {run_id} at {uri}; view it with: mlflow ui --backend-store-uri {uri}")
 
 
 def _resolve(source: str, purpose: str, download_dir: str, epoch: int | None = None):
@@ -134,10 +160,14 @@ def cli(quiet: bool) -> None:
       help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
 @_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
 @_options(*TRACKING)
-def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: str, **options: Any) -> None:
+@click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
+                                               "model registry under this name (champion alias if it wins).")
+def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: str, register_as: str,
+                  **options: Any) -> None:
     """Train from pretrained (or random) initial weights on DATA_DIR."""
     config = TrainConfig(data_dir=data_dir, **_given(options))
-    _tracked(experiment_name, log_checkpoints, tracking.Lineage(), lambda tracker: runner.train(config, tracker))
+    _tracked(experiment_name, log_checkpoints, tracking.Lineage(), lambda tracker: runner.train(config, tracker),
+             register_as=register_as or None)
 
 
 @cli.command("resume")
@@ -147,7 +177,7 @@ def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: s
                        help="With a run ID: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
-          OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
+          VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
 def resume_command(source: str, epoch: int, experiment_name: str | None, log_checkpoints: str,
                    **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
@@ -196,6 +226,95 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
         overrides = {"data_dir": data_dir, **_given(options)}
         _tracked(experiment_name, log_checkpoints, lineage,
                  lambda tracker: runner.finetune(path, overrides, tracker))
+
+
+MODEL_SOURCE = click.option(
+    "--model", "model_source", required=True,
+    help="A checkpoint file, an MLflow run ID (its best, else last checkpoint), runs:/... or models:/NAME@champion.")
+SCORE = click.option("--score-threshold", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
+                     help="Keep detections scoring at least this.")
+DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+
+
+@cli.command("evaluate")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@MODEL_SOURCE
+@SCORE
+@click.option("--detections-per-img", type=click.IntRange(min=1), default=None,
+              help="Detections per image and COCO maxDets [default: the checkpoint's].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
+              help="Where to write the metrics as JSON.")
+@DEVICE_OPT
+@click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
+def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
+                     out_path: str, device: str, experiment_name: str | None) -> None:
+    """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
+    recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        path, lineage = _resolve(model_source, "finetune", download_dir)
+        try:
+            with tracking.tracked_run(experiment_name) as run_id:
+                result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
+                                                    detections_per_img=detections_per_img)
+                Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
+                tracking.log_evaluation(result.metrics, lineage, data_dir, Path(out_path))
+        except CharsegError as exc:
+            raise click.ClickException(str(exc)) from exc
+    for key, value in result.metrics.items():
+        click.echo(f"{key:16s} {value:.4f}")
+    click.echo(f"metrics written to {out_path}")
+    _echo_run(run_id)
+
+
+@cli.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@MODEL_SOURCE
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output folder: images/, annotations/*.csv (char,polygon_json,score) and overlays/*.png.")
+@SCORE
+@DEVICE_OPT
+def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
+                    device: str) -> None:
+    """Find and outline every character in INPUT images (files or folders).
+
+    The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
+    fine-tuned on after review. The char column is '?' (the model does not read characters).
+    """
+    from .data import IMAGE_SUFFIXES
+    from .inference import load_model_for_inference, predict_files
+
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
+    if not paths:
+        raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        path, _ = _resolve(model_source, "finetune", download_dir)
+        try:
+            torch_device = runner.resolve_device(device)
+            model, _ = load_model_for_inference(path, torch_device)
+            summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold)
+        except CharsegError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}")
+
+
+@cli.command("register")
+@click.argument("run_id")
+@click.option("--name", required=True, help="Registered model name.")
+def register_command(run_id: str, name: str) -> None:
+    """Register the best checkpoint of MLflow run RUN_ID (else its final one) as a new version
+    of NAME; the `champion` alias moves to it only when its validation metric beats the
+    current champion's."""
+    if not tracking.is_run_id(run_id):
+        raise click.BadParameter(f"{run_id!r} is not an MLflow run ID (32 hex digits)", param_hint="RUN_ID")
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        try:
+            registration = tracking.register_run(run_id, name, Path(download_dir))
+        except CharsegError as exc:
+            raise click.ClickException(str(exc)) from exc
+    click.echo(registration.message)
+    click.echo(f"load it with: mlflow.pyfunc.load_model('models:/{name}/{registration.version}')")
 
 
 @cli.command("validate-data")

@@ -40,7 +40,12 @@ class TrainConfig:
     rpn_proposals_train: int = 2000  # RPN proposals kept per image (pre and post NMS) in training
     rpn_proposals_test: int = 1000  # RPN proposals kept per image at inference
     roi_samples: int = 512  # proposals sampled per image for the box/mask head losses
-    detections_per_img: int = 100  # most detections returned per image
+    detections_per_img: int = 500  # most detections per image, also COCO maxDets: pages hold hundreds
+    val_dir: str = ""  # a separate validation dataset; "" splits val_fraction off data_dir
+    val_fraction: float = 0.1  # share of data_dir held out for validation (by seed); 0: no validation
+    best_metric: str = "segm_AP"  # validation metric that picks best.pth (count_abs_error: lower wins)
+    score_threshold: float = 0.5  # detections counted by the character metrics and drawn on overlays
+    val_images_logged: int = 3  # validation images with predicted outlines logged each epoch
     num_workers: int = 2  # data-loader worker processes; 0 loads in the main process
     save_every_epoch: bool = True  # write a checkpoint after every epoch
     save_versioned: bool = True  # model_epoch_001.pth, ... instead of one overwritten last.pth
@@ -88,5 +93,9 @@ class TrainConfig:
             raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
         if self.num_workers < 0 or self.warmup_iters < 0 or self.clip_grad_norm < 0:
             raise ValueError("num_workers, warmup_iters and clip_grad_norm must not be negative")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.score_threshold <= 1:
+            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if not 0 < self.warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor}")

@@ -193,7 +193,8 @@ def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetRep
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
-            if header is None or [h.strip() for h in header] != CSV_HEADER:
+            # Extra columns after the two (e.g. predict's score) are allowed and ignored.
+            if header is None or [h.strip() for h in header[:2]] != CSV_HEADER:
                 report.skipped_images.append(Problem(
                     str(csv_path), 1, f"header is {','.join(header or []) or 'missing'}; "
                                       f"expected {','.join(CSV_HEADER)}"))
@@ -202,10 +203,10 @@ def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetRep
                 line = reader.line_num
                 if not row or all(not cell.strip() for cell in row):
                     continue
-                if len(row) != 2:
+                if len(row) != len(header):
                     report.skipped_polygons.append(Problem(
-                        str(csv_path), line, f"row has {len(row)} fields; expected 2 (char,polygon_json) "
-                                             "- quote a char that contains a comma"))
+                        str(csv_path), line, f"row has {len(row)} fields; expected {len(header)} "
+                                             f"({','.join(header)}) - quote a char that contains a comma"))
                     continue
                 points, note = parse_polygon(row[1], width, height)
                 if points is None:
@@ -318,6 +319,19 @@ def build_target(sample: Sample, index: int) -> dict[str, torch.Tensor]:
         "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
         "iscrowd": torch.zeros((len(sample.polygons),), dtype=torch.int64),
     }
+
+
+def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out round(fraction * n) samples (at least 1 when fraction > 0 and n >= 2) for
+    validation, chosen by `seed`; the same seed and files always give the same split.
+    Returns (train, val), each in the original order."""
+    n_val = min(max(round(fraction * len(samples)), 1 if fraction > 0 else 0), len(samples) - 1)
+    if n_val <= 0:
+        return list(samples), []
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx = set(order[:n_val])
+    return ([s for i, s in enumerate(samples) if i not in val_idx],
+            [s for i, s in enumerate(samples) if i in val_idx])
 
 
 class CharacterDataset(torch.utils.data.Dataset):

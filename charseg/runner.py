@@ -21,7 +21,10 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .config import FINETUNE_LR_FACTOR, MODEL_OPTIONS, TrainConfig
-from .data import CharacterDataset, DatasetReport, EpochShuffleSampler, collate, scan_dataset
+from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
+                   split_samples)
+from .evaluate import METRICS, evaluate, is_better
+from .inference import load_model_for_inference
 from .engine import NonFiniteLossError, train_one_epoch
 from .errors import CharsegError, DatasetError
 from .model import NUM_CLASSES, ModelSpec, build_model, create_model, spec_for_weights
@@ -35,7 +38,7 @@ MAX_PROBLEMS_SHOWN = 20
 FINETUNE_INHERITED = ("backbone", *MODEL_OPTIONS, "lr", "batch_size", "momentum", "weight_decay",
                       "lr_step_size", "lr_gamma", "warmup_iters", "warmup_factor", "clip_grad_norm")
 # Settings a resume may change: where things are and how fast they run, never the maths.
-RESUME_OVERRIDABLE = ("epochs", "data_dir", "output_dir", "device", "num_workers", "log_every",
+RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "output_dir", "device", "num_workers", "log_every",
                       "save_every_epoch", "save_versioned")
 
 
@@ -46,16 +49,18 @@ class TrainingAlreadyComplete(CharsegError):
 class Tracker(Protocol):
     """What the loop reports to (MLflow in tracking.py); every method may be a no-op."""
 
-    def start(self, config: TrainConfig, report: DatasetReport, spec: ModelSpec) -> None: ...
+    def start(self, config: TrainConfig, report: DatasetReport, spec: ModelSpec, splits: "Splits") -> None: ...
     def log_step(self, step: int, losses: dict[str, float], lr: float) -> None: ...
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def log_checkpoints_of_epoch(self, epoch: int, paths: list[Path], final: bool) -> None: ...
+    def log_validation(self, epoch: int, metrics: dict[str, float], overlays: list) -> None: ...
+    def log_best(self, path: Path, best: dict) -> None: ...
 
 
 class NullTracker:
     """Tracks nothing: the default when charseg runs without MLflow."""
 
-    def start(self, config, report, spec) -> None:
+    def start(self, config, report, spec, splits) -> None:
         pass
 
     def log_step(self, step, losses, lr) -> None:
@@ -65,6 +70,12 @@ class NullTracker:
         pass
 
     def log_checkpoints_of_epoch(self, epoch, paths, final) -> None:
+        pass
+
+    def log_validation(self, epoch, metrics, overlays) -> None:
+        pass
+
+    def log_best(self, path, best) -> None:
         pass
 
 
@@ -77,6 +88,7 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch
     checkpoints: list[Path] = field(default_factory=list)  # every file written, in order
     final_checkpoint: Path | None = None
+    best: dict = field(default_factory=dict)  # {"metric", "value", "epoch", "through_epoch"}
 
 
 @contextlib.contextmanager
@@ -128,6 +140,29 @@ def load_dataset_report(data_dir: str) -> DatasetReport:
     return report
 
 
+@dataclass
+class Splits:
+    """Training and validation samples of a run."""
+
+    train: list[Sample]
+    val: list[Sample]
+
+
+def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
+    """Validation from --val-dir, else --val-fraction of DATA_DIR chosen by the seed."""
+    if config.val_dir:
+        train, val = report.samples, load_dataset_report(config.val_dir).samples
+    else:
+        train, val = split_samples(report.samples, config.val_fraction, config.seed)
+    log.info("split: %d training images, %d validation images%s", len(train), len(val),
+             "" if val else " (no validation: metrics and best.pth are off)")
+    most = max(len(s.polygons) for s in train + val)
+    if most > config.detections_per_img:
+        log.warning("warning: an image holds %d characters but --detections-per-img is %d: raise it, or "
+                    "detections and COCO maxDets cap below the true count", most, config.detections_per_img)
+    return Splits(train, val)
+
+
 def default_output_dir(mode: str) -> str:
     """outputs/<timestamp>-<mode>: a new folder per run so nothing is overwritten."""
     return str(Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
@@ -142,7 +177,7 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     spec = spec_for_weights(config.backbone, config.weights, **config.model_options())
     model, how = create_model(spec, config.weights)
     log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
-    return _fit(config, spec, model, report, tracker or NullTracker())
+    return _fit(config, spec, model, report, make_splits(config, report), tracker or NullTracker())
 
 
 @dataclass
@@ -190,7 +225,8 @@ def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = Non
     spec = ModelSpec(**state["model_spec"])
     model = build_model(spec)
     log.info("resuming %s at epoch %d of %d", plan.checkpoint_path, state["epoch"] + 1, config.epochs)
-    return _fit(config, spec, model, report, tracker or NullTracker(), resume_state=state)
+    return _fit(config, spec, model, report, make_splits(config, report), tracker or NullTracker(),
+                resume_state=state)
 
 
 def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
@@ -215,7 +251,25 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     model.load_state_dict(state["model"])
     log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
              config.effective_lr, config.lr_factor, config.lr)
-    return _fit(config, spec, model, report, tracker or NullTracker())
+    return _fit(config, spec, model, report, make_splits(config, report), tracker or NullTracker())
+
+
+def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
+                        score_threshold: float = 0.5, detections_per_img: int | None = None,
+                        batch_size: int = 2, overlay_count: int = 0):
+    """Evaluate a checkpoint on every usable image of DATA_DIR. Returns an EvalResult."""
+    report = load_dataset_report(data_dir)
+    torch_device = resolve_device(device)
+    model, state = load_model_for_inference(checkpoint_path, torch_device, detections_per_img)
+    max_dets = model.roi_heads.detections_per_img
+    return evaluate(model, report.samples, torch_device, max_dets=max_dets, score_threshold=score_threshold,
+                    batch_size=batch_size, overlay_count=overlay_count)
+
+
+def best_or_final(result: RunResult) -> Path:
+    """The checkpoint a finished run would register: best.pth when validated, else the final model."""
+    best = result.output_dir / ckpt.BEST_NAME
+    return best if result.best.get("epoch") and best.is_file() else result.final_checkpoint
 
 
 def _check(config: TrainConfig) -> None:
@@ -223,17 +277,46 @@ def _check(config: TrainConfig) -> None:
         config.validate()
     except ValueError as exc:
         raise CharsegError(str(exc)) from exc
+    if config.best_metric not in METRICS:
+        raise CharsegError(f"--best-metric {config.best_metric!r} is not a validation metric; "
+                           f"choose one of {', '.join(METRICS)}")
 
 
-def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, tracker: Tracker,
-         resume_state: dict | None = None) -> RunResult:
+def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val: list[Sample],
+              device: torch.device, epoch: int, best: dict, state: dict, tracker: Tracker) -> dict[str, float]:
+    """Evaluate after `epoch`'s checkpoint is saved; write best.pth when the metric improves.
+
+    Updates `best` in place and returns the validation metrics.
+    """
+    result = evaluate(model, val, device, max_dets=spec.detections_per_img, score_threshold=config.score_threshold,
+                      batch_size=config.batch_size, overlay_count=config.val_images_logged)
+    model.train()
+    metrics = result.metrics
+    log.info("epoch %d validation: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    value = metrics[config.best_metric]
+    if is_better(config.best_metric, value, best["value"]):
+        best.update(value=value, epoch=epoch)
+    best["through_epoch"] = epoch
+    if best["epoch"] == epoch:
+        with deferred_interrupt():
+            path = ckpt.save_checkpoint({**state, "best": dict(best)}, Path(config.output_dir) / ckpt.BEST_NAME)
+            log.info("new best %s %.4f at epoch %d: saved %s", config.best_metric, value, epoch, path)
+            tracker.log_best(path, dict(best))
+    tracker.log_validation(epoch, metrics, result.overlays)
+    return metrics
+
+
+def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
+         tracker: Tracker, resume_state: dict | None = None) -> RunResult:
     """The epoch loop shared by all modes: train, step the LR, checkpoint, report."""
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     model.to(device)
-    dataset = CharacterDataset(report.samples)
+    if not splits.train:
+        raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
+    dataset = CharacterDataset(splits.train)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # A private generator for the loader's worker seeds keeps the global RNG stream (used by
     # the RPN and ROI samplers) independent of the number of workers.
@@ -250,7 +333,8 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
     warmup_iters = min(config.warmup_iters, steps_per_epoch)
     warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=config.warmup_factor, total_iters=warmup_iters)
               if warmup_iters > 0 else None)
-    result = RunResult(output_dir=Path(config.output_dir), start_epoch=1)
+    result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
+                       best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -260,8 +344,13 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
         restore_rng_state(resume_state["rng"])
         result.start_epoch = resume_state["epoch"] + 1
         result.history = list(resume_state["metrics"].get("history", []))
+        result.best = dict(resume_state["best"])
 
-    tracker.start(config, report, spec)
+    tracker.start(config, report, spec, splits)
+    if resume_state is not None and splits.val and result.best["through_epoch"] < resume_state["epoch"]:
+        # The checkpoint was written before its epoch was validated: finish that first, so
+        # the best-so-far is the true one (evaluation is deterministic).
+        _validate(model, config, spec, splits.val, device, resume_state["epoch"], result.best, resume_state, tracker)
     log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
              config.epochs, steps_per_epoch, config.output_dir)
     for epoch in range(result.start_epoch, config.epochs + 1):
@@ -284,7 +373,7 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
             epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), warmup=warmup.state_dict() if warmup is not None else {},
             seed=config.seed, rng=capture_rng_state(), config=config.to_dict(), model_spec=spec.to_dict(),
-            num_classes=spec.num_classes, metrics={"history": result.history})
+            num_classes=spec.num_classes, metrics={"history": result.history}, best=dict(result.best))
         names = []
         if config.save_every_epoch:
             names.append(ckpt.epoch_filename(epoch) if config.save_versioned else ckpt.LAST_NAME)
@@ -298,6 +387,9 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
             tracker.log_checkpoints_of_epoch(epoch, paths, final)
         result.checkpoints.extend(paths)
         tracker.log_epoch(epoch, metrics)
+        if splits.val:
+            val_metrics = _validate(model, config, spec, splits.val, device, epoch, result.best, state, tracker)
+            metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
     result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
     return result
 

@@ -26,11 +26,13 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "charseg"
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of every checkpoint
 LOG_CHECKPOINTS = ("all", "last", "none")
-BEST_NAME = "best.pth"
 TAG_MODE = "charseg.mode"
 TAG_SOURCE_RUN = "charseg.source_run_id"
 TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
 TAG_FAILURE = "charseg.failure_reason"
+TAG_BEST_METRIC = "charseg.best_metric"
+TAG_BEST_EPOCH = "charseg.best_epoch"
+TAG_BEST_VALUE = "charseg.best_value"
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -90,16 +92,19 @@ class MlflowTracker:
     log_checkpoints: str = "last"  # all | last | none: which checkpoints become artifacts
     lineage: Lineage = field(default_factory=Lineage)
 
-    def start(self, config, report, spec) -> None:
-        """Params (config, model spec, dataset facts), tags, config and dataset report artifacts."""
+    def start(self, config, report, spec, splits) -> None:
+        """Params (config, model spec, dataset facts, split), tags, config, dataset report and
+        validation image list artifacts."""
         params = {k: v for k, v in config.to_dict().items() if k != "extra"}
         params.update({f"model.{k}": v for k, v in spec.to_dict().items()})
         params.update({f"data.{k}": v for k, v in report.summary().items()})
+        params.update({"data.train_images": len(splits.train), "data.val_images": len(splits.val)})
         params["log_checkpoints"] = self.log_checkpoints
         _log_params(_flatten("", params))
         mlflow.set_tags({TAG_MODE: config.mode, **self.lineage.tags()})
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
         mlflow.log_text(report.format(), "data/dataset_report.txt")
+        mlflow.log_text("".join(f"{s.image_path}\n" for s in splits.val), "data/val_images.txt")
 
     def log_step(self, step: int, losses: dict[str, float], lr: float) -> None:
         metrics = {f"train_step/{k}": v for k, v in losses.items()}
@@ -124,6 +129,21 @@ class MlflowTracker:
                 mlflow.log_artifact(str(final_paths[0]), CHECKPOINT_DIR)
             elif paths:
                 _log_artifact_as(paths[0], ckpt.LAST_NAME)
+
+
+    def log_validation(self, epoch: int, metrics: dict[str, float], overlays: list) -> None:
+        """Validation metrics (step = epoch) and images with predicted outlines."""
+        mlflow.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=epoch)
+        for name, image in overlays:
+            mlflow.log_image(image, key=f"val_predictions_{name}", step=epoch)
+
+    def log_best(self, path: Path, best: dict) -> None:
+        """best.pth as checkpoints/best.pth (unless the policy is none); best epoch and value."""
+        if self.log_checkpoints != "none":
+            mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+        mlflow.log_metrics({"best_epoch": best["epoch"], f"best/{best['metric']}": best["value"]}, step=best["epoch"])
+        mlflow.set_tags({TAG_BEST_METRIC: best["metric"], TAG_BEST_EPOCH: str(best["epoch"]),
+                         TAG_BEST_VALUE: str(best["value"])})
 
 
 def _log_params(params: dict[str, str]) -> None:
@@ -174,6 +194,107 @@ def tracked_run(experiment_name: str | None = None, run_name: str | None = None)
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
 
 
+@dataclass
+class Registration:
+    """The outcome of registering a checkpoint in the model registry."""
+
+    name: str
+    version: str
+    metric: str | None
+    value: float | None
+    champion: bool
+    message: str
+
+
+CHAMPION = "champion"
+TAG_VERSION_METRIC = "charseg.metric"
+TAG_VERSION_VALUE = "charseg.metric_value"
+
+
+def _model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        outputs=Schema([ColSpec(DataType.long, "image_id"), ColSpec(DataType.double, "score"),
+                        ColSpec(Array(DataType.double), "box"), ColSpec(Array(DataType.double), "polygon")]),
+        params=ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5)]))
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pinned = ("torch", "torchvision", "mlflow")
+    loose = ("numpy", "pandas", "pillow", "opencv-python-headless", "pycocotools", "tqdm")
+    return [f"{p}=={version(p).split('+')[0]}" for p in pinned] + list(loose)
+
+
+def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Registration:
+    """Log the checkpoint as a pyfunc model in run `run_id`, register a new version of NAME,
+    and move the `champion` alias to it only when its validation metric beats the champion's."""
+    from importlib.resources import files
+
+    state = ckpt.load_checkpoint(checkpoint_path)
+    best = state["best"] or {}
+    metric, value = best.get("metric"), best.get("value")
+    active = mlflow.active_run()
+    context = (contextlib.nullcontext() if active and active.info.run_id == run_id
+               else mlflow.start_run(run_id=run_id))
+    with context:
+        info = mlflow.pyfunc.log_model(
+            name="model", loader_module="charseg.serving", data_path=str(checkpoint_path),
+            code_paths=[str(files("charseg"))], signature=_model_signature(), pip_requirements=_requirements())
+    version = mlflow.register_model(info.model_uri, name).version
+    client = MlflowClient()
+    tags = {TAG_SOURCE_RUN: run_id, "charseg.checkpoint": Path(checkpoint_path).name}
+    if value is not None:
+        tags.update({TAG_VERSION_METRIC: metric, TAG_VERSION_VALUE: str(value)})
+    for key, tag in tags.items():
+        client.set_model_version_tag(name, version, key, tag)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    champion, message = _should_crown(metric, value, current)
+    if champion:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return Registration(name, str(version), metric, value, champion, f"registered {name} version {version}; {message}")
+
+
+def _should_crown(metric: str | None, value: float | None, current) -> tuple[bool, str]:
+    from .evaluate import is_better
+
+    if value is None:
+        return False, "no validation metric in this checkpoint (trained without validation): champion unchanged"
+    if current is None:
+        return True, f"{metric} {value:.4f}; it is the first champion"
+    their_metric = current.tags.get(TAG_VERSION_METRIC)
+    their_value = current.tags.get(TAG_VERSION_VALUE)
+    if their_metric != metric or their_value is None:
+        return False, (f"champion version {current.version} was chosen on {their_metric}, not {metric}: "
+                       "champion unchanged")
+    if is_better(metric, value, float(their_value)):
+        return True, f"{metric} {value:.4f} beats champion version {current.version} ({float(their_value):.4f})"
+    return False, (f"{metric} {value:.4f} does not beat champion version {current.version} "
+                   f"({float(their_value):.4f}): champion unchanged")
+
+
+def register_run(run_id: str, name: str, dst_dir: Path) -> Registration:
+    """Register the best checkpoint (else the final/latest one) of run `run_id` as NAME."""
+    path, _ = resolve_checkpoint(run_id, "finetune", dst_dir)
+    return register_checkpoint(path, name, run_id)
+
+
+def log_evaluation(metrics: dict[str, float], source: Lineage, data_dir: str, json_path: Path) -> None:
+    """Record a standalone evaluation in the active run: metrics (step 0), tags, JSON artifact."""
+    mlflow.set_tags({TAG_MODE: "evaluate", **source.tags()})
+    mlflow.log_param("data_dir", data_dir)
+    mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+    mlflow.log_artifact(str(json_path), "evaluation")
+
+
 def is_run_id(text: str) -> bool:
     """True for a bare MLflow run ID (32 hex digits)."""
     return bool(_RUN_ID_RE.match(text))
@@ -197,8 +318,8 @@ def pick_checkpoint(names: list[str], purpose: str, epoch: int | None = None) ->
     if epoch:
         wanted = ckpt.epoch_filename(epoch)
         return wanted if wanted in names else None
-    if purpose == "finetune" and BEST_NAME in names:
-        return BEST_NAME
+    if purpose == "finetune" and ckpt.BEST_NAME in names:
+        return ckpt.BEST_NAME
     if ckpt.FINAL_NAME in names:
         return ckpt.FINAL_NAME
     versioned = sorted(n for n in names if re.match(r"^model_epoch_\d+\.pth$", n))
@@ -240,7 +361,7 @@ def resolve_checkpoint(source: str, purpose: str, dst_dir: Path, epoch: int | No
         raise TrackingError(f"cannot download {uri}: {exc.message}") from exc
     if downloaded.is_dir():
         candidates = sorted(downloaded.rglob("*.pth"))
-        preferred = [p for p in candidates if p.name == BEST_NAME] or candidates
+        preferred = [p for p in candidates if p.name == ckpt.BEST_NAME] or candidates
         if not preferred:
             raise TrackingError(f"{uri} holds no .pth checkpoint")
         downloaded = preferred[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from charseg.generate import generate_dataset
 
 # Small enough that one step takes well under a second on a 2-core CPU.
 LIGHT = dict(weights="none", backbone="resnet18", min_size=64, max_size=64, num_workers=0, roi_samples=32,
-             rpn_proposals_train=100, rpn_proposals_test=50, batch_size=2, warmup_iters=2, log_every=1)
+             rpn_proposals_train=100, rpn_proposals_test=50, batch_size=2, warmup_iters=2, log_every=1,
+             val_fraction=0.0)
 
 
 def light_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
@@ -47,6 +50,45 @@ def _isolated_tracking(tmp_path_factory, monkeypatch):
     monkeypatch.chdir(store)  # default artifact root ./mlruns and outputs/ land here too
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it
+
+
+# Loopback requests must never go through a proxy; urllib's default opener also caches the
+# proxy settings of its first use (which a test may have pointed at a closed port).
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def start_service(args: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start a server in its own process group, output to a file (a full pipe would block it)."""
+    log = open(log_path, "w")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, seconds: float = 180) -> None:
+    """Poll `url` until it answers; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with LOCAL.open(url, timeout=2):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_service(proc)
+            raise RuntimeError(f"{url} did not come up: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (mlflow spawns uvicorn and workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _free_port() -> int:
@@ -60,29 +102,11 @@ def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend and the artifact proxy."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
+    proc = start_service(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+         "--workers", "1"], root / "server.log", cwd=root)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_until_up(proc, f"{url}/health", root / "server.log")
     yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop_service(proc)

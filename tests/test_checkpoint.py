@@ -11,7 +11,8 @@ from charseg.errors import CheckpointError
 
 def sample_checkpoint(epoch: int = 1, num_classes: int = 2) -> dict:
     return ckpt.make_checkpoint(epoch=epoch, model={"w": torch.ones(3)}, optimizer={}, scheduler={}, warmup={},
-                                seed=1, rng={}, config={}, model_spec={}, num_classes=num_classes, metrics={})
+                                seed=1, rng={}, config={}, model_spec={}, num_classes=num_classes, metrics={},
+                                best={})
 
 
 def test_versioned_names():

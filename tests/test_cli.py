@@ -13,7 +13,7 @@ from charseg.config import TrainConfig
 
 LIGHT_ARGS = ["--weights", "none", "--backbone", "resnet18", "--min-size", "64", "--max-size", "64",
               "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2",
-              "--log-every", "1"]
+              "--log-every", "1", "--val-fraction", "0"]
 
 
 def invoke(*args: str):

@@ -25,7 +25,7 @@ def test_conda_env_pins_match_pyproject():
     assert sorted(pip_deps) == sorted(pyproject)
 
 
-@pytest.mark.parametrize("entry", ["train", "resume", "finetune"])
+@pytest.mark.parametrize("entry", ["train", "resume", "finetune", "evaluate", "register"])
 def test_mlproject_entry_point_maps_onto_its_command(entry):
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
     command = spec["command"]
@@ -40,7 +40,7 @@ def test_mlproject_entry_point_maps_onto_its_command(entry):
 
 def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     params = {"data_dir": tiny_dataset, "epochs": 1, "weights": "none", "backbone": "resnet18", "min_size": 64,
               "max_size": 64, "num_workers": 0, "roi_samples": 32, "rpn_proposals_train": 100, "warmup_iters": 2,
@@ -58,5 +58,8 @@ def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["charseg.mode"] == "train"
     assert run.data.params["data.images_used"] == "4"
-    assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == ["model_final.pth"]
+    assert run.data.params["data.val_images"] == "1"  # default val_fraction 0.1, at least one image
+    assert "val/segm_AP" in run.data.metrics
+    assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == [
+        "best.pth", "model_final.pth"]
     assert (tmp_path / "out" / "model_final.pth").is_file()

@@ -49,7 +49,7 @@ def trained_run(mlflow_server, tiny_dataset, tmp_path_factory):
     """One 2-epoch training run over HTTP with every checkpoint logged; shared by the tests below."""
     out = tmp_path_factory.mktemp("trained")
     env = {"MLFLOW_TRACKING_URI": mlflow_server}
-    old = {k: os.environ.get(k) for k in env}
+    old = {k: os.environ.get(k) for k in (*env, "MLFLOW_EXPERIMENT_ID")}
     os.environ.update(env)
     try:
         output = run_cli("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "2", "--output-dir", str(out),
@@ -77,7 +77,7 @@ def test_train_run_records_params_metrics_tags_and_artifacts(server, trained_run
     assert artifacts(server, trained_run, "checkpoints") == [
         "model_epoch_001.pth", "model_epoch_002.pth", "model_final.pth"]
     assert artifacts(server, trained_run, "config") == ["config.json"]
-    assert artifacts(server, trained_run, "data") == ["dataset_report.txt"]
+    assert artifacts(server, trained_run, "data") == ["dataset_report.txt", "val_images.txt"]
 
 
 def test_resume_from_run_id_continues_the_steps(server, trained_run, tmp_path):
@@ -139,7 +139,7 @@ def test_run_without_checkpoint_is_one_clear_error(server):
 def test_checkpoint_of_another_class_count_is_one_clear_error(server, tmp_path):
     run = server.create_run(server.create_experiment("ninety-one")).info.run_id
     state = ckpt.make_checkpoint(epoch=1, model={}, optimizer={}, scheduler={}, warmup={}, seed=1, rng={},
-                                 config={}, model_spec={}, num_classes=91, metrics={})
+                                 config={}, model_spec={}, num_classes=91, metrics={}, best={})
     path = ckpt.save_checkpoint(state, tmp_path / "model_final.pth")
     server.log_artifact(run, str(path), "checkpoints")
     result = CliRunner().invoke(cli, ["resume", run])
@@ -169,16 +169,20 @@ def test_pick_checkpoint_prefers_best_for_finetune_and_final_for_resume():
 
 def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, tiny_dataset, tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    proc = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(tiny_dataset), *LIGHT_ARGS,
-                             "--epochs", "50", "--output-dir", str(tmp_path), "--experiment-name", "interrupted"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "model_epoch_001.pth").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode != 0, output
+    log_path = tmp_path.parent / f"{tmp_path.name}-train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(tiny_dataset), *LIGHT_ARGS,
+                                 "--epochs", "50", "--output-dir", str(tmp_path), "--experiment-name", "interrupted"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "model_epoch_001.pth").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(log_path.read_text()[-3000:])
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert proc.returncode != 0, log_path.read_text()[-3000:]
     client = MlflowClient(mlflow_server)
     run = client.search_runs([client.get_experiment_by_name("interrupted").experiment_id])[0]
     assert run.info.status == "KILLED"

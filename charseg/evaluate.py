@@ -1,0 +1,166 @@
+"""Validation metrics: COCO bbox/segm AP through pycocotools, and character-level
+precision, recall, F1 at mask IoU 0.5 plus the count error per image."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from .data import Sample, load_image_rgb, polygon_area
+from .inference import draw_overlay, output_to_instances
+
+# Metrics where lower is better; every other one is maximised.
+LOWER_IS_BETTER = frozenset({"count_abs_error"})
+METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50", "segm_AP75", "char_precision",
+           "char_recall", "char_f1", "count_abs_error")
+
+
+@dataclass
+class EvalResult:
+    """Metrics by name and a few validation images with predicted outlines drawn on them."""
+
+    metrics: dict[str, float]
+    overlays: list[tuple[str, Image.Image]] = field(default_factory=list)
+
+
+def is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether `value` beats `best` for this metric (None: nothing to beat)."""
+    if best is None:
+        return True
+    return value < best if metric in LOWER_IS_BETTER else value > best
+
+
+def coco_ground_truth(samples: list[Sample]) -> COCO:
+    """A pycocotools COCO object holding the samples' polygons (category 1 = character)."""
+    images, annotations = [], []
+    for image_id, sample in enumerate(samples, start=1):
+        images.append({"id": image_id, "width": sample.width, "height": sample.height, "file_name": sample.name})
+        for points in sample.polygons:
+            x1, y1 = points.min(axis=0)
+            x2, y2 = points.max(axis=0)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+                "segmentation": [points.reshape(-1).astype(float).tolist()], "area": polygon_area(points),
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "character"}]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _encode(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) bool masks to COCO RLEs with str counts (JSON-friendly)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _coco_stats(gt: COCO, detections: list[dict], iou_type: str, max_dets: int) -> dict[str, float]:
+    names = (f"{iou_type}_AP", f"{iou_type}_AP50", f"{iou_type}_AP75")
+    if not detections:
+        return dict.fromkeys(names, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(detections)
+        coco_eval = COCOeval(gt, dt, iou_type)
+        # Pages hold hundreds of characters: the AP must see every detection.
+        coco_eval.params.maxDets = [1, 10, max_dets]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    return {name: _average_precision(coco_eval, iou) for name, iou in zip(names, (None, 0.5, 0.75))}
+
+
+def _average_precision(coco_eval: COCOeval, iou: float | None) -> float:
+    """AP over all areas at the largest maxDets from accumulate()'s precision table, as
+    COCOeval.summarize computes it; summarize itself reads AP@[.5:.95] at a fixed maxDets=100,
+    which is -1 (missing) once maxDets is raised."""
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]  # [IoU thresholds, recall, class, area, maxDets]
+    if iou is not None:
+        precision = precision[np.isclose(params.iouThrs, iou)]
+    values = precision[..., params.areaRngLbl.index("all"), len(params.maxDets) - 1]
+    values = values[values > -1]
+    return float(values.mean()) if values.size else 0.0
+
+
+def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> int:
+    """Greedy one-to-one matching (detections sorted by score); returns true positives."""
+    if not det_rles or not gt_rles:
+        return 0
+    ious = mask_utils.iou(det_rles, gt_rles, [0] * len(gt_rles))
+    matched: set[int] = set()
+    tp = 0
+    for row in np.atleast_2d(ious):
+        candidates = [(iou, j) for j, iou in enumerate(row) if j not in matched and iou >= iou_threshold]
+        if candidates:
+            matched.add(max(candidates)[1])
+            tp += 1
+    return tp
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device, *, max_dets: int,
+             score_threshold: float = 0.5, iou_threshold: float = 0.5, batch_size: int = 2,
+             overlay_count: int = 0) -> EvalResult:
+    """Evaluate `model` on `samples`.
+
+    Args:
+        max_dets: COCO maxDets for the AP summary (match the model's detections_per_img).
+        score_threshold: detections kept for the character-level metrics and the overlays.
+        iou_threshold: mask IoU for a character to count as found.
+        overlay_count: how many images to return with predicted outlines drawn.
+    Returns:
+        EvalResult with METRICS and the overlays.
+    """
+    model.eval()
+    gt = coco_ground_truth(samples)
+    detections: list[dict] = []
+    tp = n_pred = n_gt = 0
+    count_errors: list[int] = []
+    overlays: list[tuple[str, Image.Image]] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        arrays = [load_image_rgb(s.image_path) for s in batch]
+        tensors = [torch.from_numpy(a).permute(2, 0, 1).float().div_(255).to(device) for a in arrays]
+        outputs = model(tensors)
+        for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
+            image_id = start + offset + 1
+            scores = output["scores"].cpu().numpy()
+            masks = output["masks"][:, 0].cpu().numpy() >= 0.5
+            boxes = output["boxes"].cpu().numpy()
+            rles = _encode(masks)
+            for score, box, rle in zip(scores, boxes, rles):
+                detections.append({"image_id": image_id, "category_id": 1, "score": float(score), "segmentation": rle,
+                                   "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                            float(box[3] - box[1])]})
+            kept = [rle for rle, score in zip(rles, scores) if score >= score_threshold]
+            gt_rles = [mask_utils.merge(mask_utils.frPyObjects([p.reshape(-1).astype(float).tolist()],
+                                                               sample.height, sample.width))
+                       for p in sample.polygons]
+            tp += _match(kept, gt_rles, iou_threshold)
+            n_pred += len(kept)
+            n_gt += len(gt_rles)
+            count_errors.append(abs(len(kept) - len(gt_rles)))
+            if len(overlays) < overlay_count:
+                overlays.append((sample.name, draw_overlay(rgb, output_to_instances(output, score_threshold))))
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gt if n_gt else 0.0
+    metrics = {
+        **_coco_stats(gt, detections, "bbox", max_dets),
+        **_coco_stats(gt, detections, "segm", max_dets),
+        "char_precision": precision, "char_recall": recall,
+        "char_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "count_abs_error": float(np.mean(count_errors)) if count_errors else 0.0,
+    }
+    return EvalResult(metrics=metrics, overlays=overlays)

@@ -1,0 +1,123 @@
+"""Run a trained model on images: instances as (score, box, polygon), overlays, CSV output."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from . import checkpoint as ckpt
+from .data import CSV_HEADER, load_image_rgb
+from .model import NUM_CLASSES, ModelSpec, build_model
+
+MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
+UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
+
+
+@dataclass
+class Instance:
+    """One detected character."""
+
+    score: float
+    box: list[float]  # x1, y1, x2, y2
+    polygon: list[float]  # flat [x1, y1, x2, y2, ...] outline of the mask
+    mask: np.ndarray | None = None  # H x W bool, only when asked for
+
+
+def load_model_for_inference(checkpoint_path: str | Path, device: torch.device,
+                             detections_per_img: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """Rebuild the checkpoint's model in eval mode on `device`. Returns (model, checkpoint)."""
+    state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
+    spec = ModelSpec(**state["model_spec"])
+    if detections_per_img:
+        spec = ModelSpec(**{**spec.to_dict(), "detections_per_img": detections_per_img})
+    model = build_model(spec)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return model, state
+
+
+def mask_to_polygon(mask: np.ndarray) -> list[float]:
+    """Outline of the largest connected part of a binary mask as a flat polygon, in pixel
+    coordinates (pixel centres at +0.5); [] when the mask is empty or degenerate."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    contour = max(contours, key=cv2.contourArea)
+    if len(contour) < 3:
+        return []
+    points = contour.reshape(-1, 2).astype(np.float32) + 0.5
+    return [round(float(v), 2) for v in points.reshape(-1)]
+
+
+def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
+                        keep_masks: bool = False) -> list[Instance]:
+    """Turn one torchvision Mask R-CNN output into instances at or above `score_threshold`."""
+    instances = []
+    scores = output["scores"].cpu()
+    keep = torch.nonzero(scores >= score_threshold).flatten()
+    masks = output["masks"][keep, 0].cpu().numpy() >= MASK_THRESHOLD if len(keep) else []
+    boxes = output["boxes"][keep].cpu()
+    for i, idx in enumerate(keep.tolist()):
+        polygon = mask_to_polygon(masks[i])
+        if not polygon:
+            continue
+        instances.append(Instance(score=float(scores[idx]), box=[round(float(v), 2) for v in boxes[i]],
+                                  polygon=polygon, mask=masks[i] if keep_masks else None))
+    return instances
+
+
+@torch.inference_mode()
+def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
+                   score_threshold: float = 0.5, keep_masks: bool = False) -> list[list[Instance]]:
+    """Predict instances for HxWx3 uint8 RGB arrays (one list per image)."""
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255).to(device) for a in images]
+    outputs = model(tensors)
+    return [output_to_instances(o, score_threshold, keep_masks) for o in outputs]
+
+
+def draw_overlay(rgb: np.ndarray, instances: list[Instance]) -> Image.Image:
+    """The image with each instance's outline and score drawn on it."""
+    image = Image.fromarray(rgb).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for inst in instances:
+        points = list(zip(inst.polygon[0::2], inst.polygon[1::2]))
+        draw.polygon(points, outline=(255, 0, 0))
+        draw.text((inst.box[0], max(inst.box[1] - 10, 0)), f"{inst.score:.2f}", fill=(0, 0, 255))
+    return image
+
+
+def write_predictions_csv(path: Path, instances: list[Instance]) -> None:
+    """CSV in the dataset format (char,polygon_json) plus a score column; char is '?'."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*CSV_HEADER, "score"])
+        for inst in instances:
+            writer.writerow([UNKNOWN_CHAR, json.dumps(inst.polygon), f"{inst.score:.4f}"])
+
+
+def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, device: torch.device,
+                  score_threshold: float, progress: bool = True) -> dict[str, int]:
+    """Predict every input image; write OUT/images (copies), OUT/annotations/*.csv and
+    OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts.
+    Returns {"images": n, "instances": m}."""
+    from tqdm import tqdm
+
+    total = 0
+    for path in tqdm(inputs, desc="predicting", unit="image", disable=None if progress else True):
+        rgb = load_image_rgb(path)
+        instances = predict_arrays(model, [rgb], device, score_threshold)[0]
+        total += len(instances)
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(out_dir / "images" / f"{path.stem}.png")
+        write_predictions_csv(out_dir / "annotations" / f"{path.stem}.csv", instances)
+        (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        draw_overlay(rgb, instances).save(out_dir / "overlays" / f"{path.stem}.png")
+    return {"images": len(inputs), "instances": total}

@@ -1,0 +1,55 @@
+"""The MLflow pyfunc flavour of a charseg checkpoint.
+
+MLflow loads it through `loader_module="charseg.serving"`: `_load_pyfunc(path)` gets the
+checkpoint file logged as the model's data and returns an object with `predict`. Input: a
+DataFrame with an `image` column of encoded image bytes (PNG/JPEG; base64 over REST).
+Output: one row per instance with image_id (row of the input), score, box and polygon.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from .inference import load_model_for_inference, predict_arrays
+
+OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (any mode) to HxWx3 uint8 RGB."""
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        return np.array(img.convert("RGB"))
+
+
+class CharsegPredictor:
+    """Predicts character instances for a batch of encoded images."""
+
+    def __init__(self, checkpoint_path: str, device: str | None = None, score_threshold: float = 0.5):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, state = load_model_for_inference(checkpoint_path, self.device)
+        self.score_threshold = float(state["config"].get("score_threshold", score_threshold))
+
+    def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.
+
+        params may set `score_threshold` for this call.
+        """
+        if "image" not in model_input:
+            raise ValueError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
+        threshold = float((params or {}).get("score_threshold", self.score_threshold))
+        rows = []
+        for image_id, data in enumerate(model_input["image"]):
+            for inst in predict_arrays(self.model, [decode_image(data)], self.device, threshold)[0]:
+                rows.append((image_id, inst.score, inst.box, inst.polygon))
+        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        return frame.astype({"image_id": "int64", "score": "float64"})
+
+
+def _load_pyfunc(data_path: str) -> CharsegPredictor:
+    """MLflow's loader_module hook."""
+    return CharsegPredictor(data_path)

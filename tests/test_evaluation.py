@@ -1,0 +1,149 @@
+"""Validation metrics through pycocotools, the split, best.pth, and predict's round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from charseg import checkpoint as ckpt
+from charseg import runner
+from charseg.cli import cli
+from pycocotools import mask as mask_utils
+
+from charseg.data import Sample, polygons_to_boxes, scan_dataset, split_samples
+from charseg.evaluate import evaluate, is_better
+from conftest import light_config
+from test_cli import LIGHT_ARGS
+
+
+def coco_masks(polygons, height: int, width: int) -> torch.Tensor:
+    """Masks rasterised the way COCO rasterises ground truth, so they match it exactly."""
+    rles = [mask_utils.merge(mask_utils.frPyObjects([p.reshape(-1).tolist()], height, width)) for p in polygons]
+    return torch.from_numpy(np.stack([mask_utils.decode(r) for r in rles])) if rles else torch.zeros(0, height, width)
+
+
+class Oracle(torch.nn.Module):
+    """Answers with the ground truth of each image (optionally only the first `limit`
+    characters): known inputs for checking the metric code, not a model under test."""
+
+    def __init__(self, samples: list[Sample], limit: int | None = None):
+        super().__init__()
+        self.samples, self.limit, self.calls = samples, limit, 0
+
+    def forward(self, images):
+        outputs = []
+        for _ in images:
+            sample = self.samples[self.calls]
+            self.calls += 1
+            polygons = sample.polygons[: self.limit]
+            n = len(polygons)
+            outputs.append({"boxes": polygons_to_boxes(polygons), "labels": torch.ones(n, dtype=torch.int64),
+                            "scores": torch.linspace(0.99, 0.9, n),
+                            "masks": coco_masks(polygons, sample.height, sample.width)[:, None].float()})
+        return outputs
+
+
+def grid_page(tmp_path, rows: int, cols: int) -> Sample:
+    """One page with rows x cols square characters."""
+    polygons = [np.array([[x, y], [x + 6, y], [x + 6, y + 6], [x, y + 6]], dtype=np.float32)
+                for y in range(1, rows * 8, 8) for x in range(1, cols * 8, 8)]
+    return Sample("page", tmp_path / "page.png", tmp_path / "page.csv", cols * 8 + 2, rows * 8 + 2, polygons,
+                  ["x"] * len(polygons))
+
+
+@pytest.fixture
+def page(tmp_path):
+    from PIL import Image
+    sample = grid_page(tmp_path, 10, 15)  # 150 characters: more than COCO's usual 100
+    Image.new("RGB", (sample.width, sample.height), "white").save(sample.image_path)
+    return sample
+
+
+def test_perfect_predictions_score_one_beyond_100_detections(page):
+    result = evaluate(Oracle([page]), [page], torch.device("cpu"), max_dets=200, overlay_count=1)
+    m = result.metrics
+    assert m["segm_AP"] == pytest.approx(1.0) and m["bbox_AP"] == pytest.approx(1.0)
+    assert m["segm_AP50"] == pytest.approx(1.0) and m["segm_AP75"] == pytest.approx(1.0)
+    assert m["char_precision"] == 1.0 and m["char_recall"] == 1.0 and m["char_f1"] == 1.0
+    assert m["count_abs_error"] == 0.0
+    assert result.overlays[0][0] == "page"
+
+
+def test_max_dets_caps_the_coco_summary(page):
+    capped = evaluate(Oracle([page]), [page], torch.device("cpu"), max_dets=100).metrics
+    assert capped["segm_AP"] < 0.8  # 100 of 150 characters seen: the reason maxDets is raised
+
+
+def test_missing_characters_lower_recall_and_count(page):
+    m = evaluate(Oracle([page], limit=75), [page], torch.device("cpu"), max_dets=200).metrics
+    assert m["char_precision"] == 1.0
+    assert m["char_recall"] == pytest.approx(0.5)
+    assert m["count_abs_error"] == 75.0
+
+
+def test_is_better_knows_the_direction():
+    assert is_better("segm_AP", 0.5, 0.4) and not is_better("segm_AP", 0.4, 0.4)
+    assert is_better("count_abs_error", 1.0, 2.0) and not is_better("count_abs_error", 3.0, 2.0)
+    assert is_better("char_f1", 0.0, None)
+
+
+def test_split_is_deterministic_by_seed(tiny_dataset):
+    samples = scan_dataset(tiny_dataset).samples
+    train, val = split_samples(samples, 0.5, seed=1)
+    assert len(val) == 2 and len(train) == 2
+    assert split_samples(samples, 0.5, seed=1)[1] == val
+    assert split_samples(samples, 0.0, seed=1) == (samples, [])
+    assert len(split_samples(samples, 0.1, seed=1)[1]) == 1  # at least one image when asked for
+
+
+def test_best_checkpoint_survives_resume(tiny_dataset, tmp_path):
+    straight = runner.train(light_config(tiny_dataset, tmp_path / "a", epochs=3, val_fraction=0.25,
+                                         best_metric="count_abs_error"))
+    assert "val_segm_AP" in straight.history[0]
+    best = ckpt.load_checkpoint(tmp_path / "a" / "best.pth")
+    assert best["best"]["epoch"] == straight.best["epoch"] and best["epoch"] == straight.best["epoch"]
+    values = [m["val_count_abs_error"] for m in straight.history]
+    assert straight.best["value"] == min(values)
+    assert straight.best["epoch"] == values.index(min(values)) + 1
+
+    runner.train(light_config(tiny_dataset, tmp_path / "b", epochs=1, val_fraction=0.25,
+                              best_metric="count_abs_error"))
+    resumed = runner.resume(tmp_path / "b" / "model_epoch_001.pth", {"epochs": 3})
+    assert resumed.best == straight.best
+
+
+def test_predict_round_trip(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "3",
+                                      "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    pred = tmp_path / "pred"
+    result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(out / "model_final.pth"),
+                                      "--out", str(pred), "--score-threshold", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (pred / "overlays").iterdir()) == ["00001.png", "00002.png", "00003.png",
+                                                                      "00004.png"]
+    lines = (pred / "annotations" / "00001.csv").read_text().splitlines()
+    assert lines[0] == "char,polygon_json,score"
+    validated = CliRunner().invoke(cli, ["validate-data", str(pred)])
+    assert validated.exit_code == 0, validated.output
+    assert "polygons skipped:         0" in validated.output
+    row = lines[1].split(",", 1)[1].rsplit(",", 1)
+    assert lines[1].startswith("?,") and 0.05 <= float(row[1]) <= 1.0
+    assert len(json.loads(row[0].strip('"'))) >= 6
+
+
+def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1",
+                                    "--output-dir", str(out)]).exit_code == 0
+    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
+                                      "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) >= {"bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "char_f1", "count_abs_error"}
+    assert "MLflow run" in result.output

@@ -1,0 +1,133 @@
+"""Model registry: pyfunc with signature, champion alias, load in a fresh process, real serving."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from charseg import checkpoint as ckpt
+from charseg import tracking
+from charseg.cli import cli
+from conftest import LOCAL, _free_port, start_service, stop_service, wait_until_up
+from test_cli import LIGHT_ARGS
+
+NAME = "charseg-test"
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_dataset, tmp_path_factory):
+    """A sqlite store holding one trained, validated run registered as NAME (the champion)."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        # The last --val-fraction wins over the one in LIGHT_ARGS.
+        result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "2", "--val-fraction",
+                                          "0.25", "--output-dir", str(root / "out"), "--register-as", NAME])
+        assert result.exit_code == 0, result.output
+    finally:
+        os.chdir(cwd)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    run_id = result.output.split("MLflow run ")[1].split()[0]
+    return {"uri": uri, "root": root, "run_id": run_id, "output": result.output}
+
+
+@pytest.fixture
+def client(registry, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    return MlflowClient(registry["uri"])
+
+
+def test_train_registers_the_best_checkpoint_as_champion(registry, client):
+    assert "it is the first champion" in registry["output"]
+    version = client.get_model_version_by_alias(NAME, "champion")
+    assert version.run_id == registry["run_id"]
+    assert version.tags["charseg.metric"] == "segm_AP"
+    best = ckpt.load_checkpoint(registry["root"] / "out" / "best.pth")["best"]
+    assert float(version.tags["charseg.metric_value"]) == best["value"]
+    assert version.tags["charseg.checkpoint"] == "best.pth"
+    run = client.get_run(registry["run_id"])
+    assert run.data.tags["charseg.best_epoch"] == str(best["epoch"])
+    assert [m.step for m in client.get_metric_history(registry["run_id"], "val/segm_AP")] == [1, 2]
+    images = [f.path for f in client.list_artifacts(registry["run_id"], "images")]
+    assert images, "validation overlays are logged as MLflow images"
+
+
+def test_champion_moves_only_for_a_better_metric(registry, client, tmp_path):
+    best_path = registry["root"] / "out" / "best.pth"
+    state = ckpt.load_checkpoint(best_path)
+    current = float(client.get_model_version_by_alias(NAME, "champion").tags["charseg.metric_value"])
+
+    worse = ckpt.save_checkpoint({**state, "best": {**state["best"], "value": current - 1.0}}, tmp_path / "worse.pth")
+    result = tracking.register_checkpoint(worse, NAME, registry["run_id"])
+    assert not result.champion and "does not beat champion" in result.message
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) != result.version
+
+    better = ckpt.save_checkpoint({**state, "best": {**state["best"], "value": current + 1.0}}, tmp_path / "best.pth")
+    result = tracking.register_checkpoint(better, NAME, registry["run_id"])
+    assert result.champion and "beats champion" in result.message
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == result.version
+
+
+def test_register_command_for_a_run(registry, client):
+    result = CliRunner().invoke(cli, ["register", registry["run_id"], "--name", "by-command"])
+    assert result.exit_code == 0, result.output
+    assert str(client.get_model_version_by_alias("by-command", "champion").version) == "1"
+    bad = CliRunner().invoke(cli, ["register", "not-a-run", "--name", "x"])
+    assert bad.exit_code == 2 and "not an MLflow run ID" in bad.output
+
+
+def test_champion_predicts_in_a_fresh_process(registry, tiny_dataset):
+    code = f"""
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
+print(model.metadata.get_input_schema().input_names())
+frame = pd.DataFrame({{"image": [open({str(tiny_dataset / 'images' / '00001.png')!r}, "rb").read()]}})
+out = model.predict(frame, params={{"score_threshold": 0.0}})
+print(list(out.columns), len(out), sorted(set(out["image_id"])))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "['image']"
+    columns, count, ids = lines[-1].split("] ", 1)[0] + "]", *lines[-1].split("] ", 1)[1].split(" ", 1)
+    assert columns == "['image_id', 'score', 'box', 'polygon']"
+    assert int(count) > 0 and ids == "[0]"
+
+
+def test_mlflow_models_serve_answers_with_instances(registry, tiny_dataset, tmp_path):
+    port = _free_port()
+    # mlflow starts `uvicorn` by name: the environment's bin folder must be on PATH (an activated venv).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"],
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log_path = tmp_path / "serve.log"
+    proc = start_service([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion",
+                          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                         log_path, env=env, cwd=tmp_path)
+    try:
+        wait_until_up(proc, f"http://127.0.0.1:{port}/ping", log_path)
+        image = base64.b64encode((tiny_dataset / "images" / "00001.png").read_bytes()).decode()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[image]]},
+                           "params": {"score_threshold": 0.0}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with LOCAL.open(request, timeout=120) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        stop_service(proc)
+    assert predictions and set(predictions[0]) == {"image_id", "score", "box", "polygon"}
+    assert len(predictions[0]["box"]) == 4 and len(predictions[0]["polygon"]) >= 6
