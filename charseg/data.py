@@ -17,12 +17,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
 
 from .errors import DatasetError
+from .polygon_heads import pack_polygons
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CSV_HEADER = ["char", "polygon_json"]
@@ -288,16 +289,16 @@ def load_image_rgb(path: Path) -> np.ndarray:
 
 
 def polygons_to_masks(polygons: list[np.ndarray], height: int, width: int) -> torch.Tensor:
-    """Rasterise polygons to (N, H, W) uint8 instance masks.
+    """Rasterise polygons to (N, H, W) uint8 full-image masks, the stock torchvision target.
 
-    The only place masks are built, so the representation can change in one spot.
+    Training never calls this (polygon_heads rasterises inside each proposal); it serves
+    explicit requests and comparisons. pycocotools rasterises, as COCO evaluation does, so
+    every mask in charseg follows one convention.
     """
-    masks = np.zeros((len(polygons), height, width), dtype=np.uint8)
-    for i, points in enumerate(polygons):
-        # fillPoly works on integer pixel coordinates; 4 fractional bits keep sub-pixel precision.
-        pts = np.round(points * 16).astype(np.int32).reshape(-1, 1, 2)
-        cv2.fillPoly(masks[i], [pts], 1, lineType=cv2.LINE_8, shift=4)
-    return torch.from_numpy(masks)
+    if not polygons:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    rles = mask_utils.frPyObjects([p.reshape(-1).astype(np.float64).tolist() for p in polygons], height, width)
+    return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)))
 
 
 def polygons_to_boxes(polygons: list[np.ndarray]) -> torch.Tensor:
@@ -308,17 +309,27 @@ def polygons_to_boxes(polygons: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(boxes).astype(np.float32))
 
 
-def build_target(sample: Sample, index: int) -> dict[str, torch.Tensor]:
-    """Mask R-CNN target dict for one sample: boxes, labels (1 = character), masks, ..."""
+def build_target(sample: Sample, index: int, full_masks: bool = False) -> dict[str, torch.Tensor]:
+    """Mask R-CNN target dict for one sample: boxes, labels (1 = character), polygons, ...
+
+    Masks stay polygons (`polygon_points`, `polygon_lengths`, `image_size`), rasterised per
+    proposal by polygon_heads; full_masks=True adds stock torchvision's N x H x W `masks`.
+    """
     boxes = polygons_to_boxes(sample.polygons)
-    return {
+    points, lengths = pack_polygons(sample.polygons)
+    target = {
         "boxes": boxes,
         "labels": torch.ones((len(sample.polygons),), dtype=torch.int64),
-        "masks": polygons_to_masks(sample.polygons, sample.height, sample.width),
+        "polygon_points": points,
+        "polygon_lengths": lengths,
+        "image_size": torch.tensor([sample.height, sample.width]),
         "image_id": torch.tensor(index),
         "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
         "iscrowd": torch.zeros((len(sample.polygons),), dtype=torch.int64),
     }
+    if full_masks:
+        target["masks"] = polygons_to_masks(sample.polygons, sample.height, sample.width)
+    return target
 
 
 def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -337,8 +348,8 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 class CharacterDataset(torch.utils.data.Dataset):
     """Map-style dataset over validated samples: (image CHW float in [0,1], target, name)."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], full_masks: bool = False):
+        self.samples, self.full_masks = samples, full_masks
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -349,7 +360,7 @@ class CharacterDataset(torch.utils.data.Dataset):
         if rgb.shape[:2] != (sample.height, sample.width):
             raise DatasetError(f"{sample.image_path}: image changed size while training")
         image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-        return image, build_target(sample, index), sample.name
+        return image, build_target(sample, index, self.full_masks), sample.name
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):

@@ -57,11 +57,11 @@ def coco_ground_truth(samples: list[Sample]) -> COCO:
     return coco
 
 
-def _encode(masks: np.ndarray) -> list[dict]:
-    """(N, H, W) bool masks to COCO RLEs with str counts (JSON-friendly)."""
-    if len(masks) == 0:
+def _polygons_to_rles(polygons: list[list[float]], height: int, width: int) -> list[dict]:
+    """One COCO RLE per flat polygon (str counts, JSON-friendly)."""
+    if not polygons:
         return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    rles = mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], height, width)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
@@ -125,7 +125,8 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     """
     model.eval()
     gt = coco_ground_truth(samples)
-    detections: list[dict] = []
+    bbox_dets: list[dict] = []
+    segm_dets: list[dict] = []
     tp = n_pred = n_gt = 0
     count_errors: list[int] = []
     overlays: list[tuple[str, Image.Image]] = []
@@ -136,29 +137,27 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
         outputs = model(tensors)
         for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
             image_id = start + offset + 1
-            scores = output["scores"].cpu().numpy()
-            masks = output["masks"][:, 0].cpu().numpy() >= 0.5
-            boxes = output["boxes"].cpu().numpy()
-            rles = _encode(masks)
-            for score, box, rle in zip(scores, boxes, rles):
-                detections.append({"image_id": image_id, "category_id": 1, "score": float(score), "segmentation": rle,
-                                   "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
-                                            float(box[3] - box[1])]})
-            kept = [rle for rle, score in zip(rles, scores) if score >= score_threshold]
-            gt_rles = [mask_utils.merge(mask_utils.frPyObjects([p.reshape(-1).astype(float).tolist()],
-                                                               sample.height, sample.width))
-                       for p in sample.polygons]
+            for score, box in zip(output["scores"].tolist(), output["boxes"].tolist()):
+                bbox_dets.append({"image_id": image_id, "category_id": 1, "score": score,
+                                  "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            # Masks become polygons from their box-sized maps, then RLEs: no full-image mask.
+            instances = output_to_instances(output, 0.0)
+            rles = _polygons_to_rles([i.polygon for i in instances], sample.height, sample.width)
+            for inst, rle in zip(instances, rles):
+                segm_dets.append({"image_id": image_id, "category_id": 1, "score": inst.score, "segmentation": rle})
+            kept = [rle for rle, inst in zip(rles, instances) if inst.score >= score_threshold]
+            gt_rles = _polygons_to_rles([p.reshape(-1).tolist() for p in sample.polygons], sample.height, sample.width)
             tp += _match(kept, gt_rles, iou_threshold)
             n_pred += len(kept)
             n_gt += len(gt_rles)
             count_errors.append(abs(len(kept) - len(gt_rles)))
             if len(overlays) < overlay_count:
-                overlays.append((sample.name, draw_overlay(rgb, output_to_instances(output, score_threshold))))
+                overlays.append((sample.name, draw_overlay(rgb, [i for i in instances if i.score >= score_threshold])))
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gt if n_gt else 0.0
     metrics = {
-        **_coco_stats(gt, detections, "bbox", max_dets),
-        **_coco_stats(gt, detections, "segm", max_dets),
+        **_coco_stats(gt, bbox_dets, "bbox", max_dets),
+        **_coco_stats(gt, segm_dets, "segm", max_dets),
         "char_precision": precision, "char_recall": recall,
         "char_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "count_abs_error": float(np.mean(count_errors)) if count_errors else 0.0,

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from . import checkpoint as ckpt
 from .data import CSV_HEADER, load_image_rgb
 from .model import NUM_CLASSES, ModelSpec, build_model
+from .polygon_heads import box_mask_to_polygon
 
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
@@ -27,7 +28,6 @@ class Instance:
     score: float
     box: list[float]  # x1, y1, x2, y2
     polygon: list[float]  # flat [x1, y1, x2, y2, ...] outline of the mask
-    mask: np.ndarray | None = None  # H x W bool, only when asked for
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device,
@@ -56,30 +56,35 @@ def mask_to_polygon(mask: np.ndarray) -> list[float]:
     return [round(float(v), 2) for v in points.reshape(-1)]
 
 
-def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
-                        keep_masks: bool = False) -> list[Instance]:
-    """Turn one torchvision Mask R-CNN output into instances at or above `score_threshold`."""
+def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float) -> list[Instance]:
+    """Turn one Mask R-CNN output into instances at or above `score_threshold`.
+
+    Box-sized masks (`box_masks`, charseg's default) become polygons directly; stock
+    full-image `masks` are traced as they are. Instances whose mask is empty are dropped.
+    """
     instances = []
     scores = output["scores"].cpu()
-    keep = torch.nonzero(scores >= score_threshold).flatten()
-    masks = output["masks"][keep, 0].cpu().numpy() >= MASK_THRESHOLD if len(keep) else []
-    boxes = output["boxes"][keep].cpu()
-    for i, idx in enumerate(keep.tolist()):
-        polygon = mask_to_polygon(masks[i])
-        if not polygon:
-            continue
-        instances.append(Instance(score=float(scores[idx]), box=[round(float(v), 2) for v in boxes[i]],
-                                  polygon=polygon, mask=masks[i] if keep_masks else None))
+    keep = torch.nonzero(scores >= score_threshold).flatten().tolist()
+    boxes = output["boxes"].cpu().numpy()
+    box_masks = output["box_masks"].cpu().numpy() if "box_masks" in output else None
+    for idx in keep:
+        if box_masks is not None:
+            polygon = box_mask_to_polygon(box_masks[idx], boxes[idx], MASK_THRESHOLD)
+        else:
+            polygon = mask_to_polygon(output["masks"][idx, 0].cpu().numpy() >= MASK_THRESHOLD)
+        if polygon:
+            instances.append(Instance(score=float(scores[idx]), box=[round(float(v), 2) for v in boxes[idx]],
+                                      polygon=polygon))
     return instances
 
 
 @torch.inference_mode()
 def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
-                   score_threshold: float = 0.5, keep_masks: bool = False) -> list[list[Instance]]:
+                   score_threshold: float = 0.5) -> list[list[Instance]]:
     """Predict instances for HxWx3 uint8 RGB arrays (one list per image)."""
     tensors = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255).to(device) for a in images]
     outputs = model(tensors)
-    return [output_to_instances(o, score_threshold, keep_masks) for o in outputs]
+    return [output_to_instances(o, score_threshold) for o in outputs]
 
 
 def draw_overlay(rgb: np.ndarray, instances: list[Instance]) -> Image.Image:

@@ -16,6 +16,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
 
 from .errors import WeightsError
+from .polygon_heads import make_polygon_native
 
 NUM_CLASSES = 2  # background 0, character 1
 BACKBONES = ("resnet50", "resnet34", "resnet18")
@@ -69,15 +70,20 @@ def spec_for_weights(backbone: str, weights: str, **sizes_and_limits: int) -> Mo
                      frozen_bn_eps=0.0 if weights == "coco" else 1e-5, **sizes_and_limits)
 
 
-def build_model(spec: ModelSpec) -> MaskRCNN:
-    """A randomly initialised Mask R-CNN with this architecture."""
+def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
+    """A randomly initialised Mask R-CNN with this architecture.
+
+    polygon_native: polygon mask targets and box-sized mask outputs (polygon_heads.py);
+    False gives torchvision's stock full-image-mask behaviour (for comparisons).
+    """
     norm_layer = misc_nn_ops.FrozenBatchNorm2d if spec.frozen_bn else nn.BatchNorm2d
     backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, norm_layer=norm_layer,
                                    trainable_layers=spec.trainable_layers)
     for module in backbone.modules():
         if isinstance(module, misc_nn_ops.FrozenBatchNorm2d):
             module.eps = spec.frozen_bn_eps
-    return MaskRCNN(backbone, num_classes=spec.num_classes, **spec.detector_kwargs())
+    model = MaskRCNN(backbone, num_classes=spec.num_classes, **spec.detector_kwargs())
+    return make_polygon_native(model) if polygon_native else model
 
 
 def replace_heads(model: MaskRCNN, num_classes: int) -> MaskRCNN:
@@ -113,7 +119,8 @@ def create_model(spec: ModelSpec, weights: str) -> tuple[MaskRCNN, str]:
                                           trainable_backbone_layers=spec.trainable_layers, **spec.detector_kwargs())
         except (urllib.error.URLError, OSError) as exc:
             raise _offline_error("COCO Mask R-CNN", exc) from exc
-        return replace_heads(model, spec.num_classes), "COCO Mask R-CNN weights, box and mask heads re-initialised"
+        model = make_polygon_native(replace_heads(model, spec.num_classes))
+        return model, "COCO Mask R-CNN weights, box and mask heads re-initialised"
     if weights == "imagenet":
         model = build_model(spec)
         try:

@@ -35,16 +35,22 @@ def test_generated_dataset_is_fully_valid(tiny_dataset):
     assert report.num_instances >= 8
 
 
-def test_target_holds_boxes_labels_and_masks(tiny_dataset):
+def test_target_holds_boxes_labels_and_polygons_not_full_masks(tiny_dataset):
     dataset = CharacterDataset(scan_dataset(tiny_dataset).samples)
     image, target, name = dataset[0]
-    n = len(dataset.samples[0].polygons)
+    sample = dataset.samples[0]
+    n = len(sample.polygons)
     assert image.shape == (3, 64, 64) and image.dtype.is_floating_point and 0 <= image.min() <= image.max() <= 1
-    assert target["boxes"].shape == (n, 4) and target["masks"].shape == (n, 64, 64)
+    assert target["boxes"].shape == (n, 4) and "masks" not in target
+    assert target["polygon_lengths"].tolist() == [len(p) for p in sample.polygons]
+    assert target["polygon_points"].shape == (sum(len(p) for p in sample.polygons), 2)
+    assert target["image_size"].tolist() == [64, 64]
     assert target["labels"].tolist() == [1] * n
     assert name == "00001"
     boxes = target["boxes"]
     assert bool(((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all())
+    stock = CharacterDataset(dataset.samples, full_masks=True)[0][1]
+    assert stock["masks"].shape == (n, 64, 64)
 
 
 @pytest.mark.parametrize("cell, reason", [

@@ -1,0 +1,220 @@
+"""Polygon-native Mask R-CNN parts for dense pages.
+
+Stock torchvision gives every instance a full-image mask: in training, targets of N x H x W
+that `project_masks_on_boxes` casts to float; at inference, every mask pasted into a
+full-image float tensor. On a 1024x1024 page with 1,700 characters that is gigabytes.
+Here, as in detectron2's `PolygonMasks.crop_and_resize`, polygons travel from the dataset
+to the loss and each mask target is rasterised at the mask head's resolution (28x28)
+inside its proposal only; at inference, masks stay box-sized (`box_masks`) and become
+polygons directly. Memory grows with instances x 28^2, not instances x H x W.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+
+# Target rasterisation is supersampled this much, then averaged: soft targets like the
+# stock roi_align projection of a binary mask, without ever building that mask.
+SUPERSAMPLE = 2
+# Half a pixel between roi_align's (aligned=False) coordinates and the polygons' ones.
+PIXEL_CENTRE = 0.5
+# Box-sized masks are traced on a grid this much finer than the image's pixels.
+TRACE_SCALE = 4
+# Anchors matched against all GT boxes at once in the RPN (memory: GT x ANCHOR_CHUNK).
+ANCHOR_CHUNK = 16384
+# Target keys that carry an image's polygons (see data.build_target).
+POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
+
+
+def pack_polygons(polygons: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Polygons as two tensors that move to a device with the target: (P, 2) points, (N,) lengths."""
+    if not polygons:
+        return torch.zeros((0, 2), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
+    points = torch.from_numpy(np.concatenate(polygons).astype(np.float32))
+    return points, torch.tensor([len(p) for p in polygons], dtype=torch.int64)
+
+
+def unpack_polygons(points: torch.Tensor, lengths: torch.Tensor) -> list[np.ndarray]:
+    """Undo `pack_polygons` (on the CPU)."""
+    return list(np.split(points.cpu().numpy(), np.cumsum(lengths.cpu().numpy())[:-1])) if len(lengths) else []
+
+
+def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: int) -> np.ndarray:
+    """Rasterise polygons[i] inside boxes[i] to a size x size soft mask in [0, 1].
+
+    polygons: (K, 2) arrays in the boxes' coordinates; boxes: (N, 4) x1, y1, x2, y2.
+    Returns (N, size, size) float32. One pycocotools call for all instances.
+
+    Box coordinates follow roi_align(aligned=False), which pools the mask head's features
+    and projects stock targets: pixel centres at integers, half a pixel off the polygons'
+    convention (pixel i covers [i, i+1]); the polygons are shifted by that half pixel.
+    """
+    if len(boxes) == 0:
+        return np.zeros((0, size, size), dtype=np.float32)
+    res = size * SUPERSAMPLE
+    flat = []
+    for points, (x1, y1, x2, y2) in zip(polygons, boxes):
+        scale = np.array([res / max(x2 - x1, 1e-6), res / max(y2 - y1, 1e-6)])
+        flat.append(((points - PIXEL_CENTRE - np.array([x1, y1])) * scale).reshape(-1).astype(np.float64).tolist())
+    masks = mask_utils.decode(mask_utils.frPyObjects(flat, res, res))  # res x res x N uint8
+    masks = masks.transpose(2, 0, 1).reshape(len(boxes), size, SUPERSAMPLE, size, SUPERSAMPLE)
+    return masks.mean(axis=(2, 4), dtype=np.float32)
+
+
+def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
+                      matched_idxs: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """Mask R-CNN mask loss with targets rasterised from polygons inside each positive proposal."""
+    size = mask_logits.shape[-1]
+    mask_targets, labels = [], []
+    for props, target, idxs, shape in zip(proposals, targets, matched_idxs, image_shapes):
+        polygons = unpack_polygons(target["polygon_points"], target["polygon_lengths"])
+        orig_h, orig_w = target["image_size"].tolist()
+        # The transform resized the image and boxes, not the polygons: scale them the same way.
+        ratio = np.array([shape[1] / orig_w, shape[0] / orig_h], dtype=np.float32)
+        idx = idxs.cpu().numpy()
+        matched = [polygons[i] * ratio for i in idx]
+        mask_targets.append(torch.from_numpy(polygon_mask_targets(matched, props.detach().cpu().numpy(), size)))
+        labels.append(target["labels"][idxs])
+    labels_t = torch.cat(labels)
+    targets_t = torch.cat(mask_targets).to(mask_logits.device)
+    if targets_t.numel() == 0:
+        return mask_logits.sum() * 0
+    logits = mask_logits[torch.arange(labels_t.shape[0], device=labels_t.device), labels_t]
+    return F.binary_cross_entropy_with_logits(logits, targets_t)
+
+
+class PolygonRoIHeads(RoIHeads):
+    """RoIHeads whose mask loss reads polygon targets (`polygon_points`, `polygon_lengths`,
+    `image_size`) instead of full-image masks. Targets with `masks` take the stock path."""
+
+    def check_targets(self, targets):
+        if targets is None:
+            raise ValueError("targets should not be None")
+        needed = ("boxes", "labels") if "masks" in targets[0] else ("boxes", "labels", *POLYGON_KEYS)
+        for key in needed:
+            if not all(key in t for t in targets):
+                raise ValueError(f"every target needs a {key!r} key")
+        if "masks" in targets[0]:
+            super().check_targets(targets)
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training or targets is None or "masks" in targets[0]:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        positives = [torch.where(lab > 0)[0] for lab in labels]
+        mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
+        pos_matched = [m[pos] for m, pos in zip(matched_idxs, positives)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        loss_mask = polygon_mask_loss(mask_logits, mask_proposals, targets, pos_matched, image_shapes)
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+
+class ChunkedMatchingRPN(RegionProposalNetwork):
+    """RPN whose anchor-to-GT matching runs over chunks of anchors.
+
+    Stock matching builds a G x A IoU matrix (and box_iou's G x A x 2 intermediates): on a
+    1024x1024 page with 1,700 characters and 262k anchors that is gigabytes. Chunks of
+    ANCHOR_CHUNK anchors give exactly the same matches (incl. low-quality ones) in G x chunk.
+    """
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        labels, matched_gt_boxes = [], []
+        for anchors_per_image, target in zip(anchors, targets):
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:
+                return super().assign_targets_to_anchors(anchors, targets)
+            matched_idxs = self._match(gt_boxes, anchors_per_image)
+            matched_gt_boxes.append(gt_boxes[matched_idxs.clamp(min=0)])
+            labels_per_image = (matched_idxs >= 0).to(dtype=torch.float32)
+            labels_per_image[matched_idxs == self.proposal_matcher.BELOW_LOW_THRESHOLD] = 0.0
+            labels_per_image[matched_idxs == self.proposal_matcher.BETWEEN_THRESHOLDS] = -1.0
+            labels.append(labels_per_image)
+        return labels, matched_gt_boxes
+
+    def _match(self, gt_boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """torchvision's Matcher over chunks of anchors; same result as the full matrix."""
+        matcher = self.proposal_matcher
+        n = anchors.shape[0]
+        matched_vals = torch.empty(n, device=anchors.device)
+        matches = torch.empty(n, dtype=torch.int64, device=anchors.device)
+        best_per_gt = torch.full((gt_boxes.shape[0],), -1.0, device=anchors.device)
+        for start in range(0, n, ANCHOR_CHUNK):
+            quality = self.box_similarity(gt_boxes, anchors[start:start + ANCHOR_CHUNK])
+            vals, idx = quality.max(dim=0)
+            matched_vals[start:start + ANCHOR_CHUNK], matches[start:start + ANCHOR_CHUNK] = vals, idx
+            best_per_gt = torch.maximum(best_per_gt, quality.max(dim=1).values)
+        all_matches = matches.clone()
+        below = matched_vals < matcher.low_threshold
+        between = (matched_vals >= matcher.low_threshold) & (matched_vals < matcher.high_threshold)
+        matches[below] = matcher.BELOW_LOW_THRESHOLD
+        matches[between] = matcher.BETWEEN_THRESHOLDS
+        if matcher.allow_low_quality_matches:
+            # Each GT keeps its best anchors (ties included), even below the threshold.
+            for start in range(0, n, ANCHOR_CHUNK):
+                quality = self.box_similarity(gt_boxes, anchors[start:start + ANCHOR_CHUNK])
+                update = torch.where(quality == best_per_gt[:, None])[1] + start
+                matches[update] = all_matches[update]
+        return matches
+
+
+class PasteFreeTransform(GeneralizedRCNNTransform):
+    """Leaves masks box-sized at inference (`box_masks`, N x 28 x 28 probabilities) instead
+    of pasting each into a full-image tensor; `paste_masks = True` restores the stock output."""
+
+    paste_masks = False
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training or self.paste_masks:
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+            if "masks" in pred:
+                pred["box_masks"] = pred.pop("masks")[:, 0]
+        return result
+
+
+def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch a torchvision MaskRCNN to polygon targets, chunked anchor matching and
+    box-sized outputs, in place.
+
+    Only behaviour changes (no parameters), so state dicts stay interchangeable with stock.
+    """
+    model.roi_heads.__class__ = PolygonRoIHeads
+    model.transform.__class__ = PasteFreeTransform
+    model.rpn.__class__ = ChunkedMatchingRPN
+    return model
+
+
+def box_mask_to_polygon(prob: np.ndarray, box: np.ndarray, threshold: float = 0.5) -> list[float]:
+    """Outline, in image coordinates, of a box-sized mask probability map (M x M) inside `box`.
+
+    The map is resized to TRACE_SCALE x the box's pixel size and thresholded, and the
+    largest connected part is traced: contours run through pixel centres, so tracing at a
+    finer grid keeps a small glyph's outline within 1/(2*TRACE_SCALE) px of its edge.
+    Returns a flat [x1, y1, ...] list, [] if the mask is empty.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    width = max(int(np.ceil((x2 - x1) * TRACE_SCALE)), 1)
+    height = max(int(np.ceil((y2 - y1) * TRACE_SCALE)), 1)
+    resized = cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    binary = (resized >= threshold).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return []
+    contour = max(contours, key=cv2.contourArea)
+    if len(contour) < 3:
+        return []
+    scale = np.array([(x2 - x1) / width, (y2 - y1) / height], dtype=np.float32)
+    # +0.5: contours run through pixel centres; + PIXEL_CENTRE: back from roi_align's convention.
+    points = (contour.reshape(-1, 2).astype(np.float32) + 0.5) * scale + np.array([x1, y1]) + PIXEL_CENTRE
+    return [round(float(v), 2) for v in points.reshape(-1)]
