@@ -119,8 +119,9 @@ def _tracked(experiment_name: str | None, log_checkpoints: str, lineage: trackin
         raise click.ClickException(str(exc)) from exc
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
     if result.best.get("epoch"):
-        click.echo(f"best {result.best['metric']} {result.best['value']:.4f} at epoch {result.best['epoch']}: "
-                   f"{result.output_dir / 'best.pth'}")
+        best_file = result.output_dir / "best.pth"
+        where = best_file if best_file.is_file() else "best.pth of the run this one resumed (not beaten here)"
+        click.echo(f"best {result.best['metric']} {result.best['value']:.4f} at epoch {result.best['epoch']}: {where}")
     if registration:
         click.echo(registration.message)
     _echo_run(run_id)
