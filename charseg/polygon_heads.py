@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
@@ -29,6 +29,8 @@ PIXEL_CENTRE = 0.5
 TRACE_SCALE = 4
 # Anchors matched against all GT boxes at once in the RPN (memory: GT x ANCHOR_CHUNK).
 ANCHOR_CHUNK = 16384
+# Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
+MASK_CHUNK = 256
 # Target keys that carry an image's polygons (see data.build_target).
 POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
 
@@ -105,7 +107,9 @@ class PolygonRoIHeads(RoIHeads):
             super().check_targets(targets)
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training or targets is None or "masks" in targets[0]:
+        if not self.training:
+            return self._infer(features, proposals, image_shapes), {}
+        if targets is None or "masks" in targets[0]:
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
@@ -117,6 +121,26 @@ class PolygonRoIHeads(RoIHeads):
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
         loss_mask = polygon_mask_loss(mask_logits, mask_proposals, targets, pos_matched, image_shapes)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+
+    def _infer(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
+        """Stock inference, but the mask head runs over MASK_CHUNK detections at a time: on a
+        dense page its activations for 2,000 detections at once take gigabytes."""
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        results = [{"boxes": b, "labels": lab, "scores": sc} for b, sc, lab in zip(boxes, scores, labels)]
+        for i, result in enumerate(results):
+            chunks = []
+            for start in range(0, len(result["boxes"]), MASK_CHUNK):
+                chunk = result["boxes"][start:start + MASK_CHUNK]
+                # MultiScaleRoIAlign reads the image index from the list position.
+                per_image = [chunk if j == i else chunk[:0] for j in range(len(results))]
+                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, per_image, image_shapes)))
+                chunks.append(maskrcnn_inference(logits, [result["labels"][start:start + MASK_CHUNK]])[0])
+            size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
+            result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
+        return results
 
 
 class ChunkedMatchingRPN(RegionProposalNetwork):

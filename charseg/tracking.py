@@ -147,16 +147,12 @@ class MlflowTracker:
 
 
 def _log_params(params: dict[str, str]) -> None:
-    # Resume logs the same keys again: MLflow rejects a changed value, so log only new keys
-    # and record changed ones as tags.
-    run = mlflow.active_run()
-    existing = MlflowClient().get_run(run.info.run_id).data.params
+    # Under `mlflow run` the run already holds the MLproject parameters as the user gave
+    # them (MLflow refuses to change a param): keep those and add only the other keys.
+    existing = MlflowClient().get_run(mlflow.active_run().info.run_id).data.params
     new = {k: v[:6000] for k, v in params.items() if k not in existing}
-    changed = {f"param_changed.{k}": v for k, v in params.items() if k in existing and existing[k] != v}
     if new:
         mlflow.log_params(new)
-    if changed:
-        mlflow.set_tags(changed)
 
 
 def _log_artifact_as(path: Path, name: str) -> None:

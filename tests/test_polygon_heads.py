@@ -117,6 +117,23 @@ def test_chunked_anchor_matching_equals_stock(monkeypatch):
     assert int((a_labels[0] == 1).sum()) > 0 and int((a_labels[0] == -1).sum()) > 0
 
 
+def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
+    from charseg import polygon_heads
+    monkeypatch.setattr(polygon_heads, "MASK_CHUNK", 7)  # several chunks, the last one short
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
+    torch.manual_seed(0)
+    ours = build_model(spec).eval()
+    stock = build_model(spec, polygon_native=False).eval()
+    stock.load_state_dict(ours.state_dict())
+    stock.transform.__class__ = ours.transform.__class__  # compare before pasting
+    images = [CharacterDataset(scan_dataset(tiny_dataset).samples)[i][0] for i in range(2)]
+    with torch.inference_mode():
+        a, b = ours(images), stock(images)
+    for x, y in zip(a, b):
+        assert len(x["boxes"]) > 7
+        assert torch.equal(x["boxes"], y["boxes"]) and torch.allclose(x["box_masks"], y["box_masks"], atol=1e-6)
+
+
 def test_inference_returns_box_sized_masks_unless_asked(tiny_dataset):
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
     model = build_model(spec).eval()
