@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MODES = ("train", "resume", "finetune")
@@ -52,7 +52,6 @@ class TrainConfig:
     log_every: int = 10  # report per-step losses every this many iterations
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     init_checkpoint: str = ""  # fine-tune / resume: the checkpoint the run started from
-    extra: dict[str, Any] = field(default_factory=dict)  # lineage facts (source run, URIs)
 
     def model_options(self) -> dict[str, int]:
         """Input size and detection limits, as ModelSpec fields."""

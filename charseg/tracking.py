@@ -95,7 +95,7 @@ class MlflowTracker:
     def start(self, config, report, spec, splits) -> None:
         """Params (config, model spec, dataset facts, split), tags, config, dataset report and
         validation image list artifacts."""
-        params = {k: v for k, v in config.to_dict().items() if k != "extra"}
+        params = config.to_dict()
         params.update({f"model.{k}": v for k, v in spec.to_dict().items()})
         params.update({f"data.{k}": v for k, v in report.summary().items()})
         params.update({"data.train_images": len(splits.train), "data.val_images": len(splits.val)})

@@ -23,7 +23,7 @@ def invoke(*args: str):
 @pytest.mark.parametrize("command", ["train", "finetune"])
 def test_help_lists_every_training_option(command):
     text = invoke(command, "--help").output
-    skip = {"mode", "data_dir", "init_checkpoint", "extra", "lr_factor", "weights", "backbone"}
+    skip = {"mode", "data_dir", "init_checkpoint", "lr_factor", "weights", "backbone"}
     for name in TrainConfig.__dataclass_fields__:
         if name not in skip:
             assert f"--{name.replace('_', '-')}" in text, name
