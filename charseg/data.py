@@ -288,6 +288,11 @@ def load_image_rgb(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot read image ({exc}); re-export it as PNG or JPEG") from exc
 
 
+def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 RGB to the model's CHW float tensor in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+
+
 def polygons_to_masks(polygons: list[np.ndarray], height: int, width: int) -> torch.Tensor:
     """Rasterise polygons to (N, H, W) uint8 full-image masks, the stock torchvision target.
 
@@ -359,7 +364,7 @@ class CharacterDataset(torch.utils.data.Dataset):
         rgb = load_image_rgb(sample.image_path)
         if rgb.shape[:2] != (sample.height, sample.width):
             raise DatasetError(f"{sample.image_path}: image changed size while training")
-        image = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+        image = image_to_tensor(rgb)
         return image, build_target(sample, index, self.full_masks), sample.name
 
 

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .data import Sample, load_image_rgb, polygon_area
+from .data import Sample, image_to_tensor, load_image_rgb, polygon_area
 from .inference import draw_overlay, output_to_instances
 
 # Metrics where lower is better; every other one is maximised.
@@ -133,7 +133,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
         arrays = [load_image_rgb(s.image_path) for s in batch]
-        tensors = [torch.from_numpy(a).permute(2, 0, 1).float().div_(255).to(device) for a in arrays]
+        tensors = [image_to_tensor(a).to(device) for a in arrays]
         outputs = model(tensors)
         for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
             image_id = start + offset + 1

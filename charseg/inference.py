@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import checkpoint as ckpt
-from .data import CSV_HEADER, load_image_rgb
+from .data import CSV_HEADER, image_to_tensor, load_image_rgb
 from .model import NUM_CLASSES, ModelSpec, build_model
 from .polygon_heads import box_mask_to_polygon
 
@@ -82,7 +82,7 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float)
 def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
                    score_threshold: float = 0.5) -> list[list[Instance]]:
     """Predict instances for HxWx3 uint8 RGB arrays (one list per image)."""
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(255).to(device) for a in images]
+    tensors = [image_to_tensor(a).to(device) for a in images]
     outputs = model(tensors)
     return [output_to_instances(o, score_threshold) for o in outputs]
 
