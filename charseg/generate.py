@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data import CSV_HEADER
 from .errors import CharsegError
+from .polygon_heads import flat_polygon
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
 
@@ -122,7 +123,7 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
             if outline is None:
                 continue
             outline = outline + np.array([x, y], dtype=np.float32)
-            rows.append((char, json.dumps([round(float(v), 2) for v in outline.reshape(-1)])))
+            rows.append((char, json.dumps(flat_polygon(outline))))
         name = f"{index:05d}"
         Image.fromarray(page).save(out / "images" / f"{name}.png")
         with open(out / "annotations" / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:

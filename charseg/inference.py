@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -15,7 +14,7 @@ from PIL import Image, ImageDraw
 from . import checkpoint as ckpt
 from .data import CSV_HEADER, image_to_tensor, load_image_rgb
 from .model import NUM_CLASSES, ModelSpec, build_model
-from .polygon_heads import box_mask_to_polygon
+from .polygon_heads import box_mask_to_polygon, flat_polygon, largest_outline
 
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
@@ -44,16 +43,10 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device,
 
 
 def mask_to_polygon(mask: np.ndarray) -> list[float]:
-    """Outline of the largest connected part of a binary mask as a flat polygon, in pixel
-    coordinates (pixel centres at +0.5); [] when the mask is empty or degenerate."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return []
-    contour = max(contours, key=cv2.contourArea)
-    if len(contour) < 3:
-        return []
-    points = contour.reshape(-1, 2).astype(np.float32) + 0.5
-    return [round(float(v), 2) for v in points.reshape(-1)]
+    """Outline of the largest connected part of a full-image binary mask as a flat polygon;
+    [] when the mask is empty or degenerate."""
+    points = largest_outline(mask)
+    return flat_polygon(points) if points is not None else []
 
 
 def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float) -> list[Instance]:

@@ -231,14 +231,26 @@ def box_mask_to_polygon(prob: np.ndarray, box: np.ndarray, threshold: float = 0.
     width = max(int(np.ceil((x2 - x1) * TRACE_SCALE)), 1)
     height = max(int(np.ceil((y2 - y1) * TRACE_SCALE)), 1)
     resized = cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    binary = (resized >= threshold).astype(np.uint8)
-    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return []
-    contour = max(contours, key=cv2.contourArea)
-    if len(contour) < 3:
+    points = largest_outline(resized >= threshold)
+    if points is None:
         return []
     scale = np.array([(x2 - x1) / width, (y2 - y1) / height], dtype=np.float32)
-    # +0.5: contours run through pixel centres; + PIXEL_CENTRE: back from roi_align's convention.
-    points = (contour.reshape(-1, 2).astype(np.float32) + 0.5) * scale + np.array([x1, y1]) + PIXEL_CENTRE
+    # + PIXEL_CENTRE: back from roi_align's convention.
+    return flat_polygon(points * scale + np.array([x1, y1]) + PIXEL_CENTRE)
+
+
+def largest_outline(binary: np.ndarray) -> np.ndarray | None:
+    """(K, 2) outline of the largest connected part of a binary mask, through pixel centres
+    (pixel i covers [i, i+1], so its centre is i + 0.5); None when empty or degenerate."""
+    contours, _ = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    contour = max(contours, key=cv2.contourArea)
+    if len(contour) < 3:
+        return None
+    return contour.reshape(-1, 2).astype(np.float32) + 0.5
+
+
+def flat_polygon(points: np.ndarray) -> list[float]:
+    """(K, 2) points as the dataset's flat [x1, y1, x2, y2, ...] list, to 0.01 px."""
     return [round(float(v), 2) for v in points.reshape(-1)]
