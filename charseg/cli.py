@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -119,8 +120,8 @@ def _tracked(experiment_name: str | None, log_checkpoints: str, lineage: trackin
         raise click.ClickException(str(exc)) from exc
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
     if result.best.get("epoch"):
-        best_file = result.output_dir / "best.pth"
-        where = best_file if best_file.is_file() else "best.pth of the run this one resumed (not beaten here)"
+        best = runner.best_or_final(result)
+        where = best if best != result.final_checkpoint else "best.pth of the run this one resumed (not beaten here)"
         click.echo(f"best {result.best['metric']} {result.best['value']:.4f} at epoch {result.best['epoch']}: {where}")
     if registration:
         click.echo(registration.message)
@@ -132,11 +133,15 @@ def _echo_run(run_id: str) -> None:
     click.echo(f"MLflow run {run_id} at {uri}; view it with: mlflow ui --backend-store-uri {uri}")
 
 
-def _resolve(source: str, purpose: str, download_dir: str, epoch: int | None = None):
-    try:
-        return tracking.resolve_checkpoint(source, purpose, Path(download_dir), epoch)
-    except CharsegError as exc:
-        raise click.ClickException(str(exc)) from exc
+@contextlib.contextmanager
+def _source_checkpoint(source: str, purpose: str, epoch: int | None = None):
+    """Yield (local checkpoint path, lineage) for SOURCE; a download lives until the block ends."""
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        try:
+            resolved = tracking.resolve_checkpoint(source, purpose, Path(download_dir), epoch)
+        except CharsegError as exc:
+            raise click.ClickException(str(exc)) from exc
+        yield resolved
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -189,8 +194,7 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
     overrides = _given(options)
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
-    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
-        path, lineage = _resolve(source, "resume", download_dir, epoch or None)
+    with _source_checkpoint(source, "resume", epoch or None) as (path, lineage):
         if not Path(source).is_file():  # downloaded: write next to nothing temporary
             overrides.setdefault("output_dir", runner.default_output_dir("resume"))
         try:
@@ -222,8 +226,7 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
     """
     if bool(source) == bool(run_id):
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
-    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
-        path, lineage = _resolve(source or run_id, "finetune", download_dir)
+    with _source_checkpoint(source or run_id, "finetune") as (path, lineage):
         overrides = {"data_dir": data_dir, **_given(options)}
         _tracked(experiment_name, log_checkpoints, lineage,
                  lambda tracker: runner.finetune(path, overrides, tracker))
@@ -251,8 +254,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                      out_path: str, device: str, experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
-    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
-        path, lineage = _resolve(model_source, "finetune", download_dir)
+    with _source_checkpoint(model_source, "finetune") as (path, lineage):
         try:
             with tracking.tracked_run(experiment_name) as run_id:
                 result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
@@ -289,8 +291,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
     if not paths:
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
-    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
-        path, _ = _resolve(model_source, "finetune", download_dir)
+    with _source_checkpoint(model_source, "finetune") as (path, _):
         try:
             torch_device = runner.resolve_device(device)
             model, _ = load_model_for_inference(path, torch_device)
