@@ -27,8 +27,8 @@ SUPERSAMPLE = 2
 PIXEL_CENTRE = 0.5
 # Box-sized masks are traced on a grid this much finer than the image's pixels.
 TRACE_SCALE = 4
-# Anchors matched against all GT boxes at once in the RPN (memory: GT x ANCHOR_CHUNK).
-ANCHOR_CHUNK = 16384
+# Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
+ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 256
 # Target keys that carry an image's polygons (see data.build_target).
@@ -144,11 +144,14 @@ class PolygonRoIHeads(RoIHeads):
 
 
 class ChunkedMatchingRPN(RegionProposalNetwork):
-    """RPN whose anchor-to-GT matching runs over chunks of anchors.
+    """RPN whose anchor-to-GT matching computes IoU only where boxes can overlap.
 
     Stock matching builds a G x A IoU matrix (and box_iou's G x A x 2 intermediates): on a
-    1024x1024 page with 1,700 characters and 262k anchors that is gigabytes. Chunks of
-    ANCHOR_CHUNK anchors give exactly the same matches (incl. low-quality ones) in G x chunk.
+    1024x1024 page with 1,700 characters and 262k anchors that is 445M pairs, gigabytes and
+    most of a training step. Almost all of those pairs are zero: a glyph overlaps only the
+    anchors around it. Anchors are sorted into compact chunks (same height, nearby rows) and
+    each chunk is compared only with the GT boxes that touch its extent; the matches are
+    exactly the stock ones (incl. low-quality matches and their ties).
     """
 
     def assign_targets_to_anchors(self, anchors, targets):
@@ -166,17 +169,23 @@ class ChunkedMatchingRPN(RegionProposalNetwork):
         return labels, matched_gt_boxes
 
     def _match(self, gt_boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """torchvision's Matcher over chunks of anchors; same result as the full matrix."""
+        """torchvision's Matcher over overlapping (GT, anchor-chunk) pairs; same result as the full matrix."""
         matcher = self.proposal_matcher
         n = anchors.shape[0]
-        matched_vals = torch.empty(n, device=anchors.device)
-        matches = torch.empty(n, dtype=torch.int64, device=anchors.device)
-        best_per_gt = torch.full((gt_boxes.shape[0],), -1.0, device=anchors.device)
-        for start in range(0, n, ANCHOR_CHUNK):
-            quality = self.box_similarity(gt_boxes, anchors[start:start + ANCHOR_CHUNK])
+        # Anchors that overlap no GT keep value 0 (below any threshold), as in the full matrix.
+        matched_vals = anchors.new_zeros(n)
+        matches = torch.zeros(n, dtype=torch.int64, device=anchors.device)
+        best_per_gt = gt_boxes.new_zeros(gt_boxes.shape[0])
+        pairs = list(overlapping_chunks(gt_boxes, anchors, ANCHOR_CHUNK))
+        for anchor_idx, gt_idx in pairs:
+            quality = self.box_similarity(gt_boxes[gt_idx], anchors[anchor_idx])
             vals, idx = quality.max(dim=0)
-            matched_vals[start:start + ANCHOR_CHUNK], matches[start:start + ANCHOR_CHUNK] = vals, idx
-            best_per_gt = torch.maximum(best_per_gt, quality.max(dim=1).values)
+            matched_vals[anchor_idx], matches[anchor_idx] = vals, gt_idx[idx]
+            best_per_gt[gt_idx] = torch.maximum(best_per_gt[gt_idx], quality.max(dim=1).values)
+        if matcher.allow_low_quality_matches and bool((best_per_gt == 0).any()):
+            # A GT that overlaps no anchor at all: stock then "matches" it to every zero-IoU
+            # anchor. Rare (a box off the anchor grid); reproduce it with the full matrix.
+            return matcher(self.box_similarity(gt_boxes, anchors))
         all_matches = matches.clone()
         below = matched_vals < matcher.low_threshold
         between = (matched_vals >= matcher.low_threshold) & (matched_vals < matcher.high_threshold)
@@ -184,11 +193,31 @@ class ChunkedMatchingRPN(RegionProposalNetwork):
         matches[between] = matcher.BETWEEN_THRESHOLDS
         if matcher.allow_low_quality_matches:
             # Each GT keeps its best anchors (ties included), even below the threshold.
-            for start in range(0, n, ANCHOR_CHUNK):
-                quality = self.box_similarity(gt_boxes, anchors[start:start + ANCHOR_CHUNK])
-                update = torch.where(quality == best_per_gt[:, None])[1] + start
+            for anchor_idx, gt_idx in pairs:
+                quality = self.box_similarity(gt_boxes[gt_idx], anchors[anchor_idx])
+                update = anchor_idx[torch.where(quality == best_per_gt[gt_idx, None])[1]]
                 matches[update] = all_matches[update]
         return matches
+
+
+def overlapping_chunks(boxes: torch.Tensor, anchors: torch.Tensor, chunk: int):
+    """Yield (anchor indices, indices of the boxes that touch those anchors' extent).
+
+    Anchors are ordered by rounded height, then top edge, so a chunk is a band of one
+    anchor size and its extent is tight; a box outside the extent overlaps none of them.
+    """
+    order = torch.argsort(anchors[:, 1], stable=True)
+    heights = torch.round(anchors[order, 3] - anchors[order, 1])
+    order = order[torch.argsort(heights, stable=True)]
+    for start in range(0, anchors.shape[0], chunk):
+        anchor_idx = order[start:start + chunk]
+        part = anchors[anchor_idx]
+        x1, y1 = part[:, 0].min(), part[:, 1].min()
+        x2, y2 = part[:, 2].max(), part[:, 3].max()
+        near = (boxes[:, 0] <= x2) & (boxes[:, 2] >= x1) & (boxes[:, 1] <= y2) & (boxes[:, 3] >= y1)
+        box_idx = near.nonzero().squeeze(1)
+        if box_idx.numel():
+            yield anchor_idx, box_idx
 
 
 class PasteFreeTransform(GeneralizedRCNNTransform):

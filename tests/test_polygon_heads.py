@@ -117,6 +117,34 @@ def test_chunked_anchor_matching_equals_stock(monkeypatch):
     assert int((a_labels[0] == 1).sum()) > 0 and int((a_labels[0] == -1).sum()) > 0
 
 
+def test_anchor_matching_on_the_real_anchor_grid_equals_stock(monkeypatch):
+    from torchvision.models.detection.image_list import ImageList
+
+    from charseg import polygon_heads
+    monkeypatch.setattr(polygon_heads, "ANCHOR_CHUNK", 32)  # tight chunk extents: pruning matters
+    spec = spec_for_weights("resnet18", "none", min_size=128, max_size=128)
+    ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
+    sizes = [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]  # FPN levels of a 128 px image
+    anchors = ours.anchor_generator(ImageList(torch.zeros(1, 3, 128, 128), [(128, 128)]),
+                                    [torch.zeros(1, 8, h, w) for h, w in sizes])
+    gen = torch.Generator().manual_seed(1)
+    gxy = torch.rand(60, 2, generator=gen) * 110
+    gt = torch.cat([gxy, gxy + torch.rand(60, 2, generator=gen) * 14 + 4], 1)  # glyph-sized boxes
+    a_labels, a_boxes = ours.assign_targets_to_anchors(anchors, [{"boxes": gt}])
+    b_labels, b_boxes = stock.assign_targets_to_anchors(anchors, [{"boxes": gt}])
+    assert torch.equal(a_labels[0], b_labels[0]) and torch.equal(a_boxes[0], b_boxes[0])
+
+
+def test_anchor_matching_with_a_box_off_every_anchor_equals_stock():
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
+    ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40]])
+    gt = torch.tensor([[6.0, 6, 19, 19], [500, 500, 510, 510]])  # the second overlaps no anchor
+    a_labels, a_boxes = ours.assign_targets_to_anchors([anchors], [{"boxes": gt}])
+    b_labels, b_boxes = stock.assign_targets_to_anchors([anchors], [{"boxes": gt}])
+    assert torch.equal(a_labels[0], b_labels[0]) and torch.equal(a_boxes[0], b_boxes[0])
+
+
 def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
     from charseg import polygon_heads
     monkeypatch.setattr(polygon_heads, "MASK_CHUNK", 7)  # several chunks, the last one short
