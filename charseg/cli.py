@@ -165,6 +165,9 @@ def cli(quiet: bool) -> None:
 @_opt("--weights", type=str,
       help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
 @_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
+@_opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5",
+      help="RPN anchor size (px at the model's input) for each FPN level P2-P6; auto fits them to the "
+           "training characters, e.g. 32,64,128,256,512 is torchvision's.")
 @_options(*TRACKING)
 @click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
                                                "model registry under this name (champion alias if it wins).")

@@ -10,6 +10,7 @@ MODES = ("train", "resume", "finetune")
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (seed script v1.2).
 FINETUNE_LR_FACTOR = 0.2
 # Fields that shape the model (ModelSpec); fine-tune inherits them from its source checkpoint.
+ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
 MODEL_OPTIONS = ("min_size", "max_size", "rpn_proposals_train", "rpn_proposals_test", "roi_samples",
                  "detections_per_img")
 
@@ -41,6 +42,10 @@ class TrainConfig:
     rpn_proposals_test: int = 1000  # RPN proposals kept per image at inference
     roi_samples: int = 512  # proposals sampled per image for the box/mask head losses
     detections_per_img: int = 500  # most detections per image, also COCO maxDets: pages hold hundreds
+    # RPN anchor sizes for FPN levels P2-P6: "auto" fits them to the training set's characters
+    # (anchors.py); or five sizes such as "32,64,128,256,512" (torchvision's). Train only:
+    # resume and fine-tune keep the checkpoint's.
+    anchor_sizes: str = "auto"
     val_dir: str = ""  # a separate validation dataset; "" splits val_fraction off data_dir
     val_fraction: float = 0.1  # share of data_dir held out for validation (by seed); 0: no validation
     best_metric: str = "segm_AP"  # validation metric that picks best.pth (count_abs_error: lower wins)
@@ -56,6 +61,19 @@ class TrainConfig:
     def model_options(self) -> dict[str, int]:
         """Input size and detection limits, as ModelSpec fields."""
         return {k: getattr(self, k) for k in MODEL_OPTIONS}
+
+    def fixed_anchor_sizes(self) -> tuple[int, ...] | None:
+        """The anchor sizes given, or None for "auto". Raises ValueError with the rule."""
+        if self.anchor_sizes.strip().lower() == "auto":
+            return None
+        try:
+            sizes = tuple(int(part) for part in self.anchor_sizes.split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != ANCHOR_LEVELS or min(sizes) < 1 or list(sizes) != sorted(sizes):
+            raise ValueError(f"anchor_sizes must be 'auto' or {ANCHOR_LEVELS} increasing positive integers, one "
+                             f"per FPN level (e.g. 32,64,128,256,512), got {self.anchor_sizes!r}")
+        return sizes
 
     @property
     def effective_lr(self) -> float:
@@ -96,5 +114,6 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.score_threshold <= 1:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
+        self.fixed_anchor_sizes()
         if not 0 < self.warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor}")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
@@ -23,6 +24,10 @@ BACKBONES = ("resnet50", "resnet34", "resnet18")
 WEIGHT_CHOICES = ("coco", "imagenet", "none")  # or a path to a local file
 _IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "resnet34": ResNet34_Weights.IMAGENET1K_V1,
              "resnet18": ResNet18_Weights.IMAGENET1K_V1}
+# RPN anchors: one size per FPN level (P2-P6, strides 4-64), three aspect ratios (height/width)
+# per location, so the RPN head keeps the shape of torchvision's (and COCO weights still fit).
+STOCK_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # torchvision's, for COCO objects; charseg fits its own (anchors.py)
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 # Keys of the class-specific layers, re-initialised when a file was trained for other classes.
 _HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
@@ -46,6 +51,12 @@ class ModelSpec:
     rpn_proposals_test: int = 1000  # the same at inference
     roi_samples: int = 512  # proposals sampled per image for the box and mask heads' losses
     detections_per_img: int = 100  # most detections returned per image
+    # RPN anchor size per FPN level; torchvision's unless the run chose others (checkpoints
+    # written before this field existed were trained with these).
+    anchor_sizes: tuple[int, ...] = STOCK_ANCHOR_SIZES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))  # lists from JSON
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,13 +66,15 @@ class ModelSpec:
         return {"min_size": self.min_size, "max_size": self.max_size,
                 "rpn_pre_nms_top_n_train": self.rpn_proposals_train, "rpn_post_nms_top_n_train": self.rpn_proposals_train,
                 "rpn_pre_nms_top_n_test": self.rpn_proposals_test, "rpn_post_nms_top_n_test": self.rpn_proposals_test,
-                "box_batch_size_per_image": self.roi_samples, "box_detections_per_img": self.detections_per_img}
+                "box_batch_size_per_image": self.roi_samples, "box_detections_per_img": self.detections_per_img,
+                "rpn_anchor_generator": AnchorGenerator(tuple((size,) for size in self.anchor_sizes),
+                                                        (ANCHOR_RATIOS,) * len(self.anchor_sizes))}
 
 
-def spec_for_weights(backbone: str, weights: str, **sizes_and_limits: int) -> ModelSpec:
+def spec_for_weights(backbone: str, weights: str, **sizes_and_limits) -> ModelSpec:
     """The architecture torchvision uses for this initialisation.
 
-    sizes_and_limits: min_size, max_size and the ModelSpec limit fields.
+    sizes_and_limits: min_size, max_size, anchor_sizes and the ModelSpec limit fields.
     """
     if backbone not in BACKBONES:
         raise WeightsError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")

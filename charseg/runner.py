@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from .anchors import POSITIVE_IOU, SMALL_CHARACTER_PX, fit_anchor_sizes
 from .config import FINETUNE_LR_FACTOR, MODEL_OPTIONS, TrainConfig
 from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
                    split_samples)
@@ -27,7 +28,8 @@ from .evaluate import METRICS, evaluate, is_better
 from .inference import load_model_for_inference
 from .engine import NonFiniteLossError, train_one_epoch
 from .errors import CharsegError, DatasetError
-from .model import NUM_CLASSES, ModelSpec, build_model, create_model, spec_for_weights
+from .model import (ANCHOR_RATIOS, NUM_CLASSES, STOCK_ANCHOR_SIZES, ModelSpec, build_model, create_model,
+                    spec_for_weights)
 from .reproducibility import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 
 log = logging.getLogger("charseg")
@@ -174,10 +176,30 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     _check(config)
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
-    spec = spec_for_weights(config.backbone, config.weights, **config.model_options())
+    splits = make_splits(config, report)
+    sizes = config.fixed_anchor_sizes() or choose_anchor_sizes(config, splits.train)
+    config = dataclasses.replace(config, anchor_sizes=",".join(map(str, sizes)))  # logged and saved as used
+    spec = spec_for_weights(config.backbone, config.weights, anchor_sizes=sizes, **config.model_options())
     model, how = create_model(spec, config.weights)
     log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
-    return _fit(config, spec, model, report, make_splits(config, report), tracker or NullTracker())
+    return _fit(config, spec, model, report, splits, tracker or NullTracker())
+
+
+def choose_anchor_sizes(config: TrainConfig, train: list[Sample]) -> tuple[int, ...]:
+    """`--anchor-sizes auto`: the ladder that fits the training characters best (anchors.py)."""
+    if not any(sample.polygons for sample in train):
+        log.warning("warning: no training characters to fit anchor sizes to; using torchvision's %s",
+                    STOCK_ANCHOR_SIZES)
+        return STOCK_ANCHOR_SIZES
+    fit = fit_anchor_sizes(train, config.min_size, config.max_size, ANCHOR_RATIOS)
+    log.info("anchor sizes %s fitted to %d training characters: %.0f%% have an anchor of IoU >= %.1f "
+             "(median best IoU %.2f)", ",".join(map(str, fit.sizes)), fit.characters, fit.positive_share * 100,
+             POSITIVE_IOU, fit.median_iou)
+    if fit.median_height < SMALL_CHARACTER_PX:
+        log.warning("warning: characters are %.1f px tall (median) at the model's input (--min-size %d); "
+                    "raise --min-size so they are at least %d px", fit.median_height, config.min_size,
+                    SMALL_CHARACTER_PX)
+    return fit.sizes
 
 
 @dataclass
@@ -247,6 +269,7 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     spec = dataclasses.replace(ModelSpec(**state["model_spec"]), **config.model_options())
+    config.anchor_sizes = ",".join(map(str, spec.anchor_sizes))  # the weights were trained with these
     model = build_model(spec)
     model.load_state_dict(state["model"])
     log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
