@@ -72,10 +72,14 @@ HYPER = (
     _opt("--seed", type=int, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
     _opt("--min-size", type=click.IntRange(min=1), help="Shorter image side after the model's resize."),
     _opt("--max-size", type=click.IntRange(min=1), help="Longer image side cap after the model's resize."),
-    _opt("--rpn-proposals-train", type=click.IntRange(min=1), help="RPN proposals kept per image in training."),
-    _opt("--rpn-proposals-test", type=click.IntRange(min=1), help="RPN proposals kept per image at inference."),
+    _opt("--rpn-proposals-train", type=click.IntRange(min=0),
+         help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
+    _opt("--rpn-proposals-test", type=click.IntRange(min=0),
+         help="RPN proposals kept per image at inference (0: max(1000, 2 x detections per image))."),
     _opt("--roi-samples", type=click.IntRange(min=1), help="Proposals sampled per image for the head losses."),
-    _opt("--detections-per-img", type=click.IntRange(min=1), help="Most detections returned per image."),
+    _opt("--detections-per-img", type=click.IntRange(min=0),
+         help="Most detections returned per image, also COCO maxDets (0: max(500, 1.2 x the characters of "
+              "the densest image))."),
 )
 VAL_DIR = _opt("--val-dir", type=click.Path(file_okay=False),
                help="Separate validation dataset [default: hold out --val-fraction of DATA_DIR]")

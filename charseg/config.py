@@ -10,6 +10,14 @@ MODES = ("train", "resume", "finetune")
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (seed script v1.2).
 FINETUNE_LR_FACTOR = 0.2
 # Fields that shape the model (ModelSpec); fine-tune inherits them from its source checkpoint.
+# fit_limits: detections cover the densest image with a margin (never below MIN_DETECTIONS);
+# the RPN keeps PROPOSALS_PER_DETECTION proposals per detection (never below torchvision's
+# 2000 in training and 1000 at inference), as NMS and the score threshold drop many.
+MIN_DETECTIONS = 500
+DETECTION_MARGIN = 1.2
+PROPOSALS_PER_DETECTION = 2
+MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
+LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
 ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
 MODEL_OPTIONS = ("min_size", "max_size", "rpn_proposals_train", "rpn_proposals_test", "roi_samples",
                  "detections_per_img")
@@ -38,10 +46,12 @@ class TrainConfig:
     backbone: str = "resnet50"  # resnet50 | resnet34 | resnet18
     min_size: int = 800  # shorter image side after the model's resize
     max_size: int = 1333  # longer image side cap after the model's resize
-    rpn_proposals_train: int = 2000  # RPN proposals kept per image (pre and post NMS) in training
-    rpn_proposals_test: int = 1000  # RPN proposals kept per image at inference
+    # Limits; 0 fits them to the densest image of the data (fit_limits): pages hold hundreds to
+    # thousands of characters, and no detection limit below that count can find them all.
+    rpn_proposals_train: int = 0  # RPN proposals kept per image (pre and post NMS) in training
+    rpn_proposals_test: int = 0  # RPN proposals kept per image at inference
     roi_samples: int = 512  # proposals sampled per image for the box/mask head losses
-    detections_per_img: int = 500  # most detections per image, also COCO maxDets: pages hold hundreds
+    detections_per_img: int = 0  # most detections per image, also COCO maxDets
     # RPN anchor sizes for FPN levels P2-P6: "auto" fits them to the training set's characters
     # (anchors.py); or five sizes such as "32,64,128,256,512" (torchvision's). Train only:
     # resume and fine-tune keep the checkpoint's.
@@ -61,6 +71,15 @@ class TrainConfig:
     def model_options(self) -> dict[str, int]:
         """Input size and detection limits, as ModelSpec fields."""
         return {k: getattr(self, k) for k in MODEL_OPTIONS}
+
+    def fit_limits(self, most_characters: int) -> "TrainConfig":
+        """This config with every limit left at 0 fitted to an image of `most_characters`."""
+        detections = self.detections_per_img or max(
+            MIN_DETECTIONS, -(-int(most_characters * DETECTION_MARGIN) // 100) * 100)
+        fitted = {"detections_per_img": detections,
+                  "rpn_proposals_train": max(MIN_PROPOSALS_TRAIN, PROPOSALS_PER_DETECTION * detections),
+                  "rpn_proposals_test": max(MIN_PROPOSALS_TEST, PROPOSALS_PER_DETECTION * detections)}
+        return dataclasses.replace(self, **{k: getattr(self, k) or fitted[k] for k in LIMITS})
 
     def fixed_anchor_sizes(self) -> tuple[int, ...] | None:
         """The anchor sizes given, or None for "auto". Raises ValueError with the rule."""
@@ -99,11 +118,13 @@ class TrainConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "min_size": self.min_size,
                     "max_size": self.max_size, "lr_step_size": self.lr_step_size, "log_every": self.log_every,
-                    "rpn_proposals_train": self.rpn_proposals_train, "rpn_proposals_test": self.rpn_proposals_test,
-                    "roi_samples": self.roi_samples, "detections_per_img": self.detections_per_img}
+                    "roi_samples": self.roi_samples}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        for name in LIMITS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 1, or 0 to fit it to the data, got {getattr(self, name)}")
         if not self.lr > 0 or not self.lr_factor > 0:
             raise ValueError(f"learning rate must be positive, got lr={self.lr} x {self.lr_factor}")
         if self.min_size > self.max_size:

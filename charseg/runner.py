@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .anchors import POSITIVE_IOU, SMALL_CHARACTER_PX, fit_anchor_sizes
-from .config import FINETUNE_LR_FACTOR, MODEL_OPTIONS, TrainConfig
+from .config import FINETUNE_LR_FACTOR, LIMITS, MODEL_OPTIONS, TrainConfig
 from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
                    split_samples)
 from .evaluate import METRICS, evaluate, is_better
@@ -158,11 +158,20 @@ def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
         train, val = split_samples(report.samples, config.val_fraction, config.seed)
     log.info("split: %d training images, %d validation images%s", len(train), len(val),
              "" if val else " (no validation: metrics and best.pth are off)")
-    most = max(len(s.polygons) for s in train + val)
-    if most > config.detections_per_img:
-        log.warning("warning: an image holds %d characters but --detections-per-img is %d: raise it, or "
-                    "detections and COCO maxDets cap below the true count", most, config.detections_per_img)
     return Splits(train, val)
+
+
+def fit_limits(config: TrainConfig, splits: Splits) -> TrainConfig:
+    """Resolve limits left at 0 for the densest image of the run; warn when a given one is too low."""
+    most = max(len(s.polygons) for s in splits.train + splits.val)
+    fitted = config.fit_limits(most)
+    if fitted != config:
+        log.info("limits for up to %d characters per image: %s", most,
+                 ", ".join(f"{k} {getattr(fitted, k)}" for k in LIMITS if getattr(config, k) == 0))
+    if most > fitted.detections_per_img:
+        log.warning("warning: an image holds %d characters but --detections-per-img is %d: raise it (or pass 0), "
+                    "or detections and COCO maxDets cap below the true count", most, fitted.detections_per_img)
+    return fitted
 
 
 def default_output_dir(mode: str) -> str:
@@ -177,6 +186,7 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
+    config = fit_limits(config, splits)
     sizes = config.fixed_anchor_sizes() or choose_anchor_sizes(config, splits.train)
     config = dataclasses.replace(config, anchor_sizes=",".join(map(str, sizes)))  # logged and saved as used
     spec = spec_for_weights(config.backbone, config.weights, anchor_sizes=sizes, **config.model_options())
@@ -261,20 +271,23 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     source = TrainConfig.from_dict(state["config"])
     inherited = {k: getattr(source, k) for k in FINETUNE_INHERITED}
-    values = {**inherited, "lr_factor": FINETUNE_LR_FACTOR, **overrides}
+    refit = {k: 0 for k in LIMITS}  # limits fit the new data unless given
+    values = {**inherited, **refit, "lr_factor": FINETUNE_LR_FACTOR, **overrides}
     config = TrainConfig(**values, mode="finetune", weights=str(checkpoint_path),
                          init_checkpoint=str(checkpoint_path))
     config.output_dir = config.output_dir or default_output_dir("finetune")
     _check(config)
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
+    splits = make_splits(config, report)
+    config = fit_limits(config, splits)
     spec = dataclasses.replace(ModelSpec(**state["model_spec"]), **config.model_options())
     config.anchor_sizes = ",".join(map(str, spec.anchor_sizes))  # the weights were trained with these
     model = build_model(spec)
     model.load_state_dict(state["model"])
     log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
              config.effective_lr, config.lr_factor, config.lr)
-    return _fit(config, spec, model, report, make_splits(config, report), tracker or NullTracker())
+    return _fit(config, spec, model, report, splits, tracker or NullTracker())
 
 
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",

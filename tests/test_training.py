@@ -7,6 +7,7 @@ import torch
 
 from charseg import checkpoint as ckpt
 from charseg import runner
+from charseg.config import TrainConfig
 from charseg.errors import CharsegError
 from conftest import light_config
 
@@ -91,3 +92,25 @@ def test_non_finite_loss_stops_with_components_and_images(tiny_dataset, tmp_path
     batch = message.split("batch images: ")[1].split(".")[0].split(", ")
     assert len(batch) == 2 and set(batch) <= {"00001", "00002", "00003", "00004"}
     assert (tmp_path / "model_epoch_001.pth").read_bytes() == good
+
+
+def test_limits_left_at_zero_fit_the_densest_image():
+    dense = TrainConfig().fit_limits(1700)
+    assert (dense.detections_per_img, dense.rpn_proposals_train, dense.rpn_proposals_test) == (2100, 4200, 4200)
+    sparse = TrainConfig().fit_limits(20)  # torchvision's proposal counts, charseg's 500 detections
+    assert (sparse.detections_per_img, sparse.rpn_proposals_train, sparse.rpn_proposals_test) == (500, 2000, 1000)
+    given = TrainConfig(detections_per_img=300, rpn_proposals_test=50).fit_limits(1700)
+    assert (given.detections_per_img, given.rpn_proposals_train, given.rpn_proposals_test) == (300, 2000, 50)
+
+
+def test_runs_save_the_fitted_limits_and_finetune_refits_them(tiny_dataset, tmp_path):
+    source = runner.train(light_config(tiny_dataset, tmp_path / "src", epochs=1, detections_per_img=1500,
+                                       rpn_proposals_train=0))
+    state = ckpt.load_checkpoint(source.final_checkpoint)
+    assert state["model_spec"]["detections_per_img"] == state["config"]["detections_per_img"] == 1500
+    assert state["model_spec"]["rpn_proposals_train"] == 3000  # 2 x detections
+    tuned = runner.finetune(source.final_checkpoint, {"data_dir": str(tiny_dataset), "epochs": 1,
+                                                      "output_dir": str(tmp_path / "ft"), "num_workers": 0})
+    state = ckpt.load_checkpoint(tuned.final_checkpoint)
+    assert state["model_spec"]["detections_per_img"] == 500  # fitted to the (sparse) new data
+    assert state["model_spec"]["rpn_proposals_test"] == 1000
