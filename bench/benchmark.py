@@ -4,7 +4,11 @@ writes docs/BENCHMARKS.md. A script, not a test: run it alone on an idle machine
     python bench/benchmark.py [--out docs/BENCHMARKS.md] [--dense-chars 1700]
 
 Every measurement of a model runs in a fresh process (peak RSS is per process), on the same
-random-init ResNet-50 FPN weights and the same inputs; only the mask path differs.
+random-init ResNet-50 FPN weights, the same inputs, and the limits and anchor sizes charseg
+fits to each page set (limits 0 and `--anchor-sizes auto`); only the mask path differs. Two
+backbone layouts: "from scratch" (`--weights none`: live BatchNorm, all stages trained, as the
+issue's stock figures) and "pretrained" (`--weights coco|imagenet`, charseg's default: frozen
+BatchNorm, 3 stages trained); the weights' values do not change time or memory.
 """
 
 from __future__ import annotations
@@ -27,29 +31,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charseg import __version__  # noqa: E402
+from charseg.anchors import fit_anchor_sizes  # noqa: E402
+from charseg.config import TrainConfig  # noqa: E402
 from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
 from charseg.generate import generate_dataset  # noqa: E402
 from charseg.inference import output_to_instances  # noqa: E402
-from charseg.model import build_model, spec_for_weights  # noqa: E402
+from charseg.model import ANCHOR_RATIOS, build_model, spec_for_weights  # noqa: E402
 
-# Limits raised so stock torchvision can hold a dense page at all (same for both paths).
-LIMITS = dict(rpn_proposals_train=4000, rpn_proposals_test=4000, roi_samples=512, detections_per_img=2000)
+LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
+SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
 
 
-def spec_for(page: str):
-    size = 1024 if page == "dense" else 256
-    return spec_for_weights("resnet50", "none", min_size=size, max_size=size, **LIMITS)
+def spec_for(page: str, layout: str, data_dir: str):
+    """charseg's architecture for this page set: limits and anchors fitted to it."""
+    samples = scan_dataset(data_dir).samples
+    size = SIZES[page]
+    config = TrainConfig(min_size=size, max_size=size).fit_limits(max(len(s.polygons) for s in samples))
+    anchors = fit_anchor_sizes(samples, size, size, ANCHOR_RATIOS).sizes
+    return spec_for_weights("resnet50", LAYOUTS[layout], anchor_sizes=anchors, **config.model_options())
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(task: str, path: str, page: str, data_dir: str, weights: str, steps: int) -> dict:
+def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights: str, steps: int) -> dict:
     """One measurement in this (fresh) process."""
     torch.manual_seed(0)
     stock = path == "stock"
-    model = build_model(spec_for(page), polygon_native=not stock)
+    model = build_model(spec_for(page, layout, data_dir), polygon_native=not stock)
     model.load_state_dict(torch.load(weights, weights_only=True))
     samples = scan_dataset(data_dir).samples
     dataset = CharacterDataset(samples, full_masks=stock)
@@ -67,9 +77,9 @@ def worker(task: str, path: str, page: str, data_dir: str, weights: str, steps: 
             loss.backward()
             optimizer.step()
             times.append(time.perf_counter() - start)
-        timed = sorted(times[1:] if len(times) > 2 else times)  # first step warms up when there are several
+        timed = sorted(times[1:] if len(times) > 1 else times)  # the first step warms up
         return {"seconds": timed[len(timed) // 2], "peak_rss_mb": peak_rss_mb(),
-                "instances": int(len(samples[0].polygons))}
+                "instances": int(len(samples[0].polygons)), "steps": len(timed)}
     model.eval()
     image = dataset[0][0]
     with torch.inference_mode():
@@ -81,14 +91,14 @@ def worker(task: str, path: str, page: str, data_dir: str, weights: str, steps: 
             "polygons": len(instances)}
 
 
-def run_worker(task: str, path: str, page: str, data_dir: Path, weights: Path, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", task, path, page, str(data_dir), str(weights), str(steps)]
+def run_worker(task: str, path: str, page: str, layout: str, data_dir: Path, weights: Path, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", task, path, page, layout, str(data_dir), str(weights), str(steps)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{task} {path} {page} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{task} {path} {page} {layout} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"  {task:9s} {page:6s} {path:8s} {result['seconds']:8.2f} s  {result['peak_rss_mb']:9.0f} MB peak RSS",
-          flush=True)
+    print(f"  {task:9s} {page:6s} {layout:10s} {path:8s} {result['seconds']:8.2f} s  "
+          f"{result['peak_rss_mb']:9.0f} MB peak RSS", flush=True)
     return result
 
 
@@ -108,7 +118,7 @@ def loader_figures(data_dir: Path, workers: int) -> dict:
             pass
         out[f"load_ms_per_image_{name}"] = (time.perf_counter() - start) / len(samples) * 1000
     # One charseg epoch with the default number of workers: time blocked on the loader vs total.
-    model = build_model(spec_for("sparse")).train()
+    model = build_model(spec_for("sparse", "pretrained", str(data_dir))).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     loader = DataLoader(CharacterDataset(samples), batch_size=2, num_workers=workers, collate_fn=collate,
                         persistent_workers=workers > 0)
@@ -130,10 +140,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="Markdown report to write.")
     parser.add_argument("--dense-chars", type=int, default=1700, help="Characters asked for on the dense page.")
-    parser.add_argument("--sparse-steps", type=int, default=6, help="Timed sparse training steps (median).")
+    parser.add_argument("--dense-steps", type=int, default=3, help="Dense training steps; the first warms up.")
+    parser.add_argument("--sparse-steps", type=int, default=6, help="Sparse training steps; the first warms up.")
     args = parser.parse_args()
-    from charseg.config import TrainConfig
-
     workers = TrainConfig().num_workers
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -141,47 +150,59 @@ def main() -> None:
         generate_dataset(tmp / "sparse", num_images=8, width=256, height=256, chars_per_image=(5, 15), seed=1)
         generate_dataset(tmp / "dense", num_images=1, width=1024, height=1024,
                          chars_per_image=(args.dense_chars, args.dense_chars), font_size=(10, 16), seed=2)
-        torch.manual_seed(0)
-        weights = tmp / "weights.pth"
-        torch.save(build_model(spec_for("dense")).state_dict(), weights)
+        specs = {page: spec_for(page, "pretrained", str(tmp / page)) for page in SIZES}
         rows = {}
-        for task, page, steps in (("train", "sparse", args.sparse_steps), ("train", "dense", 1),
-                                  ("inference", "dense", 1)):
-            for path in ("stock", "charseg"):
-                rows[(task, page, path)] = run_worker(task, path, page, tmp / page, weights, steps)
+        for layout in LAYOUTS:
+            torch.manual_seed(0)
+            weights = tmp / f"{layout}.pth"
+            torch.save(build_model(spec_for("dense", layout, str(tmp / "dense"))).state_dict(), weights)
+            runs = [("train", "dense", args.dense_steps), ("train", "sparse", args.sparse_steps)]
+            if layout == "pretrained":  # at inference both layouts are the same network
+                runs.insert(1, ("inference", "dense", 1))
+            for task, page, steps in runs:
+                for path in ("stock", "charseg"):
+                    rows[(task, page, layout, path)] = run_worker(task, path, page, layout, tmp / page, weights,
+                                                                  steps)
         loading = loader_figures(tmp / "sparse", workers)
-    report = render(rows, loading, workers)
+    report = render(rows, loading, workers, specs)
     print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
     print(f"written to {args.out}")
 
 
-def render(rows: dict, loading: dict, workers: int) -> str:
-    def ratio(task, page, key):
-        return rows[(task, page, "charseg")][key] / rows[(task, page, "stock")][key]
-
-    dense_n = rows[("train", "dense", "stock")]["instances"]
+def render(rows: dict, loading: dict, workers: int, specs: dict) -> str:
+    dense_n = rows[("train", "dense", "scratch", "stock")]["instances"]
+    limits = ("rpn_proposals_train", "rpn_proposals_test", "roi_samples", "detections_per_img", "anchor_sizes")
     lines = [
         "# Benchmarks: charseg vs stock torchvision Mask R-CNN",
         "",
         f"Measured {date.today().isoformat()} by `python bench/benchmark.py` on {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
         f"Python {platform.python_version()}, torch {torch.__version__}, charseg {__version__}, CPU only.",
-        f"Same random-init ResNet-50 FPN weights and inputs for both; limits {LIMITS}. Each model figure comes "
-        "from a fresh process (peak RSS of that process).",
+        "Same random-init ResNet-50 FPN weights, inputs, limits and anchors for both paths (charseg's fitted "
+        "ones: " + "; ".join(f"{page} " + ", ".join(f"{k} {getattr(spec, k)}" for k in limits)
+                             for page, spec in specs.items()) + "). "
+        "Each model figure comes from a fresh process (peak RSS of that process); training steps are the "
+        "median after a warm-up step. Backbone layouts: *from scratch* = `--weights none` (live BatchNorm, all "
+        "stages trained; the issue's stock setup), *pretrained* = charseg's default `--weights coco` (frozen "
+        "BatchNorm, 3 stages trained).",
         "",
         "| measurement | stock torchvision | charseg | charseg / stock |",
         "| --- | --- | --- | --- |",
     ]
-    for (task, page), label in (((("train", "dense")), f"dense 1024² page ({dense_n} characters): training step"),
-                                ((("inference", "dense")), "dense page: inference to polygons"),
-                                ((("train", "sparse")), "sparse 256² pages: training step (median)")):
-        s, c = rows[(task, page, "stock")], rows[(task, page, "charseg")]
-        lines.append(f"| {label}: time | {s['seconds']:.2f} s | {c['seconds']:.2f} s | "
-                     f"{ratio(task, page, 'seconds'):.2f}x |")
-        lines.append(f"| {label}: peak RSS | {s['peak_rss_mb']:.0f} MB | {c['peak_rss_mb']:.0f} MB | "
-                     f"{ratio(task, page, 'peak_rss_mb'):.2f}x |")
+    labels = {("train", "dense"): f"dense 1024² page ({dense_n} characters): training step",
+              ("inference", "dense"): "dense page: inference to polygons",
+              ("train", "sparse"): "sparse 256² pages: training step"}
+    for (task, page, layout, path), charseg in rows.items():
+        if path != "charseg":
+            continue
+        stock = rows[(task, page, layout, "stock")]
+        label = labels[(task, page)] + ("" if task == "inference" else f", {layout.replace('scratch', 'from scratch')}")
+        for key, unit in (("seconds", "time"), ("peak_rss_mb", "peak RSS")):
+            fmt = (lambda v: f"{v:.2f} s") if key == "seconds" else (lambda v: f"{v:.0f} MB")
+            lines.append(f"| {label}: {unit} | {fmt(stock[key])} | {fmt(charseg[key])} | "
+                         f"{charseg[key] / stock[key]:.2f}x |")
     lines += [
         f"| data loading per sparse image (main process) | {loading['load_ms_per_image_stock']:.1f} ms | "
         f"{loading['load_ms_per_image_charseg']:.1f} ms | "
@@ -195,7 +216,7 @@ def render(rows: dict, loading: dict, workers: int) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        task, path, page, data_dir, weights, steps = sys.argv[2:8]
-        print(json.dumps(worker(task, path, page, data_dir, weights, int(steps))))
+        task, path, page, layout, data_dir, weights, steps = sys.argv[2:9]
+        print(json.dumps(worker(task, path, page, layout, data_dir, weights, int(steps))))
     else:
         main()

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
+from .config import ANCHOR_LEVELS
 from .data import Sample
 
-LEVELS = 5  # FPN levels P2-P6 of torchvision's ResNet FPN, one anchor size each
 POSITIVE_IOU = 0.7  # the RPN's fg_iou_thresh: an anchor at least this close is a true positive
 # Smallest anchor of each candidate ladder: sqrt(2) steps from 4 to 64 px (a ladder doubles per level).
 BASE_SIZES = (4, 6, 8, 11, 16, 23, 32, 45, 64)
@@ -92,7 +92,7 @@ def best_anchor_iou(boxes: np.ndarray, shapes: np.ndarray, sizes: tuple[int, ...
     return best
 
 
-def ladder(base: int, levels: int = LEVELS) -> tuple[int, ...]:
+def ladder(base: int, levels: int = ANCHOR_LEVELS) -> tuple[int, ...]:
     """Anchor sizes doubling per FPN level from `base`."""
     return tuple(base * 2 ** level for level in range(levels))
 

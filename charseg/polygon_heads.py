@@ -30,7 +30,7 @@ TRACE_SCALE = 4
 # Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
 ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
-MASK_CHUNK = 256
+MASK_CHUNK = 64
 # Target keys that carry an image's polygons (see data.build_target).
 POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
 
