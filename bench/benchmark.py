@@ -52,6 +52,14 @@ def spec_for(page: str, layout: str, data_dir: str):
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak RSS. Linux's ru_maxrss also counts the parent's RSS at fork
+    (kept across exec); VmHWM is the peak of this program's memory only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
