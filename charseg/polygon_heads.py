@@ -143,7 +143,7 @@ class PolygonRoIHeads(RoIHeads):
         return results
 
 
-class ChunkedMatchingRPN(RegionProposalNetwork):
+class BandedMatchingRPN(RegionProposalNetwork):
     """RPN whose anchor-to-GT matching computes IoU only where boxes can overlap.
 
     Stock matching builds a G x A IoU matrix (and box_iou's G x A x 2 intermediates): on a
@@ -237,14 +237,14 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
 
 
 def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
-    """Switch a torchvision MaskRCNN to polygon targets, chunked anchor matching and
+    """Switch a torchvision MaskRCNN to polygon targets, banded anchor matching and
     box-sized outputs, in place.
 
     Only behaviour changes (no parameters), so state dicts stay interchangeable with stock.
     """
     model.roi_heads.__class__ = PolygonRoIHeads
     model.transform.__class__ = PasteFreeTransform
-    model.rpn.__class__ = ChunkedMatchingRPN
+    model.rpn.__class__ = BandedMatchingRPN
     return model
 
 

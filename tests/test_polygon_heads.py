@@ -101,7 +101,7 @@ def test_box_mask_polygon_is_as_faithful_as_the_pasted_mask():
     assert np.mean(ours_iou) >= np.mean(stock_iou) - 0.01
 
 
-def test_chunked_anchor_matching_equals_stock(monkeypatch):
+def test_banded_anchor_matching_equals_stock_on_random_boxes(monkeypatch):
     from charseg import polygon_heads
     monkeypatch.setattr(polygon_heads, "ANCHOR_CHUNK", 100)  # many chunks on a small problem
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
