@@ -9,7 +9,6 @@ from typing import Any
 MODES = ("train", "resume", "finetune")
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (seed script v1.2).
 FINETUNE_LR_FACTOR = 0.2
-# Fields that shape the model (ModelSpec); fine-tune inherits them from its source checkpoint.
 # fit_limits: detections cover the densest image with a margin (never below MIN_DETECTIONS);
 # the RPN keeps PROPOSALS_PER_DETECTION proposals per detection (never below torchvision's
 # 2000 in training and 1000 at inference), as NMS and the score threshold drop many.
@@ -19,6 +18,8 @@ PROPOSALS_PER_DETECTION = 2
 MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
 ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
+# Fields that shape the model (ModelSpec); fine-tune inherits those that are not LIMITS from
+# its source checkpoint (limits are fitted to the fine-tuning data).
 MODEL_OPTIONS = ("min_size", "max_size", "rpn_proposals_train", "rpn_proposals_test", "roi_samples",
                  "detections_per_img")
 

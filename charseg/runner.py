@@ -36,9 +36,10 @@ log = logging.getLogger("charseg")
 
 # Warnings printed at start; the rest is counted and left to `charseg validate-data`.
 MAX_PROBLEMS_SHOWN = 20
-# Settings a fine-tune inherits from its source checkpoint unless given again.
-FINETUNE_INHERITED = ("backbone", *MODEL_OPTIONS, "lr", "batch_size", "momentum", "weight_decay",
-                      "lr_step_size", "lr_gamma", "warmup_iters", "warmup_factor", "clip_grad_norm")
+# Settings a fine-tune inherits from its source checkpoint unless given again (not the LIMITS:
+# they are fitted to the fine-tuning data).
+FINETUNE_INHERITED = ("backbone", *(k for k in MODEL_OPTIONS if k not in LIMITS), "lr", "batch_size", "momentum",
+                      "weight_decay", "lr_step_size", "lr_gamma", "warmup_iters", "warmup_factor", "clip_grad_norm")
 # Settings a resume may change: where things are and how fast they run, never the maths.
 RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "output_dir", "device", "num_workers", "log_every",
                       "save_every_epoch", "save_versioned")
@@ -271,8 +272,7 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     source = TrainConfig.from_dict(state["config"])
     inherited = {k: getattr(source, k) for k in FINETUNE_INHERITED}
-    refit = {k: 0 for k in LIMITS}  # limits fit the new data unless given
-    values = {**inherited, **refit, "lr_factor": FINETUNE_LR_FACTOR, **overrides}
+    values = {**inherited, "lr_factor": FINETUNE_LR_FACTOR, **overrides}  # limits: 0, fitted below
     config = TrainConfig(**values, mode="finetune", weights=str(checkpoint_path),
                          init_checkpoint=str(checkpoint_path))
     config.output_dir = config.output_dir or default_output_dir("finetune")
