@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -31,24 +32,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charseg import __version__  # noqa: E402
-from charseg.anchors import fit_anchor_sizes  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
 from charseg.generate import generate_dataset  # noqa: E402
 from charseg.inference import output_to_instances  # noqa: E402
-from charseg.model import ANCHOR_RATIOS, build_model, spec_for_weights  # noqa: E402
+from charseg.model import build_model  # noqa: E402
+from charseg.runner import Splits, fitted_architecture  # noqa: E402
 
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
 
 
 def spec_for(page: str, layout: str, data_dir: str):
-    """charseg's architecture for this page set: limits and anchors fitted to it."""
-    samples = scan_dataset(data_dir).samples
-    size = SIZES[page]
-    config = TrainConfig(min_size=size, max_size=size).fit_limits(max(len(s.polygons) for s in samples))
-    anchors = fit_anchor_sizes(samples, size, size, ANCHOR_RATIOS).sizes
-    return spec_for_weights("resnet50", LAYOUTS[layout], anchor_sizes=anchors, **config.model_options())
+    """The architecture `charseg train` builds for this page set: limits and anchors fitted to it."""
+    config = TrainConfig(min_size=SIZES[page], max_size=SIZES[page], weights=LAYOUTS[layout])
+    return fitted_architecture(config, Splits(scan_dataset(data_dir).samples, []))[1]
 
 
 def peak_rss_mb() -> float:
@@ -152,6 +150,7 @@ def main() -> None:
     parser.add_argument("--sparse-steps", type=int, default=6, help="Sparse training steps; the first warms up.")
     args = parser.parse_args()
     workers = TrainConfig().num_workers
+    logging.getLogger("charseg").setLevel(logging.ERROR)  # the fitted limits and anchors are in the report
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         print("generating pages ...", flush=True)

@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charseg.anchors import fit_anchor_sizes  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
 from charseg.generate import generate_dataset  # noqa: E402
-from charseg.model import ANCHOR_RATIOS, build_model, spec_for_weights  # noqa: E402
+from charseg.model import build_model  # noqa: E402
+from charseg.runner import Splits, fitted_architecture  # noqa: E402
 
 
 def part_timers(model: torch.nn.Module) -> dict[str, list[float]]:
@@ -74,9 +74,8 @@ def main() -> None:
         samples = scan_dataset(tmp).samples
         images, targets, _ = collate([CharacterDataset(samples)[0]])
     n = len(samples[0].polygons)
-    config = TrainConfig(min_size=args.size, max_size=args.size).fit_limits(n)
-    anchors = fit_anchor_sizes(samples, args.size, args.size, ANCHOR_RATIOS).sizes
-    spec = spec_for_weights("resnet50", args.weights, anchor_sizes=anchors, **config.model_options())
+    config, spec = fitted_architecture(TrainConfig(min_size=args.size, max_size=args.size, weights=args.weights),
+                                       Splits(samples, []))
     torch.manual_seed(0)
     model = build_model(spec)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -95,7 +94,7 @@ def main() -> None:
         return {"detections": float(len(detections["boxes"]))}
 
     print(f"{args.size}² page, {n} characters, --weights {args.weights} layout, limits "
-          f"{config.model_options()}, anchors {anchors}, {torch.get_num_threads()} threads")
+          f"{config.model_options()}, anchors {spec.anchor_sizes}, {torch.get_num_threads()} threads")
     # Inference first: on these random weights every proposal scores alike, so it returns the
     # full detections_per_img, as a trained model does on a dense page (and as the benchmark).
     for name, step, mode in (("inference", inference, model.eval), ("training step", train_step, model.train)):

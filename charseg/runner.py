@@ -187,13 +187,19 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    config = fit_limits(config, splits)
-    sizes = config.fixed_anchor_sizes() or choose_anchor_sizes(config, splits.train)
-    config = dataclasses.replace(config, anchor_sizes=",".join(map(str, sizes)))  # logged and saved as used
-    spec = spec_for_weights(config.backbone, config.weights, anchor_sizes=sizes, **config.model_options())
+    config, spec = fitted_architecture(config, splits)
     model, how = create_model(spec, config.weights)
     log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
     return _fit(config, spec, model, report, splits, tracker or NullTracker())
+
+
+def fitted_architecture(config: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelSpec]:
+    """`config` with its limits and anchor sizes resolved for these splits (so they are logged
+    and saved as used), and the architecture it trains."""
+    config = fit_limits(config, splits)
+    sizes = config.fixed_anchor_sizes() or choose_anchor_sizes(config, splits.train)
+    config = dataclasses.replace(config, anchor_sizes=",".join(map(str, sizes)))
+    return config, spec_for_weights(config.backbone, config.weights, anchor_sizes=sizes, **config.model_options())
 
 
 def choose_anchor_sizes(config: TrainConfig, train: list[Sample]) -> tuple[int, ...]:
