@@ -56,7 +56,7 @@ class ModelSpec:
     anchor_sizes: tuple[int, ...] = STOCK_ANCHOR_SIZES
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))  # lists from JSON
+        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))  # a list (e.g. from config.json) stays hashable
 
     def to_dict(self) -> dict:
         return asdict(self)
