@@ -49,7 +49,8 @@ def main() -> None:
             cells = []
             for name in pages:
                 iou = best_anchor_iou(*boxes[name], sizes, ANCHOR_RATIOS)
-                cells.append(f"{(iou >= POSITIVE_IOU).mean():.0%} at IoU >= {POSITIVE_IOU}, median {np.median(iou):.2f}")
+                share = (iou >= POSITIVE_IOU).mean()
+                cells.append(f"{share:.0%} at IoU >= {POSITIVE_IOU}, median {np.median(iou):.2f}")
             label = f"{sizes}" + (" (torchvision)" if sizes == STOCK_ANCHOR_SIZES else "")
             print(f"| {label} | {' | '.join(cells)} |")
         print()

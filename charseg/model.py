@@ -56,7 +56,8 @@ class ModelSpec:
     anchor_sizes: tuple[int, ...] = STOCK_ANCHOR_SIZES
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))  # a list (e.g. from config.json) stays hashable
+        # A list (e.g. read back from config.json) becomes a tuple, so the spec stays hashable.
+        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
 
     def to_dict(self) -> dict:
         return asdict(self)
