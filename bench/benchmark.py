@@ -6,8 +6,8 @@ writes docs/BENCHMARKS.md. A script, not a test: run it alone on an idle machine
 Every measurement of a model runs in a fresh process (peak RSS is per process), on the same
 random-init ResNet-50 FPN weights, the same inputs, and the limits and anchor sizes charseg
 fits to each page set (limits 0 and `--anchor-sizes auto`); only the mask path differs. Two
-backbone layouts: "from scratch" (`--weights none`: live BatchNorm, all stages trained, as the
-issue's stock figures) and "pretrained" (`--weights coco|imagenet`, charseg's default: frozen
+backbone layouts: "from scratch" (`--weights none`: live BatchNorm, all stages trained, as
+torchvision builds a detector with no pretrained weights) and "pretrained" (`--weights coco|imagenet`, charseg's default: frozen
 BatchNorm, 3 stages trained); the weights' values do not change time or memory.
 """
 
@@ -37,7 +37,7 @@ from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
 from charseg.generate import generate_dataset  # noqa: E402
 from charseg.inference import output_to_instances  # noqa: E402
 from charseg.model import build_model  # noqa: E402
-from charseg.runner import Splits, fitted_architecture  # noqa: E402
+from charseg.architecture import resolve_spec  # noqa: E402
 
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
@@ -46,7 +46,8 @@ SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (m
 def spec_for(page: str, layout: str, data_dir: str):
     """The architecture `charseg train` builds for this page set: limits and anchors fitted to it."""
     config = TrainConfig(min_size=SIZES[page], max_size=SIZES[page], weights=LAYOUTS[layout])
-    return fitted_architecture(config, Splits(scan_dataset(data_dir).samples, []))[1]
+    samples = scan_dataset(data_dir).samples
+    return resolve_spec(config, samples, samples)
 
 
 def peak_rss_mb() -> float:
@@ -192,7 +193,7 @@ def render(rows: dict, loading: dict, workers: int, specs: dict) -> str:
                              for page, spec in specs.items()) + "). "
         "Each model figure comes from a fresh process (peak RSS of that process); training steps are the "
         "median after a warm-up step. Backbone layouts: *from scratch* = `--weights none` (live BatchNorm, all "
-        "stages trained; the issue's stock setup), *pretrained* = charseg's default `--weights coco` (frozen "
+        "stages trained, as torchvision builds a detector without pretrained weights), *pretrained* = charseg's default `--weights coco` (frozen "
         "BatchNorm, 3 stages trained).",
         "",
         "| measurement | stock torchvision | charseg | charseg / stock |",

@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charseg.config import TrainConfig  # noqa: E402
+from charseg.config import LIMITS, TrainConfig  # noqa: E402
 from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
 from charseg.generate import generate_dataset  # noqa: E402
 from charseg.model import build_model  # noqa: E402
-from charseg.runner import Splits, fitted_architecture  # noqa: E402
+from charseg.architecture import resolve_spec  # noqa: E402
 
 
 def part_timers(model: torch.nn.Module) -> dict[str, list[float]]:
@@ -74,8 +74,7 @@ def main() -> None:
         samples = scan_dataset(tmp).samples
         images, targets, _ = collate([CharacterDataset(samples)[0]])
     n = len(samples[0].polygons)
-    config, spec = fitted_architecture(TrainConfig(min_size=args.size, max_size=args.size, weights=args.weights),
-                                       Splits(samples, []))
+    spec = resolve_spec(TrainConfig(min_size=args.size, max_size=args.size, weights=args.weights), samples, samples)
     torch.manual_seed(0)
     model = build_model(spec)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -93,8 +92,9 @@ def main() -> None:
             detections = model(list(images))[0]
         return {"detections": float(len(detections["boxes"]))}
 
+    limits = {k: getattr(spec, k) for k in LIMITS}
     print(f"{args.size}² page, {n} characters, --weights {args.weights} layout, limits "
-          f"{config.model_options()}, anchors {spec.anchor_sizes}, {torch.get_num_threads()} threads")
+          f"{limits}, anchors {spec.anchor_sizes}, {torch.get_num_threads()} threads")
     # Inference first: on these random weights every proposal scores alike, so it returns the
     # full detections_per_img, as a trained model does on a dense page (and as the benchmark).
     for name, step, mode in (("inference", inference, model.eval), ("training step", train_step, model.train)):

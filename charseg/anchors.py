@@ -18,6 +18,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 from .config import ANCHOR_LEVELS
 from .data import Sample
+from .polygons import polygon_boxes
 
 POSITIVE_IOU = 0.7  # the RPN's fg_iou_thresh: an anchor at least this close is a true positive
 # Smallest anchor of each candidate ladder: sqrt(2) steps from 4 to 64 px (a ladder doubles per level).
@@ -48,9 +49,8 @@ def character_boxes(samples: list[Sample], min_size: int, max_size: int) -> tupl
     boxes, shapes = [], []
     for sample in samples:
         scale = model_input_scale(sample.height, sample.width, min_size, max_size)
-        for points in sample.polygons:
-            boxes.append(np.concatenate([points.min(axis=0), points.max(axis=0)]) * scale)
-            shapes.append((int(sample.height * scale), int(sample.width * scale)))
+        boxes.extend(polygon_boxes(sample.polygons) * scale)
+        shapes.extend([(int(sample.height * scale), int(sample.width * scale))] * len(sample.polygons))
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
 
 

@@ -1,16 +1,20 @@
-"""One checkpoint schema: save atomically, load strictly, find the latest."""
+"""One checkpoint schema: save atomically, load strictly, and one policy for which
+checkpoint of a run (a folder, or a run's artifact names) to take."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import TrainConfig
 from .errors import CheckpointError
+from .model import ModelSpec
 
 FORMAT = "charseg-checkpoint"
 FORMAT_VERSION = 1
@@ -28,6 +32,32 @@ _EPOCH_RE = re.compile(r"^model_epoch_(\d{3,})\.pth$")
 def epoch_filename(epoch: int) -> str:
     """Versioned file name of an epoch's checkpoint: model_epoch_001.pth, ..."""
     return f"model_epoch_{epoch:03d}.pth"
+
+
+def epoch_of_filename(name: str) -> int | None:
+    """The epoch in a versioned checkpoint name (model_epoch_012.pth -> 12), else None."""
+    match = _EPOCH_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def pick_checkpoint(names: list[str], *, prefer_best: bool = False, epoch: int | None = None) -> str | None:
+    """Choose among a run's checkpoint file names; None when none fits.
+
+    epoch: that epoch's versioned file. Otherwise best.pth when `prefer_best` (fine-tune,
+    evaluate, predict, register) and present, else the final model, else the highest
+    epoch, else last.pth (resume's choice: the latest state).
+    """
+    if epoch:
+        wanted = epoch_filename(epoch)
+        return wanted if wanted in names else None
+    if prefer_best and BEST_NAME in names:
+        return BEST_NAME
+    if FINAL_NAME in names:
+        return FINAL_NAME
+    versioned = [n for n in names if epoch_of_filename(n) is not None]
+    if versioned:
+        return max(versioned, key=epoch_of_filename)
+    return LAST_NAME if LAST_NAME in names else None
 
 
 def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
@@ -60,6 +90,32 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_checkpoint_as(checkpoint: dict[str, Any], paths: list[Path]) -> list[Path]:
+    """Write `checkpoint` once, to paths[0], and give it the other names as hard links (a copy
+    where the file system has none), each put in place atomically. Returns `paths`."""
+    if paths:
+        save_checkpoint(checkpoint, paths[0])
+    for path in paths[1:]:
+        link_or_copy(paths[0], path)
+    return paths
+
+
+def link_or_copy(source: Path, target: Path) -> Path:
+    """Make `target` the same file as `source` (a hard link, else a copy), replacing it atomically."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def _current_umask() -> int:
@@ -97,6 +153,12 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
     if num_classes is not None and checkpoint["num_classes"] != num_classes:
         raise CheckpointError(f"{path}: checkpoint holds a {checkpoint['num_classes']}-class model, "
                               f"charseg expects {num_classes} (background + character)")
+    for key, schema in (("config", TrainConfig), ("model_spec", ModelSpec)):
+        try:
+            schema.from_dict(checkpoint[key])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: its {key} does not fit this charseg ({exc}); use the charseg "
+                                  "release that wrote it") from exc
     return checkpoint
 
 
@@ -105,7 +167,7 @@ def find_latest(directory: str | Path) -> Path | None:
     directory = Path(directory)
     best: tuple[int, Path] | None = None
     for path in directory.glob("*.pth"):
-        if not (_EPOCH_RE.match(path.name) or path.name in (LAST_NAME, FINAL_NAME)):
+        if epoch_of_filename(path.name) is None and path.name not in (LAST_NAME, FINAL_NAME):
             continue
         try:
             epoch = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1))

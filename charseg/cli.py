@@ -13,7 +13,7 @@ from typing import Any, Callable
 import click
 
 from . import runner, tracking
-from .config import FINETUNE_LR_FACTOR, TrainConfig
+from .config import FINETUNE_LR_FACTOR, TrainConfig, parse_anchor_sizes
 from .data import scan_dataset
 from .errors import CharsegError
 from .generate import generate_dataset
@@ -30,6 +30,8 @@ def _opt(*decls: str, help: str, field: str | None = None, **kwargs) -> Callable
     if getattr(_DEFAULTS, name, "") != "":
         default = getattr(_DEFAULTS, name)
         shown = ("on" if default else "off") if isinstance(default, bool) else default
+        if default is None:  # TrainConfig's "fit it to the data"
+            shown = "auto" if name == "anchor_sizes" else 0
         help = f"{help} [default: {shown}]"
     return click.option(*decls, name, default=None, help=help, **kwargs)
 
@@ -101,6 +103,16 @@ def _given(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None and v != ""}
 
 
+def _anchor_sizes(ctx: click.Context, param: click.Parameter, value: str | None):
+    """--anchor-sizes text -> None (auto: fit them) or a tuple of sizes; a bad value is one clear error."""
+    if value is None or value == "":
+        return None
+    try:
+        return parse_anchor_sizes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
 TRACKING = (
     click.option("--experiment-name", default=None,
                  help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or charseg; under `mlflow run`: its own]"),
@@ -115,13 +127,10 @@ def _tracked(experiment_name: str | None, log_checkpoints: str, lineage: trackin
     """Run `action` inside an MLflow run (registering its best checkpoint when asked); print
     where its results are."""
     tracker = tracking.MlflowTracker(log_checkpoints=log_checkpoints, lineage=lineage)
-    try:
-        with tracking.tracked_run(experiment_name) as run_id:
-            result = action(tracker)
-            registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
-                            if register_as else None)
-    except CharsegError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with tracking.tracked_run(experiment_name) as run_id:
+        result = action(tracker)
+        registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
+                        if register_as else None)
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
     if result.best.get("epoch"):
         best = runner.best_or_final(result)
@@ -138,17 +147,24 @@ def _echo_run(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _source_checkpoint(source: str, purpose: str, epoch: int | None = None):
+def _source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = None):
     """Yield (local checkpoint path, lineage) for SOURCE; a download lives until the block ends."""
     with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        yield tracking.resolve_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
+
+
+class CharsegGroup(click.Group):
+    """The one error boundary: a CharsegError from any command is printed as one line
+    (`Error: ...`, exit 1), never a traceback."""
+
+    def invoke(self, ctx: click.Context):
         try:
-            resolved = tracking.resolve_checkpoint(source, purpose, Path(download_dir), epoch)
+            return super().invoke(ctx)
         except CharsegError as exc:
             raise click.ClickException(str(exc)) from exc
-        yield resolved
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=CharsegGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="charseg")
 @click.option("-q", "--quiet", is_flag=True, help="Print warnings and errors only.")
 def cli(quiet: bool) -> None:
@@ -169,7 +185,7 @@ def cli(quiet: bool) -> None:
 @_opt("--weights", type=str,
       help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
 @_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
-@_opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5",
+@_opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5", callback=_anchor_sizes,
       help="RPN anchor size (px at the model's input) for each FPN level P2-P6; auto fits them to the "
            "training characters, e.g. 32,64,128,256,512 is torchvision's.")
 @_options(*TRACKING)
@@ -201,7 +217,7 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
     overrides = _given(options)
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
-    with _source_checkpoint(source, "resume", epoch or None) as (path, lineage):
+    with _source_checkpoint(source, prefer_best=False, epoch=epoch or None) as (path, lineage):
         if not Path(source).is_file():  # downloaded: write next to nothing temporary
             overrides.setdefault("output_dir", runner.default_output_dir("resume"))
         try:
@@ -209,8 +225,6 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
         except runner.TrainingAlreadyComplete as exc:
             click.echo(str(exc).replace(str(path), source))
             return
-        except CharsegError as exc:
-            raise click.ClickException(str(exc)) from exc
         _tracked(experiment_name, log_checkpoints, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
 
 
@@ -233,7 +247,7 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
     """
     if bool(source) == bool(run_id):
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
-    with _source_checkpoint(source or run_id, "finetune") as (path, lineage):
+    with _source_checkpoint(source or run_id, prefer_best=True) as (path, lineage):
         overrides = {"data_dir": data_dir, **_given(options)}
         _tracked(experiment_name, log_checkpoints, lineage,
                  lambda tracker: runner.finetune(path, overrides, tracker))
@@ -261,15 +275,12 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                      out_path: str, device: str, experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
-    with _source_checkpoint(model_source, "finetune") as (path, lineage):
-        try:
-            with tracking.tracked_run(experiment_name) as run_id:
-                result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
-                                                    detections_per_img=detections_per_img)
-                Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
-                tracking.log_evaluation(result.metrics, lineage, data_dir, Path(out_path))
-        except CharsegError as exc:
-            raise click.ClickException(str(exc)) from exc
+    with _source_checkpoint(model_source, prefer_best=True) as (path, lineage):
+        with tracking.tracked_run(experiment_name) as run_id:
+            result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
+                                                detections_per_img=detections_per_img)
+            Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
+            tracking.log_evaluation(result.metrics, lineage, data_dir, Path(out_path))
     for key, value in result.metrics.items():
         click.echo(f"{key:16s} {value:.4f}")
     click.echo(f"metrics written to {out_path}")
@@ -298,13 +309,10 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
     if not paths:
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
-    with _source_checkpoint(model_source, "finetune") as (path, _):
-        try:
-            torch_device = runner.resolve_device(device)
-            model, _ = load_model_for_inference(path, torch_device)
-            summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold)
-        except CharsegError as exc:
-            raise click.ClickException(str(exc)) from exc
+    with _source_checkpoint(model_source, prefer_best=True) as (path, _):
+        torch_device = runner.resolve_device(device)
+        model, _, _ = load_model_for_inference(path, torch_device)
+        summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold)
     click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}")
 
 
@@ -318,10 +326,7 @@ def register_command(run_id: str, name: str) -> None:
     if not tracking.is_run_id(run_id):
         raise click.BadParameter(f"{run_id!r} is not an MLflow run ID (32 hex digits)", param_hint="RUN_ID")
     with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
-        try:
-            registration = tracking.register_run(run_id, name, Path(download_dir))
-        except CharsegError as exc:
-            raise click.ClickException(str(exc)) from exc
+        registration = tracking.register_run(run_id, name, Path(download_dir))
     click.echo(registration.message)
     click.echo(f"load it with: mlflow.pyfunc.load_model('models:/{name}/{registration.version}')")
 
@@ -333,10 +338,7 @@ def validate_data_command(data_dir: str) -> None:
 
     Exits 1 when no image is usable. Never modifies the dataset.
     """
-    try:
-        report = scan_dataset(data_dir)
-    except CharsegError as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = scan_dataset(data_dir)
     click.echo(report.format())
     if not report.samples:
         raise click.ClickException(f"{data_dir}: no usable image; fix the problems listed above")
@@ -365,12 +367,8 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
         chars, sizes = _range(chars_per_image), _range(font_size)
     except ValueError as exc:
         raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
-    try:
-        summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height,
-                                   chars_per_image=chars, font_size=sizes, font_path=font, seed=seed,
-                                   progress=True)
-    except CharsegError as exc:
-        raise click.ClickException(str(exc)) from exc
+    summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height,
+                               chars_per_image=chars, font_size=sizes, font_path=font, seed=seed, progress=True)
     click.echo(f"wrote {summary.images} images with {summary.characters} characters to {summary.out_dir}")
 
 

@@ -7,21 +7,30 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("train", "resume", "finetune")
-# Fine-tuning starts a fresh optimizer at this fraction of the learning rate (seed script v1.2).
+# Fine-tuning starts a fresh optimizer at this fraction of the learning rate (the seed script's rule).
 FINETUNE_LR_FACTOR = 0.2
-# fit_limits: detections cover the densest image with a margin (never below MIN_DETECTIONS);
-# the RPN keeps PROPOSALS_PER_DETECTION proposals per detection (never below torchvision's
-# 2000 in training and 1000 at inference), as NMS and the score threshold drop many.
-MIN_DETECTIONS = 500
-DETECTION_MARGIN = 1.2
-PROPOSALS_PER_DETECTION = 2
-MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
 ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
-# Fields that shape the model (ModelSpec); fine-tune inherits those that are not LIMITS from
-# its source checkpoint (limits are fitted to the fine-tuning data).
-MODEL_OPTIONS = ("min_size", "max_size", "rpn_proposals_train", "rpn_proposals_test", "roi_samples",
-                 "detections_per_img")
+
+
+def parse_anchor_sizes(text: str) -> tuple[int, ...] | None:
+    """`--anchor-sizes`: "auto" -> None (fit to the data), "32,64,128,256,512" -> a tuple.
+    Raises ValueError with the rule."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    check_anchor_sizes(sizes, text)
+    return sizes
+
+
+def check_anchor_sizes(sizes: tuple[int, ...], given: object) -> None:
+    """Raise ValueError unless `sizes` holds ANCHOR_LEVELS increasing positive integers."""
+    if len(sizes) != ANCHOR_LEVELS or min(sizes) < 1 or list(sizes) != sorted(sizes):
+        raise ValueError(f"anchor_sizes must be 'auto' or {ANCHOR_LEVELS} increasing positive integers, one "
+                         f"per FPN level (e.g. 32,64,128,256,512), got {given!r}")
 
 
 @dataclass
@@ -47,16 +56,18 @@ class TrainConfig:
     backbone: str = "resnet50"  # resnet50 | resnet34 | resnet18
     min_size: int = 800  # shorter image side after the model's resize
     max_size: int = 1333  # longer image side cap after the model's resize
-    # Limits; 0 fits them to the densest image of the data (fit_limits): pages hold hundreds to
-    # thousands of characters, and no detection limit below that count can find them all.
-    rpn_proposals_train: int = 0  # RPN proposals kept per image (pre and post NMS) in training
-    rpn_proposals_test: int = 0  # RPN proposals kept per image at inference
+    # What the user asked of the architecture; the model a run trains is its ModelSpec
+    # (architecture.resolve_spec), which resolves every None. Limits: None fits them to the
+    # densest image of the data, since pages hold hundreds to thousands of characters and no
+    # detection limit below that count can find them all.
+    rpn_proposals_train: int | None = None  # RPN proposals kept per image (pre and post NMS) in training
+    rpn_proposals_test: int | None = None  # RPN proposals kept per image at inference
     roi_samples: int = 512  # proposals sampled per image for the box/mask head losses
-    detections_per_img: int = 0  # most detections per image, also COCO maxDets
-    # RPN anchor sizes for FPN levels P2-P6: "auto" fits them to the training set's characters
-    # (anchors.py); or five sizes such as "32,64,128,256,512" (torchvision's). Train only:
-    # resume and fine-tune keep the checkpoint's.
-    anchor_sizes: str = "auto"
+    detections_per_img: int | None = None  # most detections per image, also COCO maxDets
+    # RPN anchor sizes for FPN levels P2-P6, e.g. (32, 64, 128, 256, 512) (torchvision's); None
+    # fits them to the training characters (anchors.py). Train only: resume and fine-tune keep
+    # the checkpoint's.
+    anchor_sizes: tuple[int, ...] | None = None
     val_dir: str = ""  # a separate validation dataset; "" splits val_fraction off data_dir
     val_fraction: float = 0.1  # share of data_dir held out for validation (by seed); 0: no validation
     best_metric: str = "segm_AP"  # validation metric that picks best.pth (count_abs_error: lower wins)
@@ -69,32 +80,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     init_checkpoint: str = ""  # fine-tune / resume: the checkpoint the run started from
 
-    def model_options(self) -> dict[str, int]:
-        """Input size and detection limits, as ModelSpec fields."""
-        return {k: getattr(self, k) for k in MODEL_OPTIONS}
-
-    def fit_limits(self, most_characters: int) -> "TrainConfig":
-        """This config with every limit left at 0 fitted to an image of `most_characters`."""
-        detections = self.detections_per_img or max(
-            MIN_DETECTIONS, -(-int(most_characters * DETECTION_MARGIN) // 100) * 100)
-        fitted = {"detections_per_img": detections,
-                  "rpn_proposals_train": max(MIN_PROPOSALS_TRAIN, PROPOSALS_PER_DETECTION * detections),
-                  "rpn_proposals_test": max(MIN_PROPOSALS_TEST, PROPOSALS_PER_DETECTION * detections)}
-        return dataclasses.replace(self, **{k: getattr(self, k) or fitted[k] for k in LIMITS})
-
-    def fixed_anchor_sizes(self) -> tuple[int, ...] | None:
-        """The anchor sizes given, or None for "auto". Raises ValueError with the rule."""
-        if self.anchor_sizes.strip().lower() == "auto":
-            return None
-        try:
-            sizes = tuple(int(part) for part in self.anchor_sizes.split(","))
-        except ValueError:
-            sizes = ()
-        if len(sizes) != ANCHOR_LEVELS or min(sizes) < 1 or list(sizes) != sorted(sizes):
-            raise ValueError(f"anchor_sizes must be 'auto' or {ANCHOR_LEVELS} increasing positive integers, one "
-                             f"per FPN level (e.g. 32,64,128,256,512), got {self.anchor_sizes!r}")
-        return sizes
-
     @property
     def effective_lr(self) -> float:
         """The learning rate the optimizer starts with (after warm-up)."""
@@ -106,12 +91,26 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Rebuild a config from `to_dict()` output; unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
+        """Rebuild a config from `to_dict()` output; unknown keys are a ValueError.
+
+        Checkpoints written before ModelSpec was the only home of the architecture hold
+        anchor_sizes as text and their fitted limits: __post_init__ reads both.
+        """
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        # The command line's (and older checkpoints') spellings of a request: anchor sizes as
+        # text ("auto", "16,32,64,128,256") or a list, 0 for a limit to fit.
+        if isinstance(self.anchor_sizes, str):
+            self.anchor_sizes = parse_anchor_sizes(self.anchor_sizes)
+        elif self.anchor_sizes is not None:
+            self.anchor_sizes = tuple(self.anchor_sizes)
+        for name in LIMITS:
+            if getattr(self, name) == 0:
+                setattr(self, name, None)
 
     def validate(self) -> None:
         """Raise ValueError with a clear message for values no run can use."""
@@ -124,7 +123,7 @@ class TrainConfig:
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         for name in LIMITS:
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, or 0 to fit it to the data, got {getattr(self, name)}")
         if not self.lr > 0 or not self.lr_factor > 0:
             raise ValueError(f"learning rate must be positive, got lr={self.lr} x {self.lr_factor}")
@@ -136,6 +135,7 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0 <= self.score_threshold <= 1:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
-        self.fixed_anchor_sizes()
+        if self.anchor_sizes is not None:
+            check_anchor_sizes(tuple(self.anchor_sizes), ",".join(map(str, self.anchor_sizes)))
         if not 0 < self.warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor}")

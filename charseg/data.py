@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from pycocotools import mask as mask_utils
 
 from .errors import DatasetError
-from .polygon_heads import pack_polygons
+from .polygons import clip_polygon_to_image, pack_polygons, polygon_area, polygons_to_boxes, polygons_to_masks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CSV_HEADER = ["char", "polygon_json"]
@@ -91,8 +90,19 @@ class DatasetReport:
                  ("clipped polygon", self.clipped_polygons), ("annotation without image", self.orphan_annotations))
         return [(kind, p) for kind, items in kinds for p in items]
 
-    def format(self, max_problems: int | None = None) -> str:
-        """Human-readable report; at most `max_problems` problem lines (None: all)."""
+    def problem_lines(self, limit: int | None = None) -> list[str]:
+        """One line per problem ("kind: file:line: reason"); past `limit` (None: no limit), a
+        last line saying how many more there are and where to see them."""
+        problems = self.problems()
+        shown = problems if limit is None else problems[:limit]
+        lines = [f"{kind}: {problem}" for kind, problem in shown]
+        if len(shown) < len(problems):
+            lines.append(f"... and {len(problems) - len(shown)} more problems: run `charseg validate-data "
+                         f"{self.data_dir}` for the full list")
+        return lines
+
+    def format(self) -> str:
+        """Human-readable report: the counts, then every problem."""
         s = self.summary()
         lines = [
             f"dataset {self.data_dir}",
@@ -104,52 +114,7 @@ class DatasetReport:
             f"  polygons clipped:         {s['polygons_clipped']}",
             f"  annotations without image: {s['annotations_without_image']}",
         ]
-        problems = self.problems()
-        shown = problems if max_problems is None else problems[:max_problems]
-        for kind, problem in shown:
-            lines.append(f"{kind}: {problem}")
-        if len(shown) < len(problems):
-            lines.append(f"... and {len(problems) - len(shown)} more: run `charseg validate-data "
-                         f"{self.data_dir}` for the full list")
-        return "\n".join(lines)
-
-
-def polygon_area(points: np.ndarray) -> float:
-    """Absolute shoelace area of a (K, 2) polygon."""
-    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
-
-
-def clip_polygon_to_image(points: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Sutherland-Hodgman clip of a polygon to the rectangle [0, width] x [0, height].
-
-    Exact for any simple polygon against a convex window; returns (K, 2), K may be 0.
-    """
-    edges = (  # (inside test, intersection with the boundary line)
-        (lambda p: p[0] >= 0, 0, 0.0),
-        (lambda p: p[0] <= width, 0, float(width)),
-        (lambda p: p[1] >= 0, 1, 0.0),
-        (lambda p: p[1] <= height, 1, float(height)),
-    )
-    out = [tuple(p) for p in points.astype(np.float64)]
-    for inside, axis, bound in edges:
-        if not out:
-            break
-        src, out = out, []
-        for i, cur in enumerate(src):
-            prev = src[i - 1]
-            if inside(cur):
-                if not inside(prev):
-                    out.append(_intersect(prev, cur, axis, bound))
-                out.append(cur)
-            elif inside(prev):
-                out.append(_intersect(prev, cur, axis, bound))
-    return np.asarray(out, dtype=np.float32).reshape(-1, 2)
-
-
-def _intersect(a: tuple, b: tuple, axis: int, bound: float) -> tuple[float, float]:
-    t = (bound - a[axis]) / (b[axis] - a[axis])
-    return (a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1]))
+        return "\n".join(lines + self.problem_lines())
 
 
 def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None, str]:
@@ -291,27 +256,6 @@ def load_image_rgb(path: Path) -> np.ndarray:
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 RGB to the model's CHW float tensor in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
-
-
-def polygons_to_masks(polygons: list[np.ndarray], height: int, width: int) -> torch.Tensor:
-    """Rasterise polygons to (N, H, W) uint8 full-image masks, the stock torchvision target.
-
-    Training never calls this (polygon_heads rasterises inside each proposal); it serves
-    explicit requests and comparisons. pycocotools rasterises, as COCO evaluation does, so
-    every mask in charseg follows one convention.
-    """
-    if not polygons:
-        return torch.zeros((0, height, width), dtype=torch.uint8)
-    rles = mask_utils.frPyObjects([p.reshape(-1).astype(np.float64).tolist() for p in polygons], height, width)
-    return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)))
-
-
-def polygons_to_boxes(polygons: list[np.ndarray]) -> torch.Tensor:
-    """(N, 4) float32 x1,y1,x2,y2 boxes enclosing each polygon."""
-    if not polygons:
-        return torch.zeros((0, 4), dtype=torch.float32)
-    boxes = [np.concatenate([p.min(axis=0), p.max(axis=0)]) for p in polygons]
-    return torch.from_numpy(np.stack(boxes).astype(np.float32))
 
 
 def build_target(sample: Sample, index: int, full_masks: bool = False) -> dict[str, torch.Tensor]:

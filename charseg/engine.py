@@ -28,8 +28,8 @@ StepCallback = Callable[[int, dict[str, float], float], None]
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable,
                     device: torch.device, epoch: int, *, steps_per_epoch: int,
                     warmup: torch.optim.lr_scheduler.LRScheduler | None = None, warmup_iters: int = 0,
-                    clip_grad_norm: float = 0.0, log_every: int = 10, on_step: StepCallback | None = None,
-                    progress: bool | None = None) -> dict[str, float]:
+                    clip_grad_norm: float = 0.0, log_every: int = 10,
+                    on_step: StepCallback | None = None) -> dict[str, float]:
     """Train `model` for one pass over `loader`.
 
     Args:
@@ -38,7 +38,6 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         warmup: per-iteration LR scheduler stepped while its last_epoch < warmup_iters.
         clip_grad_norm: max gradient norm (0: no clipping).
         on_step: called every `log_every` steps with (global step, losses, lr).
-        progress: show a tqdm bar (None: only on a terminal).
     Returns:
         Mean of each loss component and of the total "loss", plus "lr" (at the end), "images",
         "seconds" and "images_per_s".
@@ -49,8 +48,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     sums: dict[str, float] = defaultdict(float)
     n_steps = n_images = 0
     start = time.perf_counter()
-    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=None if progress is None else not progress,
-               dynamic_ncols=True, leave=True)
+    # A progress bar on a terminal only (disable=None): logs of batch jobs stay readable.
+    bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=None, dynamic_ncols=True, leave=True)
     for i, (images, targets, names) in enumerate(bar, start=1):
         step = (epoch - 1) * steps_per_epoch + i
         images = [img.to(device, non_blocking=True) for img in images]

@@ -14,8 +14,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .data import Sample, image_to_tensor, load_image_rgb, polygon_area
+from .data import Sample, image_to_tensor, load_image_rgb
 from .inference import draw_overlay, output_to_instances
+from .polygons import polygon_area, polygon_boxes
 
 # Metrics where lower is better; every other one is maximised.
 LOWER_IS_BETTER = frozenset({"count_abs_error"})
@@ -43,9 +44,7 @@ def coco_ground_truth(samples: list[Sample]) -> COCO:
     images, annotations = [], []
     for image_id, sample in enumerate(samples, start=1):
         images.append({"id": image_id, "width": sample.width, "height": sample.height, "file_name": sample.name})
-        for points in sample.polygons:
-            x1, y1 = points.min(axis=0)
-            x2, y2 = points.max(axis=0)
+        for points, (x1, y1, x2, y2) in zip(sample.polygons, polygon_boxes(sample.polygons)):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
                 "segmentation": [points.reshape(-1).astype(float).tolist()], "area": polygon_area(points),

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data import CSV_HEADER
 from .errors import CharsegError
-from .polygon_heads import flat_polygon
+from .polygons import flat_polygon
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
 
@@ -89,46 +89,77 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    fonts: dict[int, ImageFont.FreeTypeFont] = {}
+    fonts = _FontCache(font_path)
     total = 0
     indices = range(1, num_images + 1)
     if progress:
         from tqdm import tqdm
         indices = tqdm(indices, desc="generating", unit="image")
     for index in indices:
-        background = tuple(rng.randint(170, 255) for _ in range(3))
-        page = np.empty((height, width, 3), dtype=np.uint8)
-        page[:] = background
-        occupied = np.zeros((height, width), dtype=bool)
-        rows = []
-        for _ in range(rng.randint(lo, hi)):
-            size = rng.randint(*font_size)
-            font = fonts.setdefault(size, load_font(font_path, size))
-            char = rng.choice(charset)
-            glyph = _render_glyph(char, font)
-            if glyph is None or glyph.shape[0] >= height or glyph.shape[1] >= width:
-                continue
-            gh, gw = glyph.shape
-            for _attempt in range(30):
-                x, y = rng.randint(0, width - gw), rng.randint(0, height - gh)
-                # One pixel of margin so outlines of neighbours never touch.
-                if not occupied[max(y - 1, 0):y + gh + 1, max(x - 1, 0):x + gw + 1].any():
-                    break
-            else:
-                continue
-            occupied[y:y + gh, x:x + gw] |= glyph
-            color = tuple(rng.randint(0, 90) for _ in range(3))
-            page[y:y + gh, x:x + gw][glyph] = color
-            outline = glyph_outline(glyph)
-            if outline is None:
-                continue
-            outline = outline + np.array([x, y], dtype=np.float32)
-            rows.append((char, json.dumps(flat_polygon(outline))))
-        name = f"{index:05d}"
-        Image.fromarray(page).save(out / "images" / f"{name}.png")
-        with open(out / "annotations" / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(CSV_HEADER)
-            writer.writerows(rows)
+        page, rows = _render_page(rng, width, height, count=(lo, hi), font_size=font_size, fonts=fonts,
+                                  charset=charset)
+        _write_page(out, f"{index:05d}", page, rows)
         total += len(rows)
     return GenerationSummary(out_dir=out, images=num_images, characters=total)
+
+
+class _FontCache:
+    """One loaded font per pixel size."""
+
+    def __init__(self, font_path: str | None):
+        self.font_path, self.fonts = font_path, {}
+
+    def __call__(self, size: int) -> ImageFont.FreeTypeFont:
+        if size not in self.fonts:
+            self.fonts[size] = load_font(self.font_path, size)
+        return self.fonts[size]
+
+
+def _render_page(rng: random.Random, width: int, height: int, *, count: tuple[int, int],
+                 font_size: tuple[int, int], fonts: _FontCache, charset: str) -> tuple[np.ndarray, list[tuple]]:
+    """One page: a flat background with up to `count` characters that never touch.
+    Returns (HxWx3 uint8 page, [(char, polygon JSON), ...])."""
+    background = tuple(rng.randint(170, 255) for _ in range(3))
+    page = np.empty((height, width, 3), dtype=np.uint8)
+    page[:] = background
+    occupied = np.zeros((height, width), dtype=bool)
+    rows = []
+    for _ in range(rng.randint(*count)):
+        size = rng.randint(*font_size)
+        char = rng.choice(charset)
+        glyph = _render_glyph(char, fonts(size))
+        if glyph is None or glyph.shape[0] >= height or glyph.shape[1] >= width:
+            continue
+        place = _free_place(rng, occupied, glyph.shape)
+        if place is None:
+            continue
+        x, y = place
+        gh, gw = glyph.shape
+        occupied[y:y + gh, x:x + gw] |= glyph
+        color = tuple(rng.randint(0, 90) for _ in range(3))
+        page[y:y + gh, x:x + gw][glyph] = color
+        outline = glyph_outline(glyph)
+        if outline is not None:
+            rows.append((char, json.dumps(flat_polygon(outline + np.array([x, y], dtype=np.float32)))))
+    return page, rows
+
+
+def _free_place(rng: random.Random, occupied: np.ndarray, shape: tuple[int, int],
+                attempts: int = 30) -> tuple[int, int] | None:
+    """A random top-left (x, y) where a glyph of `shape` keeps one pixel from every other
+    (so outlines of neighbours never touch); None after `attempts` misses."""
+    gh, gw = shape
+    height, width = occupied.shape
+    for _ in range(attempts):
+        x, y = rng.randint(0, width - gw), rng.randint(0, height - gh)
+        if not occupied[max(y - 1, 0):y + gh + 1, max(x - 1, 0):x + gw + 1].any():
+            return x, y
+    return None
+
+
+def _write_page(out: Path, name: str, page: np.ndarray, rows: list[tuple]) -> None:
+    Image.fromarray(page).save(out / "images" / f"{name}.png")
+    with open(out / "annotations" / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image, ImageDraw
 from . import checkpoint as ckpt
 from .data import CSV_HEADER, image_to_tensor, load_image_rgb
 from .model import NUM_CLASSES, ModelSpec, build_model
-from .polygon_heads import box_mask_to_polygon, flat_polygon, largest_outline
+from .polygons import box_mask_to_polygon, mask_to_polygon
 
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
@@ -30,23 +31,17 @@ class Instance:
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device,
-                             detections_per_img: int | None = None) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the checkpoint's model in eval mode on `device`. Returns (model, checkpoint)."""
+                             detections_per_img: int | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
+    """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img`
+    instead of the checkpoint's when given. Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
-    spec = ModelSpec(**state["model_spec"])
+    spec = ModelSpec.from_dict(state["model_spec"])
     if detections_per_img:
-        spec = ModelSpec(**{**spec.to_dict(), "detections_per_img": detections_per_img})
+        spec = dataclasses.replace(spec, detections_per_img=detections_per_img)
     model = build_model(spec)
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    return model, state
-
-
-def mask_to_polygon(mask: np.ndarray) -> list[float]:
-    """Outline of the largest connected part of a full-image binary mask as a flat polygon;
-    [] when the mask is empty or degenerate."""
-    points = largest_outline(mask)
-    return flat_polygon(points) if points is not None else []
+    return model, spec, state
 
 
 def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float) -> list[Instance]:

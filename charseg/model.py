@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -55,12 +55,20 @@ class ModelSpec:
     # written before this field existed were trained with these).
     anchor_sizes: tuple[int, ...] = STOCK_ANCHOR_SIZES
 
-    def __post_init__(self) -> None:
-        # A list (e.g. read back from config.json) becomes a tuple, so the spec stays hashable.
-        object.__setattr__(self, "anchor_sizes", tuple(int(s) for s in self.anchor_sizes))
-
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSpec":
+        """Rebuild a spec from `to_dict()` output (a checkpoint's `model_spec`). Fields it lacks
+        take their defaults (older checkpoints); unknown fields are a ValueError."""
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model_spec keys: {sorted(unknown)}")
+        values = dict(values)
+        if "anchor_sizes" in values:  # any sequence of ints; a tuple keeps the spec hashable
+            values["anchor_sizes"] = tuple(int(size) for size in values["anchor_sizes"])
+        return cls(**values)
 
     def detector_kwargs(self) -> dict:
         """Keyword arguments of torchvision's MaskRCNN for this spec."""

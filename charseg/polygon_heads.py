@@ -11,63 +11,21 @@ polygons directly. Memory grows with instances x 28^2, not instances x H x W.
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-# Target rasterisation is supersampled this much, then averaged: soft targets like the
-# stock roi_align projection of a binary mask, without ever building that mask.
-SUPERSAMPLE = 2
-# Half a pixel between roi_align's (aligned=False) coordinates and the polygons' ones.
-PIXEL_CENTRE = 0.5
-# Box-sized masks are traced on a grid this much finer than the image's pixels.
-TRACE_SCALE = 4
+from .polygons import polygon_mask_targets, unpack_polygons
+
 # Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
 ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
 # Target keys that carry an image's polygons (see data.build_target).
 POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
-
-
-def pack_polygons(polygons: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Polygons as two tensors that move to a device with the target: (P, 2) points, (N,) lengths."""
-    if not polygons:
-        return torch.zeros((0, 2), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
-    points = torch.from_numpy(np.concatenate(polygons).astype(np.float32))
-    return points, torch.tensor([len(p) for p in polygons], dtype=torch.int64)
-
-
-def unpack_polygons(points: torch.Tensor, lengths: torch.Tensor) -> list[np.ndarray]:
-    """Undo `pack_polygons` (on the CPU)."""
-    return list(np.split(points.cpu().numpy(), np.cumsum(lengths.cpu().numpy())[:-1])) if len(lengths) else []
-
-
-def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: int) -> np.ndarray:
-    """Rasterise polygons[i] inside boxes[i] to a size x size soft mask in [0, 1].
-
-    polygons: (K, 2) arrays in the boxes' coordinates; boxes: (N, 4) x1, y1, x2, y2.
-    Returns (N, size, size) float32. One pycocotools call for all instances.
-
-    Box coordinates follow roi_align(aligned=False), which pools the mask head's features
-    and projects stock targets: pixel centres at integers, half a pixel off the polygons'
-    convention (pixel i covers [i, i+1]); the polygons are shifted by that half pixel.
-    """
-    if len(boxes) == 0:
-        return np.zeros((0, size, size), dtype=np.float32)
-    res = size * SUPERSAMPLE
-    flat = []
-    for points, (x1, y1, x2, y2) in zip(polygons, boxes):
-        scale = np.array([res / max(x2 - x1, 1e-6), res / max(y2 - y1, 1e-6)])
-        flat.append(((points - PIXEL_CENTRE - np.array([x1, y1])) * scale).reshape(-1).astype(np.float64).tolist())
-    masks = mask_utils.decode(mask_utils.frPyObjects(flat, res, res))  # res x res x N uint8
-    masks = masks.transpose(2, 0, 1).reshape(len(boxes), size, SUPERSAMPLE, size, SUPERSAMPLE)
-    return masks.mean(axis=(2, 4), dtype=np.float32)
 
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
@@ -158,8 +116,12 @@ class BandedMatchingRPN(RegionProposalNetwork):
         labels, matched_gt_boxes = [], []
         for anchors_per_image, target in zip(anchors, targets):
             gt_boxes = target["boxes"]
-            if gt_boxes.numel() == 0:
-                return super().assign_targets_to_anchors(anchors, targets)
+            if gt_boxes.numel() == 0:  # an image without characters: every anchor is background (as stock)
+                matched_gt_boxes.append(torch.zeros(anchors_per_image.shape, dtype=torch.float32,
+                                                    device=anchors_per_image.device))
+                labels.append(torch.zeros(anchors_per_image.shape[0], dtype=torch.float32,
+                                          device=anchors_per_image.device))
+                continue
             matched_idxs = self._match(gt_boxes, anchors_per_image)
             matched_gt_boxes.append(gt_boxes[matched_idxs.clamp(min=0)])
             labels_per_image = (matched_idxs >= 0).to(dtype=torch.float32)
@@ -222,12 +184,10 @@ def overlapping_chunks(boxes: torch.Tensor, anchors: torch.Tensor, chunk: int):
 
 class PasteFreeTransform(GeneralizedRCNNTransform):
     """Leaves masks box-sized at inference (`box_masks`, N x 28 x 28 probabilities) instead
-    of pasting each into a full-image tensor; `paste_masks = True` restores the stock output."""
-
-    paste_masks = False
+    of pasting each into a full-image tensor (build_model(polygon_native=False) pastes)."""
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training or self.paste_masks:
+        if self.training:
             return super().postprocess(result, image_shapes, original_image_sizes)
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
@@ -248,38 +208,3 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def box_mask_to_polygon(prob: np.ndarray, box: np.ndarray, threshold: float = 0.5) -> list[float]:
-    """Outline, in image coordinates, of a box-sized mask probability map (M x M) inside `box`.
-
-    The map is resized to TRACE_SCALE x the box's pixel size and thresholded, and the
-    largest connected part is traced: contours run through pixel centres, so tracing at a
-    finer grid keeps a small glyph's outline within 1/(2*TRACE_SCALE) px of its edge.
-    Returns a flat [x1, y1, ...] list, [] if the mask is empty.
-    """
-    x1, y1, x2, y2 = (float(v) for v in box)
-    width = max(int(np.ceil((x2 - x1) * TRACE_SCALE)), 1)
-    height = max(int(np.ceil((y2 - y1) * TRACE_SCALE)), 1)
-    resized = cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
-    points = largest_outline(resized >= threshold)
-    if points is None:
-        return []
-    scale = np.array([(x2 - x1) / width, (y2 - y1) / height], dtype=np.float32)
-    # + PIXEL_CENTRE: back from roi_align's convention.
-    return flat_polygon(points * scale + np.array([x1, y1]) + PIXEL_CENTRE)
-
-
-def largest_outline(binary: np.ndarray) -> np.ndarray | None:
-    """(K, 2) outline of the largest connected part of a binary mask, through pixel centres
-    (pixel i covers [i, i+1], so its centre is i + 0.5); None when empty or degenerate."""
-    contours, _ = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    if not contours:
-        return None
-    contour = max(contours, key=cv2.contourArea)
-    if len(contour) < 3:
-        return None
-    return contour.reshape(-1, 2).astype(np.float32) + 0.5
-
-
-def flat_polygon(points: np.ndarray) -> list[float]:
-    """(K, 2) points as the dataset's flat [x1, y1, x2, y2, ...] list, to 0.01 px."""
-    return [round(float(v), 2) for v in points.reshape(-1)]

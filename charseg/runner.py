@@ -1,7 +1,8 @@
 """The main() of training: data, model, optimizer, (resume), epoch loop, checkpoints.
 
-Three entry points, one per mode: `train`, `resume`, `finetune`. Each reads top to bottom
-and hands the shared epoch loop (`_fit`) fully built objects.
+Three entry points, one per mode: `train`, `resume`, `finetune`. Each reads top to bottom:
+config, data, the architecture (architecture.resolve_spec), the model; then hands the shared
+epoch loop (`_fit`) fully built objects.
 """
 
 from __future__ import annotations
@@ -20,26 +21,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from .anchors import POSITIVE_IOU, SMALL_CHARACTER_PX, fit_anchor_sizes
-from .config import FINETUNE_LR_FACTOR, LIMITS, MODEL_OPTIONS, TrainConfig
+from .architecture import FINETUNE_CHANGEABLE, resolve_spec
+from .config import FINETUNE_LR_FACTOR, TrainConfig
 from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
                    split_samples)
-from .evaluate import METRICS, evaluate, is_better
-from .inference import load_model_for_inference
 from .engine import NonFiniteLossError, train_one_epoch
 from .errors import CharsegError, DatasetError
-from .model import (ANCHOR_RATIOS, NUM_CLASSES, STOCK_ANCHOR_SIZES, ModelSpec, build_model, create_model,
-                    spec_for_weights)
+from .evaluate import METRICS, evaluate, is_better
+from .inference import load_model_for_inference
+from .model import NUM_CLASSES, ModelSpec, build_model, create_model
 from .reproducibility import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 
 log = logging.getLogger("charseg")
 
 # Warnings printed at start; the rest is counted and left to `charseg validate-data`.
 MAX_PROBLEMS_SHOWN = 20
-# Settings a fine-tune inherits from its source checkpoint unless given again (not the LIMITS:
-# they are fitted to the fine-tuning data).
-FINETUNE_INHERITED = ("backbone", *(k for k in MODEL_OPTIONS if k not in LIMITS), "lr", "batch_size", "momentum",
-                      "weight_decay", "lr_step_size", "lr_gamma", "warmup_iters", "warmup_factor", "clip_grad_norm")
+# Optimizer settings a fine-tune inherits from its source checkpoint's config unless given
+# again (its architecture comes from the source's ModelSpec: architecture.resolve_spec).
+FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_step_size", "lr_gamma", "warmup_iters",
+                      "warmup_factor", "clip_grad_norm")
 # Settings a resume may change: where things are and how fast they run, never the maths.
 RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "output_dir", "device", "num_workers", "log_every",
                       "save_every_epoch", "save_versioned")
@@ -128,12 +128,8 @@ def resolve_device(name: str) -> torch.device:
 def load_dataset_report(data_dir: str) -> DatasetReport:
     """Scan the dataset, print its summary and problems; error when nothing is usable."""
     report = scan_dataset(data_dir)
-    problems = report.problems()
-    for kind, problem in problems[:MAX_PROBLEMS_SHOWN]:
-        log.warning("warning: %s: %s", kind, problem)
-    if len(problems) > MAX_PROBLEMS_SHOWN:
-        log.warning("warning: ... and %d more problems; run `charseg validate-data %s` for the full list",
-                    len(problems) - MAX_PROBLEMS_SHOWN, data_dir)
+    for line in report.problem_lines(MAX_PROBLEMS_SHOWN):
+        log.warning("warning: %s", line)
     s = report.summary()
     log.info("dataset %s: %d images, %d characters (%d images and %d polygons skipped)", data_dir,
              s["images_used"], s["instances"], s["images_skipped"], s["polygons_skipped"])
@@ -150,6 +146,10 @@ class Splits:
     train: list[Sample]
     val: list[Sample]
 
+    @property
+    def all(self) -> list[Sample]:
+        return self.train + self.val
+
 
 def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
     """Validation from --val-dir, else --val-fraction of DATA_DIR chosen by the seed."""
@@ -160,19 +160,6 @@ def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
     log.info("split: %d training images, %d validation images%s", len(train), len(val),
              "" if val else " (no validation: metrics and best.pth are off)")
     return Splits(train, val)
-
-
-def fit_limits(config: TrainConfig, splits: Splits) -> TrainConfig:
-    """Resolve limits left at 0 for the densest image of the run; warn when a given one is too low."""
-    most = max(len(s.polygons) for s in splits.train + splits.val)
-    fitted = config.fit_limits(most)
-    if fitted != config:
-        log.info("limits for up to %d characters per image: %s", most,
-                 ", ".join(f"{k} {getattr(fitted, k)}" for k in LIMITS if getattr(config, k) == 0))
-    if most > fitted.detections_per_img:
-        log.warning("warning: an image holds %d characters but --detections-per-img is %d: raise it (or pass 0), "
-                    "or detections and COCO maxDets cap below the true count", most, fitted.detections_per_img)
-    return fitted
 
 
 def default_output_dir(mode: str) -> str:
@@ -187,36 +174,10 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    config, spec = fitted_architecture(config, splits)
+    spec = resolve_spec(config, splits.all, splits.train)
     model, how = create_model(spec, config.weights)
     log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
     return _fit(config, spec, model, report, splits, tracker or NullTracker())
-
-
-def fitted_architecture(config: TrainConfig, splits: Splits) -> tuple[TrainConfig, ModelSpec]:
-    """`config` with its limits and anchor sizes resolved for these splits (so they are logged
-    and saved as used), and the architecture it trains."""
-    config = fit_limits(config, splits)
-    sizes = config.fixed_anchor_sizes() or choose_anchor_sizes(config, splits.train)
-    config = dataclasses.replace(config, anchor_sizes=",".join(map(str, sizes)))
-    return config, spec_for_weights(config.backbone, config.weights, anchor_sizes=sizes, **config.model_options())
-
-
-def choose_anchor_sizes(config: TrainConfig, train: list[Sample]) -> tuple[int, ...]:
-    """`--anchor-sizes auto`: the ladder that fits the training characters best (anchors.py)."""
-    if not any(sample.polygons for sample in train):
-        log.warning("warning: no training characters to fit anchor sizes to; using torchvision's %s",
-                    STOCK_ANCHOR_SIZES)
-        return STOCK_ANCHOR_SIZES
-    fit = fit_anchor_sizes(train, config.min_size, config.max_size, ANCHOR_RATIOS)
-    log.info("anchor sizes %s fitted to %d training characters: %.0f%% have an anchor of IoU >= %.1f "
-             "(median best IoU %.2f)", ",".join(map(str, fit.sizes)), fit.characters, fit.positive_share * 100,
-             POSITIVE_IOU, fit.median_iou)
-    if fit.median_height < SMALL_CHARACTER_PX:
-        log.warning("warning: characters are %.1f px tall (median) at the model's input (--min-size %d); "
-                    "raise --min-size so they are at least %d px", fit.median_height, config.min_size,
-                    SMALL_CHARACTER_PX)
-    return fit.sizes
 
 
 @dataclass
@@ -261,11 +222,11 @@ def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = Non
     config, state = plan.config, plan.state
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
-    spec = ModelSpec(**state["model_spec"])
+    splits = make_splits(config, report)
+    spec = resolve_spec(config, splits.all, splits.train, source=ModelSpec.from_dict(state["model_spec"]))
     model = build_model(spec)
     log.info("resuming %s at epoch %d of %d", plan.checkpoint_path, state["epoch"] + 1, config.epochs)
-    return _fit(config, spec, model, report, make_splits(config, report), tracker or NullTracker(),
-                resume_state=state)
+    return _fit(config, spec, model, report, splits, tracker or NullTracker(), resume_state=state)
 
 
 def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
@@ -276,19 +237,18 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     `overrides` must hold `data_dir`.
     """
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
-    source = TrainConfig.from_dict(state["config"])
-    inherited = {k: getattr(source, k) for k in FINETUNE_INHERITED}
-    values = {**inherited, "lr_factor": FINETUNE_LR_FACTOR, **overrides}  # limits: 0, fitted below
-    config = TrainConfig(**values, mode="finetune", weights=str(checkpoint_path),
-                         init_checkpoint=str(checkpoint_path))
+    source_spec = ModelSpec.from_dict(state["model_spec"])
+    source_config = TrainConfig.from_dict(state["config"])
+    inherited = {**{k: getattr(source_config, k) for k in FINETUNE_INHERITED},
+                 **{k: getattr(source_spec, k) for k in FINETUNE_CHANGEABLE}, "backbone": source_spec.backbone}
+    config = TrainConfig(**{**inherited, "lr_factor": FINETUNE_LR_FACTOR, **overrides}, mode="finetune",
+                         weights=str(checkpoint_path), init_checkpoint=str(checkpoint_path))
     config.output_dir = config.output_dir or default_output_dir("finetune")
     _check(config)
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    config = fit_limits(config, splits)
-    spec = dataclasses.replace(ModelSpec(**state["model_spec"]), **config.model_options())
-    config.anchor_sizes = ",".join(map(str, spec.anchor_sizes))  # the weights were trained with these
+    spec = resolve_spec(config, splits.all, splits.train, source=source_spec)
     model = build_model(spec)
     model.load_state_dict(state["model"])
     log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
@@ -300,12 +260,11 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: s
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
                         batch_size: int = 2, overlay_count: int = 0):
     """Evaluate a checkpoint on every usable image of DATA_DIR. Returns an EvalResult."""
-    report = load_dataset_report(data_dir)
     torch_device = resolve_device(device)
-    model, state = load_model_for_inference(checkpoint_path, torch_device, detections_per_img)
-    max_dets = model.roi_heads.detections_per_img
-    return evaluate(model, report.samples, torch_device, max_dets=max_dets, score_threshold=score_threshold,
-                    batch_size=batch_size, overlay_count=overlay_count)
+    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img)
+    report = load_dataset_report(data_dir)
+    return evaluate(model, report.samples, torch_device, max_dets=spec.detections_per_img,
+                    score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count)
 
 
 def best_or_final(result: RunResult) -> Path:
@@ -324,6 +283,144 @@ def _check(config: TrainConfig) -> None:
                            f"choose one of {', '.join(METRICS)}")
 
 
+@dataclass
+class Optimization:
+    """The optimizer and its LR schedules: StepLR per epoch, linear warm-up per iteration
+    within the first epoch (torchvision's reference recipe)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    warmup: torch.optim.lr_scheduler.LRScheduler | None
+    warmup_iters: int
+
+    @classmethod
+    def create(cls, config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int) -> "Optimization":
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=config.effective_lr, momentum=config.momentum,
+                                    weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size, gamma=config.lr_gamma)
+        warmup_iters = min(config.warmup_iters, steps_per_epoch)
+        warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=config.warmup_factor,
+                                                    total_iters=warmup_iters) if warmup_iters > 0 else None)
+        return cls(optimizer, scheduler, warmup, warmup_iters)
+
+    def state_dicts(self) -> dict[str, dict]:
+        """The checkpoint's optimizer, scheduler and warm-up entries."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "warmup": self.warmup.state_dict() if self.warmup is not None else {}}
+
+    def load(self, state: dict) -> None:
+        """Restore what `state_dicts` saved."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.warmup is not None and state["warmup"]:
+            self.warmup.load_state_dict(state["warmup"])
+
+
+def _loader(config: TrainConfig, train: list[Sample], device: torch.device) -> tuple[DataLoader, EpochShuffleSampler]:
+    """The training loader and its sampler (set_epoch before each epoch)."""
+    dataset = CharacterDataset(train)
+    sampler = EpochShuffleSampler(len(dataset), config.seed)
+    # A private generator for the loader's worker seeds keeps the global RNG stream (used by
+    # the RPN and ROI samplers) independent of the number of workers.
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                        generator=torch.Generator().manual_seed(config.seed),
+                        num_workers=config.num_workers, collate_fn=collate, worker_init_fn=seed_worker,
+                        pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0)
+    return loader, sampler
+
+
+def _training_device(name: str) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return device
+
+
+def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
+         tracker: Tracker, resume_state: dict | None = None) -> RunResult:
+    """The epoch loop shared by all modes: train, step the LR, checkpoint, validate, report."""
+    device = _training_device(config.device)
+    model.to(device)
+    if not splits.train:
+        raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
+    loader, sampler = _loader(config, splits.train, device)
+    opt = Optimization.create(config, model, len(loader))
+    result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
+                       best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})
+    if resume_state is not None:
+        _restore(resume_state, model, opt, result)
+    tracker.start(config, report, spec, splits)
+    if resume_state is not None and splits.val and result.best["through_epoch"] < resume_state["epoch"]:
+        # The checkpoint was written before its epoch was validated: finish that first, so
+        # the best-so-far is the true one (evaluation is deterministic).
+        _validate(model, config, spec, splits.val, device, resume_state["epoch"], result.best, resume_state, tracker)
+    log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
+             config.epochs, len(loader), config.output_dir)
+    for epoch in range(result.start_epoch, config.epochs + 1):
+        sampler.set_epoch(epoch)
+        metrics = _train_epoch(model, opt, loader, device, epoch, config, tracker)
+        result.history.append(metrics)
+        # Checkpoint before anything else reports, so a later failure still leaves this epoch saved.
+        state = ckpt.make_checkpoint(
+            epoch=epoch, model=model.state_dict(), **opt.state_dicts(), seed=config.seed, rng=capture_rng_state(),
+            config=config.to_dict(), model_spec=spec.to_dict(), num_classes=spec.num_classes,
+            metrics={"history": result.history}, best=dict(result.best))
+        result.checkpoints.extend(_save_epoch(state, config, epoch, tracker))
+        tracker.log_epoch(epoch, metrics)
+        if splits.val:
+            val_metrics = _validate(model, config, spec, splits.val, device, epoch, result.best, state, tracker)
+            metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
+    result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
+    return result
+
+
+def _restore(state: dict, model: torch.nn.Module, opt: Optimization, result: RunResult) -> None:
+    """Put the model, optimizer, schedules, RNGs, history and best-so-far back as saved."""
+    model.load_state_dict(state["model"])
+    opt.load(state)
+    restore_rng_state(state["rng"])
+    result.start_epoch = state["epoch"] + 1
+    result.history = list(state["metrics"].get("history", []))
+    result.best = dict(state["best"])
+
+
+def _train_epoch(model: torch.nn.Module, opt: Optimization, loader: DataLoader, device: torch.device, epoch: int,
+                 config: TrainConfig, tracker: Tracker) -> dict[str, float]:
+    """One epoch and its StepLR step; returns the epoch's metrics (see train_one_epoch)."""
+    try:
+        metrics = train_one_epoch(
+            model, opt.optimizer, loader, device, epoch, steps_per_epoch=len(loader), warmup=opt.warmup,
+            warmup_iters=opt.warmup_iters, clip_grad_norm=config.clip_grad_norm, log_every=config.log_every,
+            on_step=tracker.log_step)
+    except NonFiniteLossError as exc:
+        raise CharsegError(str(exc)) from exc
+    opt.scheduler.step()
+    metrics["epoch"] = float(epoch)
+    components = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
+    log.info("epoch %d/%d finished: avg loss %.4f (%s), lr %.2e, %.1f images/s", epoch, config.epochs,
+             metrics["loss"], components, metrics["lr"], metrics["images_per_s"])
+    return metrics
+
+
+def _save_epoch(state: dict, config: TrainConfig, epoch: int, tracker: Tracker) -> list[Path]:
+    """Write the epoch's checkpoint files (one serialisation, the other names hard links) and
+    hand them to the tracker. Returns the paths written."""
+    names = []
+    if config.save_every_epoch:
+        names.append(ckpt.epoch_filename(epoch) if config.save_versioned else ckpt.LAST_NAME)
+    final = epoch == config.epochs
+    if final:
+        names.append(ckpt.FINAL_NAME)
+    with deferred_interrupt():  # Ctrl-C waits until this epoch's files are written and logged
+        paths = ckpt.save_checkpoint_as(state, [Path(config.output_dir) / name for name in names])
+        for path in paths:
+            log.info("saved checkpoint %s", path)
+        tracker.log_checkpoints_of_epoch(epoch, paths, final)
+    return paths
+
+
 def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val: list[Sample],
               device: torch.device, epoch: int, best: dict, state: dict, tracker: Tracker) -> dict[str, float]:
     """Evaluate after `epoch`'s checkpoint is saved; write best.pth when the metric improves.
@@ -340,98 +437,11 @@ def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val:
         best.update(value=value, epoch=epoch)
     best["through_epoch"] = epoch
     if best["epoch"] == epoch:
+        # Its own write: best.pth records this validation, which the epoch's file (saved
+        # before validating, so a crash in evaluation still leaves it) cannot.
         with deferred_interrupt():
             path = ckpt.save_checkpoint({**state, "best": dict(best)}, Path(config.output_dir) / ckpt.BEST_NAME)
             log.info("new best %s %.4f at epoch %d: saved %s", config.best_metric, value, epoch, path)
             tracker.log_best(path, dict(best))
     tracker.log_validation(epoch, metrics, result.overlays)
     return metrics
-
-
-def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
-         tracker: Tracker, resume_state: dict | None = None) -> RunResult:
-    """The epoch loop shared by all modes: train, step the LR, checkpoint, report."""
-    device = resolve_device(config.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    model.to(device)
-    if not splits.train:
-        raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
-    dataset = CharacterDataset(splits.train)
-    sampler = EpochShuffleSampler(len(dataset), config.seed)
-    # A private generator for the loader's worker seeds keeps the global RNG stream (used by
-    # the RPN and ROI samplers) independent of the number of workers.
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                        generator=torch.Generator().manual_seed(config.seed),
-                        num_workers=config.num_workers, collate_fn=collate, worker_init_fn=seed_worker,
-                        pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0)
-    steps_per_epoch = len(loader)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.effective_lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size, gamma=config.lr_gamma)
-    # Linear warm-up within the first epoch (torchvision reference); chained with StepLR.
-    warmup_iters = min(config.warmup_iters, steps_per_epoch)
-    warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=config.warmup_factor, total_iters=warmup_iters)
-              if warmup_iters > 0 else None)
-    result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
-                       best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if warmup is not None and resume_state["warmup"]:
-            warmup.load_state_dict(resume_state["warmup"])
-        restore_rng_state(resume_state["rng"])
-        result.start_epoch = resume_state["epoch"] + 1
-        result.history = list(resume_state["metrics"].get("history", []))
-        result.best = dict(resume_state["best"])
-
-    tracker.start(config, report, spec, splits)
-    if resume_state is not None and splits.val and result.best["through_epoch"] < resume_state["epoch"]:
-        # The checkpoint was written before its epoch was validated: finish that first, so
-        # the best-so-far is the true one (evaluation is deterministic).
-        _validate(model, config, spec, splits.val, device, resume_state["epoch"], result.best, resume_state, tracker)
-    log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
-             config.epochs, steps_per_epoch, config.output_dir)
-    for epoch in range(result.start_epoch, config.epochs + 1):
-        sampler.set_epoch(epoch)
-        try:
-            metrics = train_one_epoch(
-                model, optimizer, loader, device, epoch, steps_per_epoch=steps_per_epoch, warmup=warmup,
-                warmup_iters=warmup_iters, clip_grad_norm=config.clip_grad_norm, log_every=config.log_every,
-                on_step=tracker.log_step)
-        except NonFiniteLossError as exc:
-            raise CharsegError(str(exc)) from exc
-        scheduler.step()
-        metrics["epoch"] = float(epoch)
-        result.history.append(metrics)
-        components = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
-        log.info("epoch %d/%d finished: avg loss %.4f (%s), lr %.2e, %.1f images/s", epoch, config.epochs,
-                 metrics["loss"], components, metrics["lr"], metrics["images_per_s"])
-        # Checkpoint before anything else reports, so a later failure still leaves this epoch saved.
-        state = ckpt.make_checkpoint(
-            epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), warmup=warmup.state_dict() if warmup is not None else {},
-            seed=config.seed, rng=capture_rng_state(), config=config.to_dict(), model_spec=spec.to_dict(),
-            num_classes=spec.num_classes, metrics={"history": result.history}, best=dict(result.best))
-        names = []
-        if config.save_every_epoch:
-            names.append(ckpt.epoch_filename(epoch) if config.save_versioned else ckpt.LAST_NAME)
-        final = epoch == config.epochs
-        if final:
-            names.append(ckpt.FINAL_NAME)
-        with deferred_interrupt():  # Ctrl-C waits until this epoch's files are written and logged
-            paths = [ckpt.save_checkpoint(state, Path(config.output_dir) / name) for name in names]
-            for path in paths:
-                log.info("saved checkpoint %s", path)
-            tracker.log_checkpoints_of_epoch(epoch, paths, final)
-        result.checkpoints.extend(paths)
-        tracker.log_epoch(epoch, metrics)
-        if splits.val:
-            val_metrics = _validate(model, config, spec, splits.val, device, epoch, result.best, state, tracker)
-            metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
-    result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
-    return result
-

@@ -29,10 +29,11 @@ def decode_image(data: bytes) -> np.ndarray:
 class CharsegPredictor:
     """Predicts character instances for a batch of encoded images."""
 
-    def __init__(self, checkpoint_path: str, device: str | None = None, score_threshold: float = 0.5):
+    def __init__(self, checkpoint_path: str, device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, state = load_model_for_inference(checkpoint_path, self.device)
-        self.score_threshold = float(state["config"].get("score_threshold", score_threshold))
+        self.model, _, state = load_model_for_inference(checkpoint_path, self.device)
+        # The run's --score-threshold, which picked its best checkpoint; a call may pass its own.
+        self.score_threshold = float(state["config"]["score_threshold"])
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.

@@ -156,25 +156,19 @@ def _log_params(params: dict[str, str]) -> None:
 
 
 def _log_artifact_as(path: Path, name: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / name
-        try:
-            os.link(path, target)  # no copy of a 0.3 GB file when the file system allows it
-        except OSError:
-            import shutil
-            shutil.copyfile(path, target)
-        mlflow.log_artifact(str(target), CHECKPOINT_DIR)
+    with tempfile.TemporaryDirectory() as tmp:  # a link: no copy of a 0.3 GB file where links work
+        mlflow.log_artifact(str(ckpt.link_or_copy(path, Path(tmp) / name)), CHECKPOINT_DIR)
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_name: str | None = None, run_name: str | None = None) -> Iterator[str]:
+def tracked_run(experiment_name: str | None = None) -> Iterator[str]:
     """Start (or, under `mlflow run`, attach to) a run; end it FINISHED, FAILED or KILLED.
 
     Yields the run ID. A failure sets the tag charseg.failure_reason.
     """
     configure(experiment_name)
     try:
-        run = mlflow.start_run(run_name=run_name)
+        run = mlflow.start_run()
     except MlflowException as exc:
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()}: {exc.message}") from exc
     try:
@@ -279,7 +273,7 @@ def _should_crown(metric: str | None, value: float | None, current) -> tuple[boo
 
 def register_run(run_id: str, name: str, dst_dir: Path) -> Registration:
     """Register the best checkpoint (else the final/latest one) of run `run_id` as NAME."""
-    path, _ = resolve_checkpoint(run_id, "finetune", dst_dir)
+    path, _ = resolve_checkpoint(run_id, dst_dir, prefer_best=True)
     return register_checkpoint(path, name, run_id)
 
 
@@ -305,29 +299,11 @@ def _checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
     return [Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR) if not f.is_dir]
 
 
-def pick_checkpoint(names: list[str], purpose: str, epoch: int | None = None) -> str | None:
-    """Choose among a run's checkpoint artifact names.
-
-    resume: the given epoch, else the final model, else the highest epoch, else last.pth.
-    finetune: best.pth when present, else as resume.
-    """
-    if epoch:
-        wanted = ckpt.epoch_filename(epoch)
-        return wanted if wanted in names else None
-    if purpose == "finetune" and ckpt.BEST_NAME in names:
-        return ckpt.BEST_NAME
-    if ckpt.FINAL_NAME in names:
-        return ckpt.FINAL_NAME
-    versioned = sorted(n for n in names if re.match(r"^model_epoch_\d+\.pth$", n))
-    if versioned:
-        return max(versioned, key=lambda n: int(n[len("model_epoch_"):-len(".pth")]))
-    return ckpt.LAST_NAME if ckpt.LAST_NAME in names else None
-
-
-def resolve_checkpoint(source: str, purpose: str, dst_dir: Path, epoch: int | None = None) -> tuple[Path, Lineage]:
+def resolve_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,
+                       epoch: int | None = None) -> tuple[Path, Lineage]:
     """Turn SOURCE (local path, run ID or MLflow artifact URI) into a local checkpoint file.
 
-    purpose: "resume" or "finetune" (which checkpoint of a run to take). Downloads go to dst_dir.
+    Which checkpoint of a run: checkpoint.pick_checkpoint(prefer_best, epoch). Downloads go to dst_dir.
     """
     local = Path(source)
     if local.is_file():
@@ -338,7 +314,7 @@ def resolve_checkpoint(source: str, purpose: str, dst_dir: Path, epoch: int | No
     client = MlflowClient()
     if is_run_id(source):
         names = _checkpoint_artifacts(client, source)
-        name = pick_checkpoint(names, purpose, epoch)
+        name = ckpt.pick_checkpoint(names, prefer_best=prefer_best, epoch=epoch)
         if name is None:
             have = ", ".join(sorted(names)) or "none"
             wanted = f"checkpoint of epoch {epoch}" if epoch else "checkpoint"
@@ -355,11 +331,11 @@ def resolve_checkpoint(source: str, purpose: str, dst_dir: Path, epoch: int | No
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir)))
     except MlflowException as exc:
         raise TrackingError(f"cannot download {uri}: {exc.message}") from exc
-    if downloaded.is_dir():
-        candidates = sorted(downloaded.rglob("*.pth"))
-        preferred = [p for p in candidates if p.name == ckpt.BEST_NAME] or candidates
-        if not preferred:
+    if downloaded.is_dir():  # e.g. a registered model: its data folder holds the checkpoint
+        candidates = {p.name: p for p in sorted(downloaded.rglob("*.pth"), reverse=True)}
+        if not candidates:
             raise TrackingError(f"{uri} holds no .pth checkpoint")
-        downloaded = preferred[0]
+        name = ckpt.pick_checkpoint(list(candidates), prefer_best=prefer_best) or min(candidates)
+        downloaded = candidates[name]
     return downloaded, Lineage(source_run_id=run_id, source_uri=uri)
 

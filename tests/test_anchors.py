@@ -12,6 +12,7 @@ from torchvision.ops import box_iou
 from charseg import checkpoint as ckpt
 from charseg import runner
 from charseg.anchors import POSITIVE_IOU, best_anchor_iou, character_boxes, fit_anchor_sizes
+from charseg.architecture import choose_anchor_sizes
 from charseg.cli import cli
 from charseg.data import scan_dataset
 from charseg.generate import generate_dataset
@@ -57,7 +58,7 @@ def test_training_records_the_fitted_anchor_sizes(tiny_dataset, tmp_path):
     result = runner.train(light_config(tiny_dataset, tmp_path / "auto", epochs=1))
     state = ckpt.load_checkpoint(result.final_checkpoint)
     assert tuple(state["model_spec"]["anchor_sizes"]) == expected
-    assert state["config"]["anchor_sizes"] == ",".join(map(str, expected))
+    assert state["config"]["anchor_sizes"] is None  # the config keeps the request: auto
     model = build_model(ModelSpec(**state["model_spec"]))
     assert model.rpn.anchor_generator.sizes == tuple((s,) for s in expected)
 
@@ -69,7 +70,6 @@ def test_given_anchor_sizes_are_used_and_kept_by_finetune(tiny_dataset, tmp_path
                                                       "output_dir": str(tmp_path / "ft"), "num_workers": 0})
     state = ckpt.load_checkpoint(tuned.final_checkpoint)
     assert tuple(state["model_spec"]["anchor_sizes"]) == (8, 16, 32, 64, 128)
-    assert state["config"]["anchor_sizes"] == "8,16,32,64,128"
 
 
 def test_a_spec_without_anchor_sizes_means_torchvision_anchors():
@@ -89,7 +89,6 @@ def test_bad_anchor_sizes_are_one_clear_error(tiny_dataset, tmp_path, bad):
 def test_tiny_characters_warn_to_raise_min_size(tmp_path, caplog):
     generate_dataset(tmp_path / "data", num_images=2, width=256, height=256, chars_per_image=(6, 8),
                      font_size=(10, 12), seed=0)
-    config = light_config(tmp_path / "data", tmp_path / "out", min_size=128, max_size=128)
     with caplog.at_level("WARNING", logger="charseg"):
-        runner.choose_anchor_sizes(config, scan_dataset(tmp_path / "data").samples)
+        choose_anchor_sizes(scan_dataset(tmp_path / "data").samples, 128, 128)
     assert "raise --min-size" in caplog.text

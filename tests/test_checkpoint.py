@@ -86,3 +86,45 @@ def test_find_latest(tmp_path):
         ckpt.save_checkpoint(sample_checkpoint(epoch), tmp_path / ckpt.epoch_filename(epoch))
     (tmp_path / "junk.pth").write_text("x")
     assert ckpt.find_latest(tmp_path).name == "model_epoch_003.pth"
+
+
+def test_pick_checkpoint_prefers_best_only_when_asked_and_else_the_latest():
+    names = ["last.pth", "model_epoch_002.pth", "model_epoch_010.pth", "best.pth"]
+    assert ckpt.pick_checkpoint(names, prefer_best=True) == "best.pth"
+    assert ckpt.pick_checkpoint(names) == "model_epoch_010.pth"
+    assert ckpt.pick_checkpoint(names + ["model_final.pth"]) == "model_final.pth"
+    assert ckpt.pick_checkpoint(["last.pth"]) == "last.pth"
+    assert ckpt.pick_checkpoint(names, epoch=2) == "model_epoch_002.pth"
+    assert ckpt.pick_checkpoint(names, epoch=3) is None
+
+
+def test_foreign_keys_inside_config_or_model_spec_are_refused(tmp_path):
+    for key in ("config", "model_spec"):
+        state = sample_checkpoint()
+        state[key] = {"surprise": 1}
+        path = ckpt.save_checkpoint(state, tmp_path / f"{key}.pth")
+        with pytest.raises(CheckpointError, match=rf"{key}\.pth: its {key} does not fit.*surprise"):
+            ckpt.load_checkpoint(path)
+
+
+def test_one_write_then_hard_links(tmp_path, monkeypatch):
+    writes = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, fh, *a, **k: (writes.append(1), real_save(obj, fh, *a, **k)))
+    paths = ckpt.save_checkpoint_as(sample_checkpoint(3), [tmp_path / "model_epoch_003.pth",
+                                                           tmp_path / "model_final.pth"])
+    assert len(writes) == 1
+    assert paths[0].stat().st_ino == paths[1].stat().st_ino
+    assert ckpt.load_checkpoint(paths[1])["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_epoch_003.pth", "model_final.pth"]
+
+
+def test_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr("os.link", no_links)
+    first = ckpt.save_checkpoint(sample_checkpoint(1), tmp_path / "a.pth")
+    copy = ckpt.link_or_copy(first, tmp_path / "b.pth")
+    assert copy.read_bytes() == first.read_bytes() and copy.stat().st_ino != first.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth"]

@@ -82,3 +82,25 @@ def test_train_then_resume_via_cli(tiny_dataset, tmp_path):
     assert (out / "model_epoch_002.pth").is_file()
     result = invoke("resume", str(out / "model_epoch_002.pth"))
     assert result.exit_code == 0 and "already finished all 2 epochs" in result.output
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "resume", "finetune"])
+def test_checkpoint_with_foreign_nested_keys_is_one_clear_error(tiny_dataset, tmp_path, command):
+    import torch
+
+    from charseg import checkpoint as ckpt
+
+    state = ckpt.make_checkpoint(epoch=1, model={}, optimizer={}, scheduler={}, warmup={}, seed=1, rng={},
+                                 config={}, model_spec={"backbone": "resnet18", "norm": "group"}, num_classes=2,
+                                 metrics={}, best={})
+    path = str(ckpt.save_checkpoint(state, tmp_path / "foreign.pth"))
+    args = {"evaluate": ["evaluate", str(tiny_dataset), "--model", path],
+            "predict": ["predict", str(tiny_dataset / "images"), "--model", path, "--out", str(tmp_path / "out")],
+            "resume": ["resume", path],
+            "finetune": ["finetune", path, str(tiny_dataset)]}[command]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "foreign.pth: its model_spec does not fit this charseg" in errors[0]
+    assert "'norm'" in errors[0] and "Traceback" not in result.output
+    assert torch.load(path, weights_only=True)["model_spec"]["norm"] == "group"  # the file is left alone

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from charseg.data import (CharacterDataset, clip_polygon_to_image, load_image_rgb, parse_polygon,
-                          polygon_area, polygons_to_masks, scan_dataset)
+from charseg.data import CharacterDataset, load_image_rgb, parse_polygon, scan_dataset
+from charseg.polygons import clip_polygon_to_image, polygon_area, polygons_to_masks
 from charseg.errors import DatasetError
 
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from charseg import checkpoint as ckpt
 from charseg import runner
 from charseg.cli import cli
-from charseg.data import Sample, polygons_to_boxes, scan_dataset, split_samples
+from charseg.data import Sample, scan_dataset, split_samples
 from charseg.evaluate import evaluate, is_better
-from charseg.polygon_heads import polygon_mask_targets
+from charseg.polygons import polygon_mask_targets, polygons_to_boxes
 from conftest import light_config
 from test_cli import LIGHT_ARGS
 

@@ -14,9 +14,10 @@ from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.transform import paste_masks_in_image
 
-from charseg.data import CharacterDataset, collate, polygons_to_masks, scan_dataset
+from charseg.data import CharacterDataset, collate, scan_dataset
 from charseg.model import build_model, spec_for_weights
-from charseg.polygon_heads import box_mask_to_polygon, pack_polygons, polygon_mask_loss, polygon_mask_targets
+from charseg.polygon_heads import polygon_mask_loss
+from charseg.polygons import box_mask_to_polygon, pack_polygons, polygon_mask_targets, polygons_to_masks
 
 
 def glyph_polygons(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
@@ -163,15 +164,16 @@ def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
         assert torch.equal(x["boxes"], y["boxes"]) and torch.allclose(x["box_masks"], y["box_masks"], atol=1e-6)
 
 
-def test_inference_returns_box_sized_masks_unless_asked(tiny_dataset):
+def test_inference_returns_box_sized_masks_unlike_stock(tiny_dataset):
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
     model = build_model(spec).eval()
+    stock = build_model(spec, polygon_native=False).eval()
+    stock.load_state_dict(model.state_dict())
     image = CharacterDataset(scan_dataset(tiny_dataset).samples)[0][0]
     with torch.inference_mode():
         out = model([image])[0]
         assert "masks" not in out and out["box_masks"].shape[1:] == (28, 28)
-        model.transform.paste_masks = True
-        assert model([image])[0]["masks"].shape[-2:] == (64, 64)
+        assert stock([image])[0]["masks"].shape[-2:] == (64, 64)
 
 
 DENSE_STEP = textwrap.dedent("""
@@ -248,3 +250,15 @@ def test_no_full_image_mask_stack_in_training_or_inference(tmp_path, path):
         assert len(watch.seen) >= 2, watch.seen
     else:
         assert watch.seen == []
+
+
+def test_anchor_matching_with_an_image_without_characters_equals_stock():
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
+    ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40]])
+    targets = [{"boxes": torch.zeros((0, 4))}, {"boxes": torch.tensor([[6.0, 6, 19, 19]])}]
+    a_labels, a_boxes = ours.assign_targets_to_anchors([anchors, anchors], targets)
+    b_labels, b_boxes = stock.assign_targets_to_anchors([anchors, anchors], targets)
+    for a, b in zip(a_labels + a_boxes, b_labels + b_boxes):
+        assert torch.equal(a, b)
+    assert int(a_labels[0].abs().sum()) == 0 and int((a_labels[1] == 1).sum()) == 1

@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from charseg import checkpoint as ckpt
 from charseg.cli import cli
-from charseg.tracking import pick_checkpoint
 from test_cli import LIGHT_ARGS
 
 
@@ -154,16 +153,6 @@ def test_non_finite_loss_marks_the_run_failed(server, tiny_dataset, tmp_path):
     run = server.search_runs([exp.experiment_id])[0]
     assert run.info.status == "FAILED"
     assert "non-finite loss" in run.data.tags["charseg.failure_reason"]
-
-
-def test_pick_checkpoint_prefers_best_for_finetune_and_final_for_resume():
-    names = ["last.pth", "model_epoch_002.pth", "model_epoch_010.pth", "best.pth"]
-    assert pick_checkpoint(names, "finetune") == "best.pth"
-    assert pick_checkpoint(names, "resume") == "model_epoch_010.pth"
-    assert pick_checkpoint(names + ["model_final.pth"], "resume") == "model_final.pth"
-    assert pick_checkpoint(["last.pth"], "resume") == "last.pth"
-    assert pick_checkpoint(names, "resume", epoch=2) == "model_epoch_002.pth"
-    assert pick_checkpoint(names, "resume", epoch=3) is None
 
 
 def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, tiny_dataset, tmp_path):

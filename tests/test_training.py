@@ -7,6 +7,7 @@ import torch
 
 from charseg import checkpoint as ckpt
 from charseg import runner
+from charseg.architecture import fit_limits
 from charseg.config import TrainConfig
 from charseg.errors import CharsegError
 from conftest import light_config
@@ -95,12 +96,12 @@ def test_non_finite_loss_stops_with_components_and_images(tiny_dataset, tmp_path
 
 
 def test_limits_left_at_zero_fit_the_densest_image():
-    dense = TrainConfig().fit_limits(1700)
-    assert (dense.detections_per_img, dense.rpn_proposals_train, dense.rpn_proposals_test) == (2100, 4200, 4200)
-    sparse = TrainConfig().fit_limits(20)  # torchvision's proposal counts, charseg's 500 detections
-    assert (sparse.detections_per_img, sparse.rpn_proposals_train, sparse.rpn_proposals_test) == (500, 2000, 1000)
-    given = TrainConfig(detections_per_img=300, rpn_proposals_test=50).fit_limits(1700)
-    assert (given.detections_per_img, given.rpn_proposals_train, given.rpn_proposals_test) == (300, 2000, 50)
+    dense = fit_limits(TrainConfig(), 1700)
+    assert (dense["detections_per_img"], dense["rpn_proposals_train"], dense["rpn_proposals_test"]) == (2100, 4200, 4200)
+    sparse = fit_limits(TrainConfig(), 20)  # torchvision's proposal counts, charseg's 500 detections
+    assert (sparse["detections_per_img"], sparse["rpn_proposals_train"], sparse["rpn_proposals_test"]) == (500, 2000, 1000)
+    given = fit_limits(TrainConfig(detections_per_img=300, rpn_proposals_test=50), 1700)
+    assert (given["detections_per_img"], given["rpn_proposals_train"], given["rpn_proposals_test"]) == (300, 2000, 50)
 
 
 def test_runs_save_the_fitted_limits_and_finetune_refits_them(tiny_dataset, tmp_path):
@@ -109,8 +110,30 @@ def test_runs_save_the_fitted_limits_and_finetune_refits_them(tiny_dataset, tmp_
     state = ckpt.load_checkpoint(source.final_checkpoint)
     assert state["model_spec"]["detections_per_img"] == state["config"]["detections_per_img"] == 1500
     assert state["model_spec"]["rpn_proposals_train"] == 3000  # 2 x detections
+    assert state["config"]["rpn_proposals_train"] is None  # the config keeps the request: fit
     tuned = runner.finetune(source.final_checkpoint, {"data_dir": str(tiny_dataset), "epochs": 1,
                                                       "output_dir": str(tmp_path / "ft"), "num_workers": 0})
     state = ckpt.load_checkpoint(tuned.final_checkpoint)
     assert state["model_spec"]["detections_per_img"] == 500  # fitted to the (sparse) new data
     assert state["model_spec"]["rpn_proposals_test"] == 1000
+
+
+def test_last_epoch_is_written_once_and_final_is_its_hard_link(tiny_dataset, tmp_path):
+    result = runner.train(light_config(tiny_dataset, tmp_path, epochs=1))
+    assert result.final_checkpoint.stat().st_ino == (tmp_path / "model_epoch_001.pth").stat().st_ino
+
+
+def test_checkpoints_of_older_releases_still_resume_and_finetune(tiny_dataset, tmp_path):
+    # Before ModelSpec was the only home of the architecture, a checkpoint's config held the
+    # resolved anchor sizes as text and the fitted limits as numbers.
+    source = runner.train(light_config(tiny_dataset, tmp_path / "src", epochs=1))
+    state = ckpt.load_checkpoint(source.final_checkpoint)
+    spec = state["model_spec"]
+    state["config"].update(anchor_sizes=",".join(map(str, spec["anchor_sizes"])),
+                           detections_per_img=spec["detections_per_img"], rpn_proposals_test=0)
+    old = ckpt.save_checkpoint(state, tmp_path / "old" / "model_epoch_001.pth")
+    resumed = runner.resume(old, {"epochs": 2})
+    assert ckpt.load_checkpoint(resumed.final_checkpoint)["model_spec"] == spec
+    tuned = runner.finetune(old, {"data_dir": str(tiny_dataset), "epochs": 1, "output_dir": str(tmp_path / "ft"),
+                                  "num_workers": 0})
+    assert ckpt.load_checkpoint(tuned.final_checkpoint)["model_spec"]["anchor_sizes"] == spec["anchor_sizes"]

@@ -1,0 +1,165 @@
+"""Polygon geometry, shared by data, model heads, evaluation and inference.
+
+A character's outline is a (K, 2) float32 array of x, y points in image coordinates, where
+pixel i covers [i, i + 1]; on disk and in outputs it is the flat [x1, y1, x2, y2, ...] list.
+This module turns outlines into boxes, areas, clipped outlines and masks (full-image or
+inside a box, as pycocotools rasterises them), packs them into tensors that travel with a
+target, and traces masks back into outlines. It knows nothing of models or files.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+# Target rasterisation is supersampled this much, then averaged: soft targets like the
+# stock roi_align projection of a binary mask, without ever building that mask.
+SUPERSAMPLE = 2
+# Half a pixel between roi_align's (aligned=False) coordinates and the polygons' ones.
+PIXEL_CENTRE = 0.5
+# Box-sized masks are traced on a grid this much finer than the image's pixels.
+TRACE_SCALE = 4
+
+
+def pack_polygons(polygons: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Polygons as two tensors that move to a device with the target: (P, 2) points, (N,) lengths."""
+    if not polygons:
+        return torch.zeros((0, 2), dtype=torch.float32), torch.zeros((0,), dtype=torch.int64)
+    points = torch.from_numpy(np.concatenate(polygons).astype(np.float32))
+    return points, torch.tensor([len(p) for p in polygons], dtype=torch.int64)
+
+
+def unpack_polygons(points: torch.Tensor, lengths: torch.Tensor) -> list[np.ndarray]:
+    """Undo `pack_polygons` (on the CPU)."""
+    return list(np.split(points.cpu().numpy(), np.cumsum(lengths.cpu().numpy())[:-1])) if len(lengths) else []
+
+
+def polygon_boxes(polygons: list[np.ndarray]) -> np.ndarray:
+    """(N, 4) x1, y1, x2, y2 boxes enclosing each (K, 2) polygon, in the points' dtype."""
+    if not polygons:
+        return np.zeros((0, 4), dtype=np.float32)
+    return np.stack([np.concatenate([p.min(axis=0), p.max(axis=0)]) for p in polygons])
+
+
+def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: int) -> np.ndarray:
+    """Rasterise polygons[i] inside boxes[i] to a size x size soft mask in [0, 1].
+
+    polygons: (K, 2) arrays in the boxes' coordinates; boxes: (N, 4) x1, y1, x2, y2.
+    Returns (N, size, size) float32. One pycocotools call for all instances.
+
+    Box coordinates follow roi_align(aligned=False), which pools the mask head's features
+    and projects stock targets: pixel centres at integers, half a pixel off the polygons'
+    convention (pixel i covers [i, i+1]); the polygons are shifted by that half pixel.
+    """
+    if len(boxes) == 0:
+        return np.zeros((0, size, size), dtype=np.float32)
+    res = size * SUPERSAMPLE
+    flat = []
+    for points, (x1, y1, x2, y2) in zip(polygons, boxes):
+        scale = np.array([res / max(x2 - x1, 1e-6), res / max(y2 - y1, 1e-6)])
+        flat.append(((points - PIXEL_CENTRE - np.array([x1, y1])) * scale).reshape(-1).astype(np.float64).tolist())
+    masks = mask_utils.decode(mask_utils.frPyObjects(flat, res, res))  # res x res x N uint8
+    masks = masks.transpose(2, 0, 1).reshape(len(boxes), size, SUPERSAMPLE, size, SUPERSAMPLE)
+    return masks.mean(axis=(2, 4), dtype=np.float32)
+
+
+def polygon_area(points: np.ndarray) -> float:
+    """Absolute shoelace area of a (K, 2) polygon."""
+    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
+    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def clip_polygon_to_image(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Sutherland-Hodgman clip of a polygon to the rectangle [0, width] x [0, height].
+
+    Exact for any simple polygon against a convex window; returns (K, 2), K may be 0.
+    """
+    edges = (  # (inside test, intersection with the boundary line)
+        (lambda p: p[0] >= 0, 0, 0.0),
+        (lambda p: p[0] <= width, 0, float(width)),
+        (lambda p: p[1] >= 0, 1, 0.0),
+        (lambda p: p[1] <= height, 1, float(height)),
+    )
+    out = [tuple(p) for p in points.astype(np.float64)]
+    for inside, axis, bound in edges:
+        if not out:
+            break
+        src, out = out, []
+        for i, cur in enumerate(src):
+            prev = src[i - 1]
+            if inside(cur):
+                if not inside(prev):
+                    out.append(_intersect(prev, cur, axis, bound))
+                out.append(cur)
+            elif inside(prev):
+                out.append(_intersect(prev, cur, axis, bound))
+    return np.asarray(out, dtype=np.float32).reshape(-1, 2)
+
+
+def _intersect(a: tuple, b: tuple, axis: int, bound: float) -> tuple[float, float]:
+    t = (bound - a[axis]) / (b[axis] - a[axis])
+    return (a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1]))
+
+
+def polygons_to_masks(polygons: list[np.ndarray], height: int, width: int) -> torch.Tensor:
+    """Rasterise polygons to (N, H, W) uint8 full-image masks, the stock torchvision target.
+
+    Training never calls this (polygon_mask_targets rasterises inside each proposal); it serves
+    explicit requests and comparisons. pycocotools rasterises, as COCO evaluation does, so
+    every mask in charseg follows one convention.
+    """
+    if not polygons:
+        return torch.zeros((0, height, width), dtype=torch.uint8)
+    rles = mask_utils.frPyObjects([p.reshape(-1).astype(np.float64).tolist() for p in polygons], height, width)
+    return torch.from_numpy(np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1)))
+
+
+def polygons_to_boxes(polygons: list[np.ndarray]) -> torch.Tensor:
+    """`polygon_boxes` as the (N, 4) float32 tensor of a Mask R-CNN target."""
+    return torch.from_numpy(polygon_boxes(polygons).astype(np.float32))
+
+
+def box_mask_to_polygon(prob: np.ndarray, box: np.ndarray, threshold: float = 0.5) -> list[float]:
+    """Outline, in image coordinates, of a box-sized mask probability map (M x M) inside `box`.
+
+    The map is resized to TRACE_SCALE x the box's pixel size and thresholded, and the
+    largest connected part is traced: contours run through pixel centres, so tracing at a
+    finer grid keeps a small glyph's outline within 1/(2*TRACE_SCALE) px of its edge.
+    Returns a flat [x1, y1, ...] list, [] if the mask is empty.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    width = max(int(np.ceil((x2 - x1) * TRACE_SCALE)), 1)
+    height = max(int(np.ceil((y2 - y1) * TRACE_SCALE)), 1)
+    resized = cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    points = largest_outline(resized >= threshold)
+    if points is None:
+        return []
+    scale = np.array([(x2 - x1) / width, (y2 - y1) / height], dtype=np.float32)
+    # + PIXEL_CENTRE: back from roi_align's convention.
+    return flat_polygon(points * scale + np.array([x1, y1]) + PIXEL_CENTRE)
+
+
+def largest_outline(binary: np.ndarray) -> np.ndarray | None:
+    """(K, 2) outline of the largest connected part of a binary mask, through pixel centres
+    (pixel i covers [i, i+1], so its centre is i + 0.5); None when empty or degenerate."""
+    contours, _ = cv2.findContours(binary.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    contour = max(contours, key=cv2.contourArea)
+    if len(contour) < 3:
+        return None
+    return contour.reshape(-1, 2).astype(np.float32) + 0.5
+
+
+def flat_polygon(points: np.ndarray) -> list[float]:
+    """(K, 2) points as the dataset's flat [x1, y1, x2, y2, ...] list, to 0.01 px."""
+    return [round(float(v), 2) for v in points.reshape(-1)]
+
+
+def mask_to_polygon(mask: np.ndarray) -> list[float]:
+    """Outline of the largest connected part of a full-image binary mask as a flat polygon;
+    [] when the mask is empty or degenerate."""
+    points = largest_outline(mask)
+    return flat_polygon(points) if points is not None else []
