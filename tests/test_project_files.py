@@ -63,3 +63,28 @@ def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == [
         "best.pth", "model_final.pth"]
     assert (tmp_path / "out" / "model_final.pth").is_file()
+
+
+def test_imports_flow_down_the_layers_of_the_architecture_doc():
+    """docs/ARCHITECTURE.md draws the modules in layers; a module imports only from layers below."""
+    import ast
+
+    block = (ROOT / "docs" / "ARCHITECTURE.md").read_text().split("```")[1]
+    layer = {}
+    for line in block.strip().splitlines():
+        number, *names = line.split()
+        for name in names:
+            if name.endswith(".py"):
+                layer[name[:-3]] = int(number)
+    modules = {p.stem for p in (ROOT / "charseg").glob("*.py")} - {"__init__", "__main__"}
+    assert set(layer) == modules, "every module has a layer in docs/ARCHITECTURE.md"
+    for module in modules:
+        tree = ast.parse((ROOT / "charseg" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                imported = [node.module] if node.module else [alias.name for alias in node.names]
+                for name in imported:
+                    assert layer[name] > layer[module], f"{module} (layer {layer[module]}) imports {name}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and module != "tracking":
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.split(".")[0] == "mlflow" for n in names), f"{module} imports mlflow"
