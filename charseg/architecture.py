@@ -28,6 +28,8 @@ MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 # Input size and sampler settings a fine-tune may change (given again); the rest of the
 # architecture is the source's, which its weights need. Limits are fitted to the new data.
 FINETUNE_CHANGEABLE = ("min_size", "max_size", "roi_samples")
+# Requests a fine-tune takes from the source's spec, as its weights were built for them.
+FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels")
 
 
 def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample],
@@ -48,7 +50,8 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
         return dataclasses.replace(source, **{k: getattr(config, k) for k in FINETUNE_CHANGEABLE}, **limits)
     sizes = config.anchor_sizes or choose_anchor_sizes(train, config.min_size, config.max_size)
     return spec_for_weights(config.backbone, config.weights, min_size=config.min_size, max_size=config.max_size,
-                            roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), **limits)
+                            roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
+                            fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels, **limits)
 
 
 def fit_limits(config: TrainConfig, most_characters: int) -> dict[str, int]:

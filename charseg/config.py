@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("train", "resume", "finetune")
+LR_SCHEDULES = ("step", "cosine")
+NORMS = ("batch", "group")
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (the seed script's rule).
 FINETUNE_LR_FACTOR = 0.2
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
@@ -46,6 +48,10 @@ class TrainConfig:
     lr_factor: float = 1.0  # multiplier on lr; fine-tune uses FINETUNE_LR_FACTOR
     momentum: float = 0.9  # SGD momentum
     weight_decay: float = 5e-4  # L2 penalty on all trainable parameters
+    # step: StepLR (the seed script's: x lr_gamma every lr_step_size epochs); cosine: the LR
+    # follows half a cosine from its peak to 0 over every iteration of the run, so a short run
+    # spends no epochs at a tenth of the rate and a long one still anneals.
+    lr_schedule: str = "step"
     lr_step_size: int = 3  # StepLR: decay the LR every this many epochs
     lr_gamma: float = 0.1  # StepLR: multiply the LR by this at each step
     warmup_iters: int = 1000  # linear warm-up length, capped to the first epoch's iterations
@@ -54,6 +60,9 @@ class TrainConfig:
     seed: int = 15107  # seeds python, numpy, torch, CUDA, shuffling and loader workers
     weights: str = "coco"  # coco | imagenet | none | path to a local weights file
     backbone: str = "resnet50"  # resnet50 | resnet34 | resnet18
+    norm: str = "batch"  # normalisation trained from scratch: batch | group (GroupNorm; --weights none only)
+    fpn_channels: int = 256  # FPN outputs and mask head width (torchvision: 256; 128 is ~2.8x faster on a CPU)
+    mask_pixels: bool = False  # the mask predictor also reads the input pixels inside each box (small glyphs)
     min_size: int = 800  # shorter image side after the model's resize
     max_size: int = 1333  # longer image side cap after the model's resize
     # What the user asked of the architecture; the model a run trains is its ModelSpec
@@ -72,7 +81,14 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of data_dir held out for validation (by seed); 0: no validation
     best_metric: str = "segm_AP"  # validation metric that picks best.pth (count_abs_error: lower wins)
     score_threshold: float = 0.5  # detections counted by the character metrics and drawn on overlays
-    val_images_logged: int = 3  # validation images with predicted outlines logged each epoch
+    val_images_logged: int = 3  # validation (and held-out) images with predicted outlines logged each epoch
+    # Pages made differently from the training data (e.g. `charseg generate --held-out`): each
+    # epoch, val_images_logged of them are logged with the model's outlines; after the last
+    # epoch the final model is evaluated on all of them. "": none.
+    heldout_dir: str = ""
+    # Random rotation, scale, shift, contrast, blur and noise of each training image, its
+    # polygons moved with it (augment.py); drawn from (seed, epoch, image), so resume stays exact.
+    augment: bool = False
     num_workers: int = 2  # data-loader worker processes; 0 loads in the main process
     save_every_epoch: bool = True  # write a checkpoint after every epoch
     save_versioned: bool = True  # model_epoch_001.pth, ... instead of one overwritten last.pth
@@ -117,6 +133,7 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "min_size": self.min_size,
+                    "fpn_channels": self.fpn_channels,
                     "max_size": self.max_size, "lr_step_size": self.lr_step_size, "log_every": self.log_every,
                     "roi_samples": self.roi_samples}
         for name, value in positive.items():
@@ -137,5 +154,9 @@ class TrainConfig:
             raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.anchor_sizes is not None:
             check_anchor_sizes(tuple(self.anchor_sizes), ",".join(map(str, self.anchor_sizes)))
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if not 0 < self.warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor}")

@@ -12,6 +12,7 @@ is dropped silently and no input file is ever modified.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .augment import Augmentation
 from .errors import DatasetError
 from .polygons import clip_polygon_to_image, pack_polygons, polygon_area, polygons_to_boxes, polygons_to_masks
 
@@ -295,25 +297,35 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 
 
 class CharacterDataset(torch.utils.data.Dataset):
-    """Map-style dataset over validated samples: (image CHW float in [0,1], target, name)."""
+    """Map-style dataset over validated samples: (image CHW float in [0,1], target, name).
 
-    def __init__(self, samples: list[Sample], full_masks: bool = False):
-        self.samples, self.full_masks = samples, full_masks
+    With `augment`, item (index, epoch) (what EpochShuffleSampler yields) is the sample
+    changed by randomness drawn from (seed, epoch, index) only; item `index` is never changed.
+    """
+
+    def __init__(self, samples: list[Sample], full_masks: bool = False, augment: Augmentation | None = None,
+                 seed: int = 0):
+        self.samples, self.full_masks, self.augment, self.seed = samples, full_masks, augment, seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         rgb = load_image_rgb(sample.image_path)
         if rgb.shape[:2] != (sample.height, sample.width):
             raise DatasetError(f"{sample.image_path}: image changed size while training")
-        image = image_to_tensor(rgb)
-        return image, build_target(sample, index, self.full_masks), sample.name
+        if self.augment is not None and epoch is not None:
+            rng = np.random.default_rng([self.seed, epoch, index])
+            rgb, polygons = self.augment(rgb, sample.polygons, rng)
+            sample = dataclasses.replace(sample, polygons=polygons)
+        return image_to_tensor(rgb), build_target(sample, index, self.full_masks), sample.name
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """Shuffles with a permutation that depends only on (seed, epoch), like DistributedSampler.
+class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """Shuffles with a permutation that depends only on (seed, epoch), like DistributedSampler,
+    and yields (index, epoch), so the dataset's augmentation knows the epoch in any worker.
 
     Neither the number of loader workers nor any global RNG changes the order, so a resumed
     run sees exactly the batches the uninterrupted run would have seen.
@@ -330,7 +342,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter((index, self.epoch) for index in torch.randperm(self.size, generator=generator).tolist())
 
 
 def collate(batch):

@@ -27,7 +27,7 @@ StepCallback = Callable[[int, dict[str, float], float], None]
 
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable,
                     device: torch.device, epoch: int, *, steps_per_epoch: int,
-                    warmup: torch.optim.lr_scheduler.LRScheduler | None = None, warmup_iters: int = 0,
+                    iteration_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, iteration_steps: int = 0,
                     clip_grad_norm: float = 0.0, log_every: int = 10,
                     on_step: StepCallback | None = None) -> dict[str, float]:
     """Train `model` for one pass over `loader`.
@@ -35,7 +35,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     Args:
         epoch: 1-based epoch number, used for global step numbers and messages.
         steps_per_epoch: len(loader); global step = (epoch - 1) * steps_per_epoch + i.
-        warmup: per-iteration LR scheduler stepped while its last_epoch < warmup_iters.
+        iteration_scheduler: per-iteration LR scheduler (a warm-up, or a whole cosine schedule)
+            stepped after each iteration while its last_epoch < iteration_steps.
         clip_grad_norm: max gradient norm (0: no clipping).
         on_step: called every `log_every` steps with (global step, losses, lr).
     Returns:
@@ -67,8 +68,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         lr = optimizer.param_groups[0]["lr"]
-        if warmup is not None and warmup.last_epoch < warmup_iters:
-            warmup.step()
+        if iteration_scheduler is not None and iteration_scheduler.last_epoch < iteration_steps:
+            iteration_scheduler.step()
         for k, v in values.items():
             sums[k] += v
         n_steps += 1

@@ -1,4 +1,10 @@
-"""Synthetic character pages in the charseg dataset format, for demos, tests and benchmarks."""
+"""Synthetic character pages in the charseg dataset format, for demos, tests and benchmarks.
+
+Two layouts: `scatter` places single glyphs of one font anywhere on a flat page, never
+touching; `lines` sets words in lines of text in several fonts, anti-aliased, on a noisy
+background, as pages of text look. Held-out pages for measuring a model come from another
+process (heldout.py), in other fonts.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +21,25 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data import CSV_HEADER
 from .errors import CharsegError
-from .polygons import flat_polygon
+from .polygons import flat_polygon, polygon_area
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
+LAYOUTS = ("scatter", "lines")
+MIN_GLYPH_AREA = 2.0  # px²: a speck this small (a glyph at a tiny size) gets no polygon
+# `lines` sets text in these (matplotlib ships them) and in Pillow's bundled font; the
+# held-out pages use others (heldout.HELDOUT_FONTS).
+TRAINING_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
+                  "DejaVuSerif-Bold.ttf", "cmr10.ttf")
+
+
+def font_files(names: tuple[str, ...]) -> list[str]:
+    """Paths of these font files among the fonts matplotlib ships; [] without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    return [str(folder / name) for name in names if (folder / name).is_file()]
 
 
 @dataclass
@@ -72,11 +94,13 @@ def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
 def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 128, height: int = 128,
                      chars_per_image: tuple[int, int] = (3, 8), font_size: tuple[int, int] = (18, 40),
                      font_path: str | None = None, charset: str = DEFAULT_CHARSET, seed: int = 0,
-                     progress: bool = False) -> GenerationSummary:
-    """Render `num_images` pages of non-overlapping characters and their polygons.
+                     layout: str = "scatter", progress: bool = False) -> GenerationSummary:
+    """Render `num_images` pages of characters and their polygons.
 
-    Writes OUT_DIR/images/00001.png ... and OUT_DIR/annotations/00001.csv (char,polygon_json).
-    Returns counts of what was written.
+    layout: "scatter" (single glyphs anywhere, never touching) or "lines" (lines of words in
+    TRAINING_FONTS and Pillow's font, or only `font_path` when given; at most the drawn
+    number of characters). Writes OUT_DIR/images/00001.png ... and
+    OUT_DIR/annotations/00001.csv (char,polygon_json). Returns counts of what was written.
     """
     if num_images < 1 or width < 8 or height < 8:
         raise CharsegError("need at least 1 image of at least 8x8 pixels")
@@ -85,34 +109,36 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
         raise CharsegError(f"chars per image must be 1 <= min <= max, got {lo}-{hi}")
     if not 4 <= font_size[0] <= font_size[1]:
         raise CharsegError(f"font size must be 4 <= min <= max, got {font_size[0]}-{font_size[1]}")
+    if layout not in LAYOUTS:
+        raise CharsegError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    fonts = _FontCache(font_path)
+    fonts = _FontCache([font_path] if font_path else [None, *font_files(TRAINING_FONTS)])
+    render = _render_page if layout == "scatter" else _render_lines
     total = 0
     indices = range(1, num_images + 1)
     if progress:
         from tqdm import tqdm
         indices = tqdm(indices, desc="generating", unit="image")
     for index in indices:
-        page, rows = _render_page(rng, width, height, count=(lo, hi), font_size=font_size, fonts=fonts,
-                                  charset=charset)
-        _write_page(out, f"{index:05d}", page, rows)
+        page, rows = render(rng, width, height, count=(lo, hi), font_size=font_size, fonts=fonts, charset=charset)
+        write_page(out, f"{index:05d}", page, rows)
         total += len(rows)
     return GenerationSummary(out_dir=out, images=num_images, characters=total)
 
 
 class _FontCache:
-    """One loaded font per pixel size."""
+    """Loaded fonts by (file, pixel size); `paths[0]` is the scatter layout's font (None:
+    Pillow's bundled one), the lines layout chooses among all."""
 
-    def __init__(self, font_path: str | None):
-        self.font_path, self.fonts = font_path, {}
+    def __init__(self, paths: list[str | None]):
+        self.paths, self.fonts = paths, {}
 
-    def __call__(self, size: int) -> ImageFont.FreeTypeFont:
-        if size not in self.fonts:
-            self.fonts[size] = load_font(self.font_path, size)
-        return self.fonts[size]
+    def __call__(self, size: int, path: str | None = None) -> ImageFont.FreeTypeFont:
+        path = path if path is not None else self.paths[0]
+        if (path, size) not in self.fonts:
+            self.fonts[path, size] = load_font(path, size)
+        return self.fonts[path, size]
 
 
 def _render_page(rng: random.Random, width: int, height: int, *, count: tuple[int, int],
@@ -157,7 +183,63 @@ def _free_place(rng: random.Random, occupied: np.ndarray, shape: tuple[int, int]
     return None
 
 
-def _write_page(out: Path, name: str, page: np.ndarray, rows: list[tuple]) -> None:
+def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[int, int],
+                  font_size: tuple[int, int], fonts: _FontCache, charset: str) -> tuple[np.ndarray, list[tuple]]:
+    """Lines of words, each line in one font, size and ink, glyph by glyph with anti-aliased
+    edges on a noisy, tinted background; a glyph's polygon outlines its pixels of at least
+    half coverage. Stops at the drawn number of characters or the page's end."""
+    page = np.empty((height, width, 3), dtype=np.float32)
+    page[:] = np.array([rng.uniform(150, 255)] * 3) + np.array([rng.uniform(-10, 10) for _ in range(3)])
+    budget, rows = rng.randint(*count), []
+    y = rng.randint(0, 8)
+    while len(rows) < budget:
+        font = fonts(rng.randint(*font_size), rng.choice(fonts.paths))
+        ascent, descent = font.getmetrics()
+        if y + ascent + descent > height:
+            break
+        ink = np.array([rng.uniform(0, 110)] * 3, dtype=np.float32)
+        x = rng.uniform(0, font.size)
+        while len(rows) < budget:
+            char = " " if rng.random() < 0.15 else rng.choice(charset)
+            advance = font.getlength(char) + rng.uniform(0, 2)
+            if x + advance > width:
+                break
+            placed = _draw_glyph(page, char, font, x, y, ink)
+            if placed is not None:
+                rows.append((char, json.dumps(flat_polygon(placed))))
+            x += advance
+        y += ascent + descent + rng.randint(0, 6)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 6), page.shape)
+    return np.clip(page + noise, 0, 255).round().astype(np.uint8), rows
+
+
+def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: float, y: int,
+                ink: np.ndarray) -> np.ndarray | None:
+    """Blend one anti-aliased glyph into `page` with its origin at (x, y); returns its polygon
+    in page coordinates, or None when it has no pixel of at least half coverage."""
+    left, top, right, bottom = font.getbbox(char)
+    if right <= left or bottom <= top:
+        return None
+    ox, oy = int(np.floor(x)) + left, y + top
+    canvas = Image.new("L", (right - left, bottom - top), 0)
+    ImageDraw.Draw(canvas).text((x - np.floor(x) - left, -top), char, fill=255, font=font)
+    coverage = np.asarray(canvas, dtype=np.float32) / 255.0
+    height, width = page.shape[:2]
+    h, w = min(coverage.shape[0], height - oy), min(coverage.shape[1], width - ox)
+    if h <= 0 or w <= 0 or ox < 0 or oy < 0:
+        return None
+    coverage = coverage[:h, :w, None]
+    page[oy:oy + h, ox:ox + w] = page[oy:oy + h, ox:ox + w] * (1 - coverage) + ink * coverage
+    outline = glyph_outline(coverage[:, :, 0] >= 0.5)
+    if outline is None or polygon_area(outline) < MIN_GLYPH_AREA:
+        return None
+    return outline + np.array([ox, oy], dtype=np.float32)
+
+
+def write_page(out: Path, name: str, page: np.ndarray, rows: list[tuple]) -> None:
+    """Save one page as OUT/images/NAME.png and its rows (char, polygon JSON) as OUT/annotations/NAME.csv."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
     Image.fromarray(page).save(out / "images" / f"{name}.png")
     with open(out / "annotations" / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

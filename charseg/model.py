@@ -11,17 +11,22 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from .config import NORMS
 from .errors import WeightsError
-from .polygon_heads import make_polygon_native
+from .polygon_heads import PixelFPN, PixelMaskPredictor, make_polygon_native
 
 NUM_CLASSES = 2  # background 0, character 1
 BACKBONES = ("resnet50", "resnet34", "resnet18")
 WEIGHT_CHOICES = ("coco", "imagenet", "none")  # or a path to a local file
+GROUPS = 32  # GroupNorm groups (Wu and He, 2018): every ResNet, FPN and head width divides by 32
+BOX_REPRESENTATION = 1024  # the box head's two fully connected layers (TwoMLPHead), as torchvision
 _IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "resnet34": ResNet34_Weights.IMAGENET1K_V1,
              "resnet18": ResNet18_Weights.IMAGENET1K_V1}
 # RPN anchors: one size per FPN level (P2-P6, strides 4-64), three aspect ratios (height/width)
@@ -41,8 +46,19 @@ class ModelSpec:
     min_size: int = 800
     max_size: int = 1333
     # Pretrained backbones keep frozen BatchNorm statistics (as torchvision does); a
-    # backbone trained from scratch needs live BatchNorm to train at all.
+    # backbone trained from scratch needs live normalisation to train at all.
     frozen_bn: bool = True
+    # Live normalisation from scratch: "batch" (torchvision's BatchNorm in the backbone), or
+    # "group": GroupNorm in the backbone, the FPN and the mask head, as He, Girshick and
+    # Dollar train Mask R-CNN from scratch (batch statistics of 2 images are too noisy, and
+    # the running averages used at inference drift away from them).
+    norm: str = "batch"
+    # FPN output channels, also the width of the mask head: 256 is torchvision's; 128 trains
+    # a small model (few, simple classes) about 2.8x faster per step on a CPU.
+    fpn_channels: int = 256
+    # The mask predictor also reads the input pixels inside each box at 28x28 (polygon_heads.
+    # PixelMaskPredictor): small glyphs are a few cells of the stride-4 features.
+    mask_pixels: bool = False
     trainable_layers: int = 3  # backbone stages trained, counted from the top (0-5)
     # torchvision's COCO weights were converted with FrozenBatchNorm eps 0 and must keep it.
     frozen_bn_eps: float = 1e-5
@@ -87,9 +103,22 @@ def spec_for_weights(backbone: str, weights: str, **sizes_and_limits) -> ModelSp
     """
     if backbone not in BACKBONES:
         raise WeightsError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-    pretrained = weights != "none"
+    norm = sizes_and_limits.pop("norm", "batch")
+    if norm not in NORMS:
+        raise WeightsError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if norm == "group" and weights in ("coco", "imagenet"):
+        raise WeightsError(f"--norm group trains from scratch: {weights} weights were trained with BatchNorm; "
+                           "pass --weights none (or a checkpoint trained with --norm group)")
+    if weights == "coco" and sizes_and_limits.get("fpn_channels", 256) != 256:
+        raise WeightsError("COCO Mask R-CNN weights have 256 FPN channels; drop --fpn-channels or pass "
+                           "--weights imagenet or none")
+    pretrained = weights != "none" and norm == "batch"
     return ModelSpec(backbone=backbone, frozen_bn=pretrained, trainable_layers=3 if pretrained else 5,
-                     frozen_bn_eps=0.0 if weights == "coco" else 1e-5, **sizes_and_limits)
+                     frozen_bn_eps=0.0 if weights == "coco" else 1e-5, norm=norm, **sizes_and_limits)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(GROUPS, channels)
 
 
 def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
@@ -98,14 +127,51 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
     polygon_native: polygon mask targets and box-sized mask outputs (polygon_heads.py);
     False gives torchvision's stock full-image-mask behaviour (for comparisons).
     """
-    norm_layer = misc_nn_ops.FrozenBatchNorm2d if spec.frozen_bn else nn.BatchNorm2d
-    backbone = resnet_fpn_backbone(backbone_name=spec.backbone, weights=None, norm_layer=norm_layer,
-                                   trainable_layers=spec.trainable_layers)
-    for module in backbone.modules():
+    if spec.frozen_bn:
+        norm_layer = misc_nn_ops.FrozenBatchNorm2d
+    else:
+        norm_layer = group_norm if spec.norm == "group" else nn.BatchNorm2d
+    body = resnet.__dict__[spec.backbone](weights=None, norm_layer=norm_layer)
+    for module in body.modules():
         if isinstance(module, misc_nn_ops.FrozenBatchNorm2d):
             module.eps = spec.frozen_bn_eps
-    model = MaskRCNN(backbone, num_classes=spec.num_classes, **spec.detector_kwargs())
+    # GroupNorm also in the FPN and the mask head: torchvision's maskrcnn_resnet50_fpn_v2 layout.
+    head_norm = group_norm if spec.norm == "group" else None
+    backbone = fpn_backbone(body, spec.trainable_layers, spec.fpn_channels, head_norm)
+    if spec.mask_pixels:
+        if not polygon_native:
+            raise ValueError("mask_pixels needs the polygon-native heads; stock torchvision has no such predictor")
+        backbone.__class__ = PixelFPN
+    model = MaskRCNN(backbone, **_heads(spec, head_norm), **spec.detector_kwargs())
     return make_polygon_native(model) if polygon_native else model
+
+
+def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_layer=None) -> BackboneWithFPN:
+    """torchvision's _resnet_fpn_extractor (stages 1-4, P6 by max pooling, the lower stages
+    frozen) with `channels` FPN outputs instead of its fixed 256."""
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in body.named_parameters():
+        if not any(name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+    stage2 = body.inplanes // 8
+    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+                           [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)], channels,
+                           extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer)
+
+
+def _heads(spec: ModelSpec, norm_layer) -> dict:
+    """MaskRCNN's head arguments: torchvision's defaults for 256 channels without norm;
+    otherwise a mask head as wide as the FPN (normalised with `norm_layer`), its predictor
+    reading the pixels too with `mask_pixels`."""
+    if spec.fpn_channels == 256 and norm_layer is None and not spec.mask_pixels:
+        return {"num_classes": spec.num_classes}
+    width = spec.fpn_channels
+    predictor = PixelMaskPredictor if spec.mask_pixels else MaskRCNNPredictor
+    return {"num_classes": None, "box_predictor": FastRCNNPredictor(BOX_REPRESENTATION, spec.num_classes),
+            "mask_head": MaskRCNNHeads(width, [width] * 4, 1, norm_layer=norm_layer),
+            "mask_predictor": predictor(width, width, spec.num_classes)}
 
 
 def replace_heads(model: MaskRCNN, num_classes: int) -> MaskRCNN:

@@ -14,9 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.ops import roi_align
 
 from .polygons import polygon_mask_targets, unpack_polygons
 
@@ -24,6 +27,8 @@ from .polygons import polygon_mask_targets, unpack_polygons
 ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
+# The feature that carries the input pixels to a PixelMaskPredictor (PixelFPN).
+PIXELS = "pixels"
 # Target keys that carry an image's polygons (see data.build_target).
 POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
 
@@ -76,10 +81,18 @@ class PolygonRoIHeads(RoIHeads):
         positives = [torch.where(lab > 0)[0] for lab in labels]
         mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
         pos_matched = [m[pos] for m, pos in zip(matched_idxs, positives)]
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes)))
+        mask_logits = self.mask_logits(features, mask_proposals, image_shapes)
         loss_mask = polygon_mask_loss(mask_logits, mask_proposals, targets, pos_matched, image_shapes)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
+
+    def mask_logits(self, features, boxes: list[torch.Tensor], image_shapes) -> torch.Tensor:
+        """Mask logits of `boxes` (one tensor per image); a PixelMaskPredictor also reads the
+        input's pixels inside each box."""
+        x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
+        if isinstance(self.mask_predictor, PixelMaskPredictor):
+            return self.mask_predictor(x, features[PIXELS], boxes)
+        return self.mask_predictor(x)
 
     def _infer(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
         """Stock inference, but the mask head runs over MASK_CHUNK detections at a time: on a
@@ -94,11 +107,50 @@ class PolygonRoIHeads(RoIHeads):
                 chunk = result["boxes"][start:start + MASK_CHUNK]
                 # MultiScaleRoIAlign reads the image index from the list position.
                 per_image = [chunk if j == i else chunk[:0] for j in range(len(results))]
-                logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, per_image, image_shapes)))
+                logits = self.mask_logits(features, per_image, image_shapes)
                 chunks.append(maskrcnn_inference(logits, [result["labels"][start:start + MASK_CHUNK]])[0])
             size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
             result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
         return results
+
+
+class PixelMaskPredictor(nn.Module):
+    """MaskRCNNPredictor that also sees the image: after the deconvolution to 28x28, the
+    input's pixels inside each box (roi_align at 28x28) are concatenated to the features and
+    two 3x3 convolutions refine them before the logits.
+
+    A character is its pixels: at stride 4, a 20 px glyph spans 5x5 feature cells, too coarse
+    for its strokes, while its own pixels draw them at full resolution.
+    """
+
+    def __init__(self, in_channels: int, dim_reduced: int, num_classes: int, refine: int = 32,
+                 image_channels: int = 3):
+        super().__init__()
+        self.conv5_mask = nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)
+        self.pixel_refine = nn.Sequential(nn.Conv2d(dim_reduced + image_channels, refine, 3, padding=1),
+                                          nn.ReLU(inplace=True), nn.Conv2d(refine, refine, 3, padding=1),
+                                          nn.ReLU(inplace=True))
+        self.mask_fcn_logits = nn.Conv2d(refine, num_classes, 1)
+        for module in self.modules():  # as torchvision's MaskRCNNPredictor
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.constant_(module.bias, 0)
+
+    def forward(self, x: torch.Tensor, pixels: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        x = F.relu(self.conv5_mask(x))
+        size = x.shape[-1]
+        crops = roi_align(pixels, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=False)
+        return self.mask_fcn_logits(self.pixel_refine(torch.cat([x, crops.to(x.dtype)], 1)))
+
+
+class PixelFPN(BackboneWithFPN):
+    """BackboneWithFPN that also hands on its input (the normalised, batched images) as the
+    feature PIXELS, for a PixelMaskPredictor; RoI pooling reads only its named levels."""
+
+    def forward(self, x: torch.Tensor):
+        features = super().forward(x)
+        features[PIXELS] = x
+        return features
 
 
 class BandedMatchingRPN(RegionProposalNetwork):
@@ -111,6 +163,10 @@ class BandedMatchingRPN(RegionProposalNetwork):
     each chunk is compared only with the GT boxes that touch its extent; the matches are
     exactly the stock ones (incl. low-quality matches and their ties).
     """
+
+    def forward(self, images, features, targets=None):
+        # The RPN has one anchor size per FPN level: the input pixels are not a level.
+        return super().forward(images, {k: v for k, v in features.items() if k != PIXELS}, targets)
 
     def assign_targets_to_anchors(self, anchors, targets):
         labels, matched_gt_boxes = [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from .architecture import FINETUNE_CHANGEABLE, resolve_spec
+from .architecture import FINETUNE_CHANGEABLE, FINETUNE_FIXED, resolve_spec
+from .augment import Augmentation
 from .config import FINETUNE_LR_FACTOR, TrainConfig
 from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
                    split_samples)
@@ -38,11 +40,11 @@ log = logging.getLogger("charseg")
 MAX_PROBLEMS_SHOWN = 20
 # Optimizer settings a fine-tune inherits from its source checkpoint's config unless given
 # again (its architecture comes from the source's ModelSpec: architecture.resolve_spec).
-FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_step_size", "lr_gamma", "warmup_iters",
-                      "warmup_factor", "clip_grad_norm")
+FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_schedule", "lr_step_size", "lr_gamma",
+                      "warmup_iters", "warmup_factor", "clip_grad_norm", "augment")
 # Settings a resume may change: where things are and how fast they run, never the maths.
-RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "output_dir", "device", "num_workers", "log_every",
-                      "save_every_epoch", "save_versioned")
+RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "heldout_dir", "output_dir", "device", "num_workers",
+                      "log_every", "save_every_epoch", "save_versioned")
 
 
 class TrainingAlreadyComplete(CharsegError):
@@ -57,6 +59,7 @@ class Tracker(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
     def log_checkpoints_of_epoch(self, epoch: int, paths: list[Path], final: bool) -> None: ...
     def log_validation(self, epoch: int, metrics: dict[str, float], overlays: list) -> None: ...
+    def log_heldout(self, epoch: int, metrics: dict[str, float] | None, overlays: list) -> None: ...
     def log_best(self, path: Path, best: dict) -> None: ...
 
 
@@ -78,6 +81,9 @@ class NullTracker:
     def log_validation(self, epoch, metrics, overlays) -> None:
         pass
 
+    def log_heldout(self, epoch, metrics, overlays) -> None:
+        pass
+
     def log_best(self, path, best) -> None:
         pass
 
@@ -92,6 +98,7 @@ class RunResult:
     checkpoints: list[Path] = field(default_factory=list)  # every file written, in order
     final_checkpoint: Path | None = None
     best: dict = field(default_factory=dict)  # {"metric", "value", "epoch", "through_epoch"}
+    heldout: dict[str, float] = field(default_factory=dict)  # the final model's metrics on --heldout-dir
 
 
 @contextlib.contextmanager
@@ -240,7 +247,7 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     source_spec = ModelSpec.from_dict(state["model_spec"])
     source_config = TrainConfig.from_dict(state["config"])
     inherited = {**{k: getattr(source_config, k) for k in FINETUNE_INHERITED},
-                 **{k: getattr(source_spec, k) for k in FINETUNE_CHANGEABLE}, "backbone": source_spec.backbone}
+                 **{k: getattr(source_spec, k) for k in (*FINETUNE_CHANGEABLE, *FINETUNE_FIXED)}}
     config = TrainConfig(**{**inherited, "lr_factor": FINETUNE_LR_FACTOR, **overrides}, mode="finetune",
                          weights=str(checkpoint_path), init_checkpoint=str(checkpoint_path))
     config.output_dir = config.output_dir or default_output_dir("finetune")
@@ -285,41 +292,59 @@ def _check(config: TrainConfig) -> None:
 
 @dataclass
 class Optimization:
-    """The optimizer and its LR schedules: StepLR per epoch, linear warm-up per iteration
-    within the first epoch (torchvision's reference recipe)."""
+    """The optimizer and its LR schedules.
+
+    step: a per-iteration linear warm-up within the first epoch, then StepLR per epoch
+    (torchvision's reference recipe). cosine: one per-iteration schedule, the same warm-up
+    then half a cosine to 0 at the run's last iteration.
+    """
 
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    warmup: torch.optim.lr_scheduler.LRScheduler | None
-    warmup_iters: int
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped after each epoch
+    iteration_scheduler: torch.optim.lr_scheduler.LRScheduler | None  # stepped after each iteration ...
+    iteration_steps: int  # ... while its count is below this
 
     @classmethod
     def create(cls, config: TrainConfig, model: torch.nn.Module, steps_per_epoch: int) -> "Optimization":
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=config.effective_lr, momentum=config.momentum,
                                     weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size, gamma=config.lr_gamma)
         warmup_iters = min(config.warmup_iters, steps_per_epoch)
+        if config.lr_schedule == "cosine":
+            total = config.epochs * steps_per_epoch
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda it: warmup_cosine(it, warmup_iters, config.warmup_factor, total))
+            return cls(optimizer, None, schedule, total)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_size, gamma=config.lr_gamma)
         warmup = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=config.warmup_factor,
                                                     total_iters=warmup_iters) if warmup_iters > 0 else None)
         return cls(optimizer, scheduler, warmup, warmup_iters)
 
     def state_dicts(self) -> dict[str, dict]:
-        """The checkpoint's optimizer, scheduler and warm-up entries."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "warmup": self.warmup.state_dict() if self.warmup is not None else {}}
+        """The checkpoint's optimizer, scheduler (per epoch) and warmup (per iteration) entries."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+                "warmup": self.iteration_scheduler.state_dict() if self.iteration_scheduler is not None else {}}
 
     def load(self, state: dict) -> None:
         """Restore what `state_dicts` saved."""
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.warmup is not None and state["warmup"]:
-            self.warmup.load_state_dict(state["warmup"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.iteration_scheduler is not None and state["warmup"]:
+            self.iteration_scheduler.load_state_dict(state["warmup"])
+
+
+def warmup_cosine(iteration: int, warmup_iters: int, warmup_factor: float, total: int) -> float:
+    """LR multiplier at `iteration`: linear from warmup_factor to 1 over warmup_iters, times
+    half a cosine from 1 at iteration 0 to 0 at `total`."""
+    warm = 1.0 if iteration >= warmup_iters else warmup_factor + (1 - warmup_factor) * iteration / warmup_iters
+    return warm * 0.5 * (1 + math.cos(math.pi * min(iteration, total) / max(total, 1)))
 
 
 def _loader(config: TrainConfig, train: list[Sample], device: torch.device) -> tuple[DataLoader, EpochShuffleSampler]:
     """The training loader and its sampler (set_epoch before each epoch)."""
-    dataset = CharacterDataset(train)
+    dataset = CharacterDataset(train, augment=Augmentation() if config.augment else None, seed=config.seed)
     sampler = EpochShuffleSampler(len(dataset), config.seed)
     # A private generator for the loader's worker seeds keeps the global RNG stream (used by
     # the RPN and ROI samplers) independent of the number of workers.
@@ -346,6 +371,7 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
     if not splits.train:
         raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
     loader, sampler = _loader(config, splits.train, device)
+    heldout = load_dataset_report(config.heldout_dir).samples if config.heldout_dir else []
     opt = Optimization.create(config, model, len(loader))
     result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
                        best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})
@@ -372,8 +398,26 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
         if splits.val:
             val_metrics = _validate(model, config, spec, splits.val, device, epoch, result.best, state, tracker)
             metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
+        if heldout:
+            result.heldout = _heldout(model, config, spec, heldout, device, epoch, tracker)
     result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
     return result
+
+
+def _heldout(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, pages: list[Sample],
+             device: torch.device, epoch: int, tracker: Tracker) -> dict[str, float]:
+    """Log the model's outlines on a few held-out pages; after the last epoch, evaluate it on
+    all of them. Returns those metrics ({} before the last epoch)."""
+    final = epoch == config.epochs
+    shown = config.val_images_logged
+    result = evaluate(model, pages if final else pages[:shown], device, max_dets=spec.detections_per_img,
+                      score_threshold=config.score_threshold, batch_size=config.batch_size, overlay_count=shown)
+    model.train()
+    if final:
+        log.info("held-out pages %s, final model: %s", config.heldout_dir,
+                 ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
+    tracker.log_heldout(epoch, result.metrics if final else None, result.overlays)
+    return result.metrics if final else {}
 
 
 def _restore(state: dict, model: torch.nn.Module, opt: Optimization, result: RunResult) -> None:
@@ -391,12 +435,13 @@ def _train_epoch(model: torch.nn.Module, opt: Optimization, loader: DataLoader, 
     """One epoch and its StepLR step; returns the epoch's metrics (see train_one_epoch)."""
     try:
         metrics = train_one_epoch(
-            model, opt.optimizer, loader, device, epoch, steps_per_epoch=len(loader), warmup=opt.warmup,
-            warmup_iters=opt.warmup_iters, clip_grad_norm=config.clip_grad_norm, log_every=config.log_every,
-            on_step=tracker.log_step)
+            model, opt.optimizer, loader, device, epoch, steps_per_epoch=len(loader),
+            iteration_scheduler=opt.iteration_scheduler, iteration_steps=opt.iteration_steps,
+            clip_grad_norm=config.clip_grad_norm, log_every=config.log_every, on_step=tracker.log_step)
     except NonFiniteLossError as exc:
         raise CharsegError(str(exc)) from exc
-    opt.scheduler.step()
+    if opt.scheduler is not None:
+        opt.scheduler.step()
     metrics["epoch"] = float(epoch)
     components = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
     log.info("epoch %d/%d finished: avg loss %.4f (%s), lr %.2e, %.1f images/s", epoch, config.epochs,

@@ -137,6 +137,13 @@ class MlflowTracker:
         for name, image in overlays:
             mlflow.log_image(image, key=f"val_predictions_{name}", step=epoch)
 
+    def log_heldout(self, epoch: int, metrics: dict[str, float] | None, overlays: list) -> None:
+        """Held-out pages with predicted outlines (step = epoch); the final model's metrics."""
+        if metrics is not None:
+            mlflow.log_metrics({f"heldout/{k}": v for k, v in metrics.items()}, step=epoch)
+        for name, image in overlays:
+            mlflow.log_image(image, key=f"heldout_predictions_{name}", step=epoch)
+
     def log_best(self, path: Path, best: dict) -> None:
         """best.pth as checkpoints/best.pth (unless the policy is none); best epoch and value."""
         if self.log_checkpoints != "none":

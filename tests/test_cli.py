@@ -25,7 +25,7 @@ def test_help_lists_every_training_option(command):
     text = invoke(command, "--help").output
     skip = {"mode", "data_dir", "init_checkpoint", "lr_factor", "weights", "backbone"}
     if command == "finetune":
-        skip.add("anchor_sizes")  # the anchors the source weights were trained with
+        skip |= {"anchor_sizes", "norm", "fpn_channels", "mask_pixels"}  # the architecture the source weights were trained with
     for name in TrainConfig.__dataclass_fields__:
         if name not in skip:
             assert f"--{name.replace('_', '-')}" in text, name
@@ -91,7 +91,7 @@ def test_checkpoint_with_foreign_nested_keys_is_one_clear_error(tiny_dataset, tm
     from charseg import checkpoint as ckpt
 
     state = ckpt.make_checkpoint(epoch=1, model={}, optimizer={}, scheduler={}, warmup={}, seed=1, rng={},
-                                 config={}, model_spec={"backbone": "resnet18", "norm": "group"}, num_classes=2,
+                                 config={}, model_spec={"backbone": "resnet18", "neck": "bifpn"}, num_classes=2,
                                  metrics={}, best={})
     path = str(ckpt.save_checkpoint(state, tmp_path / "foreign.pth"))
     args = {"evaluate": ["evaluate", str(tiny_dataset), "--model", path],
@@ -102,5 +102,14 @@ def test_checkpoint_with_foreign_nested_keys_is_one_clear_error(tiny_dataset, tm
     assert result.exit_code == 1, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "foreign.pth: its model_spec does not fit this charseg" in errors[0]
-    assert "'norm'" in errors[0] and "Traceback" not in result.output
-    assert torch.load(path, weights_only=True)["model_spec"]["norm"] == "group"  # the file is left alone
+    assert "'neck'" in errors[0] and "Traceback" not in result.output
+    assert torch.load(path, weights_only=True)["model_spec"]["neck"] == "bifpn"  # the file is left alone
+
+
+def test_generate_lines_and_held_out_pages(tmp_path):
+    result = invoke("generate", str(tmp_path / "lines"), "--layout", "lines", "--num-images", "2", "--size", "96x96",
+                    "--chars-per-image", "10-20", "--font-size", "12-20")
+    assert result.exit_code == 0 and "wrote 2 images" in result.output
+    result = invoke("generate", str(tmp_path / "held"), "--held-out", "--num-images", "2")
+    assert result.exit_code == 0 and "wrote 2 held-out pages" in result.output
+    assert invoke("validate-data", str(tmp_path / "held")).exit_code == 0

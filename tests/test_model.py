@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from charseg.errors import WeightsError
-from charseg.model import ModelSpec, create_model, spec_for_weights
+from charseg.model import ModelSpec, build_model, create_model, spec_for_weights
 
 
 @pytest.fixture
@@ -78,3 +78,43 @@ def test_foreign_file_is_refused(tmp_path):
         create_model(ModelSpec(backbone="resnet18"), str(path))
     with pytest.raises(WeightsError, match="not found"):
         create_model(ModelSpec(backbone="resnet18"), str(tmp_path / "missing.pth"))
+
+
+def test_a_spec_of_an_older_checkpoint_builds_torchvisions_layout():
+    old = {k: v for k, v in ModelSpec(backbone="resnet18").to_dict().items() if k not in ("norm", "fpn_channels")}
+    spec = ModelSpec.from_dict(old)
+    assert (spec.norm, spec.fpn_channels) == ("batch", 256)
+    stock = torchvision.models.detection.MaskRCNN(
+        torchvision.models.detection.backbone_utils.resnet_fpn_backbone(backbone_name="resnet18", weights=None),
+        num_classes=2)
+    ours = build_model(spec).state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in stock.state_dict().items()}
+
+
+def test_group_norm_model_is_normalised_and_narrower():
+    model, _ = create_model(spec_for_weights("resnet18", "none", min_size=64, max_size=64, norm="group",
+                                             fpn_channels=128), "none")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.roi_heads.mask_head.modules()) == 4
+    assert model.backbone.out_channels == 128
+    assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 128
+    with pytest.raises(WeightsError, match="--norm group trains from scratch"):
+        spec_for_weights("resnet18", "imagenet", norm="group")
+
+
+def test_pixel_mask_predictor_trains_and_predicts(tiny_dataset):
+    from charseg.data import CharacterDataset, collate, scan_dataset
+
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64, norm="group", fpn_channels=64,
+                            mask_pixels=True)
+    model = build_model(spec)
+    images, targets, _ = collate([CharacterDataset(scan_dataset(tiny_dataset).samples)[i] for i in (0, 1)])
+    losses = model(list(images), list(targets))
+    sum(losses.values()).backward()
+    assert model.roi_heads.mask_predictor.pixel_refine[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.inference_mode():
+        out = model(list(images))
+    assert out[0]["box_masks"].shape[1:] == (28, 28)
+    with pytest.raises(ValueError, match="polygon-native"):
+        build_model(spec, polygon_native=False)

@@ -137,3 +137,36 @@ def test_checkpoints_of_older_releases_still_resume_and_finetune(tiny_dataset, t
     tuned = runner.finetune(old, {"data_dir": str(tiny_dataset), "epochs": 1, "output_dir": str(tmp_path / "ft"),
                                   "num_workers": 0})
     assert ckpt.load_checkpoint(tuned.final_checkpoint)["model_spec"]["anchor_sizes"] == spec["anchor_sizes"]
+
+
+def test_group_norm_cosine_and_augmentation_resume_exactly(tiny_dataset, tmp_path):
+    recipe = dict(norm="group", fpn_channels=64, lr_schedule="cosine", augment=True, epochs=3)
+    straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", num_workers=2, **recipe))
+    state = ckpt.load_checkpoint(tmp_path / "straight" / "model_epoch_001.pth")
+    assert state["model_spec"]["norm"] == "group" and state["model_spec"]["fpn_channels"] == 64
+    # Resumed without loader workers, the straight run had two: augmentation must not care.
+    resumed = runner.resume(tmp_path / "straight" / "model_epoch_001.pth",
+                            {"epochs": 3, "num_workers": 0, "output_dir": str(tmp_path / "resumed")})
+    assert epoch_losses(resumed) == epoch_losses(straight)
+    a = ckpt.load_checkpoint(straight.final_checkpoint)["model"]
+    b = ckpt.load_checkpoint(resumed.final_checkpoint)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [m["lr"] for m in straight.history]
+    assert lrs[0] > lrs[1] > lrs[2] == pytest.approx(0.0, abs=1e-12)  # the cosine reaches 0 at the run's end
+
+
+class RecordingTracker(runner.NullTracker):
+    def __init__(self):
+        self.heldout = []
+
+    def log_heldout(self, epoch, metrics, overlays):
+        self.heldout.append((epoch, metrics, [name for name, _ in overlays]))
+
+
+def test_heldout_pages_are_drawn_every_epoch_and_evaluated_after_the_last(tiny_dataset, tmp_path):
+    tracker = RecordingTracker()
+    result = runner.train(light_config(tiny_dataset, tmp_path, epochs=2, heldout_dir=str(tiny_dataset),
+                                       val_images_logged=2), tracker)
+    assert [(epoch, metrics is None, names) for epoch, metrics, names in tracker.heldout] == [
+        (1, True, ["00001", "00002"]), (2, False, ["00001", "00002"])]
+    assert tracker.heldout[-1][1] == result.heldout and "segm_AP50" in result.heldout

@@ -1,0 +1,209 @@
+"""Held-out quality: charseg's from-scratch CPU recipe vs stock torchvision's, at equal CPU time.
+
+    python bench/quality.py [--recipe demo|long] [--out docs/QUALITY.md]
+
+Trains the README's recipe (the `make demo` parameters, read from the Makefile; or the longer
+recipe below) on pages from `charseg generate --layout lines`, then gives stock torchvision's
+recipe the same wall-clock time on the same pages: its BatchNorm, anchors (32-512 px) and
+limits, full-image mask targets, the reference script's SGD, warm-up and LR (plus gradient
+clipping at 10, without which its loss goes non-finite from random initialisation), no
+augmentation (its only one, a horizontal flip, mirrors characters into non-characters).
+Both are evaluated on held-out pages made by another process (`charseg generate --held-out`:
+other fonts, rotation, texture, blur, noise, annotator polygons) and on the training
+generator's own held-back pages. Prints the figures and writes docs/QUALITY.md with overlays
+of the pages where charseg does best and worst. A script, not a test: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from charseg import __version__, runner  # noqa: E402
+from charseg.config import TrainConfig  # noqa: E402
+from charseg.data import CharacterDataset, EpochShuffleSampler, collate, scan_dataset  # noqa: E402
+from charseg.engine import train_one_epoch  # noqa: E402
+from charseg.evaluate import evaluate  # noqa: E402
+from charseg.generate import generate_dataset  # noqa: E402
+from charseg.heldout import generate_heldout  # noqa: E402
+from charseg.model import STOCK_ANCHOR_SIZES, build_model, spec_for_weights  # noqa: E402
+
+HELDOUT_PAGES, HELDOUT_SEED = 40, 2026  # the pages `make demo` evaluates on
+# The longer recipe of docs/QUALITY.md: the demo's, on more pages for more epochs (about an hour).
+LONG = {"num_images": 600, "epochs": 12}
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "min_size", "max_size",
+              "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
+
+
+def demo_recipe() -> tuple[dict, list[str]]:
+    """The `make demo` training parameters and its `charseg generate` arguments, from the Makefile."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    run = re.search(r"\ndemo:.*?mlflow run (.*?)\n", text, re.S).group(1)  # the demo's one `mlflow run` line
+    params = dict(re.findall(r"-P (\w+)=(\S+)", run))
+    generate = re.search(r"charseg generate \$\(DEMO_DATA\) (.*)", text).group(1)
+    values = {k: v for k, v in params.items() if k in TRAIN_KEYS}
+    config = TrainConfig(**{k: _parse(TrainConfig.__dataclass_fields__[k].type, v) for k, v in values.items()})
+    return {k: getattr(config, k) for k in TRAIN_KEYS}, shlex.split(generate)
+
+
+def _parse(kind: str, text: str):
+    kind = kind.replace(" | None", "")  # the field's annotation, as text
+    return {"int": int, "float": float, "bool": lambda v: v.lower() == "true"}.get(kind, str)(text)
+
+
+def generate_training_pages(args: list[str], out: Path, num_images: int | None) -> None:
+    """Run the demo's `charseg generate` arguments (optionally with another --num-images)."""
+    from click.testing import CliRunner
+
+    from charseg.cli import cli
+
+    if num_images:
+        i = args.index("--num-images")
+        args = [*args[:i + 1], str(num_images), *args[i + 2:]]
+    result = CliRunner().invoke(cli, ["generate", str(out), *args])
+    if result.exit_code:
+        raise RuntimeError(result.output)
+
+
+def train_stock(recipe: dict, train: list, seconds: float, out: Path) -> tuple[torch.nn.Module, dict]:
+    """Stock torchvision on `train` for at most `seconds` of whole epochs. Returns (model, facts)."""
+    torch.manual_seed(recipe["seed"])
+    spec = spec_for_weights(recipe["backbone"], "none", min_size=recipe["min_size"], max_size=recipe["max_size"],
+                            anchor_sizes=STOCK_ANCHOR_SIZES, rpn_proposals_train=2000, rpn_proposals_test=1000,
+                            roi_samples=512, detections_per_img=100)
+    model = build_model(spec, polygon_native=False).train()
+    sampler = EpochShuffleSampler(len(train), recipe["seed"])
+    loader = DataLoader(CharacterDataset(train, full_masks=True), batch_size=recipe["batch_size"], sampler=sampler,
+                        collate_fn=collate, num_workers=2, persistent_workers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
+    warmup_iters = min(1000, len(loader))
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=warmup_iters)
+    start, epoch, last = time.perf_counter(), 0, 0.0
+    while time.perf_counter() - start + last <= seconds * 1.02:
+        epoch += 1
+        sampler.set_epoch(epoch)
+        metrics = train_one_epoch(model, optimizer, loader, torch.device("cpu"), epoch, steps_per_epoch=len(loader),
+                                  iteration_scheduler=warmup, iteration_steps=warmup_iters, clip_grad_norm=10.0)
+        last = metrics["seconds"]
+        print(f"  stock epoch {epoch}: loss {metrics['loss']:.3f} ({last:.0f} s)", flush=True)
+    return model, {"epochs": epoch, "seconds": time.perf_counter() - start, "spec": spec}
+
+
+def per_page(model: torch.nn.Module, pages: list, max_dets: int, threshold: float) -> list[tuple[float, str, object]]:
+    """(char_f1, name, overlay) of every page, worst first."""
+    scored = []
+    for page in pages:
+        result = evaluate(model, [page], torch.device("cpu"), max_dets=max_dets, score_threshold=threshold,
+                          overlay_count=1)
+        scored.append((result.metrics["char_f1"], page.name, result.overlays[0][1]))
+    return sorted(scored, key=lambda item: item[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=("demo", "long"), default="demo",
+                        help="demo: `make demo`'s recipe (about 10 minutes); long: the same on more pages for more "
+                             "epochs (about an hour).")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "QUALITY.md"), help="Markdown report to write.")
+    parser.add_argument("--no-stock", action="store_true", help="Skip stock torchvision (the long recipe skips it).")
+    parser.add_argument("--epochs", type=int, help="Override the recipe's epochs (a quick check; the report says so).")
+    parser.add_argument("--num-images", type=int, help="Override the recipe's number of training pages.")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    recipe, generate_args = demo_recipe()
+    if args.recipe == "long":
+        recipe["epochs"] = LONG["epochs"]
+    recipe["epochs"] = args.epochs or recipe["epochs"]
+    num_images = args.num_images or (LONG["num_images"] if args.recipe == "long" else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_training_pages(generate_args, tmp / "train", num_images)
+        generate_heldout(tmp / "heldout", num_images=HELDOUT_PAGES, seed=HELDOUT_SEED)
+        heldout = scan_dataset(tmp / "heldout").samples
+        config = TrainConfig(data_dir=str(tmp / "train"), output_dir=str(tmp / "charseg"), **recipe)
+        print(f"charseg recipe ({args.recipe}): {recipe}", flush=True)
+        start = time.perf_counter()
+        result = runner.train(config)
+        seconds = time.perf_counter() - start
+        model, spec, _ = runner.load_model_for_inference(result.final_checkpoint, torch.device("cpu"))
+        splits = runner.make_splits(config, runner.load_dataset_report(config.data_dir))
+        rows = {"charseg": {"seconds": seconds, "epochs": recipe["epochs"], **measure(model, spec, heldout,
+                                                                                      splits.val, config)}}
+        print(f"  charseg: {seconds:.0f} s, held-out {rows['charseg']['heldout']}", flush=True)
+        pages = per_page(model, heldout, spec.detections_per_img, config.score_threshold)
+        if not args.no_stock and args.recipe == "demo":
+            stock, facts = train_stock(recipe, splits.train, seconds, tmp / "stock")
+            rows["stock"] = {"seconds": facts["seconds"], "epochs": facts["epochs"],
+                             **measure(stock, facts["spec"], heldout, splits.val, config)}
+            print(f"  stock: {facts['seconds']:.0f} s, held-out {rows['stock']['heldout']}", flush=True)
+        write_report(Path(args.out), args.recipe, recipe, generate_args, num_images, rows, pages)
+
+
+def measure(model: torch.nn.Module, spec, heldout: list, own: list, config: TrainConfig) -> dict:
+    """Held-out and own-generator metrics of a model."""
+    out = {}
+    for name, pages in (("heldout", heldout), ("own", own)):
+        metrics = evaluate(model, pages, torch.device("cpu"), max_dets=spec.detections_per_img,
+                           score_threshold=config.score_threshold).metrics
+        out[name] = {k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP", "char_f1")}
+    return out
+
+
+def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[str], num_images: int | None,
+                 rows: dict, pages: list) -> None:
+    images = out.parent / "quality"
+    images.mkdir(parents=True, exist_ok=True)
+    shown = {"best": pages[-2:][::-1], "worst": pages[:2]}
+    names = []
+    for kind, items in shown.items():
+        for f1, name, overlay in items:
+            path = images / f"{recipe_name}_{kind}_{name}.png"
+            overlay.resize((overlay.width * 2, overlay.height * 2)).save(path)
+            names.append(f"![{kind} held-out page {name}, char F1 {f1:.2f}](quality/{path.name})")
+    lines = [
+        f"# Quality on held-out pages: recipe `{recipe_name}`",
+        "",
+        f"Measured {date.today().isoformat()} by `python bench/quality.py --recipe {recipe_name}` on "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, charseg {__version__}, CPU only.",
+        f"Training pages: `charseg generate {' '.join(generate_args)}`"
+        + (f" with --num-images {num_images}" if num_images else "") + "; recipe: "
+        + ", ".join(f"{k} {v}" for k, v in recipe.items()) + ".",
+        f"Held-out pages: `charseg generate --held-out --num-images {HELDOUT_PAGES} --seed {HELDOUT_SEED}` "
+        "(other fonts, lines of text, rotation up to 12 degrees, texture, blur, noise, annotator polygons).",
+        "",
+        "| recipe | training | epochs | held-out segm_AP50 | held-out char_f1 | held-out bbox_AP50 | held-out segm_AP "
+        "| own pages segm_AP50 | own pages char_f1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        h, o = row["heldout"], row["own"]
+        lines.append(f"| {name} | {row['seconds'] / 60:.1f} min | {row['epochs']} | {h['segm_AP50']:.3f} | "
+                     f"{h['char_f1']:.3f} | {h['bbox_AP50']:.3f} | {h['segm_AP']:.3f} | {o['segm_AP50']:.3f} | "
+                     f"{o['char_f1']:.3f} |")
+    if "stock" in rows:
+        ratio = rows["charseg"]["heldout"]["segm_AP50"] / max(rows["stock"]["heldout"]["segm_AP50"], 1e-3)
+        lines += ["", f"charseg / stock, held-out segm_AP50 at equal time: {ratio:.1f}x"
+                  + (" (stock's below 0.001 counted as 0.001)" if rows["stock"]["heldout"]["segm_AP50"] < 1e-3 else "")]
+    lines += ["", "Best and worst held-out pages of the charseg model (char F1 per page; outlines at score >= 0.5):",
+              "", *names, ""]
+    out.write_text("\n".join(lines))
+    print("\n".join(lines[:12 + len(rows)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Held-out pages: made by another process than the training generator, to measure what a
+model learned rather than what it memorised.
+
+Where `generate.py` places glyphs one by one, this module typesets whole lines of text with
+Pillow (anti-aliased, in fonts the training generator never uses), lays them on textured,
+sometimes low-contrast backgrounds, rotates the page by up to +-12 degrees, blurs it and adds
+noise; and it annotates as a person would, with a tight polygon of a few points around each
+character (the outline simplified by Douglas-Peucker), not the exact pixel contour.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import string
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import CharsegError
+from .generate import GenerationSummary, font_files, write_page
+from .polygons import flat_polygon, polygon_area
+
+# Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
+HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBol.ttf",
+                 "cmss10.ttf", "cmtt10.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSans-BoldOblique.ttf")
+CHARSET = string.ascii_letters + string.digits
+MAX_ROTATION = 12.0  # degrees, either way
+ANNOTATION_TOLERANCE = 0.6  # px: how far an annotator's polygon strays from the glyph's edge
+
+
+def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int = 128, max_side: int = 256,
+                     seed: int = 0, progress: bool = False) -> GenerationSummary:
+    """Render `num_images` held-out pages (sides from min_side to max_side) into OUT_DIR in
+    the dataset format. Returns counts of what was written."""
+    if num_images < 1 or not 64 <= min_side <= max_side:
+        raise CharsegError(f"need at least 1 page with 64 <= min side <= max side, got {min_side}-{max_side}")
+    fonts = font_files(HELDOUT_FONTS)
+    if not fonts:
+        raise CharsegError("held-out pages need the fonts that matplotlib ships (pip install matplotlib)")
+    out = Path(out_dir)
+    rng = random.Random(seed)
+    total = 0
+    indices = range(1, num_images + 1)
+    if progress:
+        from tqdm import tqdm
+        indices = tqdm(indices, desc="held-out pages", unit="image")
+    for index in indices:
+        width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
+        page, polygons, chars = _typeset_page(rng, width, height, fonts)
+        page, polygons = _rotate(page, polygons, rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+        page = _degrade(rng, page)
+        rows = [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)]
+        write_page(out, f"{index:05d}", page, rows)
+        total += len(rows)
+    return GenerationSummary(out_dir=out, images=num_images, characters=total)
+
+
+def _background(rng: random.Random, width: int, height: int) -> np.ndarray:
+    """A paper-like float background: a gray level, a gradient and a smooth texture."""
+    base = rng.uniform(150, 250)
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    gradient = (xs * math.cos(angle) + ys * math.sin(angle)) / max(width, height) * rng.uniform(-40, 40)
+    coarse = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(2, 12), (height // 16 + 2, width // 16 + 2))
+    texture = cv2.resize(coarse.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    tint = np.array([rng.uniform(-12, 12) for _ in range(3)], dtype=np.float32)
+    return np.clip((base + gradient + texture)[:, :, None] + tint, 0, 255)
+
+
+def _typeset_page(rng: random.Random, width: int, height: int, fonts: list[str]
+                  ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Lines of text on a background; each character's tight polygon in page coordinates."""
+    page = _background(rng, width, height)
+    polygons, chars = [], []
+    y = rng.randint(2, 12)
+    while True:
+        font = ImageFont.truetype(rng.choice(fonts), rng.randint(12, 30))
+        ascent, descent = font.getmetrics()
+        if y + ascent + descent > height - 2:
+            break
+        text = " ".join("".join(rng.choice(CHARSET) for _ in range(rng.randint(1, 7))) for _ in range(6))
+        x0 = rng.randint(2, max(3, width // 4))
+        # Lower contrast on some lines: text color anywhere from black to mid gray.
+        ink = np.array([rng.uniform(0, 120)] * 3, dtype=np.float32) + rng.uniform(-15, 15)
+        line, placed = _typeset_line(text, font, x0, width)
+        coverage = line.astype(np.float32)[:, :, None] / 255.0
+        band = page[y:y + line.shape[0]]
+        band[:] = band * (1 - coverage) + ink * coverage
+        for char, mask in placed:
+            outline = _annotate(mask)
+            if outline is not None:
+                polygons.append(outline + np.array([0, y], dtype=np.float32))
+                chars.append(char)
+        y += ascent + descent + rng.randint(0, 10)
+    return page, polygons, chars
+
+
+def _typeset_line(text: str, font: ImageFont.FreeTypeFont, x0: int, width: int
+                  ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    """The line's anti-aliased coverage (H x width uint8), drawn in one call as a typesetter
+    would, and each visible character's own coverage mask at its place on the line."""
+    ascent, descent = font.getmetrics()
+    size = (width, ascent + descent)
+    canvas = Image.new("L", size, 0)
+    ImageDraw.Draw(canvas).text((x0, 0), text, fill=255, font=font)
+    placed = []
+    for i, char in enumerate(text):
+        x = x0 + font.getlength(text[:i])
+        if char == " " or x + font.getlength(char) > width - 1:
+            continue
+        glyph = Image.new("L", size, 0)
+        ImageDraw.Draw(glyph).text((x, 0), char, fill=255, font=font)
+        mask = np.asarray(glyph) >= 128
+        if mask.sum() >= 4:
+            placed.append((char, mask))
+    # A character cut by the page's right edge keeps its pixels but gets no polygon.
+    return np.asarray(canvas), placed
+
+
+def _annotate(mask: np.ndarray) -> np.ndarray | None:
+    """A tight polygon around a glyph, as an annotator draws it: the outer outline (the hull
+    of all parts for glyphs such as i and j), simplified to a few points."""
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    outline = contours[0] if len(contours) == 1 else cv2.convexHull(np.concatenate(contours))
+    simplified = cv2.approxPolyDP(outline, ANNOTATION_TOLERANCE, True).reshape(-1, 2).astype(np.float32)
+    if len(simplified) < 3 or polygon_area(simplified) < 2.0:
+        return None
+    centre = simplified.mean(axis=0)
+    # Pixel indices to pixel edges: push each point half a pixel outwards from the centre.
+    direction = simplified - centre
+    norm = np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-6)
+    return simplified + 0.5 + 0.5 * direction / norm
+
+
+def _rotate(page: np.ndarray, polygons: list[np.ndarray], degrees: float
+            ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rotate the page about its centre (same size, edges replicated) and the polygons with it,
+    dropping characters that leave the page."""
+    height, width = page.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    rotated = cv2.warpAffine(page, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    kept = []
+    for points in polygons:
+        # The matrix works on pixel indices (centres at integers); polygons put centres at i + 0.5.
+        moved = (points - 0.5) @ matrix[:, :2].T + matrix[:, 2] + 0.5
+        if moved[:, 0].min() >= 0 and moved[:, 1].min() >= 0 and moved[:, 0].max() <= width \
+                and moved[:, 1].max() <= height:
+            kept.append(moved.astype(np.float32))
+    return rotated, kept
+
+
+def _degrade(rng: random.Random, page: np.ndarray) -> np.ndarray:
+    """Blur and sensor noise, then 8 bits."""
+    sigma = rng.uniform(0, 1.0)
+    if sigma > 0.2:
+        page = cv2.GaussianBlur(page, (0, 0), sigma)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 10), page.shape)
+    return np.clip(page + noise, 0, 255).round().astype(np.uint8)
