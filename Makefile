@@ -29,7 +29,7 @@ $(DEMO_DATA)/images: | $(VENV)/.installed
 $(DEMO_HELDOUT)/images: | $(VENV)/.installed
 	$(BIN)/charseg generate $(DEMO_HELDOUT) --held-out --num-images 40 --seed 2026
 
-# Trains through `mlflow run` from random init on the CPU (about 10 minutes on 2 cores), then prints
+# Trains through `mlflow run` from random init on the CPU (about 11 minutes on 2 cores), then prints
 # what the final model scores on held-out pages made by another process (docs/QUALITY.md).
 demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name charseg-demo \

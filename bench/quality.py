@@ -7,7 +7,8 @@ recipe below) on pages from `charseg generate --layout lines`, then gives stock 
 recipe the same wall-clock time on the same pages: its BatchNorm, anchors (32-512 px) and
 limits, full-image mask targets, the reference script's SGD, warm-up and LR (plus gradient
 clipping at 10, without which its loss goes non-finite from random initialisation), no
-augmentation (its only one, a horizontal flip, mirrors characters into non-characters).
+augmentation (its only one, a horizontal flip, mirrors characters into non-characters),
+until the same time is spent (ending mid-epoch if need be).
 Both are evaluated on held-out pages made by another process (`charseg generate --held-out`:
 other fonts, rotation, texture, blur, noise, annotator polygons) and on the training
 generator's own held-back pages. Prints the figures and writes docs/QUALITY.md with overlays
@@ -80,8 +81,22 @@ def generate_training_pages(args: list[str], out: Path, num_images: int | None) 
         raise RuntimeError(result.output)
 
 
+class Until:
+    """The batches of `loader` until `deadline` (time.perf_counter()): a time budget ends mid-epoch."""
+
+    def __init__(self, loader: DataLoader, deadline: float):
+        self.loader, self.deadline = loader, deadline
+
+    def __iter__(self):
+        for batch in self.loader:
+            if time.perf_counter() >= self.deadline:
+                return
+            yield batch
+
+
 def train_stock(recipe: dict, train: list, seconds: float, out: Path) -> tuple[torch.nn.Module, dict]:
-    """Stock torchvision on `train` for at most `seconds` of whole epochs. Returns (model, facts)."""
+    """Stock torchvision on `train` for `seconds` (the last step may end a little later).
+    Returns (model, facts)."""
     torch.manual_seed(recipe["seed"])
     spec = spec_for_weights(recipe["backbone"], "none", min_size=recipe["min_size"], max_size=recipe["max_size"],
                             anchor_sizes=STOCK_ANCHOR_SIZES, rpn_proposals_train=2000, rpn_proposals_test=1000,
@@ -93,15 +108,17 @@ def train_stock(recipe: dict, train: list, seconds: float, out: Path) -> tuple[t
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
     warmup_iters = min(1000, len(loader))
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.001, total_iters=warmup_iters)
-    start, epoch, last = time.perf_counter(), 0, 0.0
-    while time.perf_counter() - start + last <= seconds * 1.02:
+    start, epoch, steps = time.perf_counter(), 0, 0.0
+    while time.perf_counter() < start + seconds:
         epoch += 1
         sampler.set_epoch(epoch)
-        metrics = train_one_epoch(model, optimizer, loader, torch.device("cpu"), epoch, steps_per_epoch=len(loader),
-                                  iteration_scheduler=warmup, iteration_steps=warmup_iters, clip_grad_norm=10.0)
-        last = metrics["seconds"]
-        print(f"  stock epoch {epoch}: loss {metrics['loss']:.3f} ({last:.0f} s)", flush=True)
-    return model, {"epochs": epoch, "seconds": time.perf_counter() - start, "spec": spec}
+        metrics = train_one_epoch(model, optimizer, Until(loader, start + seconds), torch.device("cpu"), epoch,
+                                  steps_per_epoch=len(loader), iteration_scheduler=warmup,
+                                  iteration_steps=warmup_iters, clip_grad_norm=10.0)
+        steps += metrics["images"] / recipe["batch_size"]
+        print(f"  stock epoch {epoch}: loss {metrics.get('loss', float('nan')):.3f} ({metrics['seconds']:.0f} s)",
+              flush=True)
+    return model, {"epochs": round(steps / len(loader), 2), "seconds": time.perf_counter() - start, "spec": spec}
 
 
 def per_page(model: torch.nn.Module, pages: list, max_dets: int, threshold: float) -> list[tuple[float, str, object]]:
