@@ -109,6 +109,9 @@ def spec_for_weights(backbone: str, weights: str, **sizes_and_limits) -> ModelSp
     if norm == "group" and weights in ("coco", "imagenet"):
         raise WeightsError(f"--norm group trains from scratch: {weights} weights were trained with BatchNorm; "
                            "pass --weights none (or a checkpoint trained with --norm group)")
+    if norm == "group" and sizes_and_limits.get("fpn_channels", 256) % GROUPS:
+        raise WeightsError(f"--norm group splits channels into {GROUPS} groups: --fpn-channels must be a multiple "
+                           f"of {GROUPS}, got {sizes_and_limits['fpn_channels']}")
     if weights == "coco" and sizes_and_limits.get("fpn_channels", 256) != 256:
         raise WeightsError("COCO Mask R-CNN weights have 256 FPN channels; drop --fpn-channels or pass "
                            "--weights imagenet or none")

@@ -100,6 +100,8 @@ def test_group_norm_model_is_normalised_and_narrower():
     assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 128
     with pytest.raises(WeightsError, match="--norm group trains from scratch"):
         spec_for_weights("resnet18", "imagenet", norm="group")
+    with pytest.raises(WeightsError, match="--fpn-channels must be a multiple of 32, got 100"):
+        spec_for_weights("resnet18", "none", norm="group", fpn_channels=100)
 
 
 def test_pixel_mask_predictor_trains_and_predicts(tiny_dataset):
