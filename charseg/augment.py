@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .polygons import clip_polygon_to_image, polygon_area
+from .polygons import clip_polygon_to_image, polygon_area, warp_points
 
 # A clipped character stays a training target only while this share of it is on the page.
 MIN_VISIBLE = 0.6
@@ -75,8 +75,7 @@ def warp_page(rgb: np.ndarray, polygons: list[np.ndarray], matrix: np.ndarray
     scale = math.sqrt(abs(np.linalg.det(matrix[:, :2])))
     kept = []
     for points in polygons:
-        moved = ((points - 0.5) @ matrix[:, :2].T + matrix[:, 2] + 0.5).astype(np.float32)
-        clipped = clip_polygon_to_image(moved, width, height)
+        clipped = clip_polygon_to_image(warp_points(points, matrix), width, height)
         if len(clipped) >= 3 and polygon_area(clipped) >= MIN_VISIBLE * polygon_area(points) * scale ** 2:
             kept.append(clipped)
     return warped, kept

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import CharsegError
 from .generate import GenerationSummary, font_files, write_page
-from .polygons import flat_polygon, polygon_area
+from .polygons import flat_polygon, polygon_area, warp_points
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
 HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBol.ttf",
@@ -147,11 +147,10 @@ def _rotate(page: np.ndarray, polygons: list[np.ndarray], degrees: float
     rotated = cv2.warpAffine(page, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     kept = []
     for points in polygons:
-        # The matrix works on pixel indices (centres at integers); polygons put centres at i + 0.5.
-        moved = (points - 0.5) @ matrix[:, :2].T + matrix[:, 2] + 0.5
+        moved = warp_points(points, matrix)
         if moved[:, 0].min() >= 0 and moved[:, 1].min() >= 0 and moved[:, 0].max() <= width \
                 and moved[:, 1].max() <= height:
-            kept.append(moved.astype(np.float32))
+            kept.append(moved)
     return rotated, kept
 
 

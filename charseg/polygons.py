@@ -65,6 +65,12 @@ def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: in
     return masks.mean(axis=(2, 4), dtype=np.float32)
 
 
+def warp_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """(K, 2) polygon points moved by a 2x3 affine `matrix` that works on pixel indices (as
+    OpenCV's warpAffine: pixel centres at integers), where polygons put them at i + 0.5."""
+    return ((points - PIXEL_CENTRE) @ matrix[:, :2].T + matrix[:, 2] + PIXEL_CENTRE).astype(np.float32)
+
+
 def polygon_area(points: np.ndarray) -> float:
     """Absolute shoelace area of a (K, 2) polygon."""
     x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
