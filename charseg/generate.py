@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .data import CSV_HEADER
 from .errors import CharsegError
-from .polygons import flat_polygon, polygon_area
+from .polygons import edge_outlines, flat_polygon, polygon_area
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
 LAYOUTS = ("scatter", "lines")
@@ -62,16 +62,14 @@ def load_font(font_path: str | None, size: int) -> ImageFont.FreeTypeFont:
 
 
 def glyph_outline(mask: np.ndarray) -> np.ndarray | None:
-    """One polygon enclosing a glyph mask: its outer contour, or the convex hull when it has
-    several parts (i, j, %). Returns (K, 2) float pixel-edge coordinates, or None if empty."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    contours = [c for c in contours if len(c) > 0]
-    if not contours:
+    """One polygon enclosing a glyph mask on its pixels' edges: its outer outline, or the
+    convex hull of its pixels when it has several parts (i, j, %). Returns (K, 2) float
+    image coordinates, or None if empty."""
+    outlines = edge_outlines(mask)
+    if not outlines:
         return None
-    if len(contours) == 1 and len(contours[0]) >= 3:
-        points = contours[0].reshape(-1, 2).astype(np.float32)
-        # Contour points are pixel indices; +0.5 puts them at pixel centres in image coordinates.
-        return points + 0.5
+    if len(outlines) == 1:
+        return outlines[0]
     ys, xs = np.nonzero(mask)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
     hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import CharsegError
 from .generate import GenerationSummary, font_files, write_page
-from .polygons import flat_polygon, polygon_area, warp_points
+from .polygons import edge_outlines, flat_polygon, polygon_area, warp_points
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
 HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBol.ttf",
@@ -122,20 +122,16 @@ def _typeset_line(text: str, font: ImageFont.FreeTypeFont, x0: int, width: int
 
 
 def _annotate(mask: np.ndarray) -> np.ndarray | None:
-    """A tight polygon around a glyph, as an annotator draws it: the outer outline (the hull
-    of all parts for glyphs such as i and j), simplified to a few points."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    if not contours:
+    """A tight polygon around a glyph, as an annotator draws it: the outer outline on the
+    ink's edges (the hull of all parts for glyphs such as i and j), simplified to a few points."""
+    outlines = edge_outlines(mask)
+    if not outlines:
         return None
-    outline = contours[0] if len(contours) == 1 else cv2.convexHull(np.concatenate(contours))
+    outline = outlines[0] if len(outlines) == 1 else cv2.convexHull(np.concatenate(outlines)).reshape(-1, 2)
     simplified = cv2.approxPolyDP(outline, ANNOTATION_TOLERANCE, True).reshape(-1, 2).astype(np.float32)
     if len(simplified) < 3 or polygon_area(simplified) < 2.0:
         return None
-    centre = simplified.mean(axis=0)
-    # Pixel indices to pixel edges: push each point half a pixel outwards from the centre.
-    direction = simplified - centre
-    norm = np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-6)
-    return simplified + 0.5 + 0.5 * direction / norm
+    return simplified
 
 
 def _rotate(page: np.ndarray, polygons: list[np.ndarray], degrees: float

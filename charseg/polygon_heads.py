@@ -117,19 +117,27 @@ class PolygonRoIHeads(RoIHeads):
 class PixelMaskPredictor(nn.Module):
     """MaskRCNNPredictor that also sees the image: after the deconvolution to 28x28, the
     input's pixels inside each box (roi_align at 28x28) are concatenated to the features and
-    two 3x3 convolutions refine them before the logits.
+    a small refining network turns both into the logits.
 
     A character is its pixels: at stride 4, a 20 px glyph spans 5x5 feature cells, too coarse
-    for its strokes, while its own pixels draw them at full resolution.
+    for its strokes, while its own pixels draw them at full resolution. `dilations`: 3x3
+    blocks (GroupNorm, ReLU) after the first convolution, whose view must span the box to fill
+    a glyph's outline, not only trace its strokes; () gives the first version's two plain
+    convolutions (checkpoints trained with it keep loading).
     """
 
     def __init__(self, in_channels: int, dim_reduced: int, num_classes: int, refine: int = 32,
-                 image_channels: int = 3):
+                 image_channels: int = 3, dilations: tuple[int, ...] = ()):
         super().__init__()
         self.conv5_mask = nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)
-        self.pixel_refine = nn.Sequential(nn.Conv2d(dim_reduced + image_channels, refine, 3, padding=1),
-                                          nn.ReLU(inplace=True), nn.Conv2d(refine, refine, 3, padding=1),
-                                          nn.ReLU(inplace=True))
+        if dilations:
+            blocks = [_refine_block(dim_reduced + image_channels, refine, 1)]
+            blocks += [_refine_block(refine, refine, d) for d in dilations]
+            self.pixel_refine = nn.Sequential(*blocks)
+        else:
+            self.pixel_refine = nn.Sequential(nn.Conv2d(dim_reduced + image_channels, refine, 3, padding=1),
+                                              nn.ReLU(inplace=True), nn.Conv2d(refine, refine, 3, padding=1),
+                                              nn.ReLU(inplace=True))
         self.mask_fcn_logits = nn.Conv2d(refine, num_classes, 1)
         for module in self.modules():  # as torchvision's MaskRCNNPredictor
             if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -141,6 +149,15 @@ class PixelMaskPredictor(nn.Module):
         size = x.shape[-1]
         crops = roi_align(pixels, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=False)
         return self.mask_fcn_logits(self.pixel_refine(torch.cat([x, crops.to(x.dtype)], 1)))
+
+
+# GroupNorm groups of the refining blocks (32 channels: 4 per group).
+REFINE_GROUPS = 8
+
+
+def _refine_block(in_channels: int, out_channels: int, dilation: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation),
+                         nn.GroupNorm(REFINE_GROUPS, out_channels), nn.ReLU(inplace=True))
 
 
 class PixelFPN(BackboneWithFPN):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 from charseg.augment import Augmentation, warp_page
 from charseg.data import CharacterDataset, EpochShuffleSampler, scan_dataset
 from charseg.generate import generate_dataset
+from charseg.polygons import polygons_to_masks
 
 # Geometry only: no change of light, no blur, no noise.
 GEOMETRY_ONLY = Augmentation(contrast=(1.0, 1.0), max_brightness=0.0, gamma=(1.0, 1.0), max_blur=0.0,
@@ -21,10 +21,9 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def fill(polygons: list[np.ndarray], size: int) -> np.ndarray:
-    """Pixels whose centre (i + 0.5) lies inside a polygon, by OpenCV at 1/16 px precision."""
-    mask = np.zeros((size, size), dtype=np.uint8)
-    cv2.fillPoly(mask, [np.round((p - 0.5) * 16).astype(np.int32) for p in polygons], 1, shift=4)
-    return mask.astype(bool)
+    """The polygons' pixels as pycocotools rasterises them (as charseg's targets and COCO
+    evaluation do; OpenCV's fillPoly takes in pixels the right and bottom edges only touch)."""
+    return polygons_to_masks(polygons, size, size).numpy().any(axis=0)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -113,10 +113,25 @@ def test_pixel_mask_predictor_trains_and_predicts(tiny_dataset):
     images, targets, _ = collate([CharacterDataset(scan_dataset(tiny_dataset).samples)[i] for i in (0, 1)])
     losses = model(list(images), list(targets))
     sum(losses.values()).backward()
-    assert model.roi_heads.mask_predictor.pixel_refine[0].weight.grad.abs().sum() > 0
+    assert spec.pixel_dilations == (2, 4, 8, 1)
+    assert model.roi_heads.mask_predictor.pixel_refine[0][0].weight.grad.abs().sum() > 0
     model.eval()
     with torch.inference_mode():
         out = model(list(images))
     assert out[0]["box_masks"].shape[1:] == (28, 28)
     with pytest.raises(ValueError, match="polygon-native"):
         build_model(spec, polygon_native=False)
+
+
+def test_a_mask_pixels_checkpoint_without_pixel_dilations_keeps_its_two_plain_convolutions():
+    """Checkpoints of the first --mask-pixels version have no pixel_dilations: they rebuild the
+    5x5-view refine their weights were trained for, and load strictly."""
+    old = {k: v for k, v in spec_for_weights("resnet18", "none", norm="group", fpn_channels=64,
+                                             mask_pixels=True).to_dict().items() if k != "pixel_dilations"}
+    spec = ModelSpec.from_dict(old)
+    assert spec.pixel_dilations == ()
+    refine = build_model(spec).roi_heads.mask_predictor.pixel_refine
+    assert [type(m).__name__ for m in refine] == ["Conv2d", "ReLU", "Conv2d", "ReLU"]
+    first_version = {"pixel_refine.0.weight", "pixel_refine.0.bias", "pixel_refine.2.weight", "pixel_refine.2.bias"}
+    assert {k for k in refine.state_dict()} == {k.removeprefix("pixel_refine.") for k in first_version}
+    assert ModelSpec.from_dict({**old, "pixel_dilations": [2, 4]}).pixel_dilations == (2, 4)
