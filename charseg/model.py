@@ -36,8 +36,8 @@ ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 # Keys of the class-specific layers, re-initialised when a file was trained for other classes.
 # The pixel refine of new --mask-pixels models: 3x3 convolutions with these dilations see
 # 31x31 cells, the whole box. On held-out glyph boxes a pixel-only head of this shape reached
-# mask IoU 0.67 (83% of boxes >= 0.5) in 300 steps where two plain convolutions reached 0.53
-# (58%) (docs/FROM_SCRATCH.md).
+# mask IoU 0.645 (81% of boxes >= 0.5) in 300 steps where two plain convolutions reached 0.536
+# (57%) (bench/mask_head.py, docs/FROM_SCRATCH.md).
 PIXEL_DILATIONS = (2, 4, 8, 1)
 _HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
