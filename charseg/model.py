@@ -33,12 +33,12 @@ _IMAGENET = {"resnet50": ResNet50_Weights.IMAGENET1K_V1, "resnet34": ResNet34_We
 # per location, so the RPN head keeps the shape of torchvision's (and COCO weights still fit).
 STOCK_ANCHOR_SIZES = (32, 64, 128, 256, 512)  # torchvision's, for COCO objects; charseg fits its own (anchors.py)
 ANCHOR_RATIOS = (0.5, 1.0, 2.0)
-# Keys of the class-specific layers, re-initialised when a file was trained for other classes.
 # The pixel refine of new --mask-pixels models: 3x3 convolutions with these dilations see
 # 31x31 cells, the whole box. On held-out glyph boxes a pixel-only head of this shape reached
 # mask IoU 0.645 (81% of boxes >= 0.5) in 300 steps where two plain convolutions reached 0.536
 # (57%) (bench/mask_head.py, docs/FROM_SCRATCH.md).
 PIXEL_DILATIONS = (2, 4, 8, 1)
+# Keys of the class-specific layers, re-initialised when a file was trained for other classes.
 _HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 
 

@@ -29,6 +29,8 @@ ANCHOR_CHUNK = 512
 MASK_CHUNK = 64
 # The feature that carries the input pixels to a PixelMaskPredictor (PixelFPN).
 PIXELS = "pixels"
+# GroupNorm groups of a PixelMaskPredictor's refining blocks (32 channels: 4 per group).
+REFINE_GROUPS = 8
 # Target keys that carry an image's polygons (see data.build_target).
 POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
 
@@ -149,10 +151,6 @@ class PixelMaskPredictor(nn.Module):
         size = x.shape[-1]
         crops = roi_align(pixels, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=False)
         return self.mask_fcn_logits(self.pixel_refine(torch.cat([x, crops.to(x.dtype)], 1)))
-
-
-# GroupNorm groups of the refining blocks (32 channels: 4 per group).
-REFINE_GROUPS = 8
 
 
 def _refine_block(in_channels: int, out_channels: int, dilation: int) -> nn.Sequential:
