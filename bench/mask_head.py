@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from charseg.augment import Augmentation  # noqa: E402
 from charseg.data import CharacterDataset, scan_dataset  # noqa: E402
+from charseg.errors import CharsegError  # noqa: E402
 from charseg.polygon_heads import PixelMaskPredictor  # noqa: E402
 from charseg.polygons import polygon_mask_targets, unpack_polygons  # noqa: E402
 
@@ -105,4 +106,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CharsegError as exc:  # a wrong folder or a broken dataset: one line, not a traceback
+        sys.exit(f"error: {exc}")
