@@ -38,17 +38,20 @@ class AnchorFit:
     characters: int
 
 
-def model_input_scale(height: int, width: int, min_size: int, max_size: int) -> float:
-    """The resize factor of torchvision's GeneralizedRCNNTransform for this image."""
-    return min(min_size / min(height, width), max_size / max(height, width))
+def model_input_scale(height: int, width: int, min_size: int, max_size: int, page_scale: float = 0.0) -> float:
+    """The resize factor of the model's transform for this image: torchvision's (short side
+    to min_size), or `page_scale` of its own size when > 0; the long side at most max_size."""
+    short = page_scale * min(height, width) if page_scale else min_size
+    return min(short / min(height, width), max_size / max(height, width))
 
 
-def character_boxes(samples: list[Sample], min_size: int, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+def character_boxes(samples: list[Sample], min_size: int, max_size: int,
+                    page_scale: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Every character's box (N, 4: x1, y1, x2, y2) in the model's input frame, and the
     (N, 2: height, width) of its resized image."""
     boxes, shapes = [], []
     for sample in samples:
-        scale = model_input_scale(sample.height, sample.width, min_size, max_size)
+        scale = model_input_scale(sample.height, sample.width, min_size, max_size, page_scale)
         boxes.extend(polygon_boxes(sample.polygons) * scale)
         shapes.extend([(int(sample.height * scale), int(sample.width * scale))] * len(sample.polygons))
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4), np.asarray(shapes, dtype=np.int64).reshape(-1, 2)
@@ -98,10 +101,11 @@ def ladder(base: int, levels: int = ANCHOR_LEVELS) -> tuple[int, ...]:
 
 
 def fit_anchor_sizes(samples: list[Sample], min_size: int, max_size: int,
-                     ratios: tuple[float, ...]) -> AnchorFit:
+                     ratios: tuple[float, ...], page_scale: float = 0.0) -> AnchorFit:
     """The ladder of BASE_SIZES with the most characters at IoU >= POSITIVE_IOU (ties: higher
-    median IoU). Raises ValueError when the samples hold no character."""
-    boxes, shapes = character_boxes(samples, min_size, max_size)
+    median IoU), at the model's input (model_input_scale). Raises ValueError when the samples
+    hold no character."""
+    boxes, shapes = character_boxes(samples, min_size, max_size, page_scale)
     if not len(boxes):
         raise ValueError("no characters to fit anchor sizes to")
     fits = []

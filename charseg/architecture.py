@@ -27,7 +27,7 @@ PROPOSALS_PER_DETECTION = 2
 MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 # Input size and sampler settings a fine-tune may change (given again); the rest of the
 # architecture is the source's, which its weights need. Limits are fitted to the new data.
-FINETUNE_CHANGEABLE = ("min_size", "max_size", "roi_samples")
+FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples")
 # Requests a fine-tune takes from the source's spec, as its weights were built for them.
 FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels")
 
@@ -48,8 +48,9 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
     limits = fit_limits(config, most)
     if config.mode == "finetune":
         return dataclasses.replace(source, **{k: getattr(config, k) for k in FINETUNE_CHANGEABLE}, **limits)
-    sizes = config.anchor_sizes or choose_anchor_sizes(train, config.min_size, config.max_size)
+    sizes = config.anchor_sizes or choose_anchor_sizes(train, config.min_size, config.max_size, config.scale_train)
     return spec_for_weights(config.backbone, config.weights, min_size=config.min_size, max_size=config.max_size,
+                            scale_train=config.scale_train, scale_test=config.scale_test,
                             roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
                             fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels, **limits)
 
@@ -74,18 +75,19 @@ def fit_limits(config: TrainConfig, most_characters: int) -> dict[str, int]:
     return limits
 
 
-def choose_anchor_sizes(train: list[Sample], min_size: int, max_size: int) -> tuple[int, ...]:
+def choose_anchor_sizes(train: list[Sample], min_size: int, max_size: int,
+                        page_scale: float = 0.0) -> tuple[int, ...]:
     """`--anchor-sizes auto`: the ladder that fits the training characters best (anchors.py)."""
     if not any(sample.polygons for sample in train):
         log.warning("warning: no training characters to fit anchor sizes to; using torchvision's %s",
                     STOCK_ANCHOR_SIZES)
         return STOCK_ANCHOR_SIZES
-    fit = fit_anchor_sizes(train, min_size, max_size, ANCHOR_RATIOS)
+    fit = fit_anchor_sizes(train, min_size, max_size, ANCHOR_RATIOS, page_scale)
     log.info("anchor sizes %s fitted to %d training characters: %.0f%% have an anchor of IoU >= %.1f "
              "(median best IoU %.2f)", ",".join(map(str, fit.sizes)), fit.characters, fit.positive_share * 100,
              POSITIVE_IOU, fit.median_iou)
     if fit.median_height < SMALL_CHARACTER_PX:
-        log.warning("warning: characters are %.1f px tall (median) at the model's input (--min-size %d); "
-                    "raise --min-size so they are at least %d px", fit.median_height, min_size,
-                    SMALL_CHARACTER_PX)
+        option = "--scale-train" if page_scale else "--min-size"
+        log.warning("warning: characters are %.1f px tall (median) at the model's input; raise %s so they "
+                    "are at least %d px", fit.median_height, option, SMALL_CHARACTER_PX)
     return fit.sizes

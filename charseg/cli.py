@@ -61,6 +61,11 @@ SAVE_EVERY = _bool_opt("--save-every-epoch",
                        help="Write a checkpoint after every epoch (the final model is always written)")
 SAVE_VERSIONED = _bool_opt("--save-versioned",
                            help="Name checkpoints model_epoch_001.pth, ... instead of overwriting last.pth")
+SCALE_TRAIN_HELP = ("Resize each training page by this factor of its own size instead of its shorter side to "
+                    "--min-size (--max-size still caps the longer side): glyphs are sized in pixels, not as a "
+                    "share of the page. 0: the --min-size rule.")
+SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the registered model); a little above "
+                   "the training scale, small glyphs are found more often. 0: the --min-size rule.")
 HYPER = (
     _opt("--batch-size", type=click.IntRange(min=1), help="Images per optimizer step."),
     _opt("--lr", type=click.FloatRange(min=0, min_open=True), help="Base SGD learning rate."),
@@ -78,6 +83,8 @@ HYPER = (
     _opt("--seed", type=int, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
     _opt("--min-size", type=click.IntRange(min=1), help="Shorter image side after the model's resize."),
     _opt("--max-size", type=click.IntRange(min=1), help="Longer image side cap after the model's resize."),
+    _opt("--scale-train", type=float, help=SCALE_TRAIN_HELP),
+    _opt("--scale-test", type=float, help=SCALE_TEST_HELP),
     _opt("--rpn-proposals-train", type=click.IntRange(min=0),
          help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
     _opt("--rpn-proposals-test", type=click.IntRange(min=0),
@@ -237,7 +244,7 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
     with _source_checkpoint(source, prefer_best=False, epoch=epoch or None) as (path, lineage):
-        if not Path(source).is_file():  # downloaded: write next to nothing temporary
+        if not Path(source).exists():  # downloaded: write next to nothing temporary
             overrides.setdefault("output_dir", runner.default_output_dir("resume"))
         try:
             plan = runner.plan_resume(path, overrides)
@@ -286,18 +293,19 @@ DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="a
 @SCORE
 @click.option("--detections-per-img", type=click.IntRange(min=1), default=None,
               help="Detections per image and COCO maxDets [default: the checkpoint's].")
+@click.option("--scale-test", type=float, default=None, help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
               help="Where to write the metrics as JSON.")
 @DEVICE_OPT
 @click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
 def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
-                     out_path: str, device: str, experiment_name: str | None) -> None:
+                     scale_test: float | None, out_path: str, device: str, experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
     with _source_checkpoint(model_source, prefer_best=True) as (path, lineage):
         with tracking.tracked_run(experiment_name) as run_id:
             result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
-                                                detections_per_img=detections_per_img)
+                                                detections_per_img=detections_per_img, scale_test=scale_test)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
             tracking.log_evaluation(result.metrics, lineage, data_dir, Path(out_path))
     for key, value in result.metrics.items():
@@ -312,9 +320,10 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: images/, annotations/*.csv (char,polygon_json,score) and overlays/*.png.")
 @SCORE
+@click.option("--scale-test", type=float, default=None, help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
 @DEVICE_OPT
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
-                    device: str) -> None:
+                    scale_test: float | None, device: str) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -330,7 +339,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
     with _source_checkpoint(model_source, prefer_best=True) as (path, _):
         torch_device = runner.resolve_device(device)
-        model, _, _ = load_model_for_inference(path, torch_device)
+        model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test)
         summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold)
     click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}")
 
@@ -379,7 +388,8 @@ def _range(text: str) -> tuple[int, int]:
                    "DejaVu Sans/Serif and Computer Modern from matplotlib].")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="scatter", show_default=True,
               help="scatter: single glyphs of one font anywhere on a flat page, never touching; lines: lines "
-                   "of words in several fonts, anti-aliased, on a noisy background (at most --chars-per-image).")
+                   "of words in several fonts, anti-aliased, ink from black to faint gray on unevenly lit, noisy paper "
+                   "(at most --chars-per-image).")
 @click.option("--held-out", "held_out", is_flag=True,
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
                    "rotated up to 12 degrees, textured, blurred and noisy, sides 128-256 px, tight annotator "

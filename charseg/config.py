@@ -13,6 +13,13 @@ NORMS = ("batch", "group")
 FINETUNE_LR_FACTOR = 0.2
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
 ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
+MAX_PAGE_SCALE = 8.0  # --scale-train / --scale-test: beyond this a page is mostly interpolation
+
+
+def check_page_scale(name: str, value: float) -> None:
+    """A page resize factor: 0 (off) or a finite factor in (0, MAX_PAGE_SCALE]."""
+    if not (value == 0 or 0 < value <= MAX_PAGE_SCALE):  # NaN fails both
+        raise ValueError(f"{name} must be 0 (resize to min_size) or a factor in (0, {MAX_PAGE_SCALE:g}], got {value}")
 
 
 def parse_anchor_sizes(text: str) -> tuple[int, ...] | None:
@@ -65,6 +72,10 @@ class TrainConfig:
     mask_pixels: bool = False  # the mask predictor also reads the input pixels inside each box (small glyphs)
     min_size: int = 800  # shorter image side after the model's resize
     max_size: int = 1333  # longer image side cap after the model's resize
+    # Resize by a factor of each page's own size instead (long side still capped at max_size):
+    # glyphs are sized in pixels, not as a share of their page. 0: the min_size rule.
+    scale_train: float = 0.0  # in training
+    scale_test: float = 0.0  # at inference (validation, evaluate, predict, serving)
     # What the user asked of the architecture; the model a run trains is its ModelSpec
     # (architecture.resolve_spec), which resolves every None. Limits: None fits them to the
     # densest image of the data, since pages hold hundreds to thousands of characters and no
@@ -146,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got lr={self.lr} x {self.lr_factor}")
         if self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        for name in ("scale_train", "scale_test"):
+            check_page_scale(name, getattr(self, name))
         if self.num_workers < 0 or self.warmup_iters < 0 or self.clip_grad_norm < 0:
             raise ValueError("num_workers, warmup_iters and clip_grad_norm must not be negative")
         if not 0 <= self.val_fraction < 1:

@@ -108,6 +108,21 @@ def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> i
     return tp
 
 
+def same_size_batches(samples: list[Sample], batch_size: int):
+    """Yield (index of the first, batch): runs of up to `batch_size` consecutive samples of one
+    size. A page batched with a larger one is padded, and GroupNorm's statistics (and the
+    features near the padding) then depend on its neighbour: each page must score as
+    `predict` scores it alone."""
+    start = 0
+    while start < len(samples):
+        end = start + 1
+        while end < min(start + batch_size, len(samples)) and \
+                (samples[end].height, samples[end].width) == (samples[start].height, samples[start].width):
+            end += 1
+        yield start, samples[start:end]
+        start = end
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device, *, max_dets: int,
              score_threshold: float = 0.5, iou_threshold: float = 0.5, batch_size: int = 2,
@@ -117,6 +132,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     Args:
         max_dets: COCO maxDets for the AP summary (match the model's detections_per_img).
         score_threshold: detections kept for the character-level metrics and the overlays.
+        batch_size: most pages per forward pass (only pages of one size share one).
         iou_threshold: mask IoU for a character to count as found.
         overlay_count: how many images to return with predicted outlines drawn.
     Returns:
@@ -129,8 +145,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     tp = n_pred = n_gt = 0
     count_errors: list[int] = []
     overlays: list[tuple[str, Image.Image]] = []
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
+    for start, batch in same_size_batches(samples, batch_size):
         arrays = [load_image_rgb(s.image_path) for s in batch]
         tensors = [image_to_tensor(a).to(device) for a in arrays]
         outputs = model(tensors)

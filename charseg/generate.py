@@ -1,8 +1,8 @@
 """Synthetic character pages in the charseg dataset format, for demos, tests and benchmarks.
 
 Two layouts: `scatter` places single glyphs of one font anywhere on a flat page, never
-touching; `lines` sets words in lines of text in several fonts, anti-aliased, on a noisy
-background, as pages of text look. Held-out pages for measuring a model come from another
+touching; `lines` sets words in lines of text in several fonts, anti-aliased, in ink from
+black to faint gray on unevenly lit, blotched, noisy paper, as scanned pages look. Held-out pages for measuring a model come from another
 process (heldout.py), in other fonts.
 """
 
@@ -29,7 +29,9 @@ MIN_GLYPH_AREA = 2.0  # px²: a speck this small (a glyph at a tiny size) gets n
 # `lines` sets text in these (matplotlib ships them) and in Pillow's bundled font; the
 # held-out pages use others (heldout.HELDOUT_FONTS).
 TRAINING_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
-                  "DejaVuSerif-Bold.ttf", "cmr10.ttf")
+                  "DejaVuSerif-Bold.ttf", "DejaVuSerif-BoldItalic.ttf", "cmr10.ttf", "cmb10.ttf", "cmti10.ttf")
+# `lines` ink is at least this much darker than the paper (0-255): faint, but legible.
+MIN_INK_CONTRAST = 45.0
 
 
 def font_files(names: tuple[str, ...]) -> list[str]:
@@ -183,11 +185,12 @@ def _free_place(rng: random.Random, occupied: np.ndarray, shape: tuple[int, int]
 
 def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[int, int],
                   font_size: tuple[int, int], fonts: _FontCache, charset: str) -> tuple[np.ndarray, list[tuple]]:
-    """Lines of words, each line in one font, size and ink, glyph by glyph with anti-aliased
-    edges on a noisy, tinted background; a glyph's polygon outlines its pixels of at least
-    half coverage. Stops at the drawn number of characters or the page's end."""
-    page = np.empty((height, width, 3), dtype=np.float32)
-    page[:] = np.array([rng.uniform(150, 255)] * 3) + np.array([rng.uniform(-10, 10) for _ in range(3)])
+    """Lines of words, each line in one font, size and ink (from black to faint gray), glyph
+    by glyph with anti-aliased edges on an unevenly lit, tinted, noisy paper; a glyph's
+    polygon outlines its pixels of at least half coverage. Stops at the drawn number of
+    characters or the page's end."""
+    paper = rng.uniform(150, 255)
+    page = _paper(rng, width, height, paper)
     budget, rows = rng.randint(*count), []
     y = rng.randint(0, 8)
     while len(rows) < budget:
@@ -195,7 +198,7 @@ def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[i
         ascent, descent = font.getmetrics()
         if y + ascent + descent > height:
             break
-        ink = np.array([rng.uniform(0, 110)] * 3, dtype=np.float32)
+        ink = np.array([rng.uniform(0, paper - MIN_INK_CONTRAST)] * 3, dtype=np.float32)
         x = rng.uniform(0, font.size)
         while len(rows) < budget:
             char = " " if rng.random() < 0.15 else rng.choice(charset)
@@ -209,6 +212,19 @@ def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[i
         y += ascent + descent + rng.randint(0, 6)
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 6), page.shape)
     return np.clip(page + noise, 0, 255).round().astype(np.uint8), rows
+
+
+def _paper(rng: random.Random, width: int, height: int, level: float) -> np.ndarray:
+    """HxWx3 float paper around gray `level`: a tint, light falling off across the page and
+    blotches (smoothed noise of a random grain), as scanned or photographed pages have."""
+    generator = np.random.default_rng(rng.getrandbits(32))
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) / max(width, height)
+    falloff = (xs - rng.random()) * rng.uniform(-15, 15) + (ys - rng.random()) * rng.uniform(-15, 15)
+    grain = rng.uniform(3, 20)
+    blotches = cv2.GaussianBlur(generator.normal(0, 1, (height, width)).astype(np.float32), (0, 0), grain)
+    blotches *= rng.uniform(0, 12) / max(float(blotches.std()), 1e-6)
+    tint = np.array([rng.uniform(-10, 10) for _ in range(3)], dtype=np.float32)
+    return np.clip((level + falloff + blotches)[:, :, None] + tint, 0, 255)
 
 
 def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: float, y: int,

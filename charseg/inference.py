@@ -13,7 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from . import checkpoint as ckpt
+from .config import check_page_scale
 from .data import CSV_HEADER, image_to_tensor, load_image_rgb
+from .errors import CharsegError
 from .model import NUM_CLASSES, ModelSpec, build_model
 from .polygons import box_mask_to_polygon, mask_to_polygon
 
@@ -30,14 +32,20 @@ class Instance:
     polygon: list[float]  # flat [x1, y1, x2, y2, ...] outline of the mask
 
 
-def load_model_for_inference(checkpoint_path: str | Path, device: torch.device,
-                             detections_per_img: int | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
-    """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img`
-    instead of the checkpoint's when given. Returns (model, its spec, the checkpoint)."""
+def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, detections_per_img: int | None = None,
+                             scale_test: float | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
+    """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img` and
+    `scale_test` instead of the checkpoint's when given. Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
     if detections_per_img:
         spec = dataclasses.replace(spec, detections_per_img=detections_per_img)
+    if scale_test is not None:
+        try:
+            check_page_scale("--scale-test", scale_test)
+        except ValueError as exc:
+            raise CharsegError(str(exc)) from exc
+        spec = dataclasses.replace(spec, scale_test=scale_test)
     model = build_model(spec)
     model.load_state_dict(state["model"])
     model.to(device).eval()

@@ -50,6 +50,11 @@ class ModelSpec:
     num_classes: int = NUM_CLASSES
     min_size: int = 800
     max_size: int = 1333
+    # > 0: each page is resized by this factor of its own size (training, inference) instead of
+    # its short side to min_size; max_size still caps the long side. Characters are sized in
+    # pixels, not as a share of their page: resizing pages to one side rescales their glyphs.
+    scale_train: float = 0.0
+    scale_test: float = 0.0
     # Pretrained backbones keep frozen BatchNorm statistics (as torchvision does); a
     # backbone trained from scratch needs live normalisation to train at all.
     frozen_bn: bool = True
@@ -158,7 +163,13 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
             raise ValueError("mask_pixels needs the polygon-native heads; stock torchvision has no such predictor")
         backbone.__class__ = PixelFPN
     model = MaskRCNN(backbone, **_heads(spec, head_norm), **spec.detector_kwargs())
-    return make_polygon_native(model) if polygon_native else model
+    if not polygon_native:
+        if spec.scale_train or spec.scale_test:
+            raise ValueError("scale_train / scale_test need charseg's transform; stock torchvision resizes to min_size")
+        return model
+    make_polygon_native(model)
+    model.transform.page_scales = (spec.scale_train, spec.scale_test)
+    return model
 
 
 def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_layer=None) -> BackboneWithFPN:

@@ -255,7 +255,25 @@ def overlapping_chunks(boxes: torch.Tensor, anchors: torch.Tensor, chunk: int):
 
 class PasteFreeTransform(GeneralizedRCNNTransform):
     """Leaves masks box-sized at inference (`box_masks`, N x 28 x 28 probabilities) instead
-    of pasting each into a full-image tensor (build_model(polygon_native=False) pastes)."""
+    of pasting each into a full-image tensor (build_model(polygon_native=False) pastes).
+
+    `page_scales` (training, inference): a factor > 0 resizes each image by that factor of its
+    own size, not its short side to min_size; max_size still caps the long side.
+    """
+
+    page_scales: tuple[float, float] = (0.0, 0.0)
+
+    def resize(self, image, target=None):
+        scale = self.page_scales[0] if self.training else self.page_scales[1]
+        if not scale:
+            return super().resize(image, target)
+        # torchvision's resize with this image's own short side times `scale` as the target.
+        min_size = self.min_size
+        self.min_size = (max(1, round(min(image.shape[-2:]) * scale)),)
+        try:
+            return super().resize(image, target)
+        finally:
+            self.min_size = min_size
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:

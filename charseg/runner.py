@@ -265,10 +265,11 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
 
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
-                        batch_size: int = 2, overlay_count: int = 0):
-    """Evaluate a checkpoint on every usable image of DATA_DIR. Returns an EvalResult."""
+                        scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0):
+    """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
+    `scale_test`: instead of the checkpoint's). Returns an EvalResult."""
     torch_device = resolve_device(device)
-    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img)
+    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img, scale_test)
     report = load_dataset_report(data_dir)
     return evaluate(model, report.samples, torch_device, max_dets=spec.detections_per_img,
                     score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -136,11 +137,45 @@ def test_predict_round_trip(tiny_dataset, tmp_path):
 
 def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    assert CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1",
-                                    "--output-dir", str(out)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1", "--scale-train", "0.5",
+                                    "--scale-test", "0.75", "--output-dir", str(out)]).exit_code == 0
+    spec = torch.load(out / "model_final.pth", weights_only=True)["model_spec"]
+    assert (spec["scale_train"], spec["scale_test"]) == (0.5, 0.75)
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
-                                      "--out", str(tmp_path / "m.json")])
+                                      "--out", str(tmp_path / "m.json"), "--scale-test", "1"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) >= {"bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "char_f1", "count_abs_error"}
     assert "MLflow run" in result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
+                                      "--scale-test", "nan"])
+    assert result.exit_code == 1 and "--scale-test must be 0 (resize to min_size) or a factor" in result.output
+
+
+def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
+    """Pages of different sizes are not batched together in evaluation: padding to the larger
+    one changes GroupNorm's statistics, so a page's detections would depend on its neighbour."""
+    from charseg.evaluate import evaluate, same_size_batches
+    from charseg.heldout import generate_heldout
+    from charseg.model import build_model, spec_for_weights
+
+    generate_heldout(tmp_path, num_images=3, min_side=96, max_side=160, seed=4)
+    pages = scan_dataset(tmp_path).samples
+    assert len({(p.height, p.width) for p in pages}) == 3
+    same = [dataclasses.replace(p, width=120, height=100) for p in pages[:2]]
+    assert [[s.name for s in b] for _, b in same_size_batches([*same, pages[2], same[0]], 4)] == \
+        [[same[0].name, same[1].name], [pages[2].name], [same[0].name]]
+    torch.manual_seed(0)
+    model = build_model(spec_for_weights("resnet18", "none", min_size=96, max_size=160, norm="group",
+                                         fpn_channels=64, mask_pixels=True, detections_per_img=50)).eval()
+    from charseg.data import image_to_tensor, load_image_rgb
+    with torch.inference_mode():
+        tensors = [image_to_tensor(load_image_rgb(p.image_path)) for p in pages[:2]]
+        alone, batched = model(tensors[:1])[0], model(tensors)[0]
+    assert len(alone["scores"]) > 0 and not torch.equal(alone["boxes"], batched["boxes"][:len(alone["boxes"])])
+    # The overlays draw every detection: the same pictures, the same predictions.
+    one, three = (evaluate(model, pages, torch.device("cpu"), max_dets=50, score_threshold=0.0, batch_size=n,
+                           overlay_count=3) for n in (1, 3))
+    assert one.metrics == three.metrics
+    for (_, a), (_, b) in zip(one.overlays, three.overlays, strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -39,3 +39,31 @@ def test_heldout_pages_are_reproducible(tmp_path):
     generate_heldout(tmp_path / "b", num_images=2, seed=5)
     for name in ("images/00001.png", "annotations/00002.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_lines_pages_have_uneven_paper_and_legible_ink(tmp_path):
+    """Paper as scanned pages have it (light falling off, blotches), ink from black to faint
+    gray, but every glyph at least half of MIN_INK_CONTRAST darker than the paper around it."""
+    import numpy as np
+    from PIL import Image
+
+    from charseg.generate import MIN_INK_CONTRAST
+    from charseg.polygons import polygon_boxes
+
+    generate_dataset(tmp_path, num_images=6, width=160, height=160, chars_per_image=(20, 40), font_size=(14, 24),
+                     layout="lines", seed=3)
+    spreads, inks = [], []
+    for sample in scan_dataset(tmp_path).samples:
+        gray = np.asarray(Image.open(sample.image_path).convert("L"), dtype=np.float32)
+        paper = np.ones(gray.shape, dtype=bool)
+        for x1, y1, x2, y2 in polygon_boxes(sample.polygons).astype(int):
+            paper[max(y1 - 1, 0):y2 + 2, max(x1 - 1, 0):x2 + 2] = False
+        blocks = [gray[y:y + 40, x:x + 40][paper[y:y + 40, x:x + 40]] for y in range(0, 160, 40) for x in range(0, 160, 40)]
+        levels = [float(np.median(b)) for b in blocks if b.size > 200]
+        spreads.append(max(levels) - min(levels))
+        for x1, y1, x2, y2 in polygon_boxes(sample.polygons).astype(int):
+            around = gray[max(y1 - 3, 0):y2 + 4, max(x1 - 3, 0):x2 + 4][paper[max(y1 - 3, 0):y2 + 4, max(x1 - 3, 0):x2 + 4]]
+            if around.size > 10:
+                inks.append(float(np.median(around)) - float(np.percentile(gray[y1:y2 + 1, x1:x2 + 1], 5)))
+    assert max(spreads) > 8  # not a flat page plus noise
+    assert min(inks) > MIN_INK_CONTRAST / 2 and np.percentile(inks, 10) < 100  # faint lines exist

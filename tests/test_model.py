@@ -135,3 +135,26 @@ def test_a_mask_pixels_checkpoint_without_pixel_dilations_keeps_its_two_plain_co
     first_version = {"pixel_refine.0.weight", "pixel_refine.0.bias", "pixel_refine.2.weight", "pixel_refine.2.bias"}
     assert {k for k in refine.state_dict()} == {k.removeprefix("pixel_refine.") for k in first_version}
     assert ModelSpec.from_dict({**old, "pixel_dilations": [2, 4]}).pixel_dilations == (2, 4)
+
+
+def test_page_scales_resize_by_a_factor_of_each_pages_own_size():
+    """--scale-train / --scale-test: a page is resized by the factor of its own size (not its
+    short side to min_size), boxes with it; max_size still caps the long side."""
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=400, norm="group", fpn_channels=64,
+                            mask_pixels=True, scale_train=1.0, scale_test=1.5)
+    transform = build_model(spec).transform
+    image = torch.rand(3, 100, 160)
+    target = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]])}
+    transform.train()
+    resized, moved = transform.resize(image, dict(target))
+    assert resized.shape[-2:] == (100, 160) and torch.equal(moved["boxes"], target["boxes"])
+    transform.eval()
+    assert transform.resize(image)[0].shape[-2:] == (150, 240)
+    assert transform.resize(torch.rand(3, 100, 300))[0].shape[-2:] == (133, 400)  # long side capped at 400
+    assert transform.min_size == (64,)  # the --min-size rule is left as it was
+    plain = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=400)).transform.eval()
+    assert plain.resize(image)[0].shape[-2:] == (64, 102)
+    old = {k: v for k, v in spec.to_dict().items() if k not in ("scale_train", "scale_test")}
+    assert (ModelSpec.from_dict(old).scale_train, ModelSpec.from_dict(old).scale_test) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="scale_train / scale_test need charseg's transform"):
+        build_model(spec_for_weights("resnet18", "none", scale_test=1.5), polygon_native=False)
