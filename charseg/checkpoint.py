@@ -3,10 +3,15 @@ checkpoint of a run (a folder, or a run's artifact names) to take."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,15 @@ FINAL_NAME = "model_final.pth"
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
 _EPOCH_RE = re.compile(r"^model_epoch_(\d{3,})\.pth$")
+# Held (fcntl.flock) by the one process writing an output folder; it names that process.
+LOCK_NAME = ".charseg.lock"
+# Temporary files of save_checkpoint and link_or_copy (".model_epoch_002.pth.x8k2.tmp").
+TEMP_GLOB = ".*.pth.*.tmp"
+
+# A write wants this much free space beyond the checkpoint's estimated size.
+SPACE_MARGIN = 1.1
+
+log = logging.getLogger("charseg")
 
 
 def epoch_filename(epoch: int) -> str:
@@ -78,6 +92,8 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
     """Write `checkpoint` to `path` atomically: a crash mid-write never replaces a good file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    needed = state_bytes(checkpoint)
+    ensure_space(path, needed)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; keep the user's umask
@@ -86,10 +102,39 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        # torch.save reports a full disk as "[enforce fail at inline_container.cc:...] unexpected pos".
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or \
+                isinstance(exc, RuntimeError) and "unexpected pos" in str(exc):
+            raise CheckpointError(_no_space(path, needed)) from exc
         raise
     return path
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of every tensor in a (nested) checkpoint: about its size on disk."""
+    if isinstance(state, torch.Tensor):
+        return state.nelement() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def ensure_space(path: Path, needed: int) -> None:
+    """Raise CheckpointError (one line: what, where, how much) unless PATH's file system has
+    room for `needed` bytes and SPACE_MARGIN more."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(path.parent).free < needed * SPACE_MARGIN:
+        raise CheckpointError(_no_space(path, needed))
+
+
+def _no_space(path: Path, needed: int) -> str:
+    free = shutil.disk_usage(path.parent).free
+    return (f"no space left on device writing {path}: {free / 1e9:.2f} GB free, a checkpoint needs about "
+            f"{needed / 1e9:.2f} GB; free space or pass --output-dir elsewhere")
 
 
 def save_checkpoint_as(checkpoint: dict[str, Any], paths: list[Path]) -> list[Path]:
@@ -176,3 +221,43 @@ def find_latest(directory: str | Path) -> Path | None:
         if best is None or epoch > best[0]:
             best = (epoch, path)
     return best[1] if best else None
+
+
+@contextlib.contextmanager
+def exclusive_output_dir(folder: str | Path, owner: str) -> Iterator[Path]:
+    """Hold an OS lock on FOLDER for the block: one training writes a folder at a time.
+
+    The lock (fcntl.flock on FOLDER/.charseg.lock, which then names `owner`) dies with its
+    process, so a killed run never leaves the folder locked. A second process fails at once
+    with a CheckpointError naming the folder and the holder. Holding the lock, the temporary
+    files in FOLDER are a killed writer's: they are removed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise CheckpointError(f"{folder} is being written by {holder}: one training per output folder; wait for "
+                                  "it to end or pass another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner.encode("utf-8"), 0)
+        _remove_stale_temporaries(folder)
+        yield folder
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the half-written checkpoints of a writer that was killed (the caller holds the
+    folder's lock, so no live writer owns them)."""
+    stale = [p for p in folder.glob(TEMP_GLOB) if p.is_file()]
+    if stale:
+        size = sum(p.stat().st_size for p in stale)
+        for path in stale:
+            path.unlink(missing_ok=True)
+        log.info("removed %d temporary file(s) (%.0f MB) left in %s by a killed writer: %s", len(stale), size / 1e6,
+                 folder, ", ".join(p.name for p in stale))

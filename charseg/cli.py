@@ -229,7 +229,7 @@ def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: s
 @click.argument("source")
 @_options(_opt("--epochs", type=click.IntRange(min=0), help="New total number of epochs (0: keep the checkpoint's)."),
           click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True,
-                       help="With a run ID: resume from this epoch's checkpoint (0: the latest)."),
+                       help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
           VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
@@ -237,8 +237,9 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
                    **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
 
-    SOURCE is a checkpoint file, an MLflow run ID (its latest checkpoint artifact) or an
-    MLflow artifact URI (runs:/..., models:/...). Epochs continue the source's numbering.
+    SOURCE is a checkpoint file, an output folder (its latest checkpoint that loads), an MLflow
+    run ID (its latest checkpoint artifact) or an MLflow artifact URI (runs:/..., models:/...).
+    Epochs continue the source's numbering.
     """
     overrides = _given(options)
     if overrides.get("epochs") == 0:
@@ -281,7 +282,8 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
 
 MODEL_SOURCE = click.option(
     "--model", "model_source", required=True,
-    help="A checkpoint file, an MLflow run ID (its best, else last checkpoint), runs:/... or models:/NAME@champion.")
+    help="A checkpoint file, an output folder or an MLflow run ID (its best, else its latest checkpoint), "
+         "runs:/... or models:/NAME@champion.")
 SCORE = click.option("--score-threshold", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
                      help="Keep detections scoring at least this.")
 DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -54,6 +56,8 @@ class TrainingAlreadyComplete(CharsegError):
 class Tracker(Protocol):
     """What the loop reports to (MLflow in tracking.py); every method may be a no-op."""
 
+    run_id: str  # the tracking run's ID ("" when none), named in the output folder's lock
+
     def start(self, config: TrainConfig, report: DatasetReport, spec: ModelSpec, splits: "Splits") -> None: ...
     def log_step(self, step: int, losses: dict[str, float], lr: float) -> None: ...
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -65,6 +69,8 @@ class Tracker(Protocol):
 
 class NullTracker:
     """Tracks nothing: the default when charseg runs without MLflow."""
+
+    run_id = ""
 
     def start(self, config, report, spec, splits) -> None:
         pass
@@ -366,7 +372,17 @@ def _training_device(name: str) -> torch.device:
 
 def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
          tracker: Tracker, resume_state: dict | None = None) -> RunResult:
-    """The epoch loop shared by all modes: train, step the LR, checkpoint, validate, report."""
+    """The epoch loop shared by all modes, holding the output folder for the whole run (one
+    writer per folder)."""
+    run_id = getattr(tracker, "run_id", "")
+    owner = f"PID {os.getpid()} on {socket.gethostname()}" + (f" (MLflow run {run_id})" if run_id else "")
+    with ckpt.exclusive_output_dir(config.output_dir, owner):
+        return _epochs(config, spec, model, report, splits, tracker, resume_state)
+
+
+def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
+            tracker: Tracker, resume_state: dict | None) -> RunResult:
+    """Train, step the LR, checkpoint, validate, report, epoch by epoch."""
     device = _training_device(config.device)
     model.to(device)
     if not splits.train:
@@ -385,7 +401,11 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
         _validate(model, config, spec, splits.val, device, resume_state["epoch"], result.best, resume_state, tracker)
     log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
              config.epochs, len(loader), config.output_dir)
+    # Parameters and one momentum buffer each: what an epoch's checkpoint will need on disk.
+    checkpoint_size = 2 * ckpt.state_bytes(model.state_dict())
     for epoch in range(result.start_epoch, config.epochs + 1):
+        # Fail before the epoch's work, not after it, when its checkpoint cannot be written.
+        ckpt.ensure_space(Path(config.output_dir) / ckpt.epoch_filename(epoch), checkpoint_size)
         sampler.set_epoch(epoch)
         metrics = _train_epoch(model, opt, loader, device, epoch, config, tracker)
         result.history.append(metrics)

@@ -92,6 +92,12 @@ class MlflowTracker:
     log_checkpoints: str = "last"  # all | last | none: which checkpoints become artifacts
     lineage: Lineage = field(default_factory=Lineage)
 
+    @property
+    def run_id(self) -> str:
+        """The active MLflow run's ID, "" outside a run."""
+        run = mlflow.active_run()
+        return run.info.run_id if run else ""
+
     def start(self, config, report, spec, splits) -> None:
         """Params (config, model spec, dataset facts, split), tags, config, dataset report and
         validation image list artifacts."""
@@ -306,17 +312,41 @@ def _checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
     return [Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR) if not f.is_dir]
 
 
+def folder_checkpoint(folder: Path, *, prefer_best: bool = False, epoch: int | None = None) -> Path:
+    """The checkpoint of an output folder: that epoch's, else best.pth when preferred and
+    present, else the one of the highest epoch that loads (a file cut short is passed over)."""
+    if epoch:
+        path = folder / ckpt.epoch_filename(epoch)
+        if not path.is_file():
+            raise TrackingError(f"{folder}: no {path.name} (checkpoints here: "
+                                f"{', '.join(sorted(p.name for p in folder.glob('*.pth'))) or 'none'})")
+        return path
+    if prefer_best and (folder / ckpt.BEST_NAME).is_file():
+        return folder / ckpt.BEST_NAME
+    path = ckpt.find_latest(folder)
+    if path is None:
+        raise TrackingError(f"{folder}: no charseg checkpoint here ({ckpt.epoch_filename(1)}, ..., "
+                            f"{ckpt.LAST_NAME} or {ckpt.FINAL_NAME}); pass a checkpoint file, a run ID or a URI")
+    return path
+
+
 def resolve_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,
                        epoch: int | None = None) -> tuple[Path, Lineage]:
-    """Turn SOURCE (local path, run ID or MLflow artifact URI) into a local checkpoint file.
+    """Turn SOURCE (checkpoint file, output folder, run ID or MLflow artifact URI) into a local
+    checkpoint file.
 
-    Which checkpoint of a run: checkpoint.pick_checkpoint(prefer_best, epoch). Downloads go to dst_dir.
+    Which checkpoint of a run: checkpoint.pick_checkpoint(prefer_best, epoch); of a folder:
+    folder_checkpoint. Downloads go to dst_dir.
     """
     local = Path(source)
     if local.is_file():
         if epoch:
-            raise TrackingError("--epoch picks a checkpoint of a run; with a file path, pass that epoch's file")
+            raise TrackingError("--epoch picks a checkpoint of a run or a folder; with a file path, pass that "
+                                "epoch's file")
         return local, Lineage(source_uri=str(local.resolve()))
+    if local.is_dir():
+        path = folder_checkpoint(local, prefer_best=prefer_best, epoch=epoch)
+        return path, Lineage(source_uri=str(path.resolve()))
     configure()
     client = MlflowClient()
     if is_run_id(source):
@@ -333,7 +363,7 @@ def resolve_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,
         uri = source
         run_id = source.split("/")[1] if source.startswith("runs:/") else ""
     else:
-        raise TrackingError(f"{source}: no such file, and not a run ID or MLflow URI (runs:/, models:/, ...)")
+        raise TrackingError(f"{source}: no such file or folder, and not a run ID or MLflow URI (runs:/, models:/, ...)")
     try:
         downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir)))
     except MlflowException as exc:

@@ -128,3 +128,34 @@ def test_copy_where_hard_links_fail(tmp_path, monkeypatch):
     copy = ckpt.link_or_copy(first, tmp_path / "b.pth")
     assert copy.read_bytes() == first.read_bytes() and copy.stat().st_ino != first.stat().st_ino
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pth", "b.pth"]
+
+
+def test_one_writer_per_output_folder_and_a_killed_holder_frees_it(tmp_path):
+    """fcntl.flock: a second process is refused at once, naming the holder; SIGKILL of the
+    holder releases the folder (no stale lock to clean up by hand), and the next holder
+    removes the temporary files a killed writer left."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom charseg import checkpoint as c\n"
+         f"with c.exclusive_output_dir({str(out)!r}, 'PID 4242 on box (MLflow run abc)'):\n"
+         "    print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=f"{out} is being written by PID 4242 on box \\(MLflow run abc\\): "
+                                                  "one training per output folder"):
+            with ckpt.exclusive_output_dir(out, "me"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # What a writer killed mid-save leaves; the next holder of the folder removes it.
+    (out / ".model_epoch_002.pth.x8k2.tmp").write_bytes(b"half a checkpoint")
+    (out / ".best.pth.4242.link.tmp").write_bytes(b"")
+    (out / "notes.tmp").write_text("not ours")
+    with ckpt.exclusive_output_dir(out, "PID 7 on box"):
+        assert (out / ckpt.LOCK_NAME).read_text() == "PID 7 on box"
+        assert sorted(p.name for p in out.iterdir()) == [ckpt.LOCK_NAME, "notes.tmp"]

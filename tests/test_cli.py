@@ -76,12 +76,24 @@ def test_train_then_resume_via_cli(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     result = invoke("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1", "--output-dir", str(out))
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["model_epoch_001.pth", "model_final.pth"]
+    assert sorted(p.name for p in out.iterdir()) == [".charseg.lock", "model_epoch_001.pth", "model_final.pth"]
     result = invoke("resume", str(out / "model_final.pth"), "--epochs", "2")
     assert result.exit_code == 0, result.output
     assert (out / "model_epoch_002.pth").is_file()
     result = invoke("resume", str(out / "model_epoch_002.pth"))
     assert result.exit_code == 0 and "already finished all 2 epochs" in result.output
+    # A folder resumes from its latest checkpoint that loads, in that folder (the seed script's way).
+    (out / "model_epoch_009.pth").write_bytes(b"cut short by a killed writer")
+    result = invoke("resume", str(out), "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert f"resuming {out}" in result.output and "at epoch 3 of 3" in result.output
+    assert (out / "model_epoch_003.pth").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = CliRunner().invoke(cli, ["resume", str(empty)])
+    assert result.exit_code == 1 and f"{empty}: no charseg checkpoint here" in result.output
+    result = CliRunner().invoke(cli, ["resume", str(out), "--epoch", "7"])
+    assert result.exit_code == 1 and "no model_epoch_007.pth" in result.output
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict", "resume", "finetune"])
@@ -113,3 +125,24 @@ def test_generate_lines_and_held_out_pages(tmp_path):
     result = invoke("generate", str(tmp_path / "held"), "--held-out", "--num-images", "2")
     assert result.exit_code == 0 and "wrote 2 held-out pages" in result.output
     assert invoke("validate-data", str(tmp_path / "held")).exit_code == 0
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
+def test_a_page_scale_that_is_no_factor_is_one_clear_error(tiny_dataset, tmp_path, value):
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--scale-test", value,
+                                      "--output-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "scale_test must be 0 (resize to min_size) or a factor in (0, 8], got " \
+        in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
+
+
+def test_a_second_training_on_a_busy_output_folder_is_one_clear_error(tiny_dataset, tmp_path):
+    from charseg import checkpoint as ckpt
+
+    out = tmp_path / "run"
+    with ckpt.exclusive_output_dir(out, "PID 4242 on box (MLflow run abc)"):
+        result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1",
+                                          "--output-dir", str(out)])
+    assert result.exit_code == 1 and f"{out} is being written by PID 4242 on box (MLflow run abc)" in result.output
+    assert "Traceback" not in result.output
+    assert [p.name for p in out.iterdir()] == [".charseg.lock"]  # nothing of the refused run

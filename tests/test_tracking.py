@@ -177,3 +177,38 @@ def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, ti
     latest = ckpt.find_latest(tmp_path)
     assert latest is not None and ckpt.load_checkpoint(latest)["epoch"] >= 1
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_is_one_line_and_a_failed_run_with_earlier_checkpoints_intact(server, tiny_dataset, tmp_path,
+                                                                                  monkeypatch):
+    """Disk full during epoch 2's write (torch.save's own error) and before epoch 3 (too little
+    free space to start it): one line naming the file and the sizes, the run FAILED with it."""
+    from collections import namedtuple
+
+    real_save, saves = ckpt.torch.save, []
+
+    def save_until_full(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # epoch 2's checkpoint
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 8384 vs 8272")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", save_until_full)
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "3", "--output-dir",
+                                      str(tmp_path), "--experiment-name", "disk-full"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"no space left on device writing {tmp_path / 'model_epoch_002.pth'}: " in result.output
+    assert "GB free, a checkpoint needs about" in result.output and "pass --output-dir elsewhere" in result.output
+    assert ckpt.load_checkpoint(tmp_path / "model_epoch_001.pth")["epoch"] == 1
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "model_epoch_002.pth").exists()
+    run = server.search_runs([server.get_experiment_by_name("disk-full").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["charseg.failure_reason"].startswith("no space left on device writing")
+
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    result = CliRunner().invoke(cli, ["resume", str(tmp_path / "model_epoch_001.pth"), "--epochs", "3"])
+    assert result.exit_code == 1 and "0.00 GB free" in result.output
+    assert f"writing {tmp_path / 'model_epoch_002.pth'}" in result.output
+    assert "epoch 2/3 finished" not in result.output  # refused before training epoch 2, not after

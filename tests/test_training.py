@@ -62,13 +62,13 @@ def test_finetune_starts_at_epoch_one_with_a_fifth_of_the_lr(tiny_dataset, tmp_p
 
 def test_unversioned_saves_overwrite_last(tiny_dataset, tmp_path):
     runner.train(light_config(tiny_dataset, tmp_path, epochs=2, save_versioned=False))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "model_final.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LOCK_NAME, "last.pth", "model_final.pth"]
     assert ckpt.load_checkpoint(tmp_path / "last.pth")["epoch"] == 2
 
 
 def test_no_save_every_epoch_still_writes_final(tiny_dataset, tmp_path):
     runner.train(light_config(tiny_dataset, tmp_path, epochs=1, save_every_epoch=False))
-    assert [p.name for p in tmp_path.iterdir()] == ["model_final.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ckpt.LOCK_NAME, "model_final.pth"]
 
 
 def test_resume_of_finished_run_says_so(tiny_dataset, tmp_path):
