@@ -46,8 +46,8 @@ from charseg.model import STOCK_ANCHOR_SIZES, build_model, spec_for_weights  # n
 
 HELDOUT_PAGES, HELDOUT_SEED = 40, 2026  # the pages `make demo` evaluates on
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
-# (about 45 minutes on 2 cores).
-LONG = {"num_images": 500, "epochs": 10}
+# (about 40 minutes on 2 cores).
+LONG = {"num_images": 400, "epochs": 10}
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "min_size", "max_size",
               "scale_train", "scale_test", "detections_per_img",
               "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
@@ -137,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", choices=("demo", "long"), default="demo",
                         help="demo: `make demo`'s recipe (about 10 minutes); long: the same on more pages for more "
-                             "epochs (about 45 minutes).")
+                             "epochs (about 40 minutes).")
     parser.add_argument("--out", help="Markdown report to write [default: docs/QUALITY.md, long: docs/QUALITY_LONG.md].")
     parser.add_argument("--no-stock", action="store_true", help="Skip stock torchvision (the long recipe skips it).")
     parser.add_argument("--epochs", type=int, help="Override the recipe's epochs (a quick check; the report says so).")
