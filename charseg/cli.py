@@ -287,6 +287,8 @@ MODEL_SOURCE = click.option(
 SCORE = click.option("--score-threshold", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
                      help="Keep detections scoring at least this.")
 DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+SCALE_TEST_OVERRIDE = click.option("--scale-test", type=float, default=None,
+                                   help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
 
 
 @cli.command("evaluate")
@@ -295,7 +297,7 @@ DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="a
 @SCORE
 @click.option("--detections-per-img", type=click.IntRange(min=1), default=None,
               help="Detections per image and COCO maxDets [default: the checkpoint's].")
-@click.option("--scale-test", type=float, default=None, help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
+@SCALE_TEST_OVERRIDE
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
               help="Where to write the metrics as JSON.")
 @DEVICE_OPT
@@ -322,7 +324,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
               help="Output folder: images/, annotations/*.csv (char,polygon_json,score) and overlays/*.png.")
 @SCORE
-@click.option("--scale-test", type=float, default=None, help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
+@SCALE_TEST_OVERRIDE
 @DEVICE_OPT
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, device: str) -> None:
