@@ -28,6 +28,10 @@ KEYS = frozenset({
     "format", "format_version", "epoch", "model", "optimizer", "scheduler", "warmup", "seed",
     "rng", "config", "model_spec", "num_classes", "metrics", "best",
 })
+# Keys a checkpoint may lack (files written before they existed load without them).
+OPTIONAL_KEYS = frozenset({
+    "run_id",  # the MLflow run that wrote it ("" untracked): a resume from the file links to it
+})
 FINAL_NAME = "model_final.pth"
 BEST_NAME = "best.pth"
 LAST_NAME = "last.pth"
@@ -36,6 +40,8 @@ _EPOCH_RE = re.compile(r"^model_epoch_(\d{3,})\.pth$")
 LOCK_NAME = ".charseg.lock"
 # Temporary files of save_checkpoint and link_or_copy (".model_epoch_002.pth.x8k2.tmp").
 TEMP_GLOB = ".*.pth.*.tmp"
+# Temporary folders of checkpoints downloaded into an output folder (".download-4242-x8k2.tmp").
+DOWNLOAD_GLOB = ".download-*.tmp"
 
 # A write wants this much free space beyond the checkpoint's estimated size.
 SPACE_MARGIN = 1.1
@@ -76,8 +82,8 @@ def pick_checkpoint(names: list[str], *, prefer_best: bool = False, epoch: int |
 
 def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
                     rng: dict, config: dict, model_spec: dict, num_classes: int, metrics: dict,
-                    best: dict) -> dict[str, Any]:
-    """Assemble a checkpoint dict of the current schema (all arguments required).
+                    best: dict, run_id: str = "") -> dict[str, Any]:
+    """Assemble a checkpoint dict of the current schema (all arguments but run_id required).
 
     best: {"metric", "value", "epoch", "through_epoch"}: the best validation result among
     epochs 1..through_epoch, so a resumed run compares against the true best so far.
@@ -85,7 +91,7 @@ def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch, "model": model,
             "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup, "seed": seed, "rng": rng,
             "config": config, "model_spec": model_spec, "num_classes": num_classes, "metrics": metrics,
-            "best": best}
+            "best": best, "run_id": run_id}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
@@ -191,7 +197,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this charseg reads version "
                               f"{FORMAT_VERSION}; use the charseg release that wrote it")
-    missing, unknown = KEYS - set(checkpoint), set(checkpoint) - KEYS
+    missing, unknown = KEYS - set(checkpoint), set(checkpoint) - KEYS - OPTIONAL_KEYS
     if missing or unknown:
         raise CheckpointError(f"{path}: checkpoint keys do not match version {FORMAT_VERSION} "
                               f"(missing {sorted(missing)}, unknown {sorted(unknown)})")
@@ -207,6 +213,26 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
     return checkpoint
 
 
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint file holds, read without loading its tensors; None when the file
+    is missing, foreign or broken."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1))
+    except Exception:
+        return None
+
+
+def final_written(checkpoint_path: str | Path, epoch: int, output_dir: str | Path) -> bool:
+    """Whether the last epoch of a run, whose checkpoint is CHECKPOINT_PATH (of `epoch`), is
+    complete: its model_final.pth (written after the epoch's validation, best.pth and held-out
+    evaluation) is that file or lies beside it or in OUTPUT_DIR."""
+    checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.name == FINAL_NAME:
+        return True
+    return any(checkpoint_epoch(folder / FINAL_NAME) == epoch
+               for folder in {checkpoint_path.parent, Path(output_dir)})
+
+
 def find_latest(directory: str | Path) -> Path | None:
     """The checkpoint of the highest epoch in `directory` (versioned, last or final), or None."""
     directory = Path(directory)
@@ -214,9 +240,8 @@ def find_latest(directory: str | Path) -> Path | None:
     for path in directory.glob("*.pth"):
         if epoch_of_filename(path.name) is None and path.name not in (LAST_NAME, FINAL_NAME):
             continue
-        try:
-            epoch = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch", -1))
-        except Exception:
+        epoch = checkpoint_epoch(path)
+        if epoch is None:
             continue  # a foreign or broken file is not a candidate
         if best is None or epoch > best[0]:
             best = (epoch, path)
@@ -251,13 +276,20 @@ def exclusive_output_dir(folder: str | Path, owner: str) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def download_prefix() -> str:
+    """Name prefix of this process's download folders (DOWNLOAD_GLOB)."""
+    return f".download-{os.getpid()}-"
+
+
 def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete the half-written checkpoints of a writer that was killed (the caller holds the
-    folder's lock, so no live writer owns them)."""
+    """Delete the half-written checkpoints and downloads of a writer that was killed (the
+    caller holds the folder's lock, so no live writer owns them; this process's own download
+    is in use)."""
     stale = [p for p in folder.glob(TEMP_GLOB) if p.is_file()]
+    stale += [p for p in folder.glob(DOWNLOAD_GLOB) if p.is_dir() and not p.name.startswith(download_prefix())]
     if stale:
-        size = sum(p.stat().st_size for p in stale)
+        size = sum(f.stat().st_size for p in stale for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
         for path in stale:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         log.info("removed %d temporary file(s) (%.0f MB) left in %s by a killed writer: %s", len(stale), size / 1e6,
                  folder, ", ".join(p.name for p in stale))

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from . import checkpoint as ckpt
 from . import runner, tracking
 from .config import FINETUNE_LR_FACTOR, LR_SCHEDULES, NORMS, TrainConfig, parse_anchor_sizes
 from .data import scan_dataset
@@ -166,9 +167,13 @@ def _echo_run(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def _source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = None):
-    """Yield (local checkpoint path, lineage) for SOURCE; a download lives until the block ends."""
-    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+def _source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = None, under: str | None = None):
+    """Yield (local checkpoint path, lineage) for SOURCE; a download lives until the block ends,
+    in a temporary folder of UNDER (a training's output folder, whose next writer removes it
+    should this process be killed) or else of the system's temp folder."""
+    if under:
+        Path(under).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=ckpt.download_prefix(), suffix=".tmp", dir=under) as download_dir:
         yield tracking.resolve_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
 
 
@@ -244,14 +249,17 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
     overrides = _given(options)
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
-    with _source_checkpoint(source, prefer_best=False, epoch=epoch or None) as (path, lineage):
-        if not Path(source).exists():  # downloaded: write next to nothing temporary
-            overrides.setdefault("output_dir", runner.default_output_dir("resume"))
+    if not Path(source).exists():  # to be downloaded: write next to nothing temporary
+        overrides.setdefault("output_dir", runner.default_output_dir("resume"))
+    with _source_checkpoint(source, prefer_best=False, epoch=epoch or None,
+                            under=overrides.get("output_dir")) as (path, lineage):
         try:
             plan = runner.plan_resume(path, overrides)
         except runner.TrainingAlreadyComplete as exc:
             click.echo(str(exc).replace(str(path), source))
             return
+        # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
+        lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
         _tracked(experiment_name, log_checkpoints, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
 
 
@@ -274,8 +282,9 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
     """
     if bool(source) == bool(run_id):
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
-    with _source_checkpoint(source or run_id, prefer_best=True) as (path, lineage):
-        overrides = {"data_dir": data_dir, **_given(options)}
+    overrides = {"data_dir": data_dir, **_given(options)}
+    overrides.setdefault("output_dir", runner.default_output_dir("finetune"))
+    with _source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
         _tracked(experiment_name, log_checkpoints, lineage,
                  lambda tracker: runner.finetune(path, overrides, tracker))
 

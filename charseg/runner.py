@@ -217,7 +217,8 @@ def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = 
     if not overrides.get("output_dir"):
         config.output_dir = str(Path(checkpoint_path).parent)
     _check(config)
-    if state["epoch"] >= config.epochs:
+    if state["epoch"] > config.epochs or (
+            state["epoch"] == config.epochs and ckpt.final_written(checkpoint_path, state["epoch"], config.output_dir)):
         raise TrainingAlreadyComplete(
             f"{checkpoint_path}: training already finished all {config.epochs} epochs (checkpoint is epoch "
             f"{state['epoch']}); pass --epochs N with N > {state['epoch']} to train further")
@@ -227,6 +228,10 @@ def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = 
 def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = None,
            tracker: Tracker | None = None) -> RunResult:
     """Continue a run from its checkpoint: model, optimizer, schedulers, epoch, seed and RNG.
+
+    A checkpoint of the last epoch whose run stopped before model_final.pth (killed while
+    validating, writing best.pth or evaluating held-out pages) is finished: what that epoch
+    left undone is done, then model_final.pth is written.
 
     plan: a ResumePlan, or a checkpoint path planned here with `overrides`.
     """
@@ -238,7 +243,11 @@ def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = Non
     splits = make_splits(config, report)
     spec = resolve_spec(config, splits.all, splits.train, source=ModelSpec.from_dict(state["model_spec"]))
     model = build_model(spec)
-    log.info("resuming %s at epoch %d of %d", plan.checkpoint_path, state["epoch"] + 1, config.epochs)
+    if state["epoch"] < config.epochs:
+        log.info("resuming %s at epoch %d of %d", plan.checkpoint_path, state["epoch"] + 1, config.epochs)
+    else:
+        log.info("resuming %s: its run stopped before finishing epoch %d (no %s); finishing it", plan.checkpoint_path,
+                 state["epoch"], ckpt.FINAL_NAME)
     return _fit(config, spec, model, report, splits, tracker or NullTracker(), resume_state=state)
 
 
@@ -399,8 +408,15 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
         # The checkpoint was written before its epoch was validated: finish that first, so
         # the best-so-far is the true one (evaluation is deterministic).
         _validate(model, config, spec, splits.val, device, resume_state["epoch"], result.best, resume_state, tracker)
-    log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
-             config.epochs, len(loader), config.output_dir)
+    if result.start_epoch > config.epochs:  # resuming a last epoch that stopped before model_final.pth
+        if heldout:
+            result.heldout = _heldout(model, config, spec, heldout, device, config.epochs, tracker)
+        source = Path(config.init_checkpoint)
+        result.checkpoints.append(_save_final(resume_state, config, tracker,
+                                              source if source.parent == Path(config.output_dir) else None))
+    else:
+        log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
+                 config.epochs, len(loader), config.output_dir)
     # Parameters and one momentum buffer each: what an epoch's checkpoint will need on disk.
     checkpoint_size = 2 * ckpt.state_bytes(model.state_dict())
     for epoch in range(result.start_epoch, config.epochs + 1):
@@ -413,14 +429,16 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
         state = ckpt.make_checkpoint(
             epoch=epoch, model=model.state_dict(), **opt.state_dicts(), seed=config.seed, rng=capture_rng_state(),
             config=config.to_dict(), model_spec=spec.to_dict(), num_classes=spec.num_classes,
-            metrics={"history": result.history}, best=dict(result.best))
-        result.checkpoints.extend(_save_epoch(state, config, epoch, tracker))
-        tracker.log_epoch(epoch, metrics)
+            metrics={"history": result.history}, best=dict(result.best), run_id=tracker.run_id)
+        written = _save_epoch(state, config, epoch, metrics, tracker)
+        result.checkpoints.extend(written)
         if splits.val:
             val_metrics = _validate(model, config, spec, splits.val, device, epoch, result.best, state, tracker)
             metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
         if heldout:
             result.heldout = _heldout(model, config, spec, heldout, device, epoch, tracker)
+        if epoch == config.epochs:  # last: the file that says the run is complete
+            result.checkpoints.append(_save_final(state, config, tracker, written[0] if written else None))
     result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
     return result
 
@@ -470,21 +488,35 @@ def _train_epoch(model: torch.nn.Module, opt: Optimization, loader: DataLoader, 
     return metrics
 
 
-def _save_epoch(state: dict, config: TrainConfig, epoch: int, tracker: Tracker) -> list[Path]:
-    """Write the epoch's checkpoint files (one serialisation, the other names hard links) and
-    hand them to the tracker. Returns the paths written."""
-    names = []
+def _save_epoch(state: dict, config: TrainConfig, epoch: int, metrics: dict[str, float],
+                tracker: Tracker) -> list[Path]:
+    """Write the epoch's checkpoint (unless --no-save-every-epoch), hand it to the tracker and
+    report the epoch's metrics. Returns the paths written."""
+    paths = []
     if config.save_every_epoch:
-        names.append(ckpt.epoch_filename(epoch) if config.save_versioned else ckpt.LAST_NAME)
-    final = epoch == config.epochs
-    if final:
-        names.append(ckpt.FINAL_NAME)
-    with deferred_interrupt():  # Ctrl-C waits until this epoch's files are written and logged
-        paths = ckpt.save_checkpoint_as(state, [Path(config.output_dir) / name for name in names])
+        paths.append(Path(config.output_dir) / (ckpt.epoch_filename(epoch) if config.save_versioned
+                                                else ckpt.LAST_NAME))
+    with deferred_interrupt():  # Ctrl-C waits until this epoch's file is written and logged
         for path in paths:
+            ckpt.save_checkpoint(state, path)
             log.info("saved checkpoint %s", path)
-        tracker.log_checkpoints_of_epoch(epoch, paths, final)
+        tracker.log_checkpoints_of_epoch(epoch, paths, False)
+        tracker.log_epoch(epoch, metrics)
     return paths
+
+
+def _save_final(state: dict, config: TrainConfig, tracker: Tracker, written: Path | None) -> Path:
+    """model_final.pth, after everything else of the last epoch: a hard link to the epoch's
+    file when there is one (one serialisation), else its own write. Returns its path."""
+    path = Path(config.output_dir) / ckpt.FINAL_NAME
+    with deferred_interrupt():
+        if written is not None:
+            ckpt.link_or_copy(written, path)
+        else:
+            ckpt.save_checkpoint(state, path)
+        log.info("saved checkpoint %s", path)
+        tracker.log_checkpoints_of_epoch(state["epoch"], [path], True)
+    return path
 
 
 def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val: list[Sample],
@@ -502,12 +534,12 @@ def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val:
     if is_better(config.best_metric, value, best["value"]):
         best.update(value=value, epoch=epoch)
     best["through_epoch"] = epoch
-    if best["epoch"] == epoch:
-        # Its own write: best.pth records this validation, which the epoch's file (saved
-        # before validating, so a crash in evaluation still leaves it) cannot.
-        with deferred_interrupt():
+    with deferred_interrupt():  # Ctrl-C during best.pth's write still logs the metrics computed
+        if best["epoch"] == epoch:
+            # Its own write: best.pth records this validation, which the epoch's file (saved
+            # before validating, so a crash in evaluation still leaves it) cannot.
             path = ckpt.save_checkpoint({**state, "best": dict(best)}, Path(config.output_dir) / ckpt.BEST_NAME)
             log.info("new best %s %.4f at epoch %d: saved %s", config.best_metric, value, epoch, path)
             tracker.log_best(path, dict(best))
-    tracker.log_validation(epoch, metrics, result.overlays)
+        tracker.log_validation(epoch, metrics, result.overlays)
     return metrics

@@ -7,9 +7,12 @@ small Tracker protocol; the CLI uses `tracked_run` and `resolve_checkpoint`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
+import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -30,10 +33,17 @@ TAG_MODE = "charseg.mode"
 TAG_SOURCE_RUN = "charseg.source_run_id"
 TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
 TAG_FAILURE = "charseg.failure_reason"
+TAG_WRITER = "charseg.writer"  # "PID n on HOST into FOLDER": the process that trains the run
+TAG_RESUMED_BY = "charseg.resumed_by"
+# A RUNNING source run on another host whose last step metric is older than this is taken
+# as dead (a preempted machine) when resumed; a step is logged every training iteration.
+ABANDONED_AFTER_S = 900
 TAG_BEST_METRIC = "charseg.best_metric"
 TAG_BEST_EPOCH = "charseg.best_epoch"
 TAG_BEST_VALUE = "charseg.best_value"
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+log = logging.getLogger("charseg")
 
 
 class TrackingError(CharsegError):
@@ -107,7 +117,10 @@ class MlflowTracker:
         params.update({"data.train_images": len(splits.train), "data.val_images": len(splits.val)})
         params["log_checkpoints"] = self.log_checkpoints
         _log_params(_flatten("", params))
-        mlflow.set_tags({TAG_MODE: config.mode, **self.lineage.tags()})
+        mlflow.set_tags({TAG_MODE: config.mode, TAG_WRITER: f"{writer()} into {Path(config.output_dir).resolve()}",
+                         **self.lineage.tags()})
+        if config.mode == "resume" and self.lineage.source_run_id:
+            close_abandoned_run(self.lineage.source_run_id, self.run_id)
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
         mlflow.log_text(report.format(), "data/dataset_report.txt")
         mlflow.log_text("".join(f"{s.image_path}\n" for s in splits.val), "data/val_images.txt")
@@ -131,11 +144,10 @@ class MlflowTracker:
                 mlflow.log_artifact(str(path), CHECKPOINT_DIR)
         elif self.log_checkpoints == "last":
             final_paths = [p for p in paths if p.name == ckpt.FINAL_NAME]
-            if final_paths:  # the final model holds this epoch's state: one upload is enough
+            if final_paths:
                 mlflow.log_artifact(str(final_paths[0]), CHECKPOINT_DIR)
             elif paths:
                 _log_artifact_as(paths[0], ckpt.LAST_NAME)
-
 
     def log_validation(self, epoch: int, metrics: dict[str, float], overlays: list) -> None:
         """Validation metrics (step = epoch) and images with predicted outlines."""
@@ -157,6 +169,51 @@ class MlflowTracker:
         mlflow.log_metrics({"best_epoch": best["epoch"], f"best/{best['metric']}": best["value"]}, step=best["epoch"])
         mlflow.set_tags({TAG_BEST_METRIC: best["metric"], TAG_BEST_EPOCH: str(best["epoch"]),
                          TAG_BEST_VALUE: str(best["value"])})
+
+
+def writer() -> str:
+    """This process, as the runs it trains and the output folders it locks name it."""
+    return f"PID {os.getpid()} on {socket.gethostname()}"
+
+
+def close_abandoned_run(run_id: str, resumed_by: str) -> bool:
+    """End run RUN_ID as KILLED when it is still RUNNING but its writer is dead (a SIGKILL or
+    a lost machine never ends a run): on this host, when its PID is gone; on another, when
+    its last step metric is older than ABANDONED_AFTER_S. The end time is that last
+    activity; a tag names the resuming run. Returns whether it was closed."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
+        return False
+    found = re.match(r"PID (\d+) on (\S+)", run.data.tags.get(TAG_WRITER, ""))
+    history = client.get_metric_history(run_id, "train_step/loss")
+    last_activity = max([m.timestamp for m in history] + [run.info.start_time or 0])
+    if found and found.group(2) == socket.gethostname():
+        alive = _pid_alive(int(found.group(1)))
+    else:
+        alive = time.time() * 1000 - last_activity < ABANDONED_AFTER_S * 1000
+    if alive:
+        log.warning("warning: source run %s is still RUNNING and its writer (%s) looks alive: left as it is", run_id,
+                    run.data.tags.get(TAG_WRITER, "unknown"))
+        return False
+    client.set_tag(run_id, TAG_RESUMED_BY, resumed_by)
+    client.set_tag(run_id, TAG_FAILURE, f"its process stopped without ending the run; resumed by run {resumed_by}")
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED), end_time=last_activity)
+    log.info("source run %s was left RUNNING by a process that died: marked KILLED", run_id)
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process PID of this host lives (this process, which is resuming, is not the writer)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _log_params(params: dict[str, str]) -> None:

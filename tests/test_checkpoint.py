@@ -156,6 +156,29 @@ def test_one_writer_per_output_folder_and_a_killed_holder_frees_it(tmp_path):
     (out / ".model_epoch_002.pth.x8k2.tmp").write_bytes(b"half a checkpoint")
     (out / ".best.pth.4242.link.tmp").write_bytes(b"")
     (out / "notes.tmp").write_text("not ours")
+    # A resume by run ID killed mid-download, and this process's own download in use.
+    (out / ".download-4242-k2j1.tmp" / "checkpoints").mkdir(parents=True)
+    (out / ".download-4242-k2j1.tmp" / "checkpoints" / "last.pth").write_bytes(b"downloaded")
+    (out / f"{ckpt.download_prefix()}mine.tmp").mkdir()
     with ckpt.exclusive_output_dir(out, "PID 7 on box"):
         assert (out / ckpt.LOCK_NAME).read_text() == "PID 7 on box"
-        assert sorted(p.name for p in out.iterdir()) == [ckpt.LOCK_NAME, "notes.tmp"]
+        assert sorted(p.name for p in out.iterdir()) == [ckpt.LOCK_NAME, f"{ckpt.download_prefix()}mine.tmp",
+                                                         "notes.tmp"]
+
+
+def test_checkpoints_without_the_optional_run_id_still_load(tmp_path):
+    state = sample_checkpoint(1)
+    assert state["run_id"] == ""
+    del state["run_id"]  # written before checkpoints named their run
+    ckpt.save_checkpoint(state, tmp_path / "old.pth")
+    assert "run_id" not in ckpt.load_checkpoint(tmp_path / "old.pth")
+
+
+def test_final_written_reads_the_epoch_beside_the_checkpoint_or_in_the_output_folder(tmp_path):
+    ckpt.save_checkpoint(sample_checkpoint(3), tmp_path / "run" / "model_epoch_003.pth")
+    assert not ckpt.final_written(tmp_path / "run" / "model_epoch_003.pth", 3, tmp_path / "elsewhere")
+    ckpt.save_checkpoint(sample_checkpoint(2), tmp_path / "run" / ckpt.FINAL_NAME)  # an older run's
+    assert not ckpt.final_written(tmp_path / "run" / "model_epoch_003.pth", 3, tmp_path / "elsewhere")
+    ckpt.save_checkpoint(sample_checkpoint(3), tmp_path / "elsewhere" / ckpt.FINAL_NAME)
+    assert ckpt.final_written(tmp_path / "run" / "model_epoch_003.pth", 3, tmp_path / "elsewhere")
+    assert ckpt.final_written(tmp_path / "dl" / ckpt.FINAL_NAME, 3, tmp_path / "new")

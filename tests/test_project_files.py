@@ -61,7 +61,7 @@ def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     assert run.data.params["data.val_images"] == "1"  # default val_fraction 0.1, at least one image
     assert "val/segm_AP" in run.data.metrics
     assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == [
-        "best.pth", "model_final.pth"]
+        "best.pth", "last.pth", "model_final.pth"]
     assert (tmp_path / "out" / "model_final.pth").is_file()
 
 

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from charseg import checkpoint as ckpt
+from charseg import tracking
 from charseg.cli import cli
 from test_cli import LIGHT_ARGS
 
@@ -88,7 +89,8 @@ def test_resume_from_run_id_continues_the_steps(server, trained_run, tmp_path):
     assert run.data.tags["charseg.source_checkpoint"] == f"runs:/{trained_run}/checkpoints/model_final.pth"
     assert steps(server, resumed, "train_epoch/loss") == [3]
     assert steps(server, resumed, "train_step/loss") == [5, 6]
-    assert artifacts(server, resumed, "checkpoints") == ["model_final.pth"]  # default policy: last
+    # Default policy last: the latest epoch, uploaded before validating it, then the final model.
+    assert artifacts(server, resumed, "checkpoints") == ["last.pth", "model_final.pth"]
     assert ckpt.load_checkpoint(tmp_path / "model_final.pth")["epoch"] == 3
 
 
@@ -155,21 +157,28 @@ def test_non_finite_loss_marks_the_run_failed(server, tiny_dataset, tmp_path):
     assert "non-finite loss" in run.data.tags["charseg.failure_reason"]
 
 
-def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, tiny_dataset, tmp_path):
+def stop_after_first_checkpoint(mlflow_server: str, dataset: Path, out: Path, experiment: str, log_path: Path,
+                                sig: int) -> subprocess.Popen:
+    """A 50-epoch `charseg train` process, sent `sig` once epoch 1's checkpoint exists; returns it ended."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
-    log_path = tmp_path.parent / f"{tmp_path.name}-train.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(tiny_dataset), *LIGHT_ARGS,
-                                 "--epochs", "50", "--output-dir", str(tmp_path), "--experiment-name", "interrupted"],
+        proc = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(dataset), *LIGHT_ARGS,
+                                 "--epochs", "50", "--output-dir", str(out), "--experiment-name", experiment],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while not (tmp_path / "model_epoch_001.pth").exists():
+        while not (out / "model_epoch_001.pth").exists():
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(log_path.read_text()[-3000:])
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=120)
+    return proc
+
+
+def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, tiny_dataset, tmp_path):
+    log_path = tmp_path.parent / f"{tmp_path.name}-train.log"
+    proc = stop_after_first_checkpoint(mlflow_server, tiny_dataset, tmp_path, "interrupted", log_path, signal.SIGINT)
     assert proc.returncode != 0, log_path.read_text()[-3000:]
     client = MlflowClient(mlflow_server)
     run = client.search_runs([client.get_experiment_by_name("interrupted").experiment_id])[0]
@@ -212,3 +221,42 @@ def test_a_full_disk_is_one_line_and_a_failed_run_with_earlier_checkpoints_intac
     assert result.exit_code == 1 and "0.00 GB free" in result.output
     assert f"writing {tmp_path / 'model_epoch_002.pth'}" in result.output
     assert "epoch 2/3 finished" not in result.output  # refused before training epoch 2, not after
+
+
+def test_resume_from_the_file_of_a_killed_run_links_it_and_ends_it_killed(mlflow_server, tiny_dataset, tmp_path,
+                                                                       monkeypatch):
+    """SIGKILL never ends a run: the resume (from a file, which names its run) ends the source
+    KILLED at its last activity, points it at the resuming run and links back to it."""
+    out = tmp_path / "run"
+    proc = stop_after_first_checkpoint(mlflow_server, tiny_dataset, out, "sigkilled", tmp_path / "train.log",
+                                       signal.SIGKILL)
+    client = MlflowClient(mlflow_server)
+    source = client.search_runs([client.get_experiment_by_name("sigkilled").experiment_id])[0]
+    assert source.info.status == "RUNNING" and source.info.end_time is None
+    assert source.data.tags["charseg.writer"].startswith(f"PID {proc.pid} on ")
+    latest = ckpt.find_latest(out)
+    assert ckpt.load_checkpoint(latest)["run_id"] == source.info.run_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    before = time.time() * 1000
+    resumed = run_id_of(run_cli("resume", str(latest), "--epochs", str(ckpt.load_checkpoint(latest)["epoch"] + 1),
+                                "--experiment-name", "sigkilled"))
+    source = client.get_run(source.info.run_id)
+    assert source.info.status == "KILLED"
+    assert source.info.end_time <= before  # its last activity, not the time of the resume
+    assert source.data.tags["charseg.resumed_by"] == resumed
+    assert client.get_run(resumed).data.tags["charseg.source_run_id"] == source.info.run_id
+
+
+def test_a_running_source_on_another_host_is_closed_only_when_silent(server):
+    experiment = server.create_experiment("elsewhere")
+    hours_ago = int(time.time() * 1000) - 2 * 3600 * 1000
+    silent = server.create_run(experiment, start_time=hours_ago, tags={"charseg.writer": "PID 1 on gone-host into /x"})
+    busy = server.create_run(experiment, start_time=hours_ago, tags={"charseg.writer": "PID 1 on busy-host into /y"})
+    server.log_metric(busy.info.run_id, "train_step/loss", 1.0, step=7)
+    assert tracking.close_abandoned_run(silent.info.run_id, "r1")
+    assert not tracking.close_abandoned_run(busy.info.run_id, "r2")
+    assert server.get_run(silent.info.run_id).info.status == "KILLED"
+    assert server.get_run(silent.info.run_id).info.end_time == hours_ago
+    assert server.get_run(busy.info.run_id).info.status == "RUNNING"
+    assert not tracking.close_abandoned_run(silent.info.run_id, "r3")  # ended runs are left alone

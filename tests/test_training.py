@@ -170,3 +170,65 @@ def test_heldout_pages_are_drawn_every_epoch_and_evaluated_after_the_last(tiny_d
     assert [(epoch, metrics is None, names) for epoch, metrics, names in tracker.heldout] == [
         (1, True, ["00001", "00002"]), (2, False, ["00001", "00002"])]
     assert tracker.heldout[-1][1] == result.heldout and "segm_AP50" in result.heldout
+
+
+class CrashingTracker(runner.NullTracker):
+    """Raises (as a SIGKILL would stop the process) once epoch `crash_epoch`'s checkpoint is saved."""
+
+    def __init__(self, crash_epoch):
+        self.crash_epoch, self.validated = crash_epoch, []
+
+    def log_epoch(self, epoch, metrics):
+        if epoch == self.crash_epoch:
+            raise RuntimeError("killed")
+
+    def log_validation(self, epoch, metrics, overlays):
+        self.validated.append(epoch)
+
+
+def test_resume_finishes_a_last_epoch_killed_before_its_final_model(tiny_dataset, tmp_path):
+    """Killed after the last epoch's checkpoint, before its validation, best.pth and
+    model_final.pth: resume does what the epoch left undone instead of saying "finished"."""
+    recipe = dict(epochs=2, val_fraction=0.5, heldout_dir=str(tiny_dataset))
+    straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", **recipe))
+    crash = CrashingTracker(crash_epoch=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner.train(light_config(tiny_dataset, tmp_path / "crashed", **recipe), crash)
+    assert crash.validated == [1] and not (tmp_path / "crashed" / ckpt.FINAL_NAME).exists()
+
+    resumer = CrashingTracker(crash_epoch=None)
+    finished = runner.resume(tmp_path / "crashed" / "model_epoch_002.pth", tracker=resumer)
+    assert resumer.validated == [2] and epoch_losses(finished) == epoch_losses(straight)
+    assert finished.best == straight.best and finished.heldout == straight.heldout
+    final = ckpt.load_checkpoint(tmp_path / "crashed" / ckpt.FINAL_NAME)
+    assert final["epoch"] == 2
+    assert final["model"].keys() == straight_model(straight).keys()
+    assert all(torch.equal(final["model"][k], v) for k, v in straight_model(straight).items())
+    best = ckpt.load_checkpoint(tmp_path / "crashed" / ckpt.BEST_NAME)["best"]
+    assert best == ckpt.load_checkpoint(tmp_path / "straight" / ckpt.BEST_NAME)["best"]
+    # Now the epoch is complete.
+    with pytest.raises(runner.TrainingAlreadyComplete):
+        runner.resume(tmp_path / "crashed" / "model_epoch_002.pth")
+
+
+def straight_model(result):
+    return ckpt.load_checkpoint(result.final_checkpoint)["model"]
+
+
+def test_ctrl_c_while_best_is_written_still_reports_the_validation(tiny_dataset, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_save = ckpt.save_checkpoint
+
+    def save_and_interrupt(state, path):
+        if path.name == ckpt.BEST_NAME:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C arrives mid-write
+        return real_save(state, path)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_interrupt)
+    tracker = CrashingTracker(crash_epoch=None)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train(light_config(tiny_dataset, tmp_path, epochs=2, val_fraction=0.5), tracker)
+    assert tracker.validated == [1]  # logged before stopping
+    assert ckpt.load_checkpoint(tmp_path / ckpt.BEST_NAME)["best"]["epoch"] == 1
