@@ -14,12 +14,14 @@ import click
 
 from . import checkpoint as ckpt
 from . import runner, tracking
+from .coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
 from .config import FINETUNE_LR_FACTOR, LR_SCHEDULES, NORMS, TrainConfig, parse_anchor_sizes
 from .data import scan_dataset
 from .errors import CharsegError
 from .generate import LAYOUTS, generate_dataset
 from .heldout import generate_heldout
 from .evaluate import METRICS
+from .inference import COCO_PREDICTIONS, LABELS
 from .model import BACKBONES, WEIGHT_CHOICES
 
 _DEFAULTS = TrainConfig()
@@ -136,15 +138,18 @@ TRACKING = (
     click.option("--log-checkpoints", type=click.Choice(tracking.LOG_CHECKPOINTS), default="last", show_default=True,
                  help="Checkpoints uploaded as MLflow artifacts: every one, the latest (enough to resume) "
                       "plus the final model, or none."),
+    click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
+                 help="Log CPU, memory, disk, network and GPU use as the run's system/* metrics (MLflow's own "
+                      "sampler, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10)."),
 )
 
 
-def _tracked(experiment_name: str | None, log_checkpoints: str, lineage: tracking.Lineage,
+def _tracked(experiment_name: str | None, log_checkpoints: str, system_metrics: bool, lineage: tracking.Lineage,
              action: Callable[[tracking.MlflowTracker], runner.RunResult], register_as: str | None = None) -> None:
     """Run `action` inside an MLflow run (registering its best checkpoint when asked); print
     where its results are."""
     tracker = tracking.MlflowTracker(log_checkpoints=log_checkpoints, lineage=lineage)
-    with tracking.tracked_run(experiment_name) as run_id:
+    with tracking.tracked_run(experiment_name, system_metrics=system_metrics) as run_id:
         result = action(tracker)
         registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
                         if register_as else None)
@@ -222,11 +227,13 @@ def cli(quiet: bool) -> None:
 @_options(*TRACKING)
 @click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
                                                "model registry under this name (champion alias if it wins).")
-def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: str, register_as: str,
+def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: str, system_metrics: bool,
+                  register_as: str,
                   **options: Any) -> None:
     """Train from pretrained (or random) initial weights on DATA_DIR."""
     config = TrainConfig(data_dir=data_dir, **_given(options))
-    _tracked(experiment_name, log_checkpoints, tracking.Lineage(), lambda tracker: runner.train(config, tracker),
+    _tracked(experiment_name, log_checkpoints, system_metrics, tracking.Lineage(),
+             lambda tracker: runner.train(config, tracker),
              register_as=register_as or None)
 
 
@@ -239,6 +246,7 @@ def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: s
                help="Dataset folder, if it moved since the checkpoint was written."),
           VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
 def resume_command(source: str, epoch: int, experiment_name: str | None, log_checkpoints: str,
+                   system_metrics: bool,
                    **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
 
@@ -260,7 +268,8 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
             return
         # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
         lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
-        _tracked(experiment_name, log_checkpoints, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
+        _tracked(experiment_name, log_checkpoints, system_metrics, lineage,
+                 lambda tracker: runner.resume(plan, tracker=tracker))
 
 
 @cli.command("finetune")
@@ -273,6 +282,7 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
       help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
 @_options(*TRACKING)
 def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: str | None, log_checkpoints: str,
+                     system_metrics: bool,
                      **options: Any) -> None:
     """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
 
@@ -285,7 +295,7 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
     overrides = {"data_dir": data_dir, **_given(options)}
     overrides.setdefault("output_dir", runner.default_output_dir("finetune"))
     with _source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
-        _tracked(experiment_name, log_checkpoints, lineage,
+        _tracked(experiment_name, log_checkpoints, system_metrics, lineage,
                  lambda tracker: runner.finetune(path, overrides, tracker))
 
 
@@ -320,7 +330,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
             result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
                                                 detections_per_img=detections_per_img, scale_test=scale_test)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
-            tracking.log_evaluation(result.metrics, lineage, data_dir, Path(out_path))
+            tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
     for key, value in result.metrics.items():
         click.echo(f"{key:16s} {value:.4f}")
     click.echo(f"metrics written to {out_path}")
@@ -335,8 +345,16 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @SCORE
 @SCALE_TEST_OVERRIDE
 @DEVICE_OPT
+@click.option("--format", "output_format", type=click.Choice(("csv", "coco")), default="csv", show_default=True,
+              help="csv: the dataset layout only; coco: also OUT/predictions_coco.json, COCO instances JSON with a "
+                   "score per annotation (pycocotools, FiftyOne, CVAT read it).")
+@click.option("--coco-segmentation", type=click.Choice(SEGMENTATIONS), default="polygon", show_default=True,
+              help="With --format coco: each mask as its outline polygon or as COCO RLE.")
+@click.option("--labels", type=click.Choice(LABELS), default="fit", show_default=True,
+              help="Score labels on the overlays: only where they overlap no other label, every one, or none.")
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
-                    scale_test: float | None, device: str) -> None:
+                    scale_test: float | None, device: str, output_format: str, coco_segmentation: str,
+                    labels: str) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -353,8 +371,11 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     with _source_checkpoint(model_source, prefer_best=True) as (path, _):
         torch_device = runner.resolve_device(device)
         model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test)
-        summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold)
+        summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
+                                coco_segmentation=coco_segmentation if output_format == "coco" else None)
     click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}")
+    if output_format == "coco":
+        click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")
 
 
 @cli.command("register")
@@ -370,6 +391,39 @@ def register_command(run_id: str, name: str) -> None:
         registration = tracking.register_run(run_id, name, Path(download_dir))
     click.echo(registration.message)
     click.echo(f"load it with: mlflow.pyfunc.load_model('models:/{name}/{registration.version}')")
+
+
+@cli.command("import-coco")
+@click.argument("coco_json", type=click.Path(exists=True, dir_okay=False))
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--char-from", default="category", show_default=True, help=f"The char column: {CHAR_FROM_HELP}.")
+def import_coco_command(coco_json: str, images_dir: str, out_dir: str, char_from: str) -> None:
+    """Convert COCO instances JSON (CVAT, Label Studio, Roboflow exports) and its IMAGES_DIR
+    into a charseg dataset in OUT_DIR.
+
+    \b
+    A polygon of one ring is copied point for point; several rings and RLE masks (iscrowd
+    or not) are rasterised and traced as `predict` traces masks (a part that is not the
+    largest is reported). Every annotation not imported is listed with its ID and why.
+    """
+    report = import_coco(coco_json, images_dir, out_dir, char_from=char_from)
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"check it with: charseg validate-data {out_dir}")
+
+
+@cli.command("export-coco")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_json", type=click.Path(dir_okay=False))
+def export_coco_command(data_dir: str, out_json: str) -> None:
+    """Write DATA_DIR's usable images and polygons as COCO instances JSON (one category per
+    character; file_name relative to DATA_DIR/images). What is not usable is listed."""
+    counts, problems = export_coco(data_dir, out_json)
+    for line in problems:
+        click.echo(f"not exported: {line}")
+    click.echo(f"wrote {counts['images']} images, {counts['annotations']} annotations and {counts['categories']} "
+               f"categories to {out_json}")
 
 
 @cli.command("validate-data")

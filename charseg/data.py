@@ -234,6 +234,37 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
     return report
 
 
+def files_digest(paths: list[Path]) -> str:
+    """A fingerprint of files' names and contents (sha256, 16 hex digits), in the given
+    order: the same files give the same digest on any machine; a renamed, added or edited
+    file changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode("utf-8") + b"\0")
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def samples_digest(samples: list[Sample]) -> str:
+    """files_digest of the samples' images and annotation CSVs, in name order."""
+    return files_digest([p for s in sorted(samples, key=lambda s: s.name) for p in (s.image_path, s.annotation_path)])
+
+
+def write_annotation(path: Path, rows: list[tuple], extra_columns: tuple[str, ...] = ()) -> None:
+    """Write one annotation CSV: the header (CSV_HEADER and `extra_columns`), then ROWS
+    (char, polygon JSON, extras), quoted as the csv module does (a char may be a comma)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*CSV_HEADER, *extra_columns])
+        writer.writerows(rows)
+
+
 def load_image_rgb(path: Path) -> np.ndarray:
     """Read any image mode (gray, RGBA, palette, 16-bit) as an HxWx3 uint8 RGB array."""
     try:

@@ -30,6 +30,7 @@ class EvalResult:
 
     metrics: dict[str, float]
     overlays: list[tuple[str, Image.Image]] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # what was evaluated
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
@@ -176,4 +177,4 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
         "char_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "count_abs_error": float(np.mean(count_errors)) if count_errors else 0.0,
     }
-    return EvalResult(metrics=metrics, overlays=overlays)
+    return EvalResult(metrics=metrics, overlays=overlays, samples=samples)

@@ -8,7 +8,6 @@ process (heldout.py), in other fonts.
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import string
@@ -19,7 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import CSV_HEADER
+from .data import write_annotation
 from .errors import CharsegError
 from .polygons import edge_outlines, flat_polygon, polygon_area
 
@@ -253,9 +252,5 @@ def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: fl
 def write_page(out: Path, name: str, page: np.ndarray, rows: list[tuple]) -> None:
     """Save one page as OUT/images/NAME.png and its rows (char, polygon JSON) as OUT/annotations/NAME.csv."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
     Image.fromarray(page).save(out / "images" / f"{name}.png")
-    with open(out / "annotations" / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
+    write_annotation(out / "annotations" / f"{name}.csv", rows)

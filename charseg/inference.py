@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -14,13 +13,14 @@ from PIL import Image, ImageDraw
 
 from . import checkpoint as ckpt
 from .config import check_page_scale
-from .data import CSV_HEADER, image_to_tensor, load_image_rgb
+from .data import image_to_tensor, load_image_rgb, write_annotation
 from .errors import CharsegError
 from .model import NUM_CLASSES, ModelSpec, build_model
 from .polygons import box_mask_to_polygon, mask_to_polygon
 
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
+COCO_PREDICTIONS = "predictions_coco.json"  # predict --format coco
 
 
 @dataclass
@@ -83,35 +83,92 @@ def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: tor
     return [output_to_instances(o, score_threshold) for o in outputs]
 
 
-def draw_overlay(rgb: np.ndarray, instances: list[Instance]) -> Image.Image:
-    """The image with each instance's outline and score drawn on it."""
-    image = Image.fromarray(rgb).convert("RGB")
-    draw = ImageDraw.Draw(image)
-    for inst in instances:
+LABELS = ("fit", "all", "none")  # overlay score labels: where they fit, every one, none
+FILL_ALPHA = 90  # of 255: the page shows through each mask
+
+
+def instance_colour(index: int) -> tuple[int, int, int]:
+    """A distinct, saturated colour per instance: hues a golden-ratio turn apart, so
+    neighbours (in reading order) never share one."""
+    import colorsys
+
+    r, g, b = colorsys.hsv_to_rgb((index * 0.618033988749895) % 1.0, 0.85, 0.95)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def draw_overlay(rgb: np.ndarray, instances: list[Instance], labels: str = "fit") -> Image.Image:
+    """The page with each instance's mask filled translucent and outlined in its own colour.
+
+    Line width grows with the page (1 px up to 500 px sides). labels: `fit` writes a score
+    above its box only where it overlaps no other label and stays on the page; `all` every
+    score; `none` no text.
+    """
+    base = Image.fromarray(rgb).convert("RGBA")
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    width = max(1, round(max(base.size) / 500))
+    colours = [instance_colour(i) for i in range(len(instances))]
+    for inst, colour in zip(instances, colours):
         points = list(zip(inst.polygon[0::2], inst.polygon[1::2]))
-        draw.polygon(points, outline=(255, 0, 0))
-        draw.text((inst.box[0], max(inst.box[1] - 10, 0)), f"{inst.score:.2f}", fill=(0, 0, 255))
-    return image
+        draw.polygon(points, fill=(*colour, FILL_ALPHA))
+    for inst, colour in zip(instances, colours):
+        points = list(zip(inst.polygon[0::2], inst.polygon[1::2]))
+        draw.line(points + points[:1], fill=(*colour, 255), width=width, joint="curve")
+    image = Image.alpha_composite(base, layer)
+    if labels != "none":
+        _draw_scores(ImageDraw.Draw(image), image.size, instances, colours, labels == "all")
+    return image.convert("RGB")
+
+
+def _draw_scores(draw: ImageDraw.ImageDraw, size: tuple[int, int], instances: list[Instance], colours: list,
+                 every: bool) -> None:
+    """Scores in black on their instance's colour (label_places says where)."""
+    def text_box(text):
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        return right - left, bottom - top, left, top
+
+    for index, text, rect, (left, top) in label_places(instances, text_box, size, every):
+        draw.rectangle(rect, fill=colours[index])
+        draw.text((rect[0] - left, rect[1] - top), text, fill=(0, 0, 0))
+
+
+def label_places(instances: list[Instance], text_box, size: tuple[int, int], every: bool) -> list[tuple]:
+    """Where score labels go, highest score first: just above each box; unless `every`, only
+    where a label stays on the page and overlaps no label placed before it.
+    text_box(text) -> (width, height, left, top) of the drawn text. Returns (instance index,
+    text, rect x0 y0 x1 y1, (left, top)) tuples."""
+    placed: list[tuple] = []
+    for index in sorted(range(len(instances)), key=lambda i: -instances[i].score):
+        inst = instances[index]
+        text = f"{inst.score:.2f}"
+        width, height, left, top = text_box(text)
+        x, y = inst.box[0], inst.box[1] - height - 2
+        rect = (x, y, x + width, y + height)
+        fits = x >= 0 and y >= 0 and rect[2] <= size[0] and not any(
+            rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for _, _, r, _ in placed)
+        if every or fits:
+            placed.append((index, text, rect, (left, top)))
+    return placed
 
 
 def write_predictions_csv(path: Path, instances: list[Instance]) -> None:
     """CSV in the dataset format (char,polygon_json) plus a score column; char is '?'."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow([*CSV_HEADER, "score"])
-        for inst in instances:
-            writer.writerow([UNKNOWN_CHAR, json.dumps(inst.polygon), f"{inst.score:.4f}"])
+    write_annotation(path, [(UNKNOWN_CHAR, json.dumps(inst.polygon), f"{inst.score:.4f}") for inst in instances],
+                     ("score",))
 
 
 def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, device: torch.device,
-                  score_threshold: float, progress: bool = True) -> dict[str, int]:
+                  score_threshold: float, progress: bool = True, labels: str = "fit",
+                  coco_segmentation: str | None = None) -> dict[str, int]:
     """Predict every input image; write OUT/images (copies), OUT/annotations/*.csv and
-    OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts.
+    OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts;
+    with `coco_segmentation` (polygon or rle) also OUT/predictions_coco.json.
     Returns {"images": n, "instances": m}."""
     from tqdm import tqdm
 
-    total = 0
+    from .coco import predictions_to_coco
+
+    total, pages = 0, []
     for path in tqdm(inputs, desc="predicting", unit="image", disable=None if progress else True):
         rgb = load_image_rgb(path)
         instances = predict_arrays(model, [rgb], device, score_threshold)[0]
@@ -120,5 +177,9 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
         Image.fromarray(rgb).save(out_dir / "images" / f"{path.stem}.png")
         write_predictions_csv(out_dir / "annotations" / f"{path.stem}.csv", instances)
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-        draw_overlay(rgb, instances).save(out_dir / "overlays" / f"{path.stem}.png")
+        draw_overlay(rgb, instances, labels).save(out_dir / "overlays" / f"{path.stem}.png")
+        pages.append((f"{path.stem}.png", rgb.shape[1], rgb.shape[0], instances))
+    if coco_segmentation:
+        (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
+                                                encoding="utf-8")
     return {"images": len(inputs), "instances": total}

@@ -154,10 +154,11 @@ def load_dataset_report(data_dir: str) -> DatasetReport:
 
 @dataclass
 class Splits:
-    """Training and validation samples of a run."""
+    """Training and validation samples of a run, and its held-out pages (--heldout-dir)."""
 
     train: list[Sample]
     val: list[Sample]
+    heldout: list[Sample] = field(default_factory=list)
 
     @property
     def all(self) -> list[Sample]:
@@ -165,14 +166,16 @@ class Splits:
 
 
 def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
-    """Validation from --val-dir, else --val-fraction of DATA_DIR chosen by the seed."""
+    """Validation from --val-dir, else --val-fraction of DATA_DIR chosen by the seed; held-out
+    pages from --heldout-dir."""
     if config.val_dir:
         train, val = report.samples, load_dataset_report(config.val_dir).samples
     else:
         train, val = split_samples(report.samples, config.val_fraction, config.seed)
     log.info("split: %d training images, %d validation images%s", len(train), len(val),
              "" if val else " (no validation: metrics and best.pth are off)")
-    return Splits(train, val)
+    heldout = load_dataset_report(config.heldout_dir).samples if config.heldout_dir else []
+    return Splits(train, val, heldout)
 
 
 def default_output_dir(mode: str) -> str:
@@ -397,7 +400,7 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
     if not splits.train:
         raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
     loader, sampler = _loader(config, splits.train, device)
-    heldout = load_dataset_report(config.heldout_dir).samples if config.heldout_dir else []
+    heldout = splits.heldout
     opt = Optimization.create(config, model, len(loader))
     result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
                        best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})

@@ -33,6 +33,7 @@ TAG_MODE = "charseg.mode"
 TAG_SOURCE_RUN = "charseg.source_run_id"
 TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
 TAG_FAILURE = "charseg.failure_reason"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_WRITER = "charseg.writer"  # "PID n on HOST into FOLDER": the process that trains the run
 TAG_RESUMED_BY = "charseg.resumed_by"
 # A RUNNING source run on another host whose last step metric is older than this is taken
@@ -101,6 +102,8 @@ class MlflowTracker:
 
     log_checkpoints: str = "last"  # all | last | none: which checkpoints become artifacts
     lineage: Lineage = field(default_factory=Lineage)
+    _config: object = None
+    _best: dict | None = None
 
     @property
     def run_id(self) -> str:
@@ -124,6 +127,27 @@ class MlflowTracker:
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
         mlflow.log_text(report.format(), "data/dataset_report.txt")
         mlflow.log_text("".join(f"{s.image_path}\n" for s in splits.val), "data/val_images.txt")
+        log_datasets([(config.data_dir, "training", splits.train), (config.val_dir or config.data_dir, "validation",
+                                                                     splits.val),
+                      (config.heldout_dir, "heldout", splits.heldout)])
+        self._config = config
+        _tag_git_commit()
+        self._describe()
+
+    def _describe(self, best: dict | None = None, final: Path | None = None) -> None:
+        """The run's description (the UI's Overview): mode, data, epochs, best metric, where the
+        checkpoints are."""
+        config = self._config
+        lines = [f"charseg {config.mode}: {config.data_dir}, {config.epochs} epochs, {config.backbone} "
+                 f"(weights {config.weights})."]
+        if self.lineage.source_uri:
+            lines.append(f"From {self.lineage.source_uri}.")
+        if best and best.get("value") is not None:
+            lines.append(f"Best validation {best['metric']} {best['value']:.4f} at epoch {best['epoch']} "
+                         f"(checkpoints/best.pth).")
+        lines.append(f"Checkpoints: {Path(config.output_dir).resolve()}"
+                     + (f"; final model {final.name}." if final else " (training)."))
+        mlflow.set_tag("mlflow.note.content", "\n\n".join(lines))
 
     def log_step(self, step: int, losses: dict[str, float], lr: float) -> None:
         metrics = {f"train_step/{k}": v for k, v in losses.items()}
@@ -139,6 +163,8 @@ class MlflowTracker:
         all: every file under its own name; last: one `last.pth` overwritten each epoch and
         the final model; none: nothing.
         """
+        if final:
+            self._describe(self._best, paths[0])
         if self.log_checkpoints == "all":
             for path in paths:
                 mlflow.log_artifact(str(path), CHECKPOINT_DIR)
@@ -169,6 +195,45 @@ class MlflowTracker:
         mlflow.log_metrics({"best_epoch": best["epoch"], f"best/{best['metric']}": best["value"]}, step=best["epoch"])
         mlflow.set_tags({TAG_BEST_METRIC: best["metric"], TAG_BEST_EPOCH: str(best["epoch"]),
                          TAG_BEST_VALUE: str(best["value"])})
+        self._best = best
+        self._describe(best)
+
+
+def log_datasets(entries: list[tuple[str | None, str, list]]) -> None:
+    """Log each (folder, context, samples) with samples as an MLflow dataset input of the
+    active run: name = the folder's name, source = the folder, digest over the samples' file
+    names and contents (data.samples_digest). The UI's Datasets panel and search_runs then
+    answer which data trained a model."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from .data import samples_digest
+
+    for folder, context, samples in entries:
+        if not folder or not samples:
+            continue
+        path = Path(folder).resolve()
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(path))
+        mlflow.log_input(MetaDataset(source, name=path.name, digest=samples_digest(samples)), context=context)
+
+
+def _tag_git_commit() -> None:
+    """Record the project's git commit (as `mlflow run` does) when charseg runs from a checkout."""
+    import subprocess
+
+    if mlflow.active_run().data.tags.get(TAG_GIT_COMMIT):
+        return
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return
+    if commit.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit.stdout.strip()):
+        mlflow.set_tag(TAG_GIT_COMMIT, commit.stdout.strip())
 
 
 def writer() -> str:
@@ -231,14 +296,16 @@ def _log_artifact_as(path: Path, name: str) -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment_name: str | None = None) -> Iterator[str]:
+def tracked_run(experiment_name: str | None = None, system_metrics: bool = False) -> Iterator[str]:
     """Start (or, under `mlflow run`, attach to) a run; end it FINISHED, FAILED or KILLED.
 
-    Yields the run ID. A failure sets the tag charseg.failure_reason.
+    system_metrics: MLflow samples CPU, memory, disk, network (and GPU with nvidia-ml-py)
+    into `system/*` metrics while the run lasts (every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    seconds, default 10). Yields the run ID. A failure sets the tag charseg.failure_reason.
     """
     configure(experiment_name)
     try:
-        run = mlflow.start_run()
+        run = mlflow.start_run(log_system_metrics=system_metrics)
     except MlflowException as exc:
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()}: {exc.message}") from exc
     try:
@@ -313,6 +380,8 @@ def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Regist
         tags.update({TAG_VERSION_METRIC: metric, TAG_VERSION_VALUE: str(value)})
     for key, tag in tags.items():
         client.set_model_version_tag(name, version, key, tag)
+    client.update_model_version(name, version, description=_version_description(client, run_id, checkpoint_path,
+                                                                                 metric, value))
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -321,6 +390,18 @@ def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Regist
     if champion:
         client.set_registered_model_alias(name, CHAMPION, version)
     return Registration(name, str(version), metric, value, champion, f"registered {name} version {version}; {message}")
+
+
+def _version_description(client: MlflowClient, run_id: str, checkpoint_path: Path, metric: str | None,
+                         value: float | None) -> str:
+    """A registered version's description: its metric, its training data and where it came from."""
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    data = [f"{i.dataset.name} (digest {i.dataset.digest}, {t.value})" for i in inputs for t in i.tags
+            if t.key == "mlflow.data.context"]
+    score = (f"validation {metric} {value:.4f}" if value is not None
+             else "no validation metric (trained without validation)")
+    return (f"charseg {Path(checkpoint_path).name} of run {run_id}: {score}. "
+            f"Data: {'; '.join(data) or 'not recorded'}.")
 
 
 def _should_crown(metric: str | None, value: float | None, current) -> tuple[bool, str]:
@@ -347,10 +428,12 @@ def register_run(run_id: str, name: str, dst_dir: Path) -> Registration:
     return register_checkpoint(path, name, run_id)
 
 
-def log_evaluation(metrics: dict[str, float], source: Lineage, data_dir: str, json_path: Path) -> None:
-    """Record a standalone evaluation in the active run: metrics (step 0), tags, JSON artifact."""
+def log_evaluation(metrics: dict[str, float], source: Lineage, data_dir: str, samples: list, json_path: Path) -> None:
+    """Record a standalone evaluation in the active run: metrics (step 0), tags, the data as
+    an `evaluation` dataset input, JSON artifact."""
     mlflow.set_tags({TAG_MODE: "evaluate", **source.tags()})
     mlflow.log_param("data_dir", data_dir)
+    log_datasets([(data_dir, "evaluation", samples)])
     mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
     mlflow.log_artifact(str(json_path), "evaluation")
 

@@ -121,8 +121,15 @@ def test_predict_round_trip(tiny_dataset, tmp_path):
     assert result.exit_code == 0, result.output
     pred = tmp_path / "pred"
     result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(out / "model_final.pth"),
-                                      "--out", str(pred), "--score-threshold", "0.05"])
+                                      "--out", str(pred), "--score-threshold", "0.05", "--format", "coco",
+                                      "--coco-segmentation", "rle"])
     assert result.exit_code == 0, result.output
+    from pycocotools.coco import COCO
+
+    predicted = COCO(str(pred / "predictions_coco.json"))  # images, one category, RLE masks with scores
+    assert [im["file_name"] for im in predicted.loadImgs(predicted.getImgIds())] == [
+        "00001.png", "00002.png", "00003.png", "00004.png"]
+    assert all(0.05 <= a["score"] <= 1 and "counts" in a["segmentation"] for a in predicted.loadAnns(predicted.getAnnIds()))
     assert sorted(p.name for p in (pred / "overlays").iterdir()) == ["00001.png", "00002.png", "00003.png",
                                                                       "00004.png"]
     lines = (pred / "annotations" / "00001.csv").read_text().splitlines()
@@ -147,6 +154,10 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) >= {"bbox_AP", "segm_AP", "segm_AP50", "segm_AP75", "char_f1", "count_abs_error"}
     assert "MLflow run" in result.output
+    from mlflow.tracking import MlflowClient
+
+    [evaluation] = MlflowClient().get_run(result.output.split("MLflow run ")[1].split()[0]).inputs.dataset_inputs
+    assert [t.value for t in evaluation.tags] == ["evaluation"] and len(evaluation.dataset.digest) == 16
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
                                       "--scale-test", "nan"])
     assert result.exit_code == 1 and "--scale-test must be 0 (resize to min_size) or a factor" in result.output
@@ -179,3 +190,30 @@ def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
     assert one.metrics == three.metrics
     for (_, a), (_, b) in zip(one.overlays, three.overlays, strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_overlays_fill_each_mask_in_its_own_colour_and_place_labels_where_they_fit():
+    import numpy as np
+
+    from charseg.inference import Instance, draw_overlay, instance_colour, label_places
+
+    def square(x, score):
+        return Instance(score, [x, 30.0, x + 5.0, 40.0], [x, 30.0, x + 5.0, 30.0, x + 5.0, 40.0, x, 40.0])
+
+    row = [square(2.0 + 6 * i, 0.5 + i / 100) for i in range(40)]  # 40 glyphs 6 px apart on a 250 px page
+    page = np.full((60, 250, 3), 255, np.uint8)
+    drawn = np.asarray(draw_overlay(page, row, labels="none")).astype(int)
+    first, second = drawn[35, 4], drawn[35, 10]
+    assert (first != 255).any() and (first != second).any()  # tinted, each in its own colour
+    expected = 255 + (np.array(instance_colour(0)) - 255) * 90 / 255  # translucent: the page shows through
+    assert np.abs(first - expected).max() <= 2
+
+    def text_box(text):
+        return 22, 8, 0, 0
+
+    fit = label_places(row, text_box, (250, 60), every=False)
+    every = label_places(row, text_box, (250, 60), every=True)
+    assert len(every) == 40 and 5 <= len(fit) < 40
+    assert fit[0][1] == "0.87"  # the best score whose label stays on the page (0.89 and 0.88 would cross its edge)
+    rects = [r for _, _, r, _ in fit]
+    assert not any(a[0] < b[2] and b[0] < a[2] for i, a in enumerate(rects) for b in rects[i + 1:])

@@ -25,7 +25,8 @@ def test_conda_env_pins_match_pyproject():
     assert sorted(pip_deps) == sorted(pyproject)
 
 
-@pytest.mark.parametrize("entry", ["train", "resume", "finetune", "evaluate", "register"])
+@pytest.mark.parametrize("entry", ["train", "resume", "finetune", "evaluate", "register", "import-coco",
+                                   "export-coco"])
 def test_mlproject_entry_point_maps_onto_its_command(entry):
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
     command = spec["command"]

@@ -59,6 +59,10 @@ def test_train_registers_the_best_checkpoint_as_champion(registry, client):
     best = ckpt.load_checkpoint(registry["root"] / "out" / "best.pth")["best"]
     assert float(version.tags["charseg.metric_value"]) == best["value"]
     assert version.tags["charseg.checkpoint"] == "best.pth"
+    inputs = {t.value: i.dataset for i in client.get_run(registry["run_id"]).inputs.dataset_inputs for t in i.tags}
+    assert set(inputs) == {"training", "validation"} and inputs["training"].digest != inputs["validation"].digest
+    assert version.description.startswith(f"charseg best.pth of run {registry['run_id']}: validation segm_AP ")
+    assert f"digest {inputs['training'].digest}, training" in version.description
     run = client.get_run(registry["run_id"])
     assert run.data.tags["charseg.best_epoch"] == str(best["epoch"])
     assert [m.step for m in client.get_metric_history(registry["run_id"], "val/segm_AP")] == [1, 2]

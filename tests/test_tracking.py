@@ -35,6 +35,12 @@ def run_id_of(output: str) -> str:
     return output.split("MLflow run ")[1].split()[0]
 
 
+def datasets(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
+    """context -> (dataset name, digest) of a run's dataset inputs."""
+    return {t.value: (i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs
+            for t in i.tags if t.key == "mlflow.data.context"}
+
+
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
 
@@ -47,7 +53,7 @@ def artifacts(client: MlflowClient, run_id: str, folder: str) -> list[str]:
 def trained_run(mlflow_server, tiny_dataset, tmp_path_factory):
     """One 2-epoch training run over HTTP with every checkpoint logged; shared by the tests below."""
     out = tmp_path_factory.mktemp("trained")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server}
+    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     old = {k: os.environ.get(k) for k in (*env, "MLFLOW_EXPERIMENT_ID")}
     os.environ.update(env)
     try:
@@ -77,6 +83,17 @@ def test_train_run_records_params_metrics_tags_and_artifacts(server, trained_run
         "model_epoch_001.pth", "model_epoch_002.pth", "model_final.pth"]
     assert artifacts(server, trained_run, "config") == ["config.json"]
     assert artifacts(server, trained_run, "data") == ["dataset_report.txt", "val_images.txt"]
+    # The UI's Datasets panel, System metrics tab, description and source commit.
+    from charseg.data import samples_digest, scan_dataset
+
+    assert datasets(server, trained_run) == {"training": ("data", samples_digest(scan_dataset(
+        Path(run.data.params["data_dir"])).samples))}
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), sorted(run.data.metrics)
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith("charseg train: ") and "2 epochs" in description
+    assert "final model model_final.pth" in description
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40
 
 
 def test_resume_from_run_id_continues_the_steps(server, trained_run, tmp_path):
@@ -89,6 +106,7 @@ def test_resume_from_run_id_continues_the_steps(server, trained_run, tmp_path):
     assert run.data.tags["charseg.source_checkpoint"] == f"runs:/{trained_run}/checkpoints/model_final.pth"
     assert steps(server, resumed, "train_epoch/loss") == [3]
     assert steps(server, resumed, "train_step/loss") == [5, 6]
+    assert datasets(server, resumed) == datasets(server, trained_run)  # the same data, the same digest
     # Default policy last: the latest epoch, uploaded before validating it, then the final model.
     assert artifacts(server, resumed, "checkpoints") == ["last.pth", "model_final.pth"]
     assert ckpt.load_checkpoint(tmp_path / "model_final.pth")["epoch"] == 3
@@ -112,6 +130,7 @@ def test_finetune_from_run_id(server, trained_run, tiny_dataset, tmp_path):
     assert run.data.tags["charseg.source_run_id"] == trained_run
     assert run.data.params["lr_factor"] == "0.2"
     assert steps(server, run.info.run_id, "train_epoch/loss") == [1]
+    assert not list(tmp_path.glob(".download-*"))  # downloaded into the output folder, removed after
 
 
 def test_finetune_accepts_an_artifact_uri(server, trained_run, tiny_dataset, tmp_path):
