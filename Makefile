@@ -29,13 +29,14 @@ $(DEMO_DATA)/images: | $(VENV)/.installed
 $(DEMO_HELDOUT)/images: | $(VENV)/.installed
 	$(BIN)/charseg generate $(DEMO_HELDOUT) --held-out --num-images 40 --seed 2026
 
-# Trains through `mlflow run` from random init on the CPU (about 11 minutes on 2 cores), then prints
+# Trains through `mlflow run` from random init on the CPU (about 10 minutes on 2 cores), then prints
 # what the final model scores on held-out pages made by another process (docs/QUALITY.md).
 demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name charseg-demo \
 		-P data_dir=$(DEMO_DATA) -P heldout_dir=$(DEMO_HELDOUT) -P weights=none -P backbone=resnet18 -P norm=group \
-		-P fpn_channels=128 -P mask_pixels=true -P lr_schedule=cosine -P lr=0.01 -P augment=true -P epochs=5 \
+		-P fpn_channels=128 -P mask_pixels=true -P lr_schedule=cosine -P lr=0.02 -P augment=true -P epochs=5 \
 		-P min_size=192 -P max_size=1024 -P scale_train=1 -P scale_test=1.25 -P detections_per_img=200 \
+		-P anchor_sizes=16,32,64,128,256 \
 		-P roi_samples=128 -P rpn_proposals_train=500 -P output_dir=$(DEMO_OUT) \
 		-P register_as=charseg-demo
 	@echo

@@ -49,7 +49,7 @@ HELDOUT_PAGES, HELDOUT_SEED = 40, 2026  # the pages `make demo` evaluates on
 # (about 40 minutes on 2 cores).
 LONG = {"num_images": 400, "epochs": 10}
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "min_size", "max_size",
-              "scale_train", "scale_test", "detections_per_img",
+              "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
               "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
 
 
