@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,14 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on foreign pickles; the error below says it plainly
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and weights_only errors all mean "not ours"
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(f"{path}: not a charseg checkpoint: it holds Python objects that could run code "
+                                  "when unpickled; charseg loads tensors only (torch.load weights_only=True) and "
+                                  "did not open it") from exc
         raise CheckpointError(f"{path}: not a charseg checkpoint ({str(exc).splitlines()[0][:200]})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         holds = (f"a dict with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +27,24 @@ from .inference import COCO_PREDICTIONS, LABELS
 from .model import BACKBONES, WEIGHT_CHOICES
 
 _DEFAULTS = TrainConfig()
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses NaN and infinity (a NaN passes every range check)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# Seeds numpy accepts (0 to 2**32 - 1); torch and python take them too.
+SEED = click.IntRange(min=0, max=2**32 - 1)
 
 
 def _opt(*decls: str, help: str, field: str | None = None, **kwargs) -> Callable:
@@ -71,23 +91,23 @@ SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the re
                    "the training scale, small glyphs are found more often. 0: the --min-size rule.")
 HYPER = (
     _opt("--batch-size", type=click.IntRange(min=1), help="Images per optimizer step."),
-    _opt("--lr", type=click.FloatRange(min=0, min_open=True), help="Base SGD learning rate."),
-    _opt("--momentum", type=click.FloatRange(min=0, max=1), help="SGD momentum."),
-    _opt("--weight-decay", type=click.FloatRange(min=0), help="SGD weight decay."),
+    _opt("--lr", type=FiniteFloat(min=0, min_open=True), help="Base SGD learning rate."),
+    _opt("--momentum", type=FiniteFloat(min=0, max=1), help="SGD momentum."),
+    _opt("--weight-decay", type=FiniteFloat(min=0), help="SGD weight decay."),
     _opt("--lr-schedule", type=click.Choice(LR_SCHEDULES),
          help="step: x --lr-gamma every --lr-step-size epochs (the seed script's); cosine: half a cosine from "
               "the LR to 0 over the whole run, whatever its length."),
     _opt("--lr-step-size", type=click.IntRange(min=1), help="StepLR: decay the LR every N epochs."),
-    _opt("--lr-gamma", type=click.FloatRange(min=0, min_open=True), help="StepLR: LR multiplier at each decay."),
+    _opt("--lr-gamma", type=FiniteFloat(min=0, min_open=True), help="StepLR: LR multiplier at each decay."),
     _opt("--warmup-iters", type=click.IntRange(min=0), help="Linear LR warm-up iterations (capped to one epoch; 0: off)."),
-    _opt("--warmup-factor", type=click.FloatRange(min=0, max=1, min_open=True),
+    _opt("--warmup-factor", type=FiniteFloat(min=0, max=1, min_open=True),
          help="LR multiplier at the first warm-up iteration."),
-    _opt("--clip-grad-norm", type=click.FloatRange(min=0), help="Clip the total gradient norm to this (0: off)."),
-    _opt("--seed", type=int, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
+    _opt("--clip-grad-norm", type=FiniteFloat(min=0), help="Clip the total gradient norm to this (0: off)."),
+    _opt("--seed", type=SEED, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
     _opt("--min-size", type=click.IntRange(min=1), help="Shorter image side after the model's resize."),
     _opt("--max-size", type=click.IntRange(min=1), help="Longer image side cap after the model's resize."),
-    _opt("--scale-train", type=float, help=SCALE_TRAIN_HELP),
-    _opt("--scale-test", type=float, help=SCALE_TEST_HELP),
+    _opt("--scale-train", type=FiniteFloat(), help=SCALE_TRAIN_HELP),
+    _opt("--scale-test", type=FiniteFloat(), help=SCALE_TEST_HELP),
     _opt("--rpn-proposals-train", type=click.IntRange(min=0),
          help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
     _opt("--rpn-proposals-test", type=click.IntRange(min=0),
@@ -101,10 +121,10 @@ VAL_DIR = _opt("--val-dir", type=click.Path(file_okay=False),
                help="Separate validation dataset [default: hold out --val-fraction of DATA_DIR]")
 VALIDATION = (
     VAL_DIR,
-    _opt("--val-fraction", type=click.FloatRange(min=0, max=1, max_open=True),
+    _opt("--val-fraction", type=FiniteFloat(min=0, max=1, max_open=True),
          help="Share of DATA_DIR held out for validation, chosen by the seed (0: no validation)."),
     _opt("--best-metric", type=click.Choice(METRICS), help="Validation metric that picks best.pth."),
-    _opt("--score-threshold", type=click.FloatRange(min=0, max=1),
+    _opt("--score-threshold", type=FiniteFloat(min=0, max=1),
          help="Detections counted by the character metrics and drawn on logged images."),
     _opt("--val-images-logged", type=click.IntRange(min=0),
          help="Validation (and held-out) images with predicted outlines logged to MLflow each epoch."),
@@ -141,15 +161,34 @@ TRACKING = (
     click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
                  help="Log CPU, memory, disk, network and GPU use as the run's system/* metrics (MLflow's own "
                       "sampler, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10)."),
+    click.option("--offline", is_flag=True,
+                 help="Record the run in OUTPUT_DIR/offline-tracking, not on the tracking server (air-gapped "
+                      "machines); `charseg sync OUTPUT_DIR` uploads it later. A server that does not answer at the "
+                      "start has the same effect, with a warning."),
 )
 
 
-def _tracked(experiment_name: str | None, log_checkpoints: str, system_metrics: bool, lineage: tracking.Lineage,
+@dataclass
+class TrackingChoices:
+    """The TRACKING options of a training command."""
+
+    experiment_name: str | None
+    log_checkpoints: str
+    system_metrics: bool
+    offline: bool
+
+    @classmethod
+    def pop(cls, options: dict[str, Any]) -> "TrackingChoices":
+        return cls(*(options.pop(f.name) for f in dataclasses.fields(cls)))
+
+
+def _tracked(choices: TrackingChoices, output_dir: str, lineage: tracking.Lineage,
              action: Callable[[tracking.MlflowTracker], runner.RunResult], register_as: str | None = None) -> None:
     """Run `action` inside an MLflow run (registering its best checkpoint when asked); print
     where its results are."""
-    tracker = tracking.MlflowTracker(log_checkpoints=log_checkpoints, lineage=lineage)
-    with tracking.tracked_run(experiment_name, system_metrics=system_metrics) as run_id:
+    tracker = tracking.MlflowTracker(log_checkpoints=choices.log_checkpoints, lineage=lineage)
+    with tracking.tracked_run(choices.experiment_name, system_metrics=choices.system_metrics, output_dir=output_dir,
+                              offline=choices.offline) as run_id:
         result = action(tracker)
         registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
                         if register_as else None)
@@ -227,13 +266,12 @@ def cli(quiet: bool) -> None:
 @_options(*TRACKING)
 @click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
                                                "model registry under this name (champion alias if it wins).")
-def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: str, system_metrics: bool,
-                  register_as: str,
-                  **options: Any) -> None:
+def train_command(data_dir: str, register_as: str, **options: Any) -> None:
     """Train from pretrained (or random) initial weights on DATA_DIR."""
+    choices = TrackingChoices.pop(options)
     config = TrainConfig(data_dir=data_dir, **_given(options))
-    _tracked(experiment_name, log_checkpoints, system_metrics, tracking.Lineage(),
-             lambda tracker: runner.train(config, tracker),
+    config.output_dir = config.output_dir or runner.default_output_dir("train")
+    _tracked(choices, config.output_dir, tracking.Lineage(), lambda tracker: runner.train(config, tracker),
              register_as=register_as or None)
 
 
@@ -245,15 +283,14 @@ def train_command(data_dir: str, experiment_name: str | None, log_checkpoints: s
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
           VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
-def resume_command(source: str, epoch: int, experiment_name: str | None, log_checkpoints: str,
-                   system_metrics: bool,
-                   **options: Any) -> None:
+def resume_command(source: str, epoch: int, **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
 
     SOURCE is a checkpoint file, an output folder (its latest checkpoint that loads), an MLflow
     run ID (its latest checkpoint artifact) or an MLflow artifact URI (runs:/..., models:/...).
     Epochs continue the source's numbering.
     """
+    choices = TrackingChoices.pop(options)
     overrides = _given(options)
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
@@ -268,8 +305,7 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
             return
         # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
         lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
-        _tracked(experiment_name, log_checkpoints, system_metrics, lineage,
-                 lambda tracker: runner.resume(plan, tracker=tracker))
+        _tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
 
 
 @cli.command("finetune")
@@ -278,12 +314,10 @@ def resume_command(source: str, epoch: int, experiment_name: str | None, log_che
 @click.option("--run-id", default="", help="Take the checkpoint from this MLflow run (its best, else its last); "
                                            "SOURCE must then be empty (\"\").")
 @_options(*RUN)
-@_opt("--lr-factor", type=click.FloatRange(min=0, min_open=True),
-      help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
+@click.option("--lr-factor", type=FiniteFloat(min=0, min_open=True), default=None,
+              help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
 @_options(*TRACKING)
-def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: str | None, log_checkpoints: str,
-                     system_metrics: bool,
-                     **options: Any) -> None:
+def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) -> None:
     """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
 
     SOURCE is a checkpoint file, an MLflow run ID (its best checkpoint, else its last) or an
@@ -292,21 +326,21 @@ def finetune_command(source: str, data_dir: str, run_id: str, experiment_name: s
     """
     if bool(source) == bool(run_id):
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
+    choices = TrackingChoices.pop(options)
     overrides = {"data_dir": data_dir, **_given(options)}
     overrides.setdefault("output_dir", runner.default_output_dir("finetune"))
     with _source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
-        _tracked(experiment_name, log_checkpoints, system_metrics, lineage,
-                 lambda tracker: runner.finetune(path, overrides, tracker))
+        _tracked(choices, overrides["output_dir"], lineage, lambda tracker: runner.finetune(path, overrides, tracker))
 
 
 MODEL_SOURCE = click.option(
     "--model", "model_source", required=True,
     help="A checkpoint file, an output folder or an MLflow run ID (its best, else its latest checkpoint), "
          "runs:/... or models:/NAME@champion.")
-SCORE = click.option("--score-threshold", type=click.FloatRange(min=0, max=1), default=0.5, show_default=True,
+SCORE = click.option("--score-threshold", type=FiniteFloat(min=0, max=1), default=0.5, show_default=True,
                      help="Keep detections scoring at least this.")
 DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-SCALE_TEST_OVERRIDE = click.option("--scale-test", type=float, default=None,
+SCALE_TEST_OVERRIDE = click.option("--scale-test", type=FiniteFloat(), default=None,
                                    help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
 
 
@@ -373,9 +407,25 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test)
         summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None)
-    click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}")
+    for line in summary["skipped"]:
+        click.echo(f"skipped {line}", err=True)
+    click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}"
+               + (f"; {len(summary['skipped'])} images skipped (above)" if summary["skipped"] else ""))
     if output_format == "coco":
         click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")
+
+
+@cli.command("sync")
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--tracking-uri", default=None,
+              help="The server to upload to [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].")
+def sync_command(output_dir: str, tracking_uri: str | None) -> None:
+    """Upload the runs recorded in OUTPUT_DIR/offline-tracking (--offline, or made while the
+    tracking server was down) to the tracking server: params, tags, datasets, every metric
+    with its steps and timestamps, artifacts (checkpoints too), status. Running it again adds
+    only what is missing."""
+    for line in tracking.sync_offline_runs(output_dir, tracking_uri):
+        click.echo(line)
 
 
 @cli.command("register")
@@ -461,7 +511,7 @@ def _range(text: str) -> tuple[int, int]:
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
                    "rotated up to 12 degrees, textured, blurred and noisy, sides 128-256 px, tight annotator "
                    "polygons. --size, --chars-per-image, --font-size, --font and --layout do not apply.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed; same seed, same dataset.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
 def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
                      font: str | None, layout: str, held_out: bool, seed: int) -> None:
     """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .data import IMAGE_SUFFIXES, scan_dataset, write_annotation
+from .data import IMAGE_SUFFIXES, ImageUnusable, open_image, scan_dataset, upright_size, write_annotation
 from .errors import DatasetError
 from .polygons import edge_outlines, flat_polygon, polygon_area
 
@@ -138,12 +138,12 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out_dir: str | Pa
         image_id, file_name = image.get("id"), str(image.get("file_name", ""))
         source = images_dir / file_name
         try:
-            with Image.open(source) as img:
-                width, height = img.size
-        except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as exc:
+            with open_image(source) as img:
+                width, height = upright_size(img)
+        except ImageUnusable as exc:
             count = len(by_image.get(image_id, []))
-            report.problems.append(f"image {image_id} ({source}): cannot read it ({exc.__class__.__name__}); its "
-                                   f"{count} annotation(s) not imported")
+            report.problems.append(f"image {image_id} ({source}): {exc.reason}; its {count} annotation(s) not "
+                                   "imported")
             continue
         if (image.get("width"), image.get("height")) not in ((width, height), (None, None)):
             report.problems.append(f"image {image_id} ({file_name}): JSON says {image.get('width')}x"

@@ -11,25 +11,41 @@ is dropped silently and no input file is ever modified.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
 import math
+import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .augment import Augmentation
 from .errors import DatasetError
-from .polygons import clip_polygon_to_image, pack_polygons, polygon_area, polygons_to_boxes, polygons_to_masks
+from .polygons import (clip_polygon_to_image, first_crossing, pack_polygons, polygon_area, polygons_to_boxes,
+                       polygons_to_masks)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".webp")  # reported as "convert to PNG"
 CSV_HEADER = ["char", "polygon_json"]
 # Polygons with less area than this (in pixels^2, after clipping) cannot be rasterised.
 MIN_POLYGON_AREA = 1e-6
+# Pages charseg reads. A larger one takes gigabytes to decode and resize (a 12000x12000 page:
+# 6 GB in training, 11 GB in predict); a thinner one cannot be resized to the model's input.
+MAX_IMAGE_PIXELS = 50_000_000
+MIN_IMAGE_SIDE = 2
+MAX_ASPECT_RATIO = 100  # long side / short side: at max_size 1024 a 60000x1 page would be 0 px tall
+# Polygon coordinates beyond this many pixels are refused (float overflow while clipping).
+MAX_COORDINATE = 1e6
+# A CSV line may hold a polygon of about a million points.
+MAX_CSV_FIELD = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,8 +82,10 @@ class DatasetReport:
     samples: list[Sample] = field(default_factory=list)
     skipped_polygons: list[Problem] = field(default_factory=list)
     clipped_polygons: list[Problem] = field(default_factory=list)
+    crossing_polygons: list[Problem] = field(default_factory=list)  # used as drawn, reported
     skipped_images: list[Problem] = field(default_factory=list)
     orphan_annotations: list[Problem] = field(default_factory=list)
+    unused_files: list[Problem] = field(default_factory=list)  # subfolders, broken links, other files
     images_found: int = 0
 
     @property
@@ -83,13 +101,17 @@ class DatasetReport:
             "instances": self.num_instances,
             "polygons_skipped": len(self.skipped_polygons),
             "polygons_clipped": len(self.clipped_polygons),
+            "polygons_self_crossing": len(self.crossing_polygons),
             "annotations_without_image": len(self.orphan_annotations),
+            "files_not_used": len(self.unused_files),
         }
 
     def problems(self) -> list[tuple[str, Problem]]:
         """Every problem with its kind, in a stable order."""
         kinds = (("skipped image", self.skipped_images), ("skipped polygon", self.skipped_polygons),
-                 ("clipped polygon", self.clipped_polygons), ("annotation without image", self.orphan_annotations))
+                 ("clipped polygon", self.clipped_polygons), ("self-crossing polygon", self.crossing_polygons),
+                 ("annotation without image", self.orphan_annotations),
+                 ("file not used", self.unused_files))
         return [(kind, p) for kind, items in kinds for p in items]
 
     def problem_lines(self, limit: int | None = None) -> list[str]:
@@ -114,9 +136,53 @@ class DatasetReport:
             f"  images skipped:           {s['images_skipped']}",
             f"  polygons skipped:         {s['polygons_skipped']}",
             f"  polygons clipped:         {s['polygons_clipped']}",
+            f"  polygons crossing itself: {s['polygons_self_crossing']} (used as drawn)",
             f"  annotations without image: {s['annotations_without_image']}",
+            f"  files not used:           {s['files_not_used']}",
         ]
         return "\n".join(lines + self.problem_lines())
+
+
+class ImageUnusable(DatasetError):
+    """An image charseg cannot read or will not decode; `reason` says why (without the path)."""
+
+    def __init__(self, path: Path | str, reason: str | None = None):
+        # One argument: a whole message (as DataLoader workers re-raise errors).
+        super().__init__(f"{path}: {reason}" if reason is not None else str(path))
+        self.reason = reason if reason is not None else str(path)
+
+
+@contextlib.contextmanager
+def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterator[Image.Image]:
+    """Image.open, upright (EXIF orientation applied lazily by the caller: see upright_size),
+    with charseg's limits checked from the header before anything is decoded. Raises
+    ImageUnusable naming the file (or NAME) and why."""
+    name = name or str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ImageUnusable(name, f"image of more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP; charseg reads "
+                                      f"pages up to {MAX_IMAGE_PIXELS / 1e6:.0f} MP: split or downscale it") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ImageUnusable(name, f"cannot read image ({exc}); re-export it as PNG or JPEG") from None
+    with img:
+        width, height = img.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageUnusable(name, f"image is {width}x{height} ({width * height / 1e6:.0f} MP), over charseg's limit "
+                                      f"of {MAX_IMAGE_PIXELS / 1e6:.0f} MP: split or downscale it")
+        if min(width, height) < MIN_IMAGE_SIDE or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise ImageUnusable(name, f"image is {width}x{height}; charseg needs at least {MIN_IMAGE_SIDE} px on "
+                                      f"each side and at most {MAX_ASPECT_RATIO}:1 between them")
+        yield img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """Width and height as viewers (and labelling tools) show the image: swapped when its
+    EXIF orientation turns it by 90 degrees (load_image_rgb applies the orientation)."""
+    orientation = img.getexif().get(0x0112, 1)
+    return img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
 
 
 def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None, str]:
@@ -137,12 +203,18 @@ def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None
             return None, f"polygon holds a non-number {json.dumps(v)[:40]}"
         if not math.isfinite(v):
             return None, f"polygon holds a non-finite number ({v})"
+        if abs(v) > MAX_COORDINATE:
+            return None, f"polygon holds a coordinate of {v:g} px (beyond +-{MAX_COORDINATE:g}); check its units"
     if len(values) % 2:
         return None, f"polygon has an odd number of values ({len(values)}); expected x,y pairs"
     if len(values) < 6:
         return None, f"polygon has {len(values) // 2} points; at least 3 are needed"
     points = np.asarray(values, dtype=np.float64).reshape(-1, 2)
     if polygon_area(points) <= MIN_POLYGON_AREA:
+        crossing = first_crossing(points)
+        if crossing is not None:  # a bow-tie: its two loops cancel in the shoelace sum
+            return None, (f"polygon crosses itself ({_edges(crossing)}) and so encloses no area by the shoelace "
+                          "formula; draw the outline without crossing")
         return None, "polygon has zero area"
     clipped = clip_polygon_to_image(points, width, height)
     if len(clipped) < 3 or polygon_area(clipped) <= MIN_POLYGON_AREA:
@@ -152,43 +224,61 @@ def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None
     return clipped.astype(np.float32), note
 
 
+def _edges(crossing: tuple[int, int]) -> str:
+    i, j = crossing
+    return f"its edges from point {i + 1} and from point {j + 1} intersect"
+
+
 def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetReport
                      ) -> tuple[list[np.ndarray], list[str]] | None:
     """Read one CSV; record each problem in `report`. None when the whole file is unusable."""
     polygons: list[np.ndarray] = []
     chars: list[str] = []
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            # Extra columns after the two (e.g. predict's score) are allowed and ignored.
-            if header is None or [h.strip() for h in header[:2]] != CSV_HEADER:
-                report.skipped_images.append(Problem(
-                    str(csv_path), 1, f"header is {','.join(header or []) or 'missing'}; "
-                                      f"expected {','.join(CSV_HEADER)}"))
-                return None
-            for row in reader:
-                line = reader.line_num
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    report.skipped_polygons.append(Problem(
-                        str(csv_path), line, f"row has {len(row)} fields; expected {len(header)} "
-                                             f"({','.join(header)}) - quote a char that contains a comma"))
-                    continue
-                points, note = parse_polygon(row[1], width, height)
-                if points is None:
-                    report.skipped_polygons.append(Problem(str(csv_path), line, note))
-                    continue
-                if note:
-                    report.clipped_polygons.append(Problem(str(csv_path), line, note))
-                polygons.append(points)
-                chars.append(row[0])
-    except UnicodeDecodeError as exc:
-        report.skipped_images.append(Problem(str(csv_path), None, f"not UTF-8 text ({exc.reason}); save it as UTF-8"))
+        raw = csv_path.read_bytes()
+    except OSError as exc:
+        report.skipped_images.append(Problem(str(csv_path), None, f"cannot read annotation file ({exc.strerror})"))
         return None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        report.skipped_images.append(Problem(str(csv_path), line, f"not UTF-8 text ({exc.reason} at byte "
+                                                                  f"{exc.start}); save the file as UTF-8"))
+        return None
+    csv.field_size_limit(MAX_CSV_FIELD)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        # Extra columns after the two (e.g. predict's score) are allowed and ignored.
+        if header is None or [h.strip() for h in header[:2]] != CSV_HEADER:
+            report.skipped_images.append(Problem(
+                str(csv_path), 1, f"header is {','.join(header or []) or 'missing'}; "
+                                  f"expected {','.join(CSV_HEADER)}"))
+            return None
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                report.skipped_polygons.append(Problem(
+                    str(csv_path), line, f"row has {len(row)} fields; expected {len(header)} "
+                                         f"({','.join(header)}) - quote a char that contains a comma"))
+                continue
+            points, note = parse_polygon(row[1], width, height)
+            if points is None:
+                report.skipped_polygons.append(Problem(str(csv_path), line, note))
+                continue
+            if note:
+                report.clipped_polygons.append(Problem(str(csv_path), line, note))
+            crossing = first_crossing(points)
+            if crossing is not None:
+                report.crossing_polygons.append(Problem(str(csv_path), line, (
+                    f"polygon crosses itself ({_edges(crossing)}); used as drawn: the mask is what it encloses")))
+            polygons.append(points)
+            chars.append(row[0])
     except csv.Error as exc:
-        report.skipped_images.append(Problem(str(csv_path), None, f"malformed CSV ({exc})"))
+        report.skipped_images.append(Problem(str(csv_path), reader.line_num, f"malformed CSV ({exc})"))
         return None
     return polygons, chars
 
@@ -207,9 +297,12 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
     report = DatasetReport(data_dir=root)
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     report.images_found = len(images)
+    report.unused_files = _unused_entries(images_dir, set(images), "images/NAME.png (.jpg, .jpeg)")
     stems = {p.stem for p in images}
     if ann_dir.is_dir():
-        for csv_path in sorted(ann_dir.glob("*.csv")):
+        csvs = sorted(p for p in ann_dir.glob("*.csv") if p.is_file())
+        report.unused_files += _unused_entries(ann_dir, set(csvs), "annotations/NAME.csv")
+        for csv_path in csvs:
             if csv_path.stem not in stems:
                 report.orphan_annotations.append(Problem(str(csv_path), None, "no image with this name in images/"))
     for image_path in images:
@@ -218,10 +311,16 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
             report.skipped_images.append(Problem(str(image_path), None, f"no annotation file {csv_path}"))
             continue
         try:
-            with Image.open(image_path) as img:
-                width, height = img.size
-        except (UnidentifiedImageError, OSError) as exc:
-            report.skipped_images.append(Problem(str(image_path), None, f"cannot read image ({exc})"))
+            with open_image(image_path) as img:
+                img.verify()  # a PNG cut short fails its chunk checks here, not mid-epoch
+            with Image.open(image_path) as img:  # verify() leaves an image unusable: open it again
+                width, height = upright_size(img)
+        except ImageUnusable as exc:
+            report.skipped_images.append(Problem(str(image_path), None, exc.reason))
+            continue
+        except Exception as exc:  # verify() raises OSError, SyntaxError, struct.error, ...
+            report.skipped_images.append(Problem(str(image_path), None, f"image file is damaged or cut short ({exc}); "
+                                                                        "re-export it"))
             continue
         parsed = _read_annotation(csv_path, width, height, report)
         if parsed is None:
@@ -265,11 +364,34 @@ def write_annotation(path: Path, rows: list[tuple], extra_columns: tuple[str, ..
         writer.writerows(rows)
 
 
-def load_image_rgb(path: Path) -> np.ndarray:
-    """Read any image mode (gray, RGBA, palette, 16-bit) as an HxWx3 uint8 RGB array."""
+def _unused_entries(folder: Path, used: set[Path], layout: str) -> list[Problem]:
+    """What FOLDER holds besides the files used: subfolders (not searched), broken links,
+    files of other types. Hidden files (.DS_Store) are passed over."""
+    problems = []
+    for entry in sorted(folder.iterdir()):
+        if entry in used or entry.name.startswith("."):
+            continue
+        if entry.is_symlink() and not entry.exists():
+            reason = f"broken symbolic link (to {os.readlink(entry)})"
+        elif entry.is_dir():
+            count = sum(1 for p in entry.rglob("*") if p.is_file())
+            reason = f"subfolder not searched ({count} files inside); charseg reads {layout} directly"
+        else:
+            reason = f"not used: charseg reads {layout}" + (
+                f"; convert {entry.suffix} images to PNG" if entry.suffix.lower() in OTHER_IMAGE_SUFFIXES else "")
+        problems.append(Problem(str(entry), None, reason))
+    return problems
+
+
+def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarray:
+    """Read any image mode (gray, RGBA, palette, 16-bit) as an HxWx3 uint8 RGB array, upright
+    (its EXIF orientation applied, as viewers and labelling tools show it). Raises
+    ImageUnusable (a DatasetError naming the file or NAME) when it cannot be used."""
+    name = name or str(path)
     try:
-        with Image.open(path) as img:
-            img.load()
+        with open_image(path, name) as opened:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr = np.asarray(img).astype(np.float64)
                 # 16-bit data: scale the full 16-bit range, not the (often tiny) 8-bit one.
@@ -283,7 +405,7 @@ def load_image_rgb(path: Path) -> np.ndarray:
                 return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
             return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
-        raise DatasetError(f"{path}: cannot read image ({exc}); re-export it as PNG or JPEG") from exc
+        raise ImageUnusable(name, f"cannot read image ({exc}); re-export it as PNG or JPEG") from exc
 
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:

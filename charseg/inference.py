@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 
 from . import checkpoint as ckpt
 from .config import check_page_scale
-from .data import image_to_tensor, load_image_rgb, write_annotation
+from .data import ImageUnusable, image_to_tensor, load_image_rgb, write_annotation
 from .errors import CharsegError
 from .model import NUM_CLASSES, ModelSpec, build_model
 from .polygons import box_mask_to_polygon, mask_to_polygon
@@ -163,14 +163,19 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     """Predict every input image; write OUT/images (copies), OUT/annotations/*.csv and
     OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts;
     with `coco_segmentation` (polygon or rle) also OUT/predictions_coco.json.
-    Returns {"images": n, "instances": m}."""
+    An image that cannot be used (unreadable, over the size limits) is skipped and named.
+    Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...]}."""
     from tqdm import tqdm
 
     from .coco import predictions_to_coco
 
-    total, pages = 0, []
+    total, pages, skipped = 0, [], []
     for path in tqdm(inputs, desc="predicting", unit="image", disable=None if progress else True):
-        rgb = load_image_rgb(path)
+        try:
+            rgb = load_image_rgb(path)
+        except ImageUnusable as exc:
+            skipped.append(str(exc))
+            continue
         instances = predict_arrays(model, [rgb], device, score_threshold)[0]
         total += len(instances)
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -182,4 +187,4 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     if coco_segmentation:
         (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
                                                 encoding="utf-8")
-    return {"images": len(inputs), "instances": total}
+    return {"images": len(pages), "instances": total, "skipped": skipped}

@@ -77,6 +77,39 @@ def polygon_area(points: np.ndarray) -> float:
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
 
 
+# Polygons of more points than this are not checked for crossing themselves (the check is
+# quadratic); an annotator's outline of one character has tens of points.
+MAX_CROSSING_CHECK_POINTS = 4096
+
+
+def first_crossing(points: np.ndarray) -> tuple[int, int] | None:
+    """Indices (i, j), i < j, of two non-adjacent edges of the closed polygon that cross (edge
+    i runs from point i to point i+1), or None when it is simple; None too beyond
+    MAX_CROSSING_CHECK_POINTS points. Edges are compared in blocks of rows at once."""
+    n = len(points)
+    if n < 4 or n > MAX_CROSSING_CHECK_POINTS:
+        return None
+    a = points.astype(np.float64)
+    d = np.roll(a, -1, axis=0) - a  # edge vectors
+    block = max(1, 65536 // n)
+    for start in range(0, n, block):
+        i = np.arange(start, min(start + block, n))[:, None]
+        j = np.arange(n)[None, :]
+        # Non-adjacent pairs, each once: j > i + 1, and not the closing pair (0, n-1).
+        pairs = (j > i + 1) & ~((i == 0) & (j == n - 1))
+        r, s = d[i[:, 0]][:, None, :], d[None, :, :]
+        qp = a[None, :, :] - a[i[:, 0]][:, None, :]
+        denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (qp[..., 0] * s[..., 1] - qp[..., 1] * s[..., 0]) / denom
+            u = (qp[..., 0] * r[..., 1] - qp[..., 1] * r[..., 0]) / denom
+        crossing = pairs & (denom != 0) & (t > 0) & (t < 1) & (u > 0) & (u < 1)
+        if crossing.any():
+            row, col = np.argwhere(crossing)[0]
+            return int(start + row), int(col)
+    return None
+
+
 def clip_polygon_to_image(points: np.ndarray, width: int, height: int) -> np.ndarray:
     """Sutherland-Hodgman clip of a polygon to the rectangle [0, width] x [0, height].
 

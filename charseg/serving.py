@@ -13,17 +13,16 @@ import io
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
-
+from .data import load_image_rgb
 from .inference import load_model_for_inference, predict_arrays
 
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (any mode) to HxWx3 uint8 RGB."""
-    with Image.open(io.BytesIO(bytes(data))) as img:
-        return np.array(img.convert("RGB"))
+def decode_image(data: bytes, index: int = 0) -> np.ndarray:
+    """Encoded image bytes (any mode, EXIF orientation applied, charseg's size limits) to
+    HxWx3 uint8 RGB; row INDEX is named in the error when it cannot be used."""
+    return load_image_rgb(io.BytesIO(bytes(data)), name=f"image of row {index}")
 
 
 class CharsegPredictor:
@@ -45,7 +44,7 @@ class CharsegPredictor:
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
         rows = []
         for image_id, data in enumerate(model_input["image"]):
-            for inst in predict_arrays(self.model, [decode_image(data)], self.device, threshold)[0]:
+            for inst in predict_arrays(self.model, [decode_image(data, image_id)], self.device, threshold)[0]:
                 rows.append((image_id, inst.score, inst.box, inst.polygon))
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         return frame.astype({"image_id": "int64", "score": "float64"})

@@ -295,15 +295,90 @@ def _log_artifact_as(path: Path, name: str) -> None:
         mlflow.log_artifact(str(ckpt.link_or_copy(path, Path(tmp) / name)), CHECKPOINT_DIR)
 
 
+OFFLINE_DIR = "offline-tracking"  # inside the output folder: mlflow.db and artifacts/ of runs made offline
+TAG_OFFLINE_RUN = "charseg.offline_run_id"  # on a server's run: the offline run `charseg sync` copied
+SERVER_PROBE_TIMEOUT_S = 5
+
+
+def offline_store(output_dir: str | Path) -> Path:
+    """The local tracking store of OUTPUT_DIR (runs made with --offline or while the server was down)."""
+    return Path(output_dir).resolve() / OFFLINE_DIR
+
+
+def _store_uri(store: Path) -> str:
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def server_reachable(uri: str) -> bool:
+    """Whether an http(s) tracking server answers its /health within SERVER_PROBE_TIMEOUT_S
+    (MLflow's own client would retry for minutes); any other store is local: True."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if "127.0.0.1" in uri or \
+        "localhost" in uri else urllib.request.build_opener()
+    try:
+        with opener.open(uri.rstrip("/") + "/health", timeout=SERVER_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _use_offline_store(store: Path, experiment_name: str | None) -> None:
+    """Point mlflow at STORE, with the experiment's artifacts inside it."""
+    store.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(_store_uri(store))
+    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=str(store / "artifacts"))
+    mlflow.set_experiment(name)
+
+
 @contextlib.contextmanager
-def tracked_run(experiment_name: str | None = None, system_metrics: bool = False) -> Iterator[str]:
+def tracked_run(experiment_name: str | None = None, system_metrics: bool = False, output_dir: str | None = None,
+                offline: bool = False) -> Iterator[str]:
     """Start (or, under `mlflow run`, attach to) a run; end it FINISHED, FAILED or KILLED.
 
     system_metrics: MLflow samples CPU, memory, disk, network (and GPU with nvidia-ml-py)
     into `system/*` metrics while the run lasts (every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
-    seconds, default 10). Yields the run ID. A failure sets the tag charseg.failure_reason.
+    seconds, default 10). offline (or a tracking server that does not answer at the start,
+    when OUTPUT_DIR is given): the run is recorded in OUTPUT_DIR/offline-tracking instead,
+    for `charseg sync` to upload; a server that answers again when the run ends gets it then.
+    Yields the run ID. A failure sets the tag charseg.failure_reason.
     """
-    configure(experiment_name)
+    server = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    failover = False
+    if output_dir and not os.environ.get("MLFLOW_RUN_ID"):
+        failover = not offline and not server_reachable(server)
+        if failover:
+            log.warning("warning: tracking server %s does not answer: recording this run in %s; it is uploaded "
+                        "when the run ends if the server is back, else run `charseg sync %s`", server,
+                        offline_store(output_dir), output_dir)
+    elif offline:
+        raise TrackingError("--offline: under `mlflow run` the run already exists on the tracking server; run "
+                            "`charseg train ... --offline` directly")
+    server_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if offline or failover:
+        _use_offline_store(offline_store(output_dir), experiment_name)
+    else:
+        configure(experiment_name)
+    try:
+        yield from _run_lifecycle(system_metrics)
+    finally:
+        if offline or failover:
+            # mlflow.set_tracking_uri also set $MLFLOW_TRACKING_URI: give later commands of this
+            # process (sync) the server again; mlflow's own URI stays on the store the run is in.
+            os.environ.pop("MLFLOW_TRACKING_URI", None) if server_env is None else \
+                os.environ.__setitem__("MLFLOW_TRACKING_URI", server_env)
+    if failover and server_reachable(server):
+        for line in sync_offline_runs(output_dir, server):
+            log.info("tracking server %s answers again: %s", server, line)
+
+
+def _run_lifecycle(system_metrics: bool) -> Iterator[str]:
+    """Start the run, yield its ID, end it FINISHED, FAILED (tag charseg.failure_reason) or KILLED."""
     try:
         run = mlflow.start_run(log_system_metrics=system_metrics)
     except MlflowException as exc:
@@ -319,6 +394,73 @@ def tracked_run(experiment_name: str | None = None, system_metrics: bool = False
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def sync_offline_runs(output_dir: str | Path, tracking_uri: str | None = None) -> list[str]:
+    """Copy every run of OUTPUT_DIR's offline store into the tracking server (TRACKING_URI,
+    default $MLFLOW_TRACKING_URI): experiment by name, params, tags, dataset inputs, every
+    metric with its steps and timestamps, artifacts, status and times. Idempotent: the
+    server's copy carries the tag charseg.offline_run_id, and only what it lacks is added, so
+    running it twice (or after an interrupted sync) duplicates nothing. Returns one line per run.
+    """
+    store = offline_store(output_dir)
+    if not (store / "mlflow.db").is_file():
+        raise TrackingError(f"{output_dir}: no offline runs here (no {OFFLINE_DIR}/mlflow.db); runs made with "
+                            "--offline or while the server was down are kept there")
+    target_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if not server_reachable(target_uri):
+        raise TrackingError(f"tracking server {target_uri} does not answer; try again when it is up")
+    source, target = MlflowClient(_store_uri(store)), MlflowClient(target_uri)
+    lines = []
+    for experiment in source.search_experiments():
+        for run in source.search_runs([experiment.experiment_id], max_results=50000):
+            copy = _sync_run(source, target, run, experiment.name)
+            lines.append(f"offline run {run.info.run_id} -> run {copy} at {target_uri}")
+    return lines
+
+
+def _sync_run(source: MlflowClient, target: MlflowClient, run, experiment_name: str) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+
+    experiment = target.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else target.create_experiment(experiment_name)
+    found = target.search_runs([experiment_id], f"tags.`{TAG_OFFLINE_RUN}` = '{run.info.run_id}'")
+    if found:
+        copy = found[0]
+    else:
+        copy = target.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name,
+                                 tags={TAG_OFFLINE_RUN: run.info.run_id})
+    copy_id = copy.info.run_id
+    have = target.get_run(copy_id).data
+    params = [Param(k, v) for k, v in run.data.params.items() if k not in have.params]
+    tags = [RunTag(k, v) for k, v in run.data.tags.items()
+            if have.tags.get(k) != v and not k.startswith("mlflow.run") and k != TAG_OFFLINE_RUN]
+    for start in range(0, max(len(params), len(tags)), 100):
+        target.log_batch(copy_id, params=params[start:start + 100], tags=tags[start:start + 100])
+    for key in run.data.metrics:
+        present = {(m.step, m.timestamp, m.value) for m in target.get_metric_history(copy_id, key)}
+        missing = [Metric(key, m.value, m.timestamp, m.step) for m in source.get_metric_history(run.info.run_id, key)
+                   if (m.step, m.timestamp, m.value) not in present]
+        for start in range(0, len(missing), 1000):
+            target.log_batch(copy_id, metrics=missing[start:start + 1000])
+    if run.inputs and run.inputs.dataset_inputs and not target.get_run(copy_id).inputs.dataset_inputs:
+        target.log_inputs(copy_id, datasets=list(run.inputs.dataset_inputs))
+    _sync_artifacts(source, target, run.info.run_id, copy_id, "")
+    if run.info.status != "RUNNING" and target.get_run(copy_id).info.status != run.info.status:
+        target.set_terminated(copy_id, run.info.status, end_time=run.info.end_time)
+    return copy_id
+
+
+def _sync_artifacts(source: MlflowClient, target: MlflowClient, run_id: str, copy_id: str, folder: str) -> None:
+    """Upload the files under FOLDER that the copy lacks (or holds with another size)."""
+    present = {f.path: f for f in target.list_artifacts(copy_id, folder or None)}
+    for item in source.list_artifacts(run_id, folder or None):
+        if item.is_dir:
+            _sync_artifacts(source, target, run_id, copy_id, item.path)
+        elif item.path not in present or present[item.path].file_size != item.file_size:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = source.download_artifacts(run_id, item.path, tmp)
+                target.log_artifact(copy_id, local, str(Path(item.path).parent) if "/" in item.path else None)
 
 
 @dataclass

@@ -127,12 +127,15 @@ def test_generate_lines_and_held_out_pages(tmp_path):
     assert invoke("validate-data", str(tmp_path / "held")).exit_code == 0
 
 
-@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
-def test_a_page_scale_that_is_no_factor_is_one_clear_error(tiny_dataset, tmp_path, value):
+@pytest.mark.parametrize("value, code, message", [
+    ("-1", 1, "scale_test must be 0 (resize to min_size) or a factor in (0, 8], got "),
+    ("9", 1, "scale_test must be 0 (resize to min_size) or a factor in (0, 8], got "),
+    ("nan", 2, "Invalid value for '--scale-test': 'nan' is not a finite number"),
+    ("inf", 2, "Invalid value for '--scale-test': 'inf' is not a finite number")])
+def test_a_page_scale_that_is_no_factor_is_one_clear_error(tiny_dataset, tmp_path, value, code, message):
     result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--scale-test", value,
                                       "--output-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "scale_test must be 0 (resize to min_size) or a factor in (0, 8], got " \
-        in result.output
+    assert result.exit_code == code and message in result.output
     assert "Traceback" not in result.output and not list(tmp_path.iterdir())
 
 

@@ -98,7 +98,7 @@ def test_a_labelling_tools_export_imports_and_says_what_it_could_not(tmp_path):
     assert "annotation 15 (image 1): no segmentation (a box only)" in problems and "not imported" in problems
     assert "annotation 12 (image 1): 2 separate parts; kept the largest (81% of the area)" in problems
     assert "image_id 9: 1 annotation(s) of an image that is not in 'images'" in problems
-    assert "image 2 (" in problems and "missing.png): cannot read it" in problems
+    assert "image 2 (" in problems and "missing.png): cannot read image" in problems
     [sample] = scan_dataset(tmp_path / "out").samples
     assert sample.name == "page one" and sample.chars == ["A", "i", "A", "A"]
     rows = {c: p for c, p in zip(sample.chars, sample.polygons)}

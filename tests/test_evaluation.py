@@ -159,7 +159,7 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
     [evaluation] = MlflowClient().get_run(result.output.split("MLflow run ")[1].split()[0]).inputs.dataset_inputs
     assert [t.value for t in evaluation.tags] == ["evaluation"] and len(evaluation.dataset.digest) == 16
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
-                                      "--scale-test", "nan"])
+                                      "--scale-test", "-1"])
     assert result.exit_code == 1 and "--scale-test must be 0 (resize to min_size) or a factor" in result.output
 
 

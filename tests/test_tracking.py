@@ -279,3 +279,68 @@ def test_a_running_source_on_another_host_is_closed_only_when_silent(server):
     assert server.get_run(silent.info.run_id).info.end_time == hours_ago
     assert server.get_run(busy.info.run_id).info.status == "RUNNING"
     assert not tracking.close_abandoned_run(silent.info.run_id, "r3")  # ended runs are left alone
+
+
+def test_a_server_down_at_the_start_records_offline_and_sync_uploads_it_once(tiny_dataset, tmp_path, monkeypatch):
+    """The server is down when training starts: the run goes to the output folder's offline
+    store at once (no minutes of retries), with a warning. The server comes back on the same
+    port: `charseg sync` uploads the run with every param, metric step and checkpoint byte,
+    and a second sync duplicates nothing."""
+    import sys as _sys
+
+    from conftest import _free_port, start_service, stop_service, wait_until_up
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "2", "--output-dir",
+                                      str(out), "--log-checkpoints", "all", "--experiment-name", "failover"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert time.monotonic() - started < 120
+    assert f"tracking server {url} does not answer: recording this run in {out / 'offline-tracking'}" in result.output
+    offline = MlflowClient(f"sqlite:///{out / 'offline-tracking' / 'mlflow.db'}")
+    [local] = offline.search_runs([offline.get_experiment_by_name("failover").experiment_id])
+    assert local.info.status == "FINISHED"
+
+    root = tmp_path / "server"
+    root.mkdir()
+    proc = start_service([_sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+                          str(root / "artifacts"), "--workers", "1"], root / "server.log", cwd=root)
+    try:
+        wait_until_up(proc, f"{url}/health", root / "server.log")
+        first = run_cli("sync", str(out))
+        second = run_cli("sync", str(out))
+        server = MlflowClient(url)
+        [copy] = server.search_runs([server.get_experiment_by_name("failover").experiment_id])
+        assert first.split(" -> run ")[1].split()[0] == second.split(" -> run ")[1].split()[0] == copy.info.run_id
+        assert copy.info.status == "FINISHED" and copy.data.tags["charseg.offline_run_id"] == local.info.run_id
+        assert copy.info.start_time == local.info.start_time and copy.info.end_time == local.info.end_time
+        assert copy.data.params == local.data.params
+        for key in local.data.metrics:
+            mine = [(m.step, m.timestamp, m.value) for m in offline.get_metric_history(local.info.run_id, key)]
+            theirs = [(m.step, m.timestamp, m.value) for m in server.get_metric_history(copy.info.run_id, key)]
+            assert sorted(theirs) == sorted(mine), key
+        assert artifacts(server, copy.info.run_id, "checkpoints") == [
+            "model_epoch_001.pth", "model_epoch_002.pth", "model_final.pth"]
+        downloaded = Path(server.download_artifacts(copy.info.run_id, "checkpoints/model_final.pth", str(tmp_path)))
+        assert downloaded.read_bytes() == (out / "model_final.pth").read_bytes()
+        assert datasets(server, copy.info.run_id) == datasets(offline, local.info.run_id)
+    finally:
+        stop_service(proc)
+
+
+def test_offline_on_purpose_and_sync_errors_are_one_line(tiny_dataset, tmp_path, server):
+    out = tmp_path / "out"
+    output = run_cli("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1", "--output-dir", str(out), "--offline",
+                     "--experiment-name", "air-gapped")
+    assert "does not answer" not in output and (out / "offline-tracking" / "mlflow.db").is_file()
+    assert server.get_experiment_by_name("air-gapped") is None  # nothing reached the server
+    result = CliRunner().invoke(cli, ["sync", str(tmp_path)])
+    assert result.exit_code == 1 and "no offline runs here" in result.output
+    result = CliRunner().invoke(cli, ["sync", str(out), "--tracking-uri", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "does not answer; try again when it is up" in result.output
+    assert " -> run " in run_cli("sync", str(out))
+    assert len(server.search_runs([server.get_experiment_by_name("air-gapped").experiment_id])) == 1
