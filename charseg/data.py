@@ -74,6 +74,10 @@ class Sample:
     chars: list[str]
 
 
+# Kinds of problem whose polygon still trains (DatasetReport.problems).
+USED_KINDS = ("clipped polygon", "self-crossing polygon")
+
+
 @dataclass
 class DatasetReport:
     """What a scan of DATA_DIR found: usable samples and every problem met."""
@@ -114,12 +118,21 @@ class DatasetReport:
                  ("file not used", self.unused_files))
         return [(kind, p) for kind, items in kinds for p in items]
 
-    def problem_lines(self, limit: int | None = None) -> list[str]:
+    def problem_lines(self, limit: int | None = None, brief: bool = False) -> list[str]:
         """One line per problem ("kind: file:line: reason"); past `limit` (None: no limit), a
-        last line saying how many more there are and where to see them."""
+        last line saying how many more there are and where to see them. brief: polygons that
+        are used all the same (clipped, self-crossing) are one count line per kind."""
         problems = self.problems()
+        lines = []
+        if brief:
+            for kind in USED_KINDS:
+                count = sum(1 for k, _ in problems if k == kind)
+                if count:
+                    lines.append(f"{count} {kind}{'s' if count != 1 else ''}, used all the same: run `charseg validate-data {self.data_dir}` "
+                                 "to list them")
+            problems = [(k, p) for k, p in problems if k not in USED_KINDS]
         shown = problems if limit is None else problems[:limit]
-        lines = [f"{kind}: {problem}" for kind, problem in shown]
+        lines = [f"{kind}: {problem}" for kind, problem in shown] + lines
         if len(shown) < len(problems):
             lines.append(f"... and {len(problems) - len(shown)} more problems: run `charseg validate-data "
                          f"{self.data_dir}` for the full list")

@@ -141,7 +141,7 @@ def resolve_device(name: str) -> torch.device:
 def load_dataset_report(data_dir: str) -> DatasetReport:
     """Scan the dataset, print its summary and problems; error when nothing is usable."""
     report = scan_dataset(data_dir)
-    for line in report.problem_lines(MAX_PROBLEMS_SHOWN):
+    for line in report.problem_lines(MAX_PROBLEMS_SHOWN, brief=True):
         log.warning("warning: %s", line)
     s = report.summary()
     log.info("dataset %s: %d images, %d characters (%d images and %d polygons skipped)", data_dir,

@@ -215,3 +215,18 @@ def test_predict_skips_pages_it_cannot_use_and_names_them(tiny_dataset, tmp_path
     assert f"skipped {inputs / 'thin.png'}: image is 60000x1" in result.stderr
     assert f"skipped {inputs / 'bomb.png'}: image of more than" in result.stderr
     assert "in 1 images" in result.stdout and "2 images skipped" in result.stdout
+
+
+def test_training_prints_each_skip_but_counts_polygons_it_uses_all_the_same(tmp_path):
+    from charseg.data import scan_dataset
+
+    root = tmp_path / "data"
+    _page(root, rows=(("a", "[1,1,10,1,10,10,4,0.5,1,10]"), ("b", "[1,1,10,1,10,10,4,0.5,1,10]"),
+                      ("c", "[-5,2,12,2,12,12]"), ("d", "[1,2,3]")))
+    report = scan_dataset(root)
+    assert report.problem_lines(brief=True) == [
+        f"skipped polygon: {root / 'annotations' / '00001.csv'}:5: polygon has an odd number of values (3); expected "
+        "x,y pairs",
+        f"1 clipped polygon, used all the same: run `charseg validate-data {root}` to list them",
+        f"2 self-crossing polygons, used all the same: run `charseg validate-data {root}` to list them"]
+    assert len(report.problem_lines()) == 4  # validate-data lists every one
