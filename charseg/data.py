@@ -167,9 +167,10 @@ class ImageUnusable(DatasetError):
 
 @contextlib.contextmanager
 def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterator[Image.Image]:
-    """Image.open, upright (EXIF orientation applied lazily by the caller: see upright_size),
-    with charseg's limits checked from the header before anything is decoded. Raises
-    ImageUnusable naming the file (or NAME) and why."""
+    """Image.open with charseg's limits (MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, MAX_ASPECT_RATIO)
+    checked from the header, before anything is decoded. Raises ImageUnusable naming the
+    file (or NAME) and why. The image is as stored: upright_size and load_image_rgb apply
+    its EXIF orientation."""
     name = name or str(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

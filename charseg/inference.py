@@ -169,7 +169,7 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
 
     from .coco import predictions_to_coco
 
-    total, pages, skipped = 0, [], []
+    total, done, pages, skipped = 0, 0, [], []
     for path in tqdm(inputs, desc="predicting", unit="image", disable=None if progress else True):
         try:
             rgb = load_image_rgb(path)
@@ -183,8 +183,10 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
         write_predictions_csv(out_dir / "annotations" / f"{path.stem}.csv", instances)
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
         draw_overlay(rgb, instances, labels).save(out_dir / "overlays" / f"{path.stem}.png")
-        pages.append((f"{path.stem}.png", rgb.shape[1], rgb.shape[0], instances))
+        done += 1
+        if coco_segmentation:  # kept only for the COCO file
+            pages.append((f"{path.stem}.png", rgb.shape[1], rgb.shape[0], instances))
     if coco_segmentation:
         (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
                                                 encoding="utf-8")
-    return {"images": len(pages), "instances": total, "skipped": skipped}
+    return {"images": done, "instances": total, "skipped": skipped}
