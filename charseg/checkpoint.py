@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -253,6 +254,12 @@ def find_latest(directory: str | Path) -> Path | None:
         if best is None or epoch > best[0]:
             best = (epoch, path)
     return best[1] if best else None
+
+
+def this_process() -> str:
+    """"PID n on HOST": how an output folder's lock and a run's charseg.writer tag name the
+    process that trains."""
+    return f"PID {os.getpid()} on {socket.gethostname()}"
 
 
 @contextlib.contextmanager

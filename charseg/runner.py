@@ -11,9 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import signal
-import socket
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -387,7 +385,7 @@ def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: D
     """The epoch loop shared by all modes, holding the output folder for the whole run (one
     writer per folder)."""
     run_id = getattr(tracker, "run_id", "")
-    owner = f"PID {os.getpid()} on {socket.gethostname()}" + (f" (MLflow run {run_id})" if run_id else "")
+    owner = ckpt.this_process() + (f" (MLflow run {run_id})" if run_id else "")
     with ckpt.exclusive_output_dir(config.output_dir, owner):
         return _epochs(config, spec, model, report, splits, tracker, resume_state)
 

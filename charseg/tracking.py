@@ -60,11 +60,16 @@ def configure(experiment_name: str | None = None) -> None:
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
     if os.environ.get("MLFLOW_RUN_ID"):
         return
-    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = _experiment_name(experiment_name)
     try:
         mlflow.set_experiment(name)
     except MlflowException as exc:
         raise TrackingError(f"cannot use experiment {name!r} at {mlflow.get_tracking_uri()}: {exc.message}") from exc
+
+
+def _experiment_name(given: str | None) -> str:
+    """--experiment-name, else $MLFLOW_EXPERIMENT_NAME, else charseg."""
+    return given or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def current_tracking_uri() -> str:
@@ -120,8 +125,8 @@ class MlflowTracker:
         params.update({"data.train_images": len(splits.train), "data.val_images": len(splits.val)})
         params["log_checkpoints"] = self.log_checkpoints
         _log_params(_flatten("", params))
-        mlflow.set_tags({TAG_MODE: config.mode, TAG_WRITER: f"{writer()} into {Path(config.output_dir).resolve()}",
-                         **self.lineage.tags()})
+        writer = f"{ckpt.this_process()} into {Path(config.output_dir).resolve()}"
+        mlflow.set_tags({TAG_MODE: config.mode, TAG_WRITER: writer, **self.lineage.tags()})
         if config.mode == "resume" and self.lineage.source_run_id:
             close_abandoned_run(self.lineage.source_run_id, self.run_id)
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
@@ -236,11 +241,6 @@ def _tag_git_commit() -> None:
         mlflow.set_tag(TAG_GIT_COMMIT, commit.stdout.strip())
 
 
-def writer() -> str:
-    """This process, as the runs it trains and the output folders it locks name it."""
-    return f"PID {os.getpid()} on {socket.gethostname()}"
-
-
 def close_abandoned_run(run_id: str, resumed_by: str) -> bool:
     """End run RUN_ID as KILLED when it is still RUNNING but its writer is dead (a SIGKILL or
     a lost machine never ends a run): on this host, when its PID is gone; on another, when
@@ -329,7 +329,7 @@ def _use_offline_store(store: Path, experiment_name: str | None) -> None:
     """Point mlflow at STORE, with the experiment's artifacts inside it."""
     store.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(_store_uri(store))
-    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    name = _experiment_name(experiment_name)
     client = MlflowClient()
     if client.get_experiment_by_name(name) is None:
         client.create_experiment(name, artifact_location=str(store / "artifacts"))
