@@ -8,14 +8,15 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
 from . import checkpoint as ckpt
-from . import runner, tracking
+from . import distributed, runner, tracking
 from .coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
 from .config import FINETUNE_LR_FACTOR, LR_SCHEDULES, NORMS, TrainConfig, parse_anchor_sizes
 from .data import scan_dataset
@@ -134,7 +135,10 @@ VALIDATION = (
 )
 AUGMENT = _bool_opt("--augment", help="Randomly rotate (+-12 deg), scale, shift, re-light, blur and add noise to "
                                        "each training image, its polygons moved with it")
-RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE)
+SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchNorm (--norm batch from scratch) "
+                                                    "normalises over the global batch instead of each process's pages")
+RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE,
+       SYNC_BATCHNORM)
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -182,14 +186,35 @@ class TrackingChoices:
         return cls(*(options.pop(f.name) for f in dataclasses.fields(cls)))
 
 
+@contextlib.contextmanager
+def _training_job(device: str | None) -> Iterator[distributed.World]:
+    """A training command's processes: one, or torchrun's (joined into one job here; ranks
+    other than 0 print warnings and errors only)."""
+    world = distributed.world()
+    if world.distributed and not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    device_type = runner.resolve_device(device or "auto").type if world.distributed else "cpu"
+    with distributed.process_group(device_type) as joined:
+        yield joined
+
+
 def _tracked(choices: TrackingChoices, output_dir: str, lineage: tracking.Lineage,
-             action: Callable[[tracking.MlflowTracker], runner.RunResult], register_as: str | None = None) -> None:
+             action: Callable[[runner.Tracker], runner.RunResult], register_as: str | None = None) -> None:
     """Run `action` inside an MLflow run (registering its best checkpoint when asked); print
-    where its results are."""
+    where its results are. Under torchrun only rank 0 tracks: the other ranks run `action`
+    untracked and leave any error of theirs for rank 0 to report as the run's failure."""
+    world = distributed.world()
+    if not world.main:
+        try:
+            action(runner.NullTracker())
+        except BaseException as exc:
+            distributed.record_error(output_dir, world.rank, exc)
+            raise
+        return
     tracker = tracking.MlflowTracker(log_checkpoints=choices.log_checkpoints, lineage=lineage)
     with tracking.tracked_run(choices.experiment_name, system_metrics=choices.system_metrics, output_dir=output_dir,
                               offline=choices.offline) as run_id:
-        result = action(tracker)
+        result = _naming_failed_rank(output_dir, lambda: action(tracker))
         registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
                         if register_as else None)
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
@@ -205,6 +230,28 @@ def _tracked(choices: TrackingChoices, output_dir: str, lineage: tracking.Lineag
     _echo_run(run_id)
 
 
+def _naming_failed_rank(output_dir: str, call: Callable[[], runner.RunResult]) -> runner.RunResult:
+    """call(); when it fails because another rank did (a broken connection, torchrun's SIGTERM),
+    raise that rank's own error instead."""
+    try:
+        return call()
+    except Exception as exc:
+        world = distributed.world()
+        if not world.distributed:
+            raise
+        distributed.ignore_termination()  # torchrun's SIGTERM: finish recording the failure first
+        errors = {}
+        for _ in range(50):  # the failed rank writes its error before its process ends
+            errors = distributed.peer_errors(output_dir, world.size)
+            if errors or not isinstance(exc, (distributed.Terminated, RuntimeError)):
+                break
+            time.sleep(0.1)
+        if not errors:
+            raise
+        rank, message = min(errors.items())
+        raise CharsegError(f"rank {rank} of {world.size} failed: {message}") from exc
+
+
 def _echo_run(run_id: str) -> None:
     uri = tracking.current_tracking_uri()
     click.echo(f"MLflow run {run_id} at {uri}; view it with: mlflow ui --backend-store-uri {uri}")
@@ -214,11 +261,24 @@ def _echo_run(run_id: str) -> None:
 def _source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = None, under: str | None = None):
     """Yield (local checkpoint path, lineage) for SOURCE; a download lives until the block ends,
     in a temporary folder of UNDER (a training's output folder, whose next writer removes it
-    should this process be killed) or else of the system's temp folder."""
-    if under:
+    should this process be killed) or else of the system's temp folder.
+
+    Under torchrun, rank 0 alone downloads from MLflow and sends the file to the other ranks
+    (other machines included); a path that exists for rank 0 is read by every rank."""
+    world = distributed.world()
+    remote = distributed.broadcast_object(not Path(source).exists())
+    if world.distributed and remote and not world.main:
+        with tempfile.TemporaryDirectory(prefix="charseg-rank-") as download_dir:
+            yield distributed.broadcast_file(None, Path(download_dir)), tracking.Lineage()
+        return
+    if under and world.main:
         Path(under).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=ckpt.download_prefix(), suffix=".tmp", dir=under) as download_dir:
-        yield tracking.resolve_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
+    with tempfile.TemporaryDirectory(prefix=ckpt.download_prefix(), suffix=".tmp",
+                                     dir=under if world.main else None) as download_dir:
+        path, lineage = tracking.resolve_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
+        if world.distributed and remote:
+            distributed.broadcast_file(path, Path(download_dir))
+        yield path, lineage
 
 
 class CharsegGroup(click.Group):
@@ -270,9 +330,10 @@ def train_command(data_dir: str, register_as: str, **options: Any) -> None:
     """Train from pretrained (or random) initial weights on DATA_DIR."""
     choices = TrackingChoices.pop(options)
     config = TrainConfig(data_dir=data_dir, **_given(options))
-    config.output_dir = config.output_dir or runner.default_output_dir("train")
-    _tracked(choices, config.output_dir, tracking.Lineage(), lambda tracker: runner.train(config, tracker),
-             register_as=register_as or None)
+    with _training_job(config.device):
+        config.output_dir = distributed.broadcast_object(config.output_dir or runner.default_output_dir("train"))
+        _tracked(choices, config.output_dir, tracking.Lineage(), lambda tracker: runner.train(config, tracker),
+                 register_as=register_as or None)
 
 
 @cli.command("resume")
@@ -294,8 +355,15 @@ def resume_command(source: str, epoch: int, **options: Any) -> None:
     overrides = _given(options)
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
+    with _training_job(overrides.get("device")):
+        _resume(source, epoch, overrides, choices)
+
+
+def _resume(source: str, epoch: int, overrides: dict[str, Any], choices: TrackingChoices) -> None:
     if not Path(source).exists():  # to be downloaded: write next to nothing temporary
         overrides.setdefault("output_dir", runner.default_output_dir("resume"))
+    if "output_dir" in overrides:
+        overrides["output_dir"] = distributed.broadcast_object(overrides["output_dir"])
     with _source_checkpoint(source, prefer_best=False, epoch=epoch or None,
                             under=overrides.get("output_dir")) as (path, lineage):
         try:
@@ -328,9 +396,12 @@ def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) ->
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
     choices = TrackingChoices.pop(options)
     overrides = {"data_dir": data_dir, **_given(options)}
-    overrides.setdefault("output_dir", runner.default_output_dir("finetune"))
-    with _source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
-        _tracked(choices, overrides["output_dir"], lineage, lambda tracker: runner.finetune(path, overrides, tracker))
+    with _training_job(overrides.get("device")):
+        overrides["output_dir"] = distributed.broadcast_object(overrides.get("output_dir")
+                                                               or runner.default_output_dir("finetune"))
+        with _source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
+            _tracked(choices, overrides["output_dir"], lineage,
+                     lambda tracker: runner.finetune(path, overrides, tracker))
 
 
 MODEL_SOURCE = click.option(

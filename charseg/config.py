@@ -106,6 +106,13 @@ class TrainConfig:
     save_versioned: bool = True  # model_epoch_001.pth, ... instead of one overwritten last.pth
     log_every: int = 10  # report per-step losses every this many iterations
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Training processes (torchrun: --nproc-per-node x nodes), set from the launcher's
+    # WORLD_SIZE, not an option: each reads batch_size pages a step, so the global batch is
+    # batch_size x world_size.
+    world_size: int = 1
+    # Multi-process training of live BatchNorm (--norm batch from scratch): statistics over the
+    # global batch instead of each process's own pages. Frozen BatchNorm and GroupNorm need nothing.
+    sync_batchnorm: bool = False
     init_checkpoint: str = ""  # fine-tune / resume: the checkpoint the run started from
 
     @property
@@ -153,7 +160,7 @@ class TrainConfig:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "min_size": self.min_size,
                     "fpn_channels": self.fpn_channels,
                     "max_size": self.max_size, "lr_step_size": self.lr_step_size, "log_every": self.log_every,
-                    "roi_samples": self.roi_samples}
+                    "roi_samples": self.roi_samples, "world_size": self.world_size}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .augment import Augmentation
 from .errors import DatasetError
+from .polygon_heads import SAMPLE_SEED
 from .polygons import (clip_polygon_to_image, first_crossing, pack_polygons, polygon_area, polygons_to_boxes,
                        polygons_to_masks)
 
@@ -463,6 +464,13 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
             [s for i, s in enumerate(samples) if i in val_idx])
 
 
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 62-bit seed for what the model samples on page `index` in `epoch` of a run seeded `seed`."""
+    return int(np.random.default_rng([seed, epoch, index, 1]).integers(2**62))
+
+
 class CharacterDataset(torch.utils.data.Dataset):
     """Map-style dataset over validated samples: (image CHW float in [0,1], target, name).
 
@@ -487,7 +495,12 @@ class CharacterDataset(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, epoch, index])
             rgb, polygons = self.augment(rgb, sample.polygons, rng)
             sample = dataclasses.replace(sample, polygons=polygons)
-        return image_to_tensor(rgb), build_target(sample, index, self.full_masks), sample.name
+        target = build_target(sample, index, self.full_masks)
+        if epoch is not None:
+            # Seeds the model's anchor and proposal sampling for this page in this epoch
+            # (polygon_heads.SeededSampler): the same in any batch, process or resumed run.
+            target[SAMPLE_SEED] = torch.tensor(sample_seed(self.seed, epoch, index))
+        return image_to_tensor(rgb), target, sample.name
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
@@ -496,20 +509,29 @@ class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
 
     Neither the number of loader workers nor any global RNG changes the order, so a resumed
     run sees exactly the batches the uninterrupted run would have seen.
+
+    With `world_size` processes (torchrun), the permutation is padded with its own first
+    indices to a multiple of world_size (as DistributedSampler does) and process `rank` takes
+    every world_size-th index from `rank`: step j's batches of all processes together are the
+    single-process order's batch j at world_size x the batch size.
     """
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.size, self.seed, self.epoch = size, seed, 1
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return math.ceil(self.size / self.world_size)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter((index, self.epoch) for index in torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        padded = len(self) * self.world_size
+        order += (order * math.ceil(padded / max(self.size, 1)))[:padded - self.size]
+        return iter((index, self.epoch) for index in order[self.rank::self.world_size])
 
 
 def collate(batch):

@@ -10,6 +10,9 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from . import distributed
+from .polygon_heads import loss_denominators
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite: training cannot continue from this state."""
@@ -39,9 +42,12 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
             stepped after each iteration while its last_epoch < iteration_steps.
         clip_grad_norm: max gradient norm (0: no clipping).
         on_step: called every `log_every` steps with (global step, losses, lr).
+    Under torchrun (a DistributedDataParallel `model`), each process's losses are weighted by
+    its share of what the batch sampled (`weigh_by_share`), so the averaged gradients and the
+    reported losses are those of one process over all processes' pages together.
     Returns:
-        Mean of each loss component and of the total "loss", plus "lr" (at the end), "images",
-        "seconds" and "images_per_s".
+        Mean of each loss component and of the total "loss" (over all processes), plus "lr"
+        (at the end), "images" (all processes), "seconds" and "images_per_s".
     Raises:
         NonFiniteLossError before the optimizer step when the loss is not finite.
     """
@@ -56,9 +62,10 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         loss_dict = model(images, targets)
+        if distributed.active():
+            loss_dict = weigh_by_share(loss_dict, unwrap(model))
         loss = sum(loss_dict.values())
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        values["loss"] = float(loss.detach())
+        values = global_values({**loss_dict, "loss": loss})
         if not math.isfinite(values["loss"]):
             bar.close()
             raise NonFiniteLossError(epoch, step, values, list(names))
@@ -79,7 +86,37 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
             on_step(step, values, lr)
     bar.close()
     seconds = time.perf_counter() - start
+    n_images = int(distributed.all_reduce_sum(torch.tensor(float(n_images), device=device)))
     result = {k: v / max(n_steps, 1) for k, v in sums.items()}
     result.update(lr=optimizer.param_groups[0]["lr"], images=float(n_images), seconds=seconds,
                   images_per_s=n_images / seconds if seconds > 0 else 0.0)
     return result
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel wrapper (itself otherwise)."""
+    return getattr(model, "module", model)
+
+
+def weigh_by_share(loss_dict: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each loss is a mean over what this process sampled; DDP averages gradients over the
+    processes. Scaled by processes x (this process's samples / all processes' samples), the
+    average is the mean over everything sampled in the global batch: the single-process loss."""
+    denominators = loss_denominators(model)
+    names = [k for k in loss_dict if k in denominators]
+    local = torch.stack([denominators[k].to(torch.float64) for k in names])
+    total = distributed.all_reduce_sum(local.clone())
+    size = torch.distributed.get_world_size()
+    factors = torch.where(total > 0, size * local / total.clamp(min=1), torch.zeros_like(local))
+    weighted = dict(loss_dict)
+    for name, factor in zip(names, factors.tolist()):
+        weighted[name] = loss_dict[name] * factor
+    return weighted
+
+
+def global_values(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Float losses averaged over the processes (this process's own in a world of one)."""
+    stacked = torch.stack([v.detach().to(torch.float64) for v in losses.values()])
+    if distributed.active():
+        stacked = distributed.all_reduce_sum(stacked) / torch.distributed.get_world_size()
+    return dict(zip(losses, stacked.tolist()))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -33,6 +34,61 @@ PIXELS = "pixels"
 REFINE_GROUPS = 8
 # Target keys that carry an image's polygons (see data.build_target).
 POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
+# Target key of a page's sampling seed (data.SAMPLE_SEED) and the salt of each sampler.
+SAMPLE_SEED = "sample_seed"
+RPN_SALT, ROI_SALT = 0, 1
+# Each loss is a mean over what one sampler drew in the batch: (sampler, "positive" or "sampled").
+LOSS_DENOMINATORS = {"loss_objectness": ("rpn", "sampled"), "loss_rpn_box_reg": ("rpn", "sampled"),
+                     "loss_classifier": ("roi", "sampled"), "loss_box_reg": ("roi", "sampled"),
+                     "loss_mask": ("roi", "positive")}
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's balanced positive/negative sampler, drawing each page's sample from its
+    own generator when the targets carry a `sample_seed` (training pages do): which anchors
+    and proposals a page contributes then depends on (seed, epoch, page) only, not on the
+    batch it is in, the process it runs in or the global RNG. Without seeds: stock sampling.
+
+    Records what it drew (`drawn`: positives, all) for loss_denominators.
+    """
+
+    seeds: list[int] | None = None
+    drawn: torch.Tensor | None = None
+
+    def __call__(self, matched_idxs: list[torch.Tensor]):
+        if self.seeds is None:
+            pos, neg = super().__call__(matched_idxs)
+        else:
+            pos, neg = [], []
+            for labels, seed in zip(matched_idxs, self.seeds):
+                generator = torch.Generator().manual_seed(seed)
+                positive = torch.where(labels >= 1)[0]
+                negative = torch.where(labels == 0)[0]
+                num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
+                num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+                chosen_pos = positive[torch.randperm(positive.numel(), generator=generator)[:num_pos].to(labels.device)]
+                chosen_neg = negative[torch.randperm(negative.numel(), generator=generator)[:num_neg].to(labels.device)]
+                pos.append(torch.zeros_like(labels, dtype=torch.uint8).index_fill_(0, chosen_pos, 1))
+                neg.append(torch.zeros_like(labels, dtype=torch.uint8).index_fill_(0, chosen_neg, 1))
+        positives = sum(p.sum() for p in pos)
+        self.drawn = torch.stack([positives, positives + sum(n.sum() for n in neg)]).float()
+        return pos, neg
+
+    def seed_from(self, targets: list[dict] | None, salt: int) -> None:
+        """Seed the next draw from the targets' sample seeds (stock sampling when absent)."""
+        if targets and all(SAMPLE_SEED in t for t in targets):
+            self.seeds = [(int(t[SAMPLE_SEED]) + salt) % 2**63 for t in targets]
+        else:
+            self.seeds = None
+
+
+def loss_denominators(model: nn.Module) -> dict[str, torch.Tensor]:
+    """How many samples each loss of the last training forward averaged over (a 0-d tensor
+    per loss name): multi-process training weighs each process's losses by these so that the
+    averaged gradients equal one process's over the whole batch."""
+    samplers = {"rpn": model.rpn.fg_bg_sampler, "roi": model.roi_heads.fg_bg_sampler}
+    return {name: samplers[which].drawn[0 if kind == "positive" else 1]
+            for name, (which, kind) in LOSS_DENOMINATORS.items()}
 
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
@@ -74,6 +130,7 @@ class PolygonRoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
             return self._infer(features, proposals, image_shapes), {}
+        self.fg_bg_sampler.seed_from(targets, ROI_SALT)
         if targets is None or "masks" in targets[0]:
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -180,6 +237,7 @@ class BandedMatchingRPN(RegionProposalNetwork):
     """
 
     def forward(self, images, features, targets=None):
+        self.fg_bg_sampler.seed_from(targets, RPN_SALT)
         # The RPN has one anchor size per FPN level: the input pixels are not a level.
         return super().forward(images, {k: v for k, v in features.items() if k != PIXELS}, targets)
 
@@ -294,6 +352,8 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     model.roi_heads.__class__ = PolygonRoIHeads
     model.transform.__class__ = PasteFreeTransform
     model.rpn.__class__ = BandedMatchingRPN
+    model.rpn.fg_bg_sampler.__class__ = SeededSampler
+    model.roi_heads.fg_bg_sampler.__class__ = SeededSampler
     return model
 
 

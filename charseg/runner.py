@@ -22,12 +22,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from . import distributed
 from .architecture import FINETUNE_CHANGEABLE, FINETUNE_FIXED, resolve_spec
 from .augment import Augmentation
 from .config import FINETUNE_LR_FACTOR, TrainConfig
 from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
                    split_samples)
-from .engine import NonFiniteLossError, train_one_epoch
+from .engine import NonFiniteLossError, train_one_epoch, unwrap
 from .errors import CharsegError, DatasetError
 from .evaluate import METRICS, evaluate, is_better
 from .inference import load_model_for_inference
@@ -44,7 +45,7 @@ FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_schedu
                       "warmup_iters", "warmup_factor", "clip_grad_norm", "augment")
 # Settings a resume may change: where things are and how fast they run, never the maths.
 RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "heldout_dir", "output_dir", "device", "num_workers",
-                      "log_every", "save_every_epoch", "save_versioned")
+                      "log_every", "save_every_epoch", "save_versioned", "world_size", "sync_batchnorm")
 
 
 class TrainingAlreadyComplete(CharsegError):
@@ -360,9 +361,11 @@ def warmup_cosine(iteration: int, warmup_iters: int, warmup_factor: float, total
 
 
 def _loader(config: TrainConfig, train: list[Sample], device: torch.device) -> tuple[DataLoader, EpochShuffleSampler]:
-    """The training loader and its sampler (set_epoch before each epoch)."""
+    """The training loader and its sampler (set_epoch before each epoch): this process's share
+    of every epoch's order under torchrun."""
     dataset = CharacterDataset(train, augment=Augmentation() if config.augment else None, seed=config.seed)
-    sampler = EpochShuffleSampler(len(dataset), config.seed)
+    world = distributed.world()
+    sampler = EpochShuffleSampler(len(dataset), config.seed, world.rank, world.size)
     # A private generator for the loader's worker seeds keeps the global RNG stream (used by
     # the RPN and ROI samplers) independent of the number of workers.
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
@@ -374,6 +377,8 @@ def _loader(config: TrainConfig, train: list[Sample], device: torch.device) -> t
 
 def _training_device(name: str) -> torch.device:
     device = resolve_device(name)
+    if device.type == "cuda" and distributed.world().distributed:
+        device = torch.device("cuda", distributed.world().local_rank)  # one GPU per process
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
@@ -383,10 +388,15 @@ def _training_device(name: str) -> torch.device:
 def _fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
          tracker: Tracker, resume_state: dict | None = None) -> RunResult:
     """The epoch loop shared by all modes, holding the output folder for the whole run (one
-    writer per folder)."""
+    writer per folder: under torchrun, rank 0 writes and the other ranks only train)."""
+    config = dataclasses.replace(config, world_size=distributed.world().size)
+    _check(config)
+    if not distributed.world().main:
+        return _epochs(config, spec, model, report, splits, tracker, resume_state)
     run_id = getattr(tracker, "run_id", "")
     owner = ckpt.this_process() + (f" (MLflow run {run_id})" if run_id else "")
     with ckpt.exclusive_output_dir(config.output_dir, owner):
+        distributed.clear_errors(config.output_dir, config.world_size)
         return _epochs(config, spec, model, report, splits, tracker, resume_state)
 
 
@@ -403,8 +413,17 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
     result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
                        best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})
     if resume_state is not None:
-        _restore(resume_state, model, opt, result)
+        _restore(resume_state, model, opt, result, len(loader))
+    trained = _parallel(model, config, device)  # what the epochs run; `model` stays the plain module
+    main = distributed.world().main
     tracker.start(config, report, spec, splits)
+    if not main:  # the other ranks train and wait at each epoch's end while rank 0 writes and validates
+        for epoch in range(result.start_epoch, config.epochs + 1):
+            sampler.set_epoch(epoch)
+            result.history.append(_train_epoch(trained, opt, loader, device, epoch, config, tracker))
+            distributed.barrier()
+        _check_replicas(model)
+        return result
     if resume_state is not None and splits.val and result.best["through_epoch"] < resume_state["epoch"]:
         # The checkpoint was written before its epoch was validated: finish that first, so
         # the best-so-far is the true one (evaluation is deterministic).
@@ -416,15 +435,16 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
         result.checkpoints.append(_save_final(resume_state, config, tracker,
                                               source if source.parent == Path(config.output_dir) else None))
     else:
-        log.info("training on %s: epochs %d-%d, %d steps per epoch, output %s", device, result.start_epoch,
-                 config.epochs, len(loader), config.output_dir)
+        log.info("training on %s%s: epochs %d-%d, %d steps per epoch, output %s", device,
+                 f" x {config.world_size} processes (global batch {config.batch_size * config.world_size})"
+                 if config.world_size > 1 else "", result.start_epoch, config.epochs, len(loader), config.output_dir)
     # Parameters and one momentum buffer each: what an epoch's checkpoint will need on disk.
     checkpoint_size = 2 * ckpt.state_bytes(model.state_dict())
     for epoch in range(result.start_epoch, config.epochs + 1):
         # Fail before the epoch's work, not after it, when its checkpoint cannot be written.
         ckpt.ensure_space(Path(config.output_dir) / ckpt.epoch_filename(epoch), checkpoint_size)
         sampler.set_epoch(epoch)
-        metrics = _train_epoch(model, opt, loader, device, epoch, config, tracker)
+        metrics = _train_epoch(trained, opt, loader, device, epoch, config, tracker)
         result.history.append(metrics)
         # Checkpoint before anything else reports, so a later failure still leaves this epoch saved.
         state = ckpt.make_checkpoint(
@@ -440,8 +460,22 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
             result.heldout = _heldout(model, config, spec, heldout, device, epoch, tracker)
         if epoch == config.epochs:  # last: the file that says the run is complete
             result.checkpoints.append(_save_final(state, config, tracker, written[0] if written else None))
+        distributed.barrier()
+    _check_replicas(model)
     result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
     return result
+
+
+def _check_replicas(model: torch.nn.Module) -> None:
+    """Under torchrun, every process must end with rank 0's weights (DDP keeps them in step;
+    live BatchNorm's running statistics are each process's own and are not compared)."""
+    if not distributed.active():
+        return
+    digest, differing = distributed.differing_ranks(dict(model.named_parameters()))
+    if differing:
+        raise CharsegError(f"the weights of ranks {differing} differ from rank 0's after training; the processes "
+                           "fell out of step (report this with the command line)")
+    log.info("weights identical in all %d processes (sha256 %s)", distributed.world().size, digest[:16])
 
 
 def _heldout(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, pages: list[Sample],
@@ -460,10 +494,28 @@ def _heldout(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, pages
     return result.metrics if final else {}
 
 
-def _restore(state: dict, model: torch.nn.Module, opt: Optimization, result: RunResult) -> None:
-    """Put the model, optimizer, schedules, RNGs, history and best-so-far back as saved."""
+def _parallel(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """Under torchrun, the model wrapped in DistributedDataParallel (gradients averaged over the
+    processes after each backward; rank 0's weights broadcast at the start); else the model."""
+    if not distributed.active():
+        return model
+    if config.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
+        log.warning("warning: live BatchNorm trained in %d processes normalises over each process's %d pages; "
+                    "--sync-batchnorm uses the global batch", config.world_size, config.batch_size)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _restore(state: dict, model: torch.nn.Module, opt: Optimization, result: RunResult, steps_per_epoch: int) -> None:
+    """Put the model, optimizer, schedules, RNGs, history and best-so-far back as saved.
+
+    A per-iteration schedule (cosine) continues at the start of the next epoch in this run's
+    steps per epoch, which change when a run resumes with another number of processes."""
     model.load_state_dict(state["model"])
     opt.load(state)
+    if opt.iteration_scheduler is not None and not opt.scheduler:  # cosine: one schedule over every iteration
+        opt.iteration_scheduler.last_epoch = min(state["epoch"] * steps_per_epoch, opt.iteration_steps)
     restore_rng_state(state["rng"])
     result.start_epoch = state["epoch"] + 1
     result.history = list(state["metrics"].get("history", []))

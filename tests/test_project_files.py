@@ -30,9 +30,13 @@ def test_conda_env_pins_match_pyproject():
 def test_mlproject_entry_point_maps_onto_its_command(entry):
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
     command = spec["command"]
+    if entry in ("train", "resume", "finetune"):  # under torchrun, nproc_per_node processes
+        launcher = "python -m torch.distributed.run --standalone --nproc-per-node {nproc_per_node} "
+        assert command.startswith(launcher)
+        command = "python " + command[len(launcher):]
     assert command.startswith(f"python -m charseg {entry} ")
     for name in spec["parameters"]:
-        assert f"{{{name}}}" in command, f"parameter {name} is not used"
+        assert f"{{{name}}}" in spec["command"], f"parameter {name} is not used"
     click_command = cli.commands[entry]
     options = {opt for p in click_command.params for opt in getattr(p, "opts", [])}
     for flag in re.findall(r"(--[a-z-]+)", command):
@@ -45,7 +49,7 @@ def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     params = {"data_dir": tiny_dataset, "epochs": 1, "weights": "none", "backbone": "resnet18", "min_size": 64,
               "max_size": 64, "num_workers": 0, "roi_samples": 32, "rpn_proposals_train": 100, "warmup_iters": 2,
-              "output_dir": tmp_path / "out"}
+              "output_dir": tmp_path / "out", "nproc_per_node": 2}
     cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
            "--experiment-name", "mlproject"]
     for key, value in params.items():
@@ -59,6 +63,7 @@ def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["charseg.mode"] == "train"
     assert run.data.params["data.images_used"] == "4"
+    assert run.data.params["world_size"] == "2"  # two torchrun processes, one tracked run
     assert run.data.params["data.val_images"] == "1"  # default val_fraction 0.1, at least one image
     assert "val/segm_AP" in run.data.metrics
     assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == [

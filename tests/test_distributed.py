@@ -1,0 +1,118 @@
+"""Multi-process training under torchrun (gloo on this CPU): the same run as one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from charseg.data import EpochShuffleSampler
+from charseg.generate import generate_dataset
+
+ARGS = ["--weights", "none", "--backbone", "resnet18", "--norm", "group", "--min-size", "64", "--max-size", "64",
+        "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--rpn-proposals-test", "50",
+        "--warmup-iters", "2", "--log-every", "1", "--val-fraction", "0.2", "--epochs", "2", "--no-system-metrics",
+        "--experiment-name", "ddp"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+# Two processes sum gradients in another order than one: the first steps agree to float32
+# rounding; later, a rounding difference can flip a discrete choice (which proposals survive
+# top-k and NMS) and the runs drift apart like two runs on different hardware.
+FIRST_EPOCH_RTOL = 1e-5
+LATER_EPOCH_RTOL = 2e-2
+
+
+def test_shards_of_all_processes_make_the_single_process_batches():
+    for size, world, batch in ((8, 2, 2), (11, 2, 2), (7, 3, 1), (2, 4, 1)):
+        single = [i for i, _ in EpochShuffleSampler(size, 5)]
+        shards = [[i for i, _ in EpochShuffleSampler(size, 5, rank, world)] for rank in range(world)]
+        assert len({len(s) for s in shards}) == 1, "every process takes the same number of steps"
+        padded = single + (single * world)[:len(shards[0]) * world - size]  # DistributedSampler's padding
+        for step in range(len(shards[0]) // batch):
+            together = sorted(i for s in shards for i in s[step * batch:(step + 1) * batch])
+            assert together == sorted(padded[step * batch * world:(step + 1) * batch * world])
+
+
+def _charseg(*args: str, env: dict, launcher: list[str] | None = None, timeout: int = 300):
+    command = (launcher or [sys.executable, "-m", "charseg"])
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _epoch_losses(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
+    names = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+    return {n: [m.value for m in sorted(client.get_metric_history(run_id, f"train_epoch/{n}"), key=lambda m: m.step)]
+            for n in names}
+
+
+@pytest.fixture()
+def env(tmp_path) -> dict:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+
+
+def test_two_gloo_processes_train_the_run_one_process_trains(tmp_path, env):
+    data = tmp_path / "data"
+    generate_dataset(data, num_images=10, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
+    one = _charseg("train", str(data), *ARGS, "--batch-size", "4", "--output-dir", str(tmp_path / "one"), env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _charseg("train", str(data), *ARGS, "--batch-size", "2", "--output-dir", str(tmp_path / "two"), env=env,
+                   launcher=[*TORCHRUN, "-m", "charseg"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 processes (global batch 4)" in two.stderr
+    assert "weights identical in all 2 processes" in two.stderr
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id], order_by=["start_time ASC"])
+    assert len(runs) == 2, "one MLflow run per job: rank 1 never touches the tracking server"
+    single, parallel = runs
+    assert parallel.data.params["world_size"] == "2" and single.data.params["world_size"] == "1"
+    assert parallel.info.status == "FINISHED"
+    a, b = _epoch_losses(client, single.info.run_id), _epoch_losses(client, parallel.info.run_id)
+    for name in a:
+        assert len(a[name]) == len(b[name]) == 2
+        assert b[name][0] == pytest.approx(a[name][0], rel=FIRST_EPOCH_RTOL), name
+        assert b[name][1] == pytest.approx(a[name][1], rel=LATER_EPOCH_RTOL), name
+    # rank 0 alone validated and wrote every file
+    assert {p.name for p in (tmp_path / "two").glob("*.pth")} == {
+        "model_epoch_001.pth", "model_epoch_002.pth", "model_final.pth", "best.pth"}
+    assert client.get_metric_history(parallel.info.run_id, "val/segm_AP")
+
+    # resume the 2-process checkpoint of epoch 1 in one process: the per-process batch is kept
+    resumed = _charseg("resume", str(tmp_path / "two" / "model_epoch_001.pth"), "--output-dir",
+                       str(tmp_path / "resumed"), "--experiment-name", "ddp", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "training on cpu: epochs 2-2, 4 steps per epoch" in resumed.stderr
+    state = torch.load(tmp_path / "resumed" / "model_final.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["world_size"] == 1
+
+
+def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
+    data = tmp_path / "data"
+    generate_dataset(data, num_images=8, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
+    launcher = tmp_path / "launch_failing_rank.py"
+    launcher.write_text(textwrap.dedent("""
+        import os, sys
+        from charseg import cli, runner
+        if os.environ["RANK"] == "1":
+            original = runner.train_one_epoch
+            def fail_in_epoch_2(model, optimizer, loader, device, epoch, **kwargs):
+                if epoch == 2:
+                    raise OSError("the disk under rank 1 went away")
+                return original(model, optimizer, loader, device, epoch, **kwargs)
+            runner.train_one_epoch = fail_in_epoch_2
+        sys.argv[0] = "charseg"
+        cli.main()
+    """))
+    out = tmp_path / "out"
+    job = _charseg("train", str(data), *ARGS, "--batch-size", "2", "--output-dir", str(out), env=env,
+                   launcher=[*TORCHRUN, str(launcher)], timeout=240)
+    assert job.returncode != 0
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["charseg.failure_reason"] == "rank 1 of 2 failed: the disk under rank 1 went away"
+    assert (out / "model_epoch_001.pth").is_file() and not (out / "model_epoch_002.pth").exists()
