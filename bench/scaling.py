@@ -55,9 +55,11 @@ def render(rows: list[dict], images: int, epochs: int) -> str:
              f"Measured {date.today()} by `python bench/scaling.py` on {platform.machine()}, {os.cpu_count()} CPU cores, "
              f"Python {platform.python_version()}, charseg {__version__}: `charseg train` on {images} generated 192x192 "
              f"pages for {epochs} epochs (the demo's CPU recipe), gloo between processes. A sanity check of the "
-             "multi-process path, not a speed claim: two processes here share the two cores that one process's "
-             "two threads use (torchrun gives each process OMP_NUM_THREADS=1), so no speed-up is expected; on "
-             "one GPU per process the step is the GPU's and the processes do not compete.", "",
+             "multi-process path, not a speed claim: the two processes share the two cores that one process "
+             "already uses with two threads (torchrun gives each process OMP_NUM_THREADS=1). Where two "
+             "single-threaded processes come out ahead, one process was leaving its second core idle (the "
+             "small ops of 192 px pages, per-page Python loops, data loading) rather than gaining from "
+             "parallelism of its own; on one GPU per process each process has its own device.", "",
              "| processes x batch per process (global batch) | whole process | last epoch, images/s | vs 1 process |",
              "| --- | --- | --- | --- |"]
     for row in rows:

@@ -327,7 +327,14 @@ def cli(quiet: bool) -> None:
 @click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
                                                "model registry under this name (champion alias if it wins).")
 def train_command(data_dir: str, register_as: str, **options: Any) -> None:
-    """Train from pretrained (or random) initial weights on DATA_DIR."""
+    """Train from pretrained (or random) initial weights on DATA_DIR.
+
+    \b
+    More processes (one per GPU, or gloo processes on a CPU), with PyTorch's launcher:
+      torchrun --standalone --nproc-per-node K -m charseg train DATA_DIR ...
+    Each reads --batch-size pages a step (global batch = batch size x K); rank 0 writes,
+    validates and tracks one MLflow run. resume and finetune run under torchrun alike.
+    """
     choices = TrackingChoices.pop(options)
     config = TrainConfig(data_dir=data_dir, **_given(options))
     with _training_job(config.device):
