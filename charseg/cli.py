@@ -213,10 +213,15 @@ def _tracked(choices: TrackingChoices, output_dir: str, lineage: tracking.Lineag
         return
     tracker = tracking.MlflowTracker(log_checkpoints=choices.log_checkpoints, lineage=lineage)
     with tracking.tracked_run(choices.experiment_name, system_metrics=choices.system_metrics, output_dir=output_dir,
-                              offline=choices.offline) as run_id:
+                              offline=choices.offline, tracker=tracker) as run_id:
         result = _naming_failed_rank(output_dir, lambda: action(tracker))
-        registration = (tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
-                        if register_as else None)
+        registration = None
+        if register_as and tracker.continuing:  # training is done; the registry is on the server that is away
+            logging.getLogger("charseg").warning(
+                "warning: not registered as %s: the tracking server does not answer; after `charseg sync %s`, run "
+                "`charseg register %s --name %s`", register_as, output_dir, run_id, register_as)
+        elif register_as:
+            registration = tracking.register_checkpoint(runner.best_or_final(result), register_as, run_id)
     click.echo(f"checkpoints in {result.output_dir}; final model {result.final_checkpoint}")
     if result.best.get("epoch"):
         best = runner.best_or_final(result)

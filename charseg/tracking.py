@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -109,16 +109,32 @@ class MlflowTracker:
     lineage: Lineage = field(default_factory=Lineage)
     _config: object = None
     _best: dict | None = None
+    # Where the run's records go from start(): the run on its tracking store, or, after the
+    # server stopped answering mid-run, a local run that continues it (`continuing`).
+    _client: MlflowClient | None = None
+    _target: str = ""
+    _run: str = ""  # the run's own ID
+    _server_uri: str = ""  # the tracking server, when the store is one (http/https)
+    _experiment_name: str = ""
+    continuing: bool = False
 
     @property
     def run_id(self) -> str:
-        """The active MLflow run's ID, "" outside a run."""
+        """The run's ID ("" outside a run), also while its records go to the local store."""
+        if self._run:
+            return self._run
         run = mlflow.active_run()
         return run.info.run_id if run else ""
 
     def start(self, config, report, spec, splits) -> None:
         """Params (config, model spec, dataset facts, split), tags, config, dataset report and
         validation image list artifacts."""
+        active = mlflow.active_run()
+        self._run = self._target = active.info.run_id
+        self._client = MlflowClient(mlflow.get_tracking_uri())
+        uri = mlflow.get_tracking_uri()
+        self._server_uri = uri if uri.startswith(("http://", "https://")) else ""
+        self._experiment_name = self._client.get_experiment(active.info.experiment_id).name
         params = config.to_dict()
         params.update({f"model.{k}": v for k, v in spec.to_dict().items()})
         params.update({f"data.{k}": v for k, v in report.summary().items()})
@@ -152,15 +168,82 @@ class MlflowTracker:
                          f"(checkpoints/best.pth).")
         lines.append(f"Checkpoints: {Path(config.output_dir).resolve()}"
                      + (f"; final model {final.name}." if final else " (training)."))
-        mlflow.set_tag("mlflow.note.content", "\n\n".join(lines))
+        text = "\n\n".join(lines)
+        self._send(lambda client, run: client.set_tag(run, "mlflow.note.content", text))
 
     def log_step(self, step: int, losses: dict[str, float], lr: float) -> None:
         metrics = {f"train_step/{k}": v for k, v in losses.items()}
         metrics["train_step/lr"] = lr
-        mlflow.log_metrics(metrics, step=step)
+        self._metrics(metrics, step)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({f"train_epoch/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        self._metrics({f"train_epoch/{k}": v for k, v in metrics.items() if k != "epoch"}, epoch)
+        self.catch_up()
+
+    def _metrics(self, metrics: dict[str, float], step: int) -> None:
+        # Timestamps are taken now: a call that fails over is repeated with the same points.
+        now = int(time.time() * 1000)
+        points = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._send(lambda client, run: client.log_batch(run, metrics=points))
+
+    def _send(self, action) -> None:
+        """action(client, run ID) against the run's store. When a tracking server stops
+        answering (after FAILOVER_RETRIES retries), the run's records go to the output
+        folder's local store from then on (one warning) and the action is repeated there."""
+        try:
+            action(self._client, self._target)
+            return
+        except Exception as exc:  # MLflow wraps connection errors in MlflowException, not always
+            if not self._server_uri or self.continuing:
+                raise
+            self._fail_over(exc)
+        action(self._client, self._target)
+
+    def _fail_over(self, exc: Exception) -> None:
+        output_dir = self._config.output_dir
+        store = offline_store(output_dir)
+        experiment_id = _local_experiment(store, self._experiment_name)
+        local = MlflowClient(_store_uri(store))
+        run = local.create_run(experiment_id, tags={TAG_CONTINUES: self._run})
+        self._client, self._target, self.continuing = local, run.info.run_id, True
+        _stop_system_metrics(self._run)
+        text = str(exc)
+        reason = "connection refused" if "Connection refused" in text else text.split(" with exception ")[-1][:120]
+        log.warning("warning: tracking server %s stopped answering (%s): recording the rest of run %s in %s; it "
+                    "catches up when the server answers again (checked after each epoch), else run `charseg sync "
+                    "%s`. System metrics stop here.", self._server_uri, reason, self._run, store, output_dir)
+
+    def catch_up(self) -> bool:
+        """When the run records locally and its server answers again, copy the local records
+        into the server's run and go back to it. Returns whether the run is on its server."""
+        if not self.continuing:
+            return True
+        if not server_reachable(self._server_uri):
+            return False
+        local, continuation = self._client, self._target
+        server = MlflowClient(self._server_uri)
+        try:
+            _sync_run(local, server, local.get_run(continuation), self._experiment_name)
+        except Exception as exc:  # the server went away again: stay local, try after the next epoch
+            log.debug("catching up with %s failed: %s", self._server_uri, exc)
+            return False
+        local.set_tag(continuation, TAG_CAUGHT_UP, "true")
+        if local.get_run(continuation).info.status == "RUNNING":
+            local.set_terminated(continuation, "FINISHED")
+        self._client, self._target, self.continuing = server, self._run, False
+        log.info("tracking server %s answers again: run %s caught up", self._server_uri, self._run)
+        return True
+
+    def finish(self, status: str, reason: str | None) -> None:
+        """End a run whose records went local: the local run ends with STATUS (and REASON),
+        then catches up when the server answers; otherwise `charseg sync` uploads it later."""
+        if reason:
+            self._client.set_tag(self._target, TAG_FAILURE, reason)
+        self._client.set_terminated(self._target, status)
+        if not self.catch_up():
+            log.warning("warning: tracking server %s does not answer: run %s stays RUNNING there until `charseg sync "
+                        "%s` uploads the rest (kept in %s)", self._server_uri, self._run, self._config.output_dir,
+                        offline_store(self._config.output_dir))
 
     def log_checkpoints_of_epoch(self, epoch: int, paths: list[Path], final: bool) -> None:
         """Upload this epoch's checkpoint files as the policy says.
@@ -172,34 +255,40 @@ class MlflowTracker:
             self._describe(self._best, paths[0])
         if self.log_checkpoints == "all":
             for path in paths:
-                mlflow.log_artifact(str(path), CHECKPOINT_DIR)
+                self._artifact(path)
         elif self.log_checkpoints == "last":
             final_paths = [p for p in paths if p.name == ckpt.FINAL_NAME]
             if final_paths:
-                mlflow.log_artifact(str(final_paths[0]), CHECKPOINT_DIR)
+                self._artifact(final_paths[0])
             elif paths:
-                _log_artifact_as(paths[0], ckpt.LAST_NAME)
+                self._send(lambda client, run: _log_artifact_as(client, run, paths[0], ckpt.LAST_NAME))
+
+    def _artifact(self, path: Path, folder: str = CHECKPOINT_DIR) -> None:
+        self._send(lambda client, run: client.log_artifact(run, str(path), folder))
+
+    def _images(self, prefix: str, epoch: int, overlays: list) -> None:
+        for name, image in overlays:
+            self._send(lambda client, run: client.log_image(run, image, key=f"{prefix}_{name}", step=epoch))
 
     def log_validation(self, epoch: int, metrics: dict[str, float], overlays: list) -> None:
         """Validation metrics (step = epoch) and images with predicted outlines."""
-        mlflow.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=epoch)
-        for name, image in overlays:
-            mlflow.log_image(image, key=f"val_predictions_{name}", step=epoch)
+        self._metrics({f"val/{k}": v for k, v in metrics.items()}, epoch)
+        self._images("val_predictions", epoch, overlays)
 
     def log_heldout(self, epoch: int, metrics: dict[str, float] | None, overlays: list) -> None:
         """Held-out pages with predicted outlines (step = epoch); the final model's metrics."""
         if metrics is not None:
-            mlflow.log_metrics({f"heldout/{k}": v for k, v in metrics.items()}, step=epoch)
-        for name, image in overlays:
-            mlflow.log_image(image, key=f"heldout_predictions_{name}", step=epoch)
+            self._metrics({f"heldout/{k}": v for k, v in metrics.items()}, epoch)
+        self._images("heldout_predictions", epoch, overlays)
 
     def log_best(self, path: Path, best: dict) -> None:
         """best.pth as checkpoints/best.pth (unless the policy is none); best epoch and value."""
         if self.log_checkpoints != "none":
-            mlflow.log_artifact(str(path), CHECKPOINT_DIR)
-        mlflow.log_metrics({"best_epoch": best["epoch"], f"best/{best['metric']}": best["value"]}, step=best["epoch"])
-        mlflow.set_tags({TAG_BEST_METRIC: best["metric"], TAG_BEST_EPOCH: str(best["epoch"]),
-                         TAG_BEST_VALUE: str(best["value"])})
+            self._artifact(path)
+        self._metrics({"best_epoch": best["epoch"], f"best/{best['metric']}": best["value"]}, best["epoch"])
+        tags = [RunTag(TAG_BEST_METRIC, best["metric"]), RunTag(TAG_BEST_EPOCH, str(best["epoch"])),
+                RunTag(TAG_BEST_VALUE, str(best["value"]))]
+        self._send(lambda client, run: client.log_batch(run, tags=tags))
         self._best = best
         self._describe(best)
 
@@ -290,11 +379,27 @@ def _log_params(params: dict[str, str]) -> None:
         mlflow.log_params(new)
 
 
-def _log_artifact_as(path: Path, name: str) -> None:
+def _log_artifact_as(client: MlflowClient, run_id: str, path: Path, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # a link: no copy of a 0.3 GB file where links work
-        mlflow.log_artifact(str(ckpt.link_or_copy(path, Path(tmp) / name)), CHECKPOINT_DIR)
+        client.log_artifact(run_id, str(ckpt.link_or_copy(path, Path(tmp) / name)), CHECKPOINT_DIR)
 
 
+def _stop_system_metrics(run_id: str) -> None:
+    """Stop MLflow's system-metrics sampler of RUN_ID (it would poll a server that is gone)."""
+    from mlflow.tracking import fluent
+
+    monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(run_id, None)
+    if monitor is not None:
+        with contextlib.suppress(Exception):
+            monitor._shutdown_event.set()
+
+
+TAG_CONTINUES = "charseg.continues_run_id"  # on a local run: the server run whose rest it records (failover)
+TAG_CAUGHT_UP = "charseg.caught_up"  # on such a run: copied into the server run already
+# Each call to a tracking server gets this many retries (MLflow's default, 7, waits about four
+# minutes) before a running training fails over to its local store; $MLFLOW_HTTP_REQUEST_MAX_RETRIES
+# set by the user wins.
+FAILOVER_RETRIES = 2
 OFFLINE_DIR = "offline-tracking"  # inside the output folder: mlflow.db and artifacts/ of runs made offline
 TAG_OFFLINE_RUN = "charseg.offline_run_id"  # on a server's run: the offline run `charseg sync` copied
 SERVER_PROBE_TIMEOUT_S = 5
@@ -325,20 +430,27 @@ def server_reachable(uri: str) -> bool:
         return False
 
 
+def _local_experiment(store: Path, name: str) -> str:
+    """The ID of experiment NAME in the local STORE (created with its artifacts inside STORE)."""
+    store.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+    client = MlflowClient(_store_uri(store))
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(
+        name, artifact_location=str(store / "artifacts"))
+
+
 def _use_offline_store(store: Path, experiment_name: str | None) -> None:
     """Point mlflow at STORE, with the experiment's artifacts inside it."""
-    store.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(_store_uri(store))
     name = _experiment_name(experiment_name)
-    client = MlflowClient()
-    if client.get_experiment_by_name(name) is None:
-        client.create_experiment(name, artifact_location=str(store / "artifacts"))
+    _local_experiment(store, name)
+    mlflow.set_tracking_uri(_store_uri(store))
     mlflow.set_experiment(name)
 
 
 @contextlib.contextmanager
 def tracked_run(experiment_name: str | None = None, system_metrics: bool = False, output_dir: str | None = None,
-                offline: bool = False) -> Iterator[str]:
+                offline: bool = False, tracker: MlflowTracker | None = None) -> Iterator[str]:
     """Start (or, under `mlflow run`, attach to) a run; end it FINISHED, FAILED or KILLED.
 
     system_metrics: MLflow samples CPU, memory, disk, network (and GPU with nvidia-ml-py)
@@ -346,6 +458,8 @@ def tracked_run(experiment_name: str | None = None, system_metrics: bool = False
     seconds, default 10). offline (or a tracking server that does not answer at the start,
     when OUTPUT_DIR is given): the run is recorded in OUTPUT_DIR/offline-tracking instead,
     for `charseg sync` to upload; a server that answers again when the run ends gets it then.
+    A server that stops answering mid-run: TRACKER (the run's MlflowTracker) records the rest
+    locally and catches up when it answers again (MlflowTracker._send).
     Yields the run ID. A failure sets the tag charseg.failure_reason.
     """
     server = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
@@ -365,7 +479,8 @@ def tracked_run(experiment_name: str | None = None, system_metrics: bool = False
     else:
         configure(experiment_name)
     try:
-        yield from _run_lifecycle(system_metrics)
+        with _failing_over_quickly(server):
+            yield from _run_lifecycle(system_metrics, tracker)
     finally:
         if offline or failover:
             # mlflow.set_tracking_uri also set $MLFLOW_TRACKING_URI: give later commands of this
@@ -377,7 +492,43 @@ def tracked_run(experiment_name: str | None = None, system_metrics: bool = False
             log.info("tracking server %s answers again: %s", server, line)
 
 
-def _run_lifecycle(system_metrics: bool) -> Iterator[str]:
+class _OutageChatter(logging.Filter):
+    """Drops the libraries' own lines about a server that is away (urllib3's retries, the
+    system-metrics sampler giving up): charseg says it once, with what happens next."""
+
+    SAID = ("Retrying (", "Failed to get mlflow run", "Failed to log system metrics")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.SAID)
+
+
+OUTAGE_LOGGERS = ("urllib3.connectionpool", "mlflow.system_metrics.system_metrics_monitor")
+
+
+@contextlib.contextmanager
+def _failing_over_quickly(uri: str) -> Iterator[None]:
+    """While a run talks to a tracking server, give each call FAILOVER_RETRIES retries (unless
+    $MLFLOW_HTTP_REQUEST_MAX_RETRIES says otherwise): training does not wait minutes on it."""
+    variable = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    chatter = _OutageChatter()
+    for name in OUTAGE_LOGGERS:
+        logging.getLogger(name).addFilter(chatter)
+    given = variable in os.environ
+    if not given:
+        os.environ[variable] = str(FAILOVER_RETRIES)
+    try:
+        yield
+    finally:
+        if not given:
+            os.environ.pop(variable, None)
+        for name in OUTAGE_LOGGERS:
+            logging.getLogger(name).removeFilter(chatter)
+
+
+def _run_lifecycle(system_metrics: bool, tracker: MlflowTracker | None = None) -> Iterator[str]:
     """Start the run, yield its ID, end it FINISHED, FAILED (tag charseg.failure_reason) or KILLED."""
     try:
         run = mlflow.start_run(log_system_metrics=system_metrics)
@@ -386,14 +537,35 @@ def _run_lifecycle(system_metrics: bool) -> Iterator[str]:
     try:
         yield run.info.run_id
     except KeyboardInterrupt:
-        mlflow.set_tag(TAG_FAILURE, "interrupted (Ctrl-C); the last checkpoint is complete")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_run(RunStatus.KILLED, "interrupted (Ctrl-C); the last checkpoint is complete", tracker)
         raise
     except BaseException as exc:
-        mlflow.set_tag(TAG_FAILURE, (str(exc) or type(exc).__name__)[:5000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_run(RunStatus.FAILED, (str(exc) or type(exc).__name__)[:5000], tracker)
         raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    _end_run(RunStatus.FINISHED, None, tracker)
+
+
+def _end_run(status: int, reason: str | None, tracker: MlflowTracker | None) -> None:
+    """End the active run with STATUS (and REASON as charseg.failure_reason). A run whose
+    records went local (its server stopped answering) ends there and catches up if it can."""
+    status_name = RunStatus.to_string(status)
+    if tracker is not None and tracker.continuing:
+        tracker.finish(status_name, reason)
+        if tracker.continuing:  # the server is still away: forget the run here without asking it
+            _stop_system_metrics(mlflow.active_run().info.run_id)
+            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            try:
+                mlflow.end_run(status_name)  # pops the run first, then fails to reach the server
+            except Exception:
+                pass
+            finally:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES") if retries is None else \
+                    os.environ.__setitem__("MLFLOW_HTTP_REQUEST_MAX_RETRIES", retries)
+            return
+    if reason:
+        mlflow.set_tag(TAG_FAILURE, reason)
+    mlflow.end_run(status_name)
 
 
 def sync_offline_runs(output_dir: str | Path, tracking_uri: str | None = None) -> list[str]:
@@ -420,21 +592,24 @@ def sync_offline_runs(output_dir: str | Path, tracking_uri: str | None = None) -
 
 
 def _sync_run(source: MlflowClient, target: MlflowClient, run, experiment_name: str) -> str:
-    from mlflow.entities import Metric, Param, RunTag
-
-    experiment = target.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else target.create_experiment(experiment_name)
-    found = target.search_runs([experiment_id], f"tags.`{TAG_OFFLINE_RUN}` = '{run.info.run_id}'")
-    if found:
-        copy = found[0]
+    continues = run.data.tags.get(TAG_CONTINUES)
+    if continues:  # the rest of a server run recorded locally while the server was away: into that run
+        copy_id = target.get_run(continues).info.run_id
     else:
-        copy = target.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name,
-                                 tags={TAG_OFFLINE_RUN: run.info.run_id})
-    copy_id = copy.info.run_id
+        experiment = target.get_experiment_by_name(experiment_name)
+        experiment_id = experiment.experiment_id if experiment else target.create_experiment(experiment_name)
+        found = target.search_runs([experiment_id], f"tags.`{TAG_OFFLINE_RUN}` = '{run.info.run_id}'")
+        if found:
+            copy = found[0]
+        else:
+            copy = target.create_run(experiment_id, start_time=run.info.start_time, run_name=run.info.run_name,
+                                     tags={TAG_OFFLINE_RUN: run.info.run_id})
+        copy_id = copy.info.run_id
     have = target.get_run(copy_id).data
     params = [Param(k, v) for k, v in run.data.params.items() if k not in have.params]
+    local_only = (TAG_OFFLINE_RUN, TAG_CONTINUES, TAG_CAUGHT_UP)
     tags = [RunTag(k, v) for k, v in run.data.tags.items()
-            if have.tags.get(k) != v and not k.startswith("mlflow.run") and k != TAG_OFFLINE_RUN]
+            if have.tags.get(k) != v and not k.startswith("mlflow.run") and k not in local_only]
     for start in range(0, max(len(params), len(tags)), 100):
         target.log_batch(copy_id, params=params[start:start + 100], tags=tags[start:start + 100])
     for key in run.data.metrics:
@@ -446,7 +621,8 @@ def _sync_run(source: MlflowClient, target: MlflowClient, run, experiment_name: 
     if run.inputs and run.inputs.dataset_inputs and not target.get_run(copy_id).inputs.dataset_inputs:
         target.log_inputs(copy_id, datasets=list(run.inputs.dataset_inputs))
     _sync_artifacts(source, target, run.info.run_id, copy_id, "")
-    if run.info.status != "RUNNING" and target.get_run(copy_id).info.status != run.info.status:
+    caught_up = run.data.tags.get(TAG_CAUGHT_UP)  # a part of a run that went on on its server
+    if run.info.status != "RUNNING" and not caught_up and target.get_run(copy_id).info.status != run.info.status:
         target.set_terminated(copy_id, run.info.status, end_time=run.info.end_time)
     return copy_id
 
@@ -458,9 +634,21 @@ def _sync_artifacts(source: MlflowClient, target: MlflowClient, run_id: str, cop
         if item.is_dir:
             _sync_artifacts(source, target, run_id, copy_id, item.path)
         elif item.path not in present or present[item.path].file_size != item.file_size:
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, _no_progress_bars():
                 local = source.download_artifacts(run_id, item.path, tmp)
                 target.log_artifact(copy_id, local, str(Path(item.path).parent) if "/" in item.path else None)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar per artifact download; a sync copies many small files."""
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR") if previous is None else \
+            os.environ.__setitem__("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", previous)
 
 
 @dataclass

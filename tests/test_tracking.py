@@ -344,3 +344,144 @@ def test_offline_on_purpose_and_sync_errors_are_one_line(tiny_dataset, tmp_path,
     assert result.exit_code == 1 and "does not answer; try again when it is up" in result.output
     assert " -> run " in run_cli("sync", str(out))
     assert len(server.search_runs([server.get_experiment_by_name("air-gapped").experiment_id])) == 1
+
+
+def test_a_server_lost_mid_run_fails_over_and_the_run_catches_up(tmp_path):
+    """The server goes away after epoch 1 for longer than the client's retries, then comes back
+    on the same port and store: training never stops, records the rest locally (one warning),
+    and catches up by itself. The server's run then has every param, per-step and per-epoch
+    metric (same steps and values) of an undisturbed run, and every checkpoint (same bytes);
+    a later `charseg sync` adds nothing."""
+    from conftest import _free_port, start_service, stop_service, wait_until_up
+
+    from charseg.generate import generate_dataset
+
+    data = tmp_path / "data"
+    generate_dataset(data, num_images=6, width=128, height=128, chars_per_image=(3, 6), seed=4)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path / "server"
+    root.mkdir()
+
+    def start_server() -> subprocess.Popen:
+        proc = start_service([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+                              str(root / "artifacts"), "--workers", "1"], root / "server.log", cwd=root)
+        wait_until_up(proc, f"{url}/health", root / "server.log")
+        return proc
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    args = ["train", str(data), "--weights", "none", "--backbone", "resnet18", "--min-size", "128", "--max-size", "128",
+            "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2",
+            "--log-every", "1", "--val-fraction", "0.2", "--epochs", "8", "--log-checkpoints", "all",
+            "--experiment-name", "midrun"]
+    proc = start_server()
+    try:
+        calm = subprocess.run([sys.executable, "-m", "charseg", *args, "--output-dir", str(tmp_path / "calm")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert calm.returncode == 0, calm.stderr[-3000:]
+        out, log_path = tmp_path / "stormy", tmp_path / "stormy.log"
+        with open(log_path, "w") as log:
+            trainer = subprocess.Popen([sys.executable, "-m", "charseg", *args, "--output-dir", str(out)], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT)
+
+        def wait_for(condition, what: str, seconds: float = 180) -> None:
+            deadline = time.monotonic() + seconds
+            while not condition():
+                assert trainer.poll() is None, f"training ended before {what}: {log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no {what}: {log_path.read_text()[-3000:]}"
+                time.sleep(0.2)
+
+        wait_for(lambda: (out / "model_epoch_001.pth").exists(), "epoch 1")
+        stop_service(proc)
+        wait_for(lambda: "stopped answering" in log_path.read_text(), "failover warning")
+        wait_for(lambda: (out / "model_epoch_004.pth").exists(), "epoch 4 while the server is down")
+        proc = start_server()
+        assert trainer.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        output = log_path.read_text()
+        assert output.count("stopped answering") == 1 and "caught up" in output
+
+        client = MlflowClient(url)
+        calm_run, run = sorted(client.search_runs([client.get_experiment_by_name("midrun").experiment_id]),
+                               key=lambda r: r.info.start_time)
+        assert run.info.status == "FINISHED" and run.info.run_id in output
+        different = {"output_dir"}  # the two runs' own folders
+        assert {k: v for k, v in run.data.params.items() if k not in different} == \
+               {k: v for k, v in calm_run.data.params.items() if k not in different}
+        timing = ("seconds", "images_per_s")
+        keys = {k for k in calm_run.data.metrics if not k.startswith("system/")}
+        assert keys <= set(run.data.metrics)
+        for key in keys:
+            got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+            want = [(m.step, m.value) for m in client.get_metric_history(calm_run.info.run_id, key)]
+            if key.endswith(timing):
+                assert sorted(s for s, _ in got) == sorted(s for s, _ in want), key
+            else:
+                assert sorted(got) == sorted(want), key
+        names = artifacts(client, run.info.run_id, "checkpoints")
+        assert names == artifacts(client, calm_run.info.run_id, "checkpoints")
+        assert len(names) == 10  # 8 epochs, best.pth, model_final.pth
+        for name in names:
+            fetched = Path(client.download_artifacts(run.info.run_id, f"checkpoints/{name}", str(tmp_path / "dl")))
+            assert fetched.read_bytes() == (out / name).read_bytes(), name
+
+        points = {key: len(client.get_metric_history(run.info.run_id, key)) for key in keys}
+        env_sync = {**env}
+        again = subprocess.run([sys.executable, "-m", "charseg", "sync", str(out)], env=env_sync, capture_output=True,
+                               text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert {key: len(client.get_metric_history(run.info.run_id, key)) for key in keys} == points
+        assert [r.info.run_id for r in client.search_runs([calm_run.info.experiment_id])].count(run.info.run_id) == 1
+        assert len(client.search_runs([calm_run.info.experiment_id])) == 2
+    finally:
+        stop_service(proc)
+
+
+def test_a_server_still_away_when_training_ends_is_synced_into_the_same_run(tiny_dataset, tmp_path):
+    """The server goes away after epoch 1 and is back only after training ended: the server's
+    run stays RUNNING (training said so), and `charseg sync` copies the rest and the final
+    status into that run, not a new one."""
+    from conftest import _free_port, start_service, stop_service, wait_until_up
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    root = tmp_path / "server"
+    root.mkdir()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
+               str(root / "artifacts"), "--workers", "1"]
+    proc = start_service(command, root / "server.log", cwd=root)
+    wait_until_up(proc, f"{url}/health", root / "server.log")
+    out, log_path = tmp_path / "out", tmp_path / "train.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    try:
+        with open(log_path, "w") as log:
+            trainer = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(tiny_dataset), *LIGHT_ARGS,
+                                        "--epochs", "3", "--output-dir", str(out), "--log-checkpoints", "all",
+                                        "--experiment-name", "away", "--register-as", "away-model"],
+                                       env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while not (out / "model_epoch_001.pth").exists():
+            assert trainer.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.1)
+        stop_service(proc)
+        assert trainer.wait(timeout=300) == 0, log_path.read_text()[-3000:]
+        output = log_path.read_text()
+        assert "stopped answering" in output and "stays RUNNING there until `charseg sync" in output
+        assert "not registered as away-model" in output and "Retrying (" not in output
+
+        proc = start_service(command, root / "server.log", cwd=root)
+        wait_until_up(proc, f"{url}/health", root / "server.log")
+        client = MlflowClient(url)
+        [run] = client.search_runs([client.get_experiment_by_name("away").experiment_id])
+        assert run.info.status == "RUNNING"
+        synced = subprocess.run([sys.executable, "-m", "charseg", "sync", str(out)], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert synced.returncode == 0, synced.stderr[-2000:]
+        [run] = client.search_runs([client.get_experiment_by_name("away").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert steps(client, run.info.run_id, "train_epoch/loss") == [1, 2, 3]
+        assert artifacts(client, run.info.run_id, "checkpoints") == [
+            "model_epoch_001.pth", "model_epoch_002.pth", "model_epoch_003.pth", "model_final.pth"]
+    finally:
+        stop_service(proc)
