@@ -38,7 +38,6 @@ from charseg.generate import generate_dataset  # noqa: E402
 from charseg.inference import output_to_instances  # noqa: E402
 from charseg.model import build_model  # noqa: E402
 from charseg.architecture import resolve_spec  # noqa: E402
-from scaling import HEADING as SCALING_HEADING  # noqa: E402  (bench/ is this script's folder)
 
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
@@ -69,6 +68,8 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     stock = path == "stock"
     model = build_model(spec_for(page, layout, data_dir), polygon_native=not stock)
     model.load_state_dict(torch.load(weights, weights_only=True))
+    if path.startswith("charseg-"):  # charseg-bf16: the same model under autocast (bench/precision.py)
+        model.precision = path.split("-", 1)[1]
     samples = scan_dataset(data_dir).samples
     dataset = CharacterDataset(samples, full_masks=stock)
     if task == "train":
@@ -177,8 +178,8 @@ def main() -> None:
     print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     existing = Path(args.out).read_text() if Path(args.out).exists() else ""
-    if SCALING_HEADING in existing:  # bench/scaling.py's section: kept until that script runs again
-        report = report.rstrip("\n") + "\n\n" + existing[existing.index(SCALING_HEADING):]
+    if "\n## " in existing:  # the sections of bench/scaling.py and bench/precision.py: kept
+        report = report.rstrip("\n") + "\n" + existing[existing.index("\n## "):]
     Path(args.out).write_text(report)
     print(f"written to {args.out}")
 

@@ -33,6 +33,7 @@ KEYS = frozenset({
 # Keys a checkpoint may lack (files written before they existed load without them).
 OPTIONAL_KEYS = frozenset({
     "run_id",  # the MLflow run that wrote it ("" untracked): a resume from the file links to it
+    "scaler",  # --precision fp16: the GradScaler's state ({} otherwise), so a resume stays exact
 })
 FINAL_NAME = "model_final.pth"
 BEST_NAME = "best.pth"
@@ -84,8 +85,8 @@ def pick_checkpoint(names: list[str], *, prefer_best: bool = False, epoch: int |
 
 def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
                     rng: dict, config: dict, model_spec: dict, num_classes: int, metrics: dict,
-                    best: dict, run_id: str = "") -> dict[str, Any]:
-    """Assemble a checkpoint dict of the current schema (all arguments but run_id required).
+                    best: dict, run_id: str = "", scaler: dict | None = None) -> dict[str, Any]:
+    """Assemble a checkpoint dict of the current schema (all arguments but run_id and scaler required).
 
     best: {"metric", "value", "epoch", "through_epoch"}: the best validation result among
     epochs 1..through_epoch, so a resumed run compares against the true best so far.
@@ -93,7 +94,7 @@ def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch, "model": model,
             "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup, "seed": seed, "rng": rng,
             "config": config, "model_spec": model_spec, "num_classes": num_classes, "metrics": metrics,
-            "best": best, "run_id": run_id}
+            "best": best, "run_id": run_id, "scaler": scaler or {}}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:

@@ -26,6 +26,7 @@ from .heldout import generate_heldout
 from .evaluate import METRICS
 from .inference import COCO_PREDICTIONS, LABELS
 from .model import BACKBONES, WEIGHT_CHOICES
+from .precision import PRECISIONS
 
 _DEFAULTS = TrainConfig()
 
@@ -135,10 +136,18 @@ VALIDATION = (
 )
 AUGMENT = _bool_opt("--augment", help="Randomly rotate (+-12 deg), scale, shift, re-light, blur and add noise to "
                                        "each training image, its polygons moved with it")
+PRECISION_HELP = ("Forward pass precision: fp32, bf16 (autocast; weights, losses, anchors and box decoding stay "
+                  "float32) or fp16 (CUDA, with a loss scaler). auto: {auto}. Checkpoints are float32 either way.")
+PRECISION = _opt("--precision", type=click.Choice(PRECISIONS),
+                 help=PRECISION_HELP.format(auto="fp32 in training (bf16 training not yet measured against it)"))
+INFERENCE_PRECISION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (CUDA with bf16; a CPU with "
+                                    "amx_bf16 or avx512_bf16, read from /proc/cpuinfo), else fp32"))
 SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchNorm (--norm batch from scratch) "
                                                     "normalises over the global batch instead of each process's pages")
 RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE,
-       SYNC_BATCHNORM)
+       PRECISION, SYNC_BATCHNORM)
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:
@@ -355,7 +364,10 @@ def train_command(data_dir: str, register_as: str, **options: Any) -> None:
                        help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
-          VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE, *TRACKING)
+          VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
+          _opt("--precision", type=click.Choice(PRECISIONS),
+               help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
+          *TRACKING)
 def resume_command(source: str, epoch: int, **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
 
@@ -437,15 +449,18 @@ SCALE_TEST_OVERRIDE = click.option("--scale-test", type=FiniteFloat(), default=N
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
               help="Where to write the metrics as JSON.")
 @DEVICE_OPT
+@INFERENCE_PRECISION
 @click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
 def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
-                     scale_test: float | None, out_path: str, device: str, experiment_name: str | None) -> None:
+                     scale_test: float | None, out_path: str, device: str, precision: str,
+                     experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
     with _source_checkpoint(model_source, prefer_best=True) as (path, lineage):
         with tracking.tracked_run(experiment_name) as run_id:
             result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
-                                                detections_per_img=detections_per_img, scale_test=scale_test)
+                                                detections_per_img=detections_per_img, scale_test=scale_test,
+                                                precision=precision)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
             tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
     for key, value in result.metrics.items():
@@ -469,9 +484,10 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
               help="With --format coco: each mask as its outline polygon or as COCO RLE.")
 @click.option("--labels", type=click.Choice(LABELS), default="fit", show_default=True,
               help="Score labels on the overlays: only where they overlap no other label, every one, or none.")
+@INFERENCE_PRECISION
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, device: str, output_format: str, coco_segmentation: str,
-                    labels: str) -> None:
+                    labels: str, precision: str) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -487,7 +503,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
     with _source_checkpoint(model_source, prefer_best=True) as (path, _):
         torch_device = runner.resolve_device(device)
-        model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test)
+        model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test, precision=precision)
         summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None)
     for line in summary["skipped"]:

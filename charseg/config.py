@@ -110,6 +110,9 @@ class TrainConfig:
     # WORLD_SIZE, not an option: each reads batch_size pages a step, so the global batch is
     # batch_size x world_size.
     world_size: int = 1
+    # Forward pass precision (precision.py): auto | fp32 | bf16 | fp16 (CUDA only, with a
+    # GradScaler). A run records the one it used; auto is fp32 in training for now.
+    precision: str = "auto"
     # Multi-process training of live BatchNorm (--norm batch from scratch): statistics over the
     # global batch instead of each process's own pages. Frozen BatchNorm and GroupNorm need nothing.
     sync_batchnorm: bool = False

@@ -32,7 +32,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
                     device: torch.device, epoch: int, *, steps_per_epoch: int,
                     iteration_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, iteration_steps: int = 0,
                     clip_grad_norm: float = 0.0, log_every: int = 10,
-                    on_step: StepCallback | None = None) -> dict[str, float]:
+                    on_step: StepCallback | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """Train `model` for one pass over `loader`.
 
     Args:
@@ -42,6 +43,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
             stepped after each iteration while its last_epoch < iteration_steps.
         clip_grad_norm: max gradient norm (0: no clipping).
         on_step: called every `log_every` steps with (global step, losses, lr).
+        scaler: float16 training's GradScaler (the loss scaled before backward, gradients
+            unscaled before clipping, steps with inf/NaN gradients skipped).
     Under torchrun (a DistributedDataParallel `model`), each process's losses are weighted by
     its share of what the batch sampled (`weigh_by_share`), so the averaged gradients and the
     reported losses are those of one process over all processes' pages together.
@@ -70,10 +73,18 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
             bar.close()
             raise NonFiniteLossError(epoch, step, values, list(names))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            if clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
         lr = optimizer.param_groups[0]["lr"]
         if iteration_scheduler is not None and iteration_scheduler.last_epoch < iteration_steps:
             iteration_scheduler.step()

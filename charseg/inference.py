@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from .data import ImageUnusable, image_to_tensor, load_image_rgb, write_annotati
 from .errors import CharsegError
 from .model import NUM_CLASSES, ModelSpec, build_model
 from .polygons import box_mask_to_polygon, mask_to_polygon
+from .precision import PrecisionError, resolve as resolve_precision
+
+log = logging.getLogger("charseg")
 
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
@@ -33,9 +37,15 @@ class Instance:
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, detections_per_img: int | None = None,
-                             scale_test: float | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
+                             scale_test: float | None = None,
+                             precision: str = "auto") -> tuple[torch.nn.Module, ModelSpec, dict]:
     """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img` and
-    `scale_test` instead of the checkpoint's when given. Returns (model, its spec, the checkpoint)."""
+    `scale_test` instead of the checkpoint's when given, running at `precision` (auto: bf16
+    where the device computes it natively). Returns (model, its spec, the checkpoint)."""
+    try:
+        chosen, why = resolve_precision(precision, device, training=False)
+    except PrecisionError as exc:
+        raise CharsegError(str(exc)) from exc
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
     if detections_per_img:
@@ -49,6 +59,8 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
     model = build_model(spec)
     model.load_state_dict(state["model"])
     model.to(device).eval()
+    model.precision = chosen
+    log.info("inference precision %s (%s)", chosen, why)
     return model, spec, state
 
 

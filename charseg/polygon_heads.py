@@ -16,13 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import roi_align
 
 from .polygons import polygon_mask_targets, unpack_polygons
+from .precision import autocast
 
 # Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
 ANCHOR_CHUNK = 512
@@ -135,7 +138,7 @@ class PolygonRoIHeads(RoIHeads):
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        class_logits, box_regression = (t.float() for t in self.box_predictor(box_features))
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
         positives = [torch.where(lab > 0)[0] for lab in labels]
         mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
@@ -150,14 +153,14 @@ class PolygonRoIHeads(RoIHeads):
         input's pixels inside each box."""
         x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
         if isinstance(self.mask_predictor, PixelMaskPredictor):
-            return self.mask_predictor(x, features[PIXELS], boxes)
-        return self.mask_predictor(x)
+            return self.mask_predictor(x, features[PIXELS], boxes).float()
+        return self.mask_predictor(x).float()
 
     def _infer(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
         """Stock inference, but the mask head runs over MASK_CHUNK detections at a time: on a
         dense page its activations for 2,000 detections at once take gigabytes."""
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
-        class_logits, box_regression = self.box_predictor(box_features)
+        class_logits, box_regression = (t.float() for t in self.box_predictor(box_features))
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         results = [{"boxes": b, "labels": lab, "scores": sc} for b, sc, lab in zip(boxes, scores, labels)]
         for i, result in enumerate(results):
@@ -343,6 +346,33 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
         return result
 
 
+class PrecisionMaskRCNN(MaskRCNN):
+    """MaskRCNN whose forward runs under autocast at `precision` (precision.py: fp32, bf16,
+    fp16). What must stay exact stays float32: anchors (Float32Anchors), the RPN's and the
+    box predictor's outputs before box decoding, mask logits, every loss."""
+
+    precision = "fp32"
+
+    def forward(self, images, targets=None):
+        device_type = images[0].device.type if len(images) else "cpu"
+        with autocast(self.precision, device_type):
+            return super().forward(images, targets)
+
+
+class Float32Anchors(AnchorGenerator):
+    """Anchors in float32 whatever the features' dtype (torchvision takes it from them: in
+    bfloat16 a 1024 px page's anchor corners would be off by up to 4 px)."""
+
+    def forward(self, image_list, feature_maps):
+        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+def _float_outputs(module, inputs, outputs):
+    """Forward hook: the RPN head's objectness and box deltas in float32 (decoded into boxes)."""
+    return tuple([t.float() for t in part] for part in outputs)
+
+
 def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     """Switch a torchvision MaskRCNN to polygon targets, banded anchor matching and
     box-sized outputs, in place.
@@ -354,6 +384,9 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     model.rpn.__class__ = BandedMatchingRPN
     model.rpn.fg_bg_sampler.__class__ = SeededSampler
     model.roi_heads.fg_bg_sampler.__class__ = SeededSampler
+    model.__class__ = PrecisionMaskRCNN
+    model.rpn.anchor_generator.__class__ = Float32Anchors
+    model.rpn.head.register_forward_hook(_float_outputs)
     return model
 
 

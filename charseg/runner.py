@@ -33,6 +33,7 @@ from .errors import CharsegError, DatasetError
 from .evaluate import METRICS, evaluate, is_better
 from .inference import load_model_for_inference
 from .model import NUM_CLASSES, ModelSpec, build_model, create_model
+from .precision import PrecisionError, resolve as resolve_precision
 from .reproducibility import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 
 log = logging.getLogger("charseg")
@@ -45,7 +46,7 @@ FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_schedu
                       "warmup_iters", "warmup_factor", "clip_grad_norm", "augment")
 # Settings a resume may change: where things are and how fast they run, never the maths.
 RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "heldout_dir", "output_dir", "device", "num_workers",
-                      "log_every", "save_every_epoch", "save_versioned", "world_size", "sync_batchnorm")
+                      "log_every", "save_every_epoch", "save_versioned", "world_size", "sync_batchnorm", "precision")
 
 
 class TrainingAlreadyComplete(CharsegError):
@@ -282,11 +283,13 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
 
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
-                        scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0):
+                        scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0,
+                        precision: str = "auto"):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
-    `scale_test`: instead of the checkpoint's). Returns an EvalResult."""
+    `scale_test`: instead of the checkpoint's) at `precision`. Returns an EvalResult."""
     torch_device = resolve_device(device)
-    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img, scale_test)
+    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img, scale_test,
+                                              precision)
     report = load_dataset_report(data_dir)
     return evaluate(model, report.samples, torch_device, max_dets=spec.detections_per_img,
                     score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count)
@@ -405,6 +408,14 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
     """Train, step the LR, checkpoint, validate, report, epoch by epoch."""
     device = _training_device(config.device)
     model.to(device)
+    try:
+        precision, why = resolve_precision(config.precision, device, training=True)
+    except PrecisionError as exc:
+        raise CharsegError(str(exc)) from exc
+    config.precision = model.precision = precision  # the run records the precision it used
+    if precision != "fp32":
+        log.info("precision %s (%s)", precision, why)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     if not splits.train:
         raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
     loader, sampler = _loader(config, splits.train, device)
@@ -414,13 +425,15 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
                        best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})
     if resume_state is not None:
         _restore(resume_state, model, opt, result, len(loader))
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
     trained = _parallel(model, config, device)  # what the epochs run; `model` stays the plain module
     main = distributed.world().main
     tracker.start(config, report, spec, splits)
     if not main:  # the other ranks train and wait at each epoch's end while rank 0 writes and validates
         for epoch in range(result.start_epoch, config.epochs + 1):
             sampler.set_epoch(epoch)
-            result.history.append(_train_epoch(trained, opt, loader, device, epoch, config, tracker))
+            result.history.append(_train_epoch(trained, opt, loader, device, epoch, config, tracker, scaler))
             distributed.barrier()
         _check_replicas(model)
         return result
@@ -444,13 +457,14 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
         # Fail before the epoch's work, not after it, when its checkpoint cannot be written.
         ckpt.ensure_space(Path(config.output_dir) / ckpt.epoch_filename(epoch), checkpoint_size)
         sampler.set_epoch(epoch)
-        metrics = _train_epoch(trained, opt, loader, device, epoch, config, tracker)
+        metrics = _train_epoch(trained, opt, loader, device, epoch, config, tracker, scaler)
         result.history.append(metrics)
         # Checkpoint before anything else reports, so a later failure still leaves this epoch saved.
         state = ckpt.make_checkpoint(
             epoch=epoch, model=model.state_dict(), **opt.state_dicts(), seed=config.seed, rng=capture_rng_state(),
             config=config.to_dict(), model_spec=spec.to_dict(), num_classes=spec.num_classes,
-            metrics={"history": result.history}, best=dict(result.best), run_id=tracker.run_id)
+            metrics={"history": result.history}, best=dict(result.best), run_id=tracker.run_id,
+            scaler=scaler.state_dict() if scaler is not None else None)
         written = _save_epoch(state, config, epoch, metrics, tracker)
         result.checkpoints.extend(written)
         if splits.val:
@@ -523,13 +537,14 @@ def _restore(state: dict, model: torch.nn.Module, opt: Optimization, result: Run
 
 
 def _train_epoch(model: torch.nn.Module, opt: Optimization, loader: DataLoader, device: torch.device, epoch: int,
-                 config: TrainConfig, tracker: Tracker) -> dict[str, float]:
+                 config: TrainConfig, tracker: Tracker, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One epoch and its StepLR step; returns the epoch's metrics (see train_one_epoch)."""
     try:
         metrics = train_one_epoch(
             model, opt.optimizer, loader, device, epoch, steps_per_epoch=len(loader),
             iteration_scheduler=opt.iteration_scheduler, iteration_steps=opt.iteration_steps,
-            clip_grad_norm=config.clip_grad_norm, log_every=config.log_every, on_step=tracker.log_step)
+            clip_grad_norm=config.clip_grad_norm, log_every=config.log_every, on_step=tracker.log_step,
+            scaler=scaler)
     except NonFiniteLossError as exc:
         raise CharsegError(str(exc)) from exc
     if opt.scheduler is not None:

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from .data import load_image_rgb
 from .inference import load_model_for_inference, predict_arrays
+from .precision import resolve as resolve_precision
 
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
 
@@ -28,20 +29,25 @@ def decode_image(data: bytes, index: int = 0) -> np.ndarray:
 class CharsegPredictor:
     """Predicts character instances for a batch of encoded images."""
 
-    def __init__(self, checkpoint_path: str, device: str | None = None):
+    def __init__(self, checkpoint_path: str, device: str | None = None, precision: str = "auto"):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, _, state = load_model_for_inference(checkpoint_path, self.device)
+        self.model, _, state = load_model_for_inference(checkpoint_path, self.device, precision=precision)
+        self.default_precision = self.model.precision
         # The run's --score-threshold, which picked its best checkpoint; a call may pass its own.
         self.score_threshold = float(state["config"]["score_threshold"])
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.
 
-        params may set `score_threshold` for this call.
+        params may set `score_threshold` and `precision` (fp32, bf16, fp16 on CUDA; auto: the
+        loaded model's) for this call.
         """
         if "image" not in model_input:
             raise ValueError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
+        asked = str((params or {}).get("precision", "auto"))
+        self.model.precision = self.default_precision if asked == "auto" else \
+            resolve_precision(asked, self.device, training=False)[0]
         rows = []
         for image_id, data in enumerate(model_input["image"]):
             for inst in predict_arrays(self.model, [decode_image(data, image_id)], self.device, threshold)[0]:

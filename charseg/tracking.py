@@ -677,7 +677,8 @@ def _model_signature():
         inputs=Schema([ColSpec(DataType.binary, "image")]),
         outputs=Schema([ColSpec(DataType.long, "image_id"), ColSpec(DataType.double, "score"),
                         ColSpec(Array(DataType.double), "box"), ColSpec(Array(DataType.double), "polygon")]),
-        params=ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5)]))
+        params=ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5),
+                            ParamSpec("precision", DataType.string, "auto")]))
 
 
 def _requirements() -> list[str]:

@@ -1,0 +1,107 @@
+"""float32 vs bfloat16 autocast (`--precision`) on this CPU: speed against stock torchvision in
+the same run, and what the same trained checkpoint scores in each. Writes its section of
+docs/BENCHMARKS.md. A script, not a test: run it alone on an idle machine.
+
+    python bench/precision.py --checkpoint outputs/demo/model_final.pth --data demo_heldout
+
+Speed: the dense 1024² page of bench/benchmark.py (1700 characters asked for, random-init
+ResNet-50 FPN, charseg's fitted limits), each figure from a fresh process: inference to
+polygons, and a training step (median after a warm-up). Quality: `charseg evaluate`'s metrics
+of CHECKPOINT on DATA at fp32 and at bf16 (`make demo` gives both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmark import run_worker, spec_for  # noqa: E402  (bench/ is this script's folder)
+from charseg import __version__, runner  # noqa: E402
+from charseg.generate import generate_dataset  # noqa: E402
+from charseg.model import build_model  # noqa: E402
+from charseg.precision import native_bf16  # noqa: E402
+from scaling import write_section  # noqa: E402
+
+HEADING = "## Mixed precision (bench/precision.py)"
+METRICS = ("segm_AP", "segm_AP50", "bbox_AP50", "char_f1")
+
+
+def speed(dense_chars: int, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate_dataset(tmp / "dense", num_images=1, width=1024, height=1024, chars_per_image=(dense_chars,) * 2,
+                         font_size=(10, 16), seed=2)
+        torch.manual_seed(0)
+        weights = tmp / "pretrained.pth"
+        torch.save(build_model(spec_for("dense", "pretrained", str(tmp / "dense"))).state_dict(), weights)
+        rows = {}
+        for task, n in (("inference", 1), ("train", steps)):
+            for path in ("stock", "charseg", "charseg-bf16"):
+                rows[(task, path)] = run_worker(task, path, "dense", "pretrained", tmp / "dense", weights, n)
+    return rows
+
+
+def quality(checkpoint: str, data: str) -> dict:
+    out = {}
+    for precision in ("fp32", "bf16"):
+        start = time.perf_counter()
+        result = runner.evaluate_checkpoint(checkpoint, data, device="cpu", precision=precision)
+        out[precision] = {**{k: result.metrics[k] for k in METRICS}, "seconds": time.perf_counter() - start}
+        print(precision, out[precision], flush=True)
+    return out
+
+
+def render(rows: dict, scores: dict, checkpoint: str, data: str) -> str:
+    native, how = native_bf16(torch.device("cpu"))
+    lines = [HEADING, "",
+             f"Measured {date.today()} by `python bench/precision.py` on {platform.machine()}, {os.cpu_count()} CPU "
+             f"cores ({how}), torch {torch.__version__}, charseg {__version__}. bf16 = `--precision bf16`: "
+             "autocast to bfloat16 with weights, losses, anchors, box decoding and mask logits in float32. Stock "
+             "torchvision has no CPU mixed precision; it runs float32.", "",
+             "| dense 1024² page, pretrained layout | stock fp32 | charseg fp32 | charseg bf16 | bf16 / stock | "
+             "bf16 / charseg fp32 |", "| --- | --- | --- | --- | --- | --- |"]
+    for task, label in (("inference", "inference to polygons"), ("train", "training step")):
+        for key, unit, fmt in (("seconds", "time", "{:.2f} s"), ("peak_rss_mb", "peak RSS", "{:.0f} MB")):
+            stock, fp32, bf16 = (rows[(task, p)][key] for p in ("stock", "charseg", "charseg-bf16"))
+            lines.append(f"| {label}: {unit} | {fmt.format(stock)} | {fmt.format(fp32)} | {fmt.format(bf16)} | "
+                         f"{bf16 / stock:.2f}x | {bf16 / fp32:.2f}x |")
+    lines += ["", f"The same checkpoint (`{checkpoint}`) evaluated on `{data}` (`charseg evaluate --precision ...`):",
+              "", "| precision | " + " | ".join(METRICS) + " | evaluation time |",
+              "| --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+    for precision, values in scores.items():
+        lines.append(f"| {precision} | " + " | ".join(f"{values[k]:.4f}" for k in METRICS)
+                     + f" | {values['seconds']:.1f} s |")
+    delta = max(abs(scores["bf16"][k] - scores["fp32"][k]) for k in METRICS)
+    lines += ["", f"Largest metric difference bf16 vs fp32: {delta:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="A trained checkpoint (e.g. make demo's final model).")
+    parser.add_argument("--data", required=True, help="Pages it never trained on (e.g. demo_heldout).")
+    parser.add_argument("--dense-chars", type=int, default=1700)
+    parser.add_argument("--steps", type=int, default=3, help="Dense training steps; the first warms up.")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args()
+    scores = quality(args.checkpoint, args.data)
+    rows = speed(args.dense_chars, args.steps)
+    section = render(rows, scores, args.checkpoint, args.data)
+    print(section)
+    write_section(args.out, section)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Numeric precision of the model's forward pass: float32, or autocast to bfloat16 / float16.
+
+Autocast runs convolutions and matrix products in the lower precision and keeps weights,
+optimizer state, normalisation, losses, anchors and box/mask decoding in float32
+(polygon_heads makes the model's outputs float32). Checkpoints are float32 whatever the
+precision, so they load into any precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU flags of native bfloat16 arithmetic (Intel AMX, AVX-512 BF16; Linux /proc/cpuinfo).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+class PrecisionError(ValueError):
+    """A precision this device cannot run."""
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The native-bfloat16 flags this CPU reports (empty where unknown)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether DEVICE computes bfloat16 natively, and how that was found."""
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        return supported, f"{torch.cuda.get_device_name(device)} {'supports' if supported else 'lacks'} bfloat16"
+    flags = cpu_bf16_flags()
+    return bool(flags), f"CPU flags {', '.join(flags)}" if flags else "no amx_bf16 / avx512_bf16 CPU flag"
+
+
+def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[str, str]:
+    """(precision to run, why) for REQUESTED on DEVICE.
+
+    auto: at inference bf16 where the device computes it natively (the same checkpoint scores
+    within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (bf16 training
+    has not been measured against float32 training yet: pass --precision bf16 to choose it).
+    fp16 needs CUDA. Raises PrecisionError.
+    """
+    if requested not in PRECISIONS:
+        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    if requested == "fp16" and device.type != "cuda":
+        raise PrecisionError("--precision fp16 needs a CUDA device (CPUs have no fast float16); use bf16 or fp32")
+    if requested != "auto":
+        return requested, "asked for"
+    if training:
+        return "fp32", "auto in training: float32 (bf16 training not yet measured against it)"
+    native, how = native_bf16(device)
+    return ("bf16", f"auto: {how}") if native else ("fp32", f"auto: {how}")
+
+
+def autocast(precision: str, device_type: str):
+    """The autocast context of PRECISION (a no-op for fp32)."""
+    if precision not in DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
