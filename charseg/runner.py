@@ -513,6 +513,9 @@ def _parallel(model: torch.nn.Module, config: TrainConfig, device: torch.device)
     processes after each backward; rank 0's weights broadcast at the start); else the model."""
     if not distributed.active():
         return model
+    if config.sync_batchnorm and device.type != "cuda":
+        raise CharsegError("--sync-batchnorm needs GPUs (PyTorch's SyncBatchNorm does not run on CPUs); on CPU "
+                           "processes train with --norm group, whose statistics are per page")
     if config.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):

@@ -116,3 +116,14 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
     assert run.info.status == "FAILED"
     assert run.data.tags["charseg.failure_reason"] == "rank 1 of 2 failed: the disk under rank 1 went away"
     assert (out / "model_epoch_001.pth").is_file() and not (out / "model_epoch_002.pth").exists()
+
+
+def test_sync_batchnorm_on_cpu_processes_is_one_clear_error(tmp_path, env):
+    data = tmp_path / "data"
+    generate_dataset(data, num_images=4, width=64, height=64, chars_per_image=(2, 4), seed=3)
+    args = [a if a != "group" else "batch" for a in ARGS]  # live BatchNorm
+    job = _charseg("train", str(data), *args, "--batch-size", "1", "--sync-batchnorm", "--output-dir",
+                   str(tmp_path / "out"), env=env, launcher=[*TORCHRUN, "-m", "charseg"], timeout=240)
+    assert job.returncode != 0
+    assert "Error: --sync-batchnorm needs GPUs" in job.stderr
+    assert "charseg/runner.py" not in job.stderr  # each rank says one line; the traceback is torchrun's own
