@@ -36,6 +36,7 @@ TAG_FAILURE = "charseg.failure_reason"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 TAG_WRITER = "charseg.writer"  # "PID n on HOST into FOLDER": the process that trains the run
 TAG_RESUMED_BY = "charseg.resumed_by"
+TAG_PRECISION = "charseg.precision"  # fp32 | bf16 | fp16: what --precision resolved to
 # A RUNNING source run on another host whose last step metric is older than this is taken
 # as dead (a preempted machine) when resumed; a step is logged every training iteration.
 ABANDONED_AFTER_S = 900
@@ -142,7 +143,9 @@ class MlflowTracker:
         params["log_checkpoints"] = self.log_checkpoints
         _log_params(_flatten("", params))
         writer = f"{ckpt.this_process()} into {Path(config.output_dir).resolve()}"
-        mlflow.set_tags({TAG_MODE: config.mode, TAG_WRITER: writer, **self.lineage.tags()})
+        # The precision the run uses (its param holds what was asked, e.g. auto, under `mlflow run`).
+        mlflow.set_tags({TAG_MODE: config.mode, TAG_WRITER: writer, TAG_PRECISION: config.precision,
+                         **self.lineage.tags()})
         if config.mode == "resume" and self.lineage.source_run_id:
             close_abandoned_run(self.lineage.source_run_id, self.run_id)
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")

@@ -64,6 +64,7 @@ def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     assert run.data.tags["charseg.mode"] == "train"
     assert run.data.params["data.images_used"] == "4"
     assert run.data.params["world_size"] == "2"  # two torchrun processes, one tracked run
+    assert run.data.params["precision"] == "auto" and run.data.tags["charseg.precision"] == "fp32"
     assert run.data.params["data.val_images"] == "1"  # default val_fraction 0.1, at least one image
     assert "val/segm_AP" in run.data.metrics
     assert [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")] == [
