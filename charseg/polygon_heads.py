@@ -131,6 +131,7 @@ class PolygonRoIHeads(RoIHeads):
             super().check_targets(targets)
 
     def forward(self, features, proposals, image_shapes, targets=None):
+        features = float32_features(features)
         if not self.training:
             return self._infer(features, proposals, image_shapes), {}
         self.fg_bg_sampler.seed_from(targets, ROI_SALT)
@@ -174,6 +175,14 @@ class PolygonRoIHeads(RoIHeads):
             size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
             result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
         return results
+
+
+def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The feature maps RoIAlign reads, in float32, cast once per forward. torchvision's
+    roi_align runs in float32 under autocast (its CPU kernel has no bfloat16) and casts each
+    level it is given on every call: once per mask chunk, 4 levels each, otherwise. A no-op
+    outside autocast."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
 
 
 class PixelMaskPredictor(nn.Module):

@@ -98,3 +98,23 @@ def test_bf16_training_resumes_exactly_and_keeps_its_precision(tiny_dataset, tmp
     assert predictor.model.precision == "fp32"  # auto: the precision the predictor was loaded with
     with pytest.raises(ValueError, match="needs a CUDA device"):
         predictor.predict(pd.DataFrame(page), params={"precision": "fp16"})
+
+
+def test_roi_align_reads_float32_features_cast_once_while_the_mask_head_runs_bf16(tiny_dataset, monkeypatch):
+    """torchvision's roi_align has no bfloat16 CPU kernel: under autocast it would cast every
+    feature level to float32 on every call (each mask chunk). The RoI heads cast them once."""
+    from charseg import polygon_heads
+
+    monkeypatch.setattr(polygon_heads, "MASK_CHUNK", 2)  # several chunks on a tiny page
+    model, samples = _tiny_model(tiny_dataset)
+    model.precision = "bf16"
+    pooled, head_dtypes = [], []
+    model.roi_heads.mask_roi_pool.register_forward_pre_hook(
+        lambda m, args: pooled.append({k: (v.dtype, v.data_ptr()) for k, v in args[0].items()}))
+    model.roi_heads.mask_head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
+    with torch.inference_mode():
+        [output] = model([image_to_tensor(load_image_rgb(samples[0].image_path))])
+    assert len(output["boxes"]) > 2 and len(pooled) == -(-len(output["boxes"]) // 2)
+    assert all(dtype == torch.float32 for call in pooled for dtype, _ in call.values())
+    assert all(call == pooled[0] for call in pooled)  # the same float32 tensors for every chunk
+    assert set(head_dtypes) == {torch.bfloat16}  # the mask head's convolutions do run in bf16
