@@ -14,6 +14,7 @@ import socket
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +177,47 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@dataclass
+class Lineage:
+    """Where a resume, fine-tune or evaluation started from: a run and/or a checkpoint URI
+    (tracking records it as tags)."""
+
+    source_run_id: str = ""
+    source_uri: str = ""
+
+
+def folder_checkpoint(folder: Path, *, prefer_best: bool = False, epoch: int | None = None) -> Path:
+    """The checkpoint of an output folder: that epoch's, else best.pth when preferred and
+    present, else the one of the highest epoch that loads (a file cut short is passed over)."""
+    if epoch:
+        path = folder / epoch_filename(epoch)
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {path.name} (checkpoints here: "
+                                  f"{', '.join(sorted(p.name for p in folder.glob('*.pth'))) or 'none'})")
+        return path
+    if prefer_best and (folder / BEST_NAME).is_file():
+        return folder / BEST_NAME
+    path = find_latest(folder)
+    if path is None:
+        raise CheckpointError(f"{folder}: no charseg checkpoint here ({epoch_filename(1)}, ..., "
+                              f"{LAST_NAME} or {FINAL_NAME}); pass a checkpoint file, a run ID or a URI")
+    return path
+
+
+def local_checkpoint(source: str, *, prefer_best: bool = False, epoch: int | None = None) -> Path | None:
+    """SOURCE's checkpoint when SOURCE is a local file or output folder (folder_checkpoint
+    picks), else None (a run ID or an MLflow URI: tracking resolves those)."""
+    local = Path(source)
+    if local.is_file():
+        if epoch:
+            raise CheckpointError("--epoch picks a checkpoint of a run or a folder; with a file path, pass that "
+                                  "epoch's file")
+        return local
+    if local.is_dir():
+        return folder_checkpoint(local, prefer_best=prefer_best, epoch=epoch)
+    return None
 
 
 def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[str, Any]:

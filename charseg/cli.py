@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 import click
 
 from . import checkpoint as ckpt
-from . import distributed, runner, tracking
+from . import distributed, runner
 from .coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
-from .config import FINETUNE_LR_FACTOR, LR_SCHEDULES, NORMS, TrainConfig, parse_anchor_sizes
+from .config import FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, NORMS, TrainConfig, parse_anchor_sizes
 from .data import scan_dataset
 from .errors import CharsegError
 from .generate import LAYOUTS, generate_dataset
@@ -169,7 +169,7 @@ def _anchor_sizes(ctx: click.Context, param: click.Parameter, value: str | None)
 TRACKING = (
     click.option("--experiment-name", default=None,
                  help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or charseg; under `mlflow run`: its own]"),
-    click.option("--log-checkpoints", type=click.Choice(tracking.LOG_CHECKPOINTS), default="last", show_default=True,
+    click.option("--log-checkpoints", type=click.Choice(LOG_CHECKPOINTS), default="last", show_default=True,
                  help="Checkpoints uploaded as MLflow artifacts: every one, the latest (enough to resume) "
                       "plus the final model, or none."),
     click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
@@ -208,7 +208,7 @@ def _training_job(device: str | None) -> Iterator[distributed.World]:
         yield joined
 
 
-def _tracked(choices: TrackingChoices, output_dir: str, lineage: tracking.Lineage,
+def _tracked(choices: TrackingChoices, output_dir: str, lineage: ckpt.Lineage,
              action: Callable[[runner.Tracker], runner.RunResult], register_as: str | None = None) -> None:
     """Run `action` inside an MLflow run (registering its best checkpoint when asked); print
     where its results are. Under torchrun only rank 0 tracks: the other ranks run `action`
@@ -221,6 +221,8 @@ def _tracked(choices: TrackingChoices, output_dir: str, lineage: tracking.Lineag
             distributed.record_error(output_dir, world.rank, exc)
             raise
         return
+    from . import tracking
+
     tracker = tracking.MlflowTracker(log_checkpoints=choices.log_checkpoints, lineage=lineage)
     with tracking.tracked_run(choices.experiment_name, system_metrics=choices.system_metrics, output_dir=output_dir,
                               offline=choices.offline, tracker=tracker) as run_id:
@@ -268,6 +270,8 @@ def _naming_failed_rank(output_dir: str, call: Callable[[], runner.RunResult]) -
 
 
 def _echo_run(run_id: str) -> None:
+    from . import tracking
+
     uri = tracking.current_tracking_uri()
     click.echo(f"MLflow run {run_id} at {uri}; view it with: mlflow ui --backend-store-uri {uri}")
 
@@ -284,8 +288,14 @@ def _source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = No
     remote = distributed.broadcast_object(not Path(source).exists())
     if world.distributed and remote and not world.main:
         with tempfile.TemporaryDirectory(prefix="charseg-rank-") as download_dir:
-            yield distributed.broadcast_file(None, Path(download_dir)), tracking.Lineage()
+            yield distributed.broadcast_file(None, Path(download_dir)), ckpt.Lineage()
         return
+    local = None if remote else ckpt.local_checkpoint(source, prefer_best=prefer_best, epoch=epoch)
+    if local is not None:  # a file or folder: MLflow is not even imported (predict starts sooner)
+        yield local, ckpt.Lineage(source_uri=str(local.resolve()))
+        return
+    from . import tracking
+
     if under and world.main:
         Path(under).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=ckpt.download_prefix(), suffix=".tmp",
@@ -354,7 +364,7 @@ def train_command(data_dir: str, register_as: str, **options: Any) -> None:
     config = TrainConfig(data_dir=data_dir, **_given(options))
     with _training_job(config.device):
         config.output_dir = distributed.broadcast_object(config.output_dir or runner.default_output_dir("train"))
-        _tracked(choices, config.output_dir, tracking.Lineage(), lambda tracker: runner.train(config, tracker),
+        _tracked(choices, config.output_dir, ckpt.Lineage(), lambda tracker: runner.train(config, tracker),
                  register_as=register_as or None)
 
 
@@ -457,6 +467,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                      experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
+    from . import tracking
+
     with _source_checkpoint(model_source, prefer_best=True) as (path, lineage):
         with tracking.tracked_run(experiment_name) as run_id:
             result = runner.evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
@@ -524,6 +536,8 @@ def sync_command(output_dir: str, tracking_uri: str | None) -> None:
     tracking server was down) to the tracking server: params, tags, datasets, every metric
     with its steps and timestamps, artifacts (checkpoints too), status. Running it again adds
     only what is missing."""
+    from . import tracking
+
     for line in tracking.sync_offline_runs(output_dir, tracking_uri):
         click.echo(line)
 
@@ -535,6 +549,8 @@ def register_command(run_id: str, name: str) -> None:
     """Register the best checkpoint of MLflow run RUN_ID (else its final one) as a new version
     of NAME; the `champion` alias moves to it only when its validation metric beats the
     current champion's."""
+    from . import tracking
+
     if not tracking.is_run_id(run_id):
         raise click.BadParameter(f"{run_id!r} is not an MLflow run ID (32 hex digits)", param_hint="RUN_ID")
     with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:

@@ -10,6 +10,7 @@ from typing import Any
 MODES = ("train", "resume", "finetune")
 LR_SCHEDULES = ("step", "cosine")
 NORMS = ("batch", "group")
+LOG_CHECKPOINTS = ("all", "last", "none")  # which checkpoints a run logs as MLflow artifacts
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (the seed script's rule).
 FINETUNE_LR_FACTOR = 0.2
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")

@@ -23,12 +23,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import checkpoint as ckpt
+from .checkpoint import Lineage
 from .errors import CharsegError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "charseg"
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of every checkpoint
-LOG_CHECKPOINTS = ("all", "last", "none")
 TAG_MODE = "charseg.mode"
 TAG_SOURCE_RUN = "charseg.source_run_id"
 TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
@@ -78,18 +78,12 @@ def current_tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-@dataclass
-class Lineage:
-    """Where a resume or fine-tune started from, recorded as tags."""
-
-    source_run_id: str = ""
-    source_uri: str = ""
-
-    def tags(self) -> dict[str, str]:
-        tags = {TAG_SOURCE_CHECKPOINT: self.source_uri} if self.source_uri else {}
-        if self.source_run_id:
-            tags[TAG_SOURCE_RUN] = self.source_run_id
-        return tags
+def lineage_tags(lineage: Lineage) -> dict[str, str]:
+    """The tags that record where a resume, fine-tune or evaluation started from."""
+    tags = {TAG_SOURCE_CHECKPOINT: lineage.source_uri} if lineage.source_uri else {}
+    if lineage.source_run_id:
+        tags[TAG_SOURCE_RUN] = lineage.source_run_id
+    return tags
 
 
 def _flatten(prefix: str, values: dict) -> dict[str, str]:
@@ -145,7 +139,7 @@ class MlflowTracker:
         writer = f"{ckpt.this_process()} into {Path(config.output_dir).resolve()}"
         # The precision the run uses (its param holds what was asked, e.g. auto, under `mlflow run`).
         mlflow.set_tags({TAG_MODE: config.mode, TAG_WRITER: writer, TAG_PRECISION: config.precision,
-                         **self.lineage.tags()})
+                         **lineage_tags(self.lineage)})
         if config.mode == "resume" and self.lineage.source_run_id:
             close_abandoned_run(self.lineage.source_run_id, self.run_id)
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
@@ -765,7 +759,7 @@ def register_run(run_id: str, name: str, dst_dir: Path) -> Registration:
 def log_evaluation(metrics: dict[str, float], source: Lineage, data_dir: str, samples: list, json_path: Path) -> None:
     """Record a standalone evaluation in the active run: metrics (step 0), tags, the data as
     an `evaluation` dataset input, JSON artifact."""
-    mlflow.set_tags({TAG_MODE: "evaluate", **source.tags()})
+    mlflow.set_tags({TAG_MODE: "evaluate", **lineage_tags(source)})
     mlflow.log_param("data_dir", data_dir)
     log_datasets([(data_dir, "evaluation", samples)])
     mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
@@ -786,41 +780,17 @@ def _checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
     return [Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR) if not f.is_dir]
 
 
-def folder_checkpoint(folder: Path, *, prefer_best: bool = False, epoch: int | None = None) -> Path:
-    """The checkpoint of an output folder: that epoch's, else best.pth when preferred and
-    present, else the one of the highest epoch that loads (a file cut short is passed over)."""
-    if epoch:
-        path = folder / ckpt.epoch_filename(epoch)
-        if not path.is_file():
-            raise TrackingError(f"{folder}: no {path.name} (checkpoints here: "
-                                f"{', '.join(sorted(p.name for p in folder.glob('*.pth'))) or 'none'})")
-        return path
-    if prefer_best and (folder / ckpt.BEST_NAME).is_file():
-        return folder / ckpt.BEST_NAME
-    path = ckpt.find_latest(folder)
-    if path is None:
-        raise TrackingError(f"{folder}: no charseg checkpoint here ({ckpt.epoch_filename(1)}, ..., "
-                            f"{ckpt.LAST_NAME} or {ckpt.FINAL_NAME}); pass a checkpoint file, a run ID or a URI")
-    return path
-
-
 def resolve_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,
                        epoch: int | None = None) -> tuple[Path, Lineage]:
     """Turn SOURCE (checkpoint file, output folder, run ID or MLflow artifact URI) into a local
     checkpoint file.
 
     Which checkpoint of a run: checkpoint.pick_checkpoint(prefer_best, epoch); of a folder:
-    folder_checkpoint. Downloads go to dst_dir.
+    checkpoint.folder_checkpoint. Downloads go to dst_dir.
     """
-    local = Path(source)
-    if local.is_file():
-        if epoch:
-            raise TrackingError("--epoch picks a checkpoint of a run or a folder; with a file path, pass that "
-                                "epoch's file")
+    local = ckpt.local_checkpoint(source, prefer_best=prefer_best, epoch=epoch)
+    if local is not None:
         return local, Lineage(source_uri=str(local.resolve()))
-    if local.is_dir():
-        path = folder_checkpoint(local, prefer_best=prefer_best, epoch=epoch)
-        return path, Lineage(source_uri=str(path.resolve()))
     configure()
     client = MlflowClient()
     if is_run_id(source):
