@@ -497,10 +497,13 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
               help="With --format coco: each mask as its outline polygon or as COCO RLE.")
 @click.option("--labels", type=click.Choice(LABELS), default="fit", show_default=True,
               help="Score labels on the overlays: only where they overlap no other label, every one, or none.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images of the same size that go through the model together (consecutive ones, in file name "
+                   "order). Worth raising on a GPU; a CPU gains little.")
 @INFERENCE_PRECISION
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, device: str, output_format: str, coco_segmentation: str,
-                    labels: str, precision: str) -> None:
+                    labels: str, batch_size: int, precision: str) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -518,7 +521,8 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         torch_device = runner.resolve_device(device)
         model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test, precision=precision)
         summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
-                                coco_segmentation=coco_segmentation if output_format == "coco" else None)
+                                coco_segmentation=coco_segmentation if output_format == "coco" else None,
+                                batch_size=batch_size)
     for line in summary["skipped"]:
         click.echo(f"skipped {line}", err=True)
     click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}"

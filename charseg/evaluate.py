@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .data import Sample, image_to_tensor, load_image_rgb
-from .inference import draw_overlay, output_to_instances
+from .inference import draw_overlay, output_to_instances, same_size_batches
 from .polygons import polygon_area, polygon_boxes
 
 # Metrics where lower is better; every other one is maximised.
@@ -109,21 +109,6 @@ def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> i
     return tp
 
 
-def same_size_batches(samples: list[Sample], batch_size: int):
-    """Yield (index of the first, batch): runs of up to `batch_size` consecutive samples of one
-    size. A page batched with a larger one is padded, and GroupNorm's statistics (and the
-    features near the padding) then depend on its neighbour: each page must score as
-    `predict` scores it alone."""
-    start = 0
-    while start < len(samples):
-        end = start + 1
-        while end < min(start + batch_size, len(samples)) and \
-                (samples[end].height, samples[end].width) == (samples[start].height, samples[start].width):
-            end += 1
-        yield start, samples[start:end]
-        start = end
-
-
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device, *, max_dets: int,
              score_threshold: float = 0.5, iou_threshold: float = 0.5, batch_size: int = 2,
@@ -146,7 +131,8 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     tp = n_pred = n_gt = 0
     count_errors: list[int] = []
     overlays: list[tuple[str, Image.Image]] = []
-    for start, batch in same_size_batches(samples, batch_size):
+    start = 0
+    for batch in same_size_batches(samples, lambda s: (s.height, s.width), batch_size):
         arrays = [load_image_rgb(s.image_path) for s in batch]
         tensors = [image_to_tensor(a).to(device) for a in arrays]
         outputs = model(tensors)
@@ -168,6 +154,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
             count_errors.append(abs(len(kept) - len(gt_rles)))
             if len(overlays) < overlay_count:
                 overlays.append((sample.name, draw_overlay(rgb, [i for i in instances if i.score >= score_threshold])))
+        start += len(batch)
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gt if n_gt else 0.0
     metrics = {

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +29,8 @@ log = logging.getLogger("charseg")
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
 COCO_PREDICTIONS = "predictions_coco.json"  # predict --format coco
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,8 +97,25 @@ def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: tor
                    score_threshold: float = 0.5) -> list[list[Instance]]:
     """Predict instances for HxWx3 uint8 RGB arrays (one list per image)."""
     tensors = [image_to_tensor(a).to(device) for a in images]
-    outputs = model(tensors)
+    with boxes_scoring_at_least(model, score_threshold):
+        outputs = model(tensors)
     return [output_to_instances(o, score_threshold) for o in outputs]
+
+
+@contextlib.contextmanager
+def boxes_scoring_at_least(model: torch.nn.Module, score_threshold: float) -> Iterator[None]:
+    """Drop detections scoring under `score_threshold` before the mask head runs, not after:
+    on a dense page the mask head is most of the time. The instances at or above it are the
+    same: NMS lets a box be suppressed only by a higher-scoring one, and the top-k detections
+    kept are a prefix by score. (torchvision keeps scores strictly above its threshold, so it
+    gets the float32 just below ours.)"""
+    heads = model.roi_heads
+    default = heads.score_thresh
+    heads.score_thresh = max(default, float(np.nextafter(np.float32(score_threshold), np.float32(-1))))
+    try:
+        yield
+    finally:
+        heads.score_thresh = default
 
 
 LABELS = ("fit", "all", "none")  # overlay score labels: where they fit, every one, none
@@ -171,34 +194,78 @@ def write_predictions_csv(path: Path, instances: list[Instance]) -> None:
 
 def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, device: torch.device,
                   score_threshold: float, progress: bool = True, labels: str = "fit",
-                  coco_segmentation: str | None = None) -> dict[str, int]:
+                  coco_segmentation: str | None = None, batch_size: int = 1) -> dict[str, int]:
     """Predict every input image; write OUT/images (copies), OUT/annotations/*.csv and
     OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts;
     with `coco_segmentation` (polygon or rle) also OUT/predictions_coco.json.
+
+    Up to `batch_size` consecutive images of the same size go through the model together (the
+    same size: no padding, so each image's instances do not depend on its neighbours). The next
+    images are decoded and the last ones' files written in two threads while the model runs.
     An image that cannot be used (unreadable, over the size limits) is skipped and named.
     Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...]}."""
     from tqdm import tqdm
 
     from .coco import predictions_to_coco
 
-    total, done, pages, skipped = 0, 0, [], []
-    for path in tqdm(inputs, desc="predicting", unit="image", disable=None if progress else True):
-        try:
-            rgb = load_image_rgb(path)
-        except ImageUnusable as exc:
-            skipped.append(str(exc))
-            continue
-        instances = predict_arrays(model, [rgb], device, score_threshold)[0]
-        total += len(instances)
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgb).save(out_dir / "images" / f"{path.stem}.png")
-        write_predictions_csv(out_dir / "annotations" / f"{path.stem}.csv", instances)
-        (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-        draw_overlay(rgb, instances, labels).save(out_dir / "overlays" / f"{path.stem}.png")
-        done += 1
-        if coco_segmentation:  # kept only for the COCO file
-            pages.append((f"{path.stem}.png", rgb.shape[1], rgb.shape[0], instances))
+    done, total, pages, skipped = 0, 0, [], []
+    writing: list[Future] = []  # at most a batch waits to be written (a writer's error stops the run)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
+            tqdm(total=len(inputs), desc="predicting", unit="image", disable=None if progress else True) as bar:
+        for batch in same_size_batches(decoded_images(decoder, inputs, skipped), lambda item: item[1].shape,
+                                       batch_size):
+            results = predict_arrays(model, [rgb for _, rgb in batch], device, score_threshold)
+            for (path, rgb), instances in zip(batch, results):
+                writing.append(writer.submit(write_prediction, out_dir, path.stem, rgb, instances, labels))
+                total += len(instances)
+                if coco_segmentation:  # kept only for the COCO file
+                    pages.append((f"{path.stem}.png", rgb.shape[1], rgb.shape[0], instances))
+            while len(writing) > len(batch):
+                writing.pop(0).result()
+            done += len(batch)
+            bar.update(done + len(skipped) - bar.n)
+        for future in writing:
+            future.result()
+        bar.update(len(inputs) - bar.n)  # images skipped after the last batch
     if coco_segmentation:
         (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
                                                 encoding="utf-8")
     return {"images": done, "instances": total, "skipped": skipped}
+
+
+def decoded_images(decoder: ThreadPoolExecutor, inputs: list[Path],
+                   skipped: list[str]) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, RGB array) of each input, decoded in `decoder` one image ahead of the caller;
+    an image that cannot be used is named in `skipped` instead."""
+    ahead = decoder.submit(load_image_rgb, inputs[0]) if inputs else None
+    for index, path in enumerate(inputs):
+        current = ahead
+        ahead = decoder.submit(load_image_rgb, inputs[index + 1]) if index + 1 < len(inputs) else None
+        try:
+            yield path, current.result()
+        except ImageUnusable as exc:
+            skipped.append(str(exc))
+
+
+def same_size_batches(items: Iterable[T], size: Callable[[T], tuple], batch_size: int) -> Iterator[list[T]]:
+    """Runs of up to `batch_size` consecutive items of one size. A page batched with a larger
+    one is padded, and GroupNorm's statistics (and the features near the padding) then depend
+    on its neighbour: each page must come out as it would alone."""
+    batch: list[T] = []
+    for item in items:
+        if batch and (len(batch) == batch_size or size(item) != size(batch[0])):
+            yield batch
+            batch = []
+        batch.append(item)
+    if batch:
+        yield batch
+
+
+def write_prediction(out_dir: Path, stem: str, rgb: np.ndarray, instances: list[Instance], labels: str) -> None:
+    """OUT/images/STEM.png (the page), OUT/annotations/STEM.csv and OUT/overlays/STEM.png."""
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(out_dir / "images" / f"{stem}.png")
+    write_predictions_csv(out_dir / "annotations" / f"{stem}.csv", instances)
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    draw_overlay(rgb, instances, labels).save(out_dir / "overlays" / f"{stem}.png")

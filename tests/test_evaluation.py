@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from charseg import checkpoint as ckpt
 from charseg import runner
 from charseg.cli import cli
-from charseg.data import Sample, scan_dataset, split_samples
+from charseg.data import Sample, image_to_tensor, load_image_rgb, scan_dataset, split_samples
 from charseg.evaluate import evaluate, is_better
 from charseg.polygons import polygon_mask_targets, polygons_to_boxes
 from conftest import light_config
@@ -166,7 +167,8 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
 def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
     """Pages of different sizes are not batched together in evaluation: padding to the larger
     one changes GroupNorm's statistics, so a page's detections would depend on its neighbour."""
-    from charseg.evaluate import evaluate, same_size_batches
+    from charseg.evaluate import evaluate
+    from charseg.inference import same_size_batches
     from charseg.heldout import generate_heldout
     from charseg.model import build_model, spec_for_weights
 
@@ -174,12 +176,12 @@ def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
     pages = scan_dataset(tmp_path).samples
     assert len({(p.height, p.width) for p in pages}) == 3
     same = [dataclasses.replace(p, width=120, height=100) for p in pages[:2]]
-    assert [[s.name for s in b] for _, b in same_size_batches([*same, pages[2], same[0]], 4)] == \
+    assert [[s.name for s in b] for b in same_size_batches([*same, pages[2], same[0]], lambda s: (s.height, s.width),
+                                                            4)] == \
         [[same[0].name, same[1].name], [pages[2].name], [same[0].name]]
     torch.manual_seed(0)
     model = build_model(spec_for_weights("resnet18", "none", min_size=96, max_size=160, norm="group",
                                          fpn_channels=64, mask_pixels=True, detections_per_img=50)).eval()
-    from charseg.data import image_to_tensor, load_image_rgb
     with torch.inference_mode():
         tensors = [image_to_tensor(load_image_rgb(p.image_path)) for p in pages[:2]]
         alone, batched = model(tensors[:1])[0], model(tensors)[0]
@@ -217,3 +219,61 @@ def test_overlays_fill_each_mask_in_its_own_colour_and_place_labels_where_they_f
     assert fit[0][1] == "0.87"  # the best score whose label stays on the page (0.89 and 0.88 would cross its edge)
     rects = [r for _, _, r, _ in fit]
     assert not any(a[0] < b[2] and b[0] < a[2] for i, a in enumerate(rects) for b in rects[i + 1:])
+
+
+def test_low_scores_are_dropped_before_the_mask_head_with_the_same_instances(tiny_dataset):
+    from charseg.inference import output_to_instances, predict_arrays
+    from charseg.model import build_model, spec_for_weights
+
+    torch.manual_seed(0)
+    model = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=128, fpn_channels=32,
+                                         detections_per_img=60)).eval()
+    masked = []
+    model.roi_heads.mask_head.register_forward_hook(lambda m, i, out: masked.append(len(out)))
+    rgb = load_image_rgb(tiny_dataset / "images" / "00001.png")
+    with torch.inference_mode():
+        everything = model([image_to_tensor(rgb)])[0]
+    threshold = float(everything["scores"].median())
+    expected = output_to_instances(everything, threshold)
+    masked.clear()
+    got = predict_arrays(model, [rgb], torch.device("cpu"), threshold)[0]
+    assert 0 < len(got) < len(everything["scores"]) and sum(masked) < len(everything["scores"])
+    assert got == expected
+    assert model.roi_heads.score_thresh == 0.05  # the model's own threshold is back
+
+
+def test_predict_batches_same_size_pages_with_the_files_of_one_at_a_time(tiny_dataset, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    trained = runner.train(light_config(tiny_dataset, tmp_path / "run", epochs=1))
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("00001", "00002", "00003"):
+        shutil.copy(tiny_dataset / "images" / f"{name}.png", inputs / f"a{name}.png")
+    rgb = load_image_rgb(tiny_dataset / "images" / "00004.png")
+    Image.fromarray(rgb[: rgb.shape[0] // 2]).save(inputs / "b_half.png")  # another size, then a broken file
+    (inputs / "c_broken.png").write_bytes(b"not a png")
+    shutil.copy(tiny_dataset / "images" / "00004.png", inputs / "d00004.png")
+    outs = {}
+    for batch in ("1", "2", "3"):
+        result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(trained.final_checkpoint),
+                                          "--out", str(tmp_path / batch), "--score-threshold", "0.05",
+                                          "--batch-size", batch])
+        assert result.exit_code == 0, result.output
+        assert "in 5 images" in result.stdout and "1 images skipped" in result.stdout
+        assert f"skipped {inputs / 'c_broken.png'}" in result.stderr
+        outs[batch] = {p.relative_to(tmp_path / batch).as_posix(): p.read_bytes()
+                       for p in sorted((tmp_path / batch).rglob("*.csv"))}
+    assert len(outs["1"]) == 5 and outs["2"] == outs["1"] and outs["3"] == outs["1"]
+    assert sorted(p.name for p in (tmp_path / "3" / "overlays").iterdir()) == [
+        "a00001.png", "a00002.png", "a00003.png", "b_half.png", "d00004.png"]
+    # Predicting from a checkpoint file does not start MLflow (a second or two of every run).
+    probe = ("import sys\nfrom charseg.cli import main\ntry:\n    main()\nexcept SystemExit as exc:\n"
+             "    assert not exc.code, exc.code\nprint('mlflow imported:', 'mlflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, "predict", str(inputs / "a00001.png"), "--model",
+                           str(trained.final_checkpoint), "--out", str(tmp_path / "probe")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "mlflow imported: False" in done.stdout
