@@ -46,9 +46,42 @@ def postgres_bin() -> Path | None:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_service(args: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start a server in its own process group, output to a file (a full pipe would block it)."""
+    return subprocess.Popen(args, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            **kwargs)
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, seconds: float = 180) -> None:
+    """Poll `url` until it answers; fail with the server's log if it dies or takes too long."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with LOOPBACK.open(url, timeout=2):
+                return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not come up; its log {log_path}:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    """Stop the server and every process it started (mlflow spawns uvicorn and workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _as_database_user(args: list[str]) -> list[str]:
@@ -60,19 +93,6 @@ def _run(args: list[str]) -> None:
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {(done.stderr or done.stdout)[-2000:]}")
-
-
-def _wait_for(url: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with LOOPBACK.open(url, timeout=2):
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not come up; its log {log}:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 @dataclass
@@ -132,11 +152,8 @@ class Stack:
             connection.execute(f"CREATE DATABASE {DATABASE}")
 
     def _start_s3(self) -> None:
-        log = self.root / "s3.log"
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)],
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.processes.append(proc)
-        _wait_for(f"{self.s3_endpoint}/moto-api/", proc, log)
+        self._start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.s3_port)], "s3.log",
+                    f"{self.s3_endpoint}/moto-api/")
         import boto3
 
         boto3.client("s3", endpoint_url=self.s3_endpoint, **_boto_credentials()).create_bucket(Bucket=BUCKET)
@@ -146,25 +163,21 @@ class Stack:
         return {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint}
 
     def _start_mlflow(self) -> None:
-        log = self.root / "mlflow-server.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
-             "--backend-store-uri", self.backend_store_uri, "--artifacts-destination", self.artifacts_destination,
-             "--serve-artifacts", "--workers", "2"],
-            env=self.server_env(), cwd=self.root, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        self._start([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.mlflow_port),
+                     "--backend-store-uri", self.backend_store_uri, "--artifacts-destination",
+                     self.artifacts_destination, "--serve-artifacts", "--workers", "2"], "mlflow-server.log",
+                    f"{self.tracking_uri}/health", env=self.server_env(), cwd=self.root)
+
+    def _start(self, args: list[str], log_name: str, url: str, **kwargs) -> None:
+        """Start a service logging to ROOT/LOG_NAME and wait until URL answers."""
+        log = self.root / log_name
+        proc = start_service(args, log, **kwargs)
         self.processes.append(proc)
-        _wait_for(f"{self.tracking_uri}/health", proc, log)
+        wait_until_up(proc, url, log)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=20)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_service(proc)
         binaries = postgres_bin()
         if binaries and (self.root / "postgres" / "postmaster.pid").exists():
             subprocess.run(_as_database_user([str(binaries / "pg_ctl"), "-D", str(self.root / "postgres"), "-m",

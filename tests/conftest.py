@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from charseg.config import TrainConfig
 from charseg.generate import generate_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
+# The service helpers of deploy/ (a folder of recipes, not a package); LOCAL never goes through a proxy.
+from local_stack import LOOPBACK as LOCAL  # noqa: E402,F401
+from local_stack import free_port as _free_port  # noqa: E402,F401
+from local_stack import start_service, stop_service  # noqa: E402
+from local_stack import wait_until_up as _wait_until_up  # noqa: E402
 
 # Small enough that one step takes well under a second on a 2-core CPU.
 LIGHT = dict(weights="none", backbone="resnet18", min_size=64, max_size=64, num_workers=0, roi_samples=32,
@@ -53,48 +55,13 @@ def _isolated_tracking(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it
 
 
-# Loopback requests must never go through a proxy; urllib's default opener also caches the
-# proxy settings of its first use (which a test may have pointed at a closed port).
-LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def start_service(args: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
-    """Start a server in its own process group, output to a file (a full pipe would block it)."""
-    log = open(log_path, "w")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-
-
 def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, seconds: float = 180) -> None:
-    """Poll `url` until it answers; fail with the server's log if it dies or takes too long."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with LOCAL.open(url, timeout=2):
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_service(proc)
-            raise RuntimeError(f"{url} did not come up: {log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def stop_service(proc: subprocess.Popen) -> None:
-    """Stop the server and every process it started (mlflow spawns uvicorn and workers)."""
+    """local_stack.wait_until_up, and the server stopped when it does not come up."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        _wait_until_up(proc, url, log_path, seconds)
+    except RuntimeError:
+        stop_service(proc)
+        raise
 
 
 @pytest.fixture(scope="session")
