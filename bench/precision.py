@@ -4,10 +4,12 @@ docs/BENCHMARKS.md. A script, not a test: run it alone on an idle machine.
 
     python bench/precision.py --checkpoint outputs/demo/model_final.pth --data demo_heldout
 
-Speed: the dense 1024² page of bench/benchmark.py (1700 characters asked for, random-init
-ResNet-50 FPN, charseg's fitted limits), each figure from a fresh process: inference to
-polygons, and a training step (median after a warm-up). Quality: `charseg evaluate`'s metrics
-of CHECKPOINT on DATA at fp32 and at bf16 (`make demo` gives both).
+Speed: the pages of bench/benchmark.py (a dense 1024² page, 1700 characters asked for; eight
+sparse 256² pages), random-init ResNet-50 FPN, charseg's fitted limits, each figure from a
+fresh process: inference to polygons, a whole predict process (stock: bench/stock_predict.py;
+charseg: `charseg predict`), from start to exit, and training steps (median after a warm-up).
+Quality: `charseg evaluate`'s metrics of CHECKPOINT on DATA at fp32 and at bf16 (`make demo`
+gives both).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmark import run_worker, spec_for  # noqa: E402  (bench/ is this script's folder)
 from charseg import __version__, runner  # noqa: E402
+from charseg import checkpoint as ckpt  # noqa: E402
+from charseg.config import TrainConfig  # noqa: E402
 from charseg.generate import generate_dataset  # noqa: E402
 from charseg.model import build_model  # noqa: E402
 from charseg.precision import native_bf16  # noqa: E402
@@ -37,18 +42,52 @@ HEADING = "## Mixed precision (bench/precision.py)"
 METRICS = ("segm_AP", "segm_AP50", "bbox_AP50", "char_f1")
 
 
-def speed(dense_chars: int, steps: int) -> dict:
+# Runs a command and prints its own peak RSS: the launcher is a bare interpreter, so the RSS
+# Linux carries into a child at fork/exec (ru_maxrss) is a few MB, not this script's.
+LAUNCHER = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+            "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "sys.stderr.write(done.stderr[-3000:])")
+
+
+def whole_process(args: list[str]) -> dict:
+    """Seconds from start to exit and peak RSS of the process that runs ARGS."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    code, peak_kb = done.stdout.split()
+    if code != "0":
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr}")
+    return {"seconds": seconds, "peak_rss_mb": int(peak_kb) / 1024}
+
+
+def speed(dense_chars: int, steps: int, sparse_steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate_dataset(tmp / "dense", num_images=1, width=1024, height=1024, chars_per_image=(dense_chars,) * 2,
                          font_size=(10, 16), seed=2)
+        generate_dataset(tmp / "sparse", num_images=8, width=256, height=256, chars_per_image=(5, 15), seed=1)
         torch.manual_seed(0)
+        spec = spec_for("dense", "pretrained", str(tmp / "dense"))
         weights = tmp / "pretrained.pth"
-        torch.save(build_model(spec_for("dense", "pretrained", str(tmp / "dense"))).state_dict(), weights)
+        torch.save(build_model(spec).state_dict(), weights)
+        checkpoint = tmp / "dense.pth"  # the same weights, limits and anchors as a charseg checkpoint
+        ckpt.save_checkpoint(ckpt.make_checkpoint(
+            epoch=0, model=torch.load(weights, weights_only=True), optimizer={}, scheduler={}, warmup={}, seed=0,
+            rng={}, config=TrainConfig(min_size=1024, max_size=1024).to_dict(), model_spec=spec.to_dict(),
+            num_classes=spec.num_classes, metrics={}, best={}), checkpoint)
+        page = str(next((tmp / "dense" / "images").iterdir()))
         rows = {}
-        for task, n in (("inference", 1), ("train", steps)):
+        for task, page_set, n in (("inference", "dense", 1), ("train", "dense", steps), ("train", "sparse", sparse_steps)):
             for path in ("stock", "charseg", "charseg-bf16"):
-                rows[(task, path)] = run_worker(task, path, "dense", "pretrained", tmp / "dense", weights, n)
+                rows[(task, page_set, path)] = run_worker(task, path, page_set, "pretrained", tmp / page_set, weights, n)
+        for path in ("stock", "charseg", "charseg-bf16"):
+            out = str(tmp / f"predicted-{path}")
+            args = [str(ROOT / "bench" / "stock_predict.py"), str(checkpoint), page, out] if path == "stock" else \
+                ["-m", "charseg", "predict", page, "--model", str(checkpoint), "--out", out, "--precision",
+                 "bf16" if path.endswith("bf16") else "fp32"]
+            rows[("process", "dense", path)] = whole_process([sys.executable, *args])
+            print(f"  whole predict process {path:13s} {rows[('process', 'dense', path)]['seconds']:8.2f} s  "
+                  f"{rows[('process', 'dense', path)]['peak_rss_mb']:9.0f} MB peak RSS", flush=True)
     return rows
 
 
@@ -69,11 +108,15 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str) -> str:
              f"cores ({how}), torch {torch.__version__}, charseg {__version__}. bf16 = `--precision bf16`: "
              "autocast to bfloat16 with weights, losses, anchors, box decoding and mask logits in float32. Stock "
              "torchvision has no CPU mixed precision; it runs float32.", "",
-             "| dense 1024² page, pretrained layout | stock fp32 | charseg fp32 | charseg bf16 | bf16 / stock | "
-             "bf16 / charseg fp32 |", "| --- | --- | --- | --- | --- | --- |"]
-    for task, label in (("inference", "inference to polygons"), ("train", "training step")):
+             "| pretrained layout | stock fp32 | charseg fp32 | charseg bf16 | bf16 / stock | bf16 / charseg fp32 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    labels = {("inference", "dense"): "dense 1024² page: inference to polygons (model and tracing)",
+              ("process", "dense"): "dense 1024² page: whole predict process, start to exit",
+              ("train", "dense"): "dense 1024² page: training step",
+              ("train", "sparse"): "sparse 256² pages: training step"}
+    for (task, page_set), label in labels.items():
         for key, unit, fmt in (("seconds", "time", "{:.2f} s"), ("peak_rss_mb", "peak RSS", "{:.0f} MB")):
-            stock, fp32, bf16 = (rows[(task, p)][key] for p in ("stock", "charseg", "charseg-bf16"))
+            stock, fp32, bf16 = (rows[(task, page_set, p)][key] for p in ("stock", "charseg", "charseg-bf16"))
             lines.append(f"| {label}: {unit} | {fmt.format(stock)} | {fmt.format(fp32)} | {fmt.format(bf16)} | "
                          f"{bf16 / stock:.2f}x | {bf16 / fp32:.2f}x |")
     lines += ["", f"The same checkpoint (`{checkpoint}`) evaluated on `{data}` (`charseg evaluate --precision ...`):",
@@ -93,10 +136,11 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="Pages it never trained on (e.g. demo_heldout).")
     parser.add_argument("--dense-chars", type=int, default=1700)
     parser.add_argument("--steps", type=int, default=3, help="Dense training steps; the first warms up.")
+    parser.add_argument("--sparse-steps", type=int, default=6, help="Sparse training steps; the first warms up.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     scores = quality(args.checkpoint, args.data)
-    rows = speed(args.dense_chars, args.steps)
+    rows = speed(args.dense_chars, args.steps, args.sparse_steps)
     section = render(rows, scores, args.checkpoint, args.data)
     print(section)
     write_section(args.out, section)
