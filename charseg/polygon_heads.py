@@ -11,6 +11,8 @@ polygons directly. Memory grows with instances x 28^2, not instances x H x W.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import roi_align
+from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from .polygons import polygon_mask_targets, unpack_polygons
 from .precision import autocast
@@ -31,6 +33,8 @@ from .precision import autocast
 ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
+# Fewest RoIs worth a thread of their own in ThreadedRoIAlign.
+ROIS_PER_THREAD = 16
 # The feature that carries the input pixels to a PixelMaskPredictor (PixelFPN).
 PIXELS = "pixels"
 # GroupNorm groups of a PixelMaskPredictor's refining blocks (32 channels: 4 per group).
@@ -175,6 +179,48 @@ class PolygonRoIHeads(RoIHeads):
             size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
             result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
         return results
+
+
+def pooling_threads() -> int:
+    """Threads ThreadedRoIAlign may use: torch's intra-op threads (one per core by default)."""
+    return torch.get_num_threads()
+
+
+_POOL: dict[int, ThreadPoolExecutor] = {}
+
+
+class ThreadedRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign that pools its RoIs in parts, one thread each, on a CPU without
+    autograd: torchvision's CPU roi_align kernel runs on one core whatever torch's thread
+    count, and at inference a dense page pools 4,000 proposals and 2,000 masks. The values
+    are the same (each RoI is pooled on its own either way); in training it is the stock op."""
+
+    def forward(self, x, boxes, image_shapes):
+        threads = min(pooling_threads(), sum(len(b) for b in boxes) // ROIS_PER_THREAD)
+        if threads < 2 or torch.is_grad_enabled() or next(iter(x.values())).device.type != "cpu":
+            return super().forward(x, boxes, image_shapes)
+        # Part k takes the k-th slice of every image's boxes; rows come back image by image.
+        bounds = [[round(len(b) * k / threads) for k in range(threads + 1)] for b in boxes]
+        parts = [[b[edges[k]:edges[k + 1]] for b, edges in zip(boxes, bounds)] for k in range(threads)]
+        def pool(part):
+            return MultiScaleRoIAlign.forward(self, x, part, image_shapes)
+
+        # The first call sets the levels' scales: not from two threads at once.
+        pooled = [pool(parts[0])] if self.scales is None else []
+        pooled += _thread_pool(threads).map(pool, parts[len(pooled):])
+        rows = []
+        starts = [0] * threads
+        for image_parts in zip(*parts):
+            for k, part in enumerate(image_parts):
+                rows.append(pooled[k][starts[k]:starts[k] + len(part)])
+                starts[k] += len(part)
+        return torch.cat(rows)
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOL:
+        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="roi-align")
+    return _POOL[threads]
 
 
 def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -395,6 +441,8 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     model.roi_heads.fg_bg_sampler.__class__ = SeededSampler
     model.__class__ = PrecisionMaskRCNN
     model.rpn.anchor_generator.__class__ = Float32Anchors
+    model.roi_heads.box_roi_pool.__class__ = ThreadedRoIAlign
+    model.roi_heads.mask_roi_pool.__class__ = ThreadedRoIAlign
     model.rpn.head.register_forward_hook(_float_outputs)
     return model
 

@@ -262,3 +262,31 @@ def test_anchor_matching_with_an_image_without_characters_equals_stock():
     for a, b in zip(a_labels + a_boxes, b_labels + b_boxes):
         assert torch.equal(a, b)
     assert int(a_labels[0].abs().sum()) == 0 and int((a_labels[1] == 1).sum()) == 1
+
+
+def test_threaded_roi_align_pools_exactly_what_the_stock_op_pools(monkeypatch):
+    """At inference RoIs are pooled in parts, one thread each (torchvision's CPU kernel uses one
+    core); every RoI must come back in its place with the same values, whatever the split."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from charseg import polygon_heads
+
+    torch.manual_seed(0)
+    features = {"0": torch.randn(2, 8, 64, 64), "1": torch.randn(2, 8, 32, 32), "2": torch.randn(2, 8, 16, 16)}
+    boxes = []
+    for n in (70, 45):
+        corner = torch.rand(n, 2) * 200
+        boxes.append(torch.cat([corner, corner + 4 + torch.rand(n, 2) * 50], 1))
+    shapes = [(256, 256), (256, 256)]
+    stock = MultiScaleRoIAlign(["0", "1", "2"], 7, 2)
+    with torch.no_grad():
+        expected = stock(features, boxes, shapes)
+        for threads in (2, 3, 7):
+            monkeypatch.setattr(polygon_heads, "pooling_threads", lambda threads=threads: threads)
+            threaded = polygon_heads.ThreadedRoIAlign(["0", "1", "2"], 7, 2)
+            assert torch.equal(threaded(features, boxes, shapes), expected)
+            no_box_first = [boxes[0][:0], boxes[1]]  # an image without boxes
+            assert torch.equal(threaded(features, no_box_first, shapes), stock(features, no_box_first, shapes))
+    features["0"].requires_grad_(True)
+    threaded(features, boxes, shapes).sum().backward()  # with autograd: the stock op, its gradient too
+    assert features["0"].grad is not None
