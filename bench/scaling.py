@@ -68,10 +68,12 @@ def render(rows: list[dict], images: int, epochs: int) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replace (or add) this script's section of the benchmarks document, keeping the rest."""
+    """Replace (or add) SECTION, named by its first line (its heading), in the benchmarks
+    document, keeping the rest (the other scripts' sections)."""
+    heading = section.split("\n", 1)[0]
     text = path.read_text() if path.exists() else ""
-    if HEADING in text:
-        before, after = text.split(HEADING, 1)
+    if heading in text:
+        before, after = text.split(heading, 1)
         rest = after.split("\n## ", 1)
         text = before + section + ("\n## " + rest[1] if len(rest) > 1 else "")
     else:

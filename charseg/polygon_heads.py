@@ -25,6 +25,8 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, roi_align
+# MultiScaleRoIAlign's own steps, so ThreadedRoIAlign keeps its levels and scales exactly.
+from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from .polygons import polygon_mask_targets, unpack_polygons
 from .precision import autocast
@@ -33,7 +35,7 @@ from .precision import autocast
 ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
-# Fewest RoIs worth a thread of their own in ThreadedRoIAlign.
+# Fewest RoIs worth a thread of their own in parallel_roi_align.
 ROIS_PER_THREAD = 16
 # The feature that carries the input pixels to a PixelMaskPredictor (PixelFPN).
 PIXELS = "pixels"
@@ -182,45 +184,78 @@ class PolygonRoIHeads(RoIHeads):
 
 
 def pooling_threads() -> int:
-    """Threads ThreadedRoIAlign may use: torch's intra-op threads (one per core by default)."""
+    """Threads RoI pooling may use on a CPU: torch's intra-op threads (one per core by default)."""
     return torch.get_num_threads()
 
 
 _POOL: dict[int, ThreadPoolExecutor] = {}
 
 
-class ThreadedRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign that pools its RoIs in parts, one thread each, on a CPU without
-    autograd: torchvision's CPU roi_align kernel runs on one core whatever torch's thread
-    count, and at inference a dense page pools 4,000 proposals and 2,000 masks. The values
-    are the same (each RoI is pooled on its own either way); in training it is the stock op."""
-
-    def forward(self, x, boxes, image_shapes):
-        threads = min(pooling_threads(), sum(len(b) for b in boxes) // ROIS_PER_THREAD)
-        if threads < 2 or torch.is_grad_enabled() or next(iter(x.values())).device.type != "cpu":
-            return super().forward(x, boxes, image_shapes)
-        # Part k takes the k-th slice of every image's boxes; rows come back image by image.
-        bounds = [[round(len(b) * k / threads) for k in range(threads + 1)] for b in boxes]
-        parts = [[b[edges[k]:edges[k + 1]] for b, edges in zip(boxes, bounds)] for k in range(threads)]
-        def pool(part):
-            return MultiScaleRoIAlign.forward(self, x, part, image_shapes)
-
-        # The first call sets the levels' scales: not from two threads at once.
-        pooled = [pool(parts[0])] if self.scales is None else []
-        pooled += _thread_pool(threads).map(pool, parts[len(pooled):])
-        rows = []
-        starts = [0] * threads
-        for image_parts in zip(*parts):
-            for k, part in enumerate(image_parts):
-                rows.append(pooled[k][starts[k]:starts[k] + len(part)])
-                starts[k] += len(part)
-        return torch.cat(rows)
-
-
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
     if threads not in _POOL:
         _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="roi-align")
     return _POOL[threads]
+
+
+class PartsRoIAlign(torch.autograd.Function):
+    """torchvision's roi_align over `threads` parts of the RoIs at once, forward and backward.
+    Its CPU kernels run on one core whatever torch's thread count; its backward, which
+    scatters every RoI's gradient into the feature map, is a third of a 256² training step.
+    Forward values are the op's own (each RoI is pooled alone); the gradient is the sum of
+    the parts' gradients (the same up to the order of float additions)."""
+
+    @staticmethod
+    def forward(ctx, features, rois, spatial_scale, output_size, sampling_ratio, threads):
+        ctx.save_for_backward(rois)
+        ctx.args = (spatial_scale, output_size, sampling_ratio, threads, features.shape)
+        h, w = output_size
+        return torch.cat(list(_thread_pool(threads).map(
+            lambda part: torch.ops.torchvision.roi_align(features, part, spatial_scale, h, w, sampling_ratio, False),
+            rois.tensor_split(threads))))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rois,) = ctx.saved_tensors
+        spatial_scale, (h, w), sampling_ratio, threads, (n, c, height, width) = ctx.args
+        parts = _thread_pool(threads).map(
+            lambda pair: torch.ops.torchvision._roi_align_backward(
+                pair[0].contiguous(), pair[1], spatial_scale, h, w, n, c, height, width, sampling_ratio, False),
+            zip(grad.tensor_split(threads), rois.tensor_split(threads)))
+        total = None
+        for part in parts:
+            total = part if total is None else total.add_(part)
+        return total, None, None, None, None, None
+
+
+def parallel_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
+                       spatial_scale: float, sampling_ratio: int) -> torch.Tensor:
+    """roi_align (aligned=False, as MultiScaleRoIAlign) in float32, on every core of a CPU."""
+    features, rois = features.float(), rois.float()  # its kernels are float32 (autocast casts so too)
+    threads = min(pooling_threads(), len(rois) // ROIS_PER_THREAD)
+    if threads < 2 or features.device.type != "cpu":
+        return roi_align(features, rois, output_size, spatial_scale, sampling_ratio)
+    return PartsRoIAlign.apply(features, rois, spatial_scale, tuple(output_size), sampling_ratio, threads)
+
+
+class ThreadedRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign whose per-level pooling is parallel_roi_align: the same levels,
+    scales and outputs, on every core."""
+
+    def forward(self, x, boxes, image_shapes):
+        features = _filter_input(x, self.featmap_names)
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
+                                                         self.canonical_level)
+        rois = _convert_to_roi_format(boxes)
+        if len(features) == 1:
+            return parallel_roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+        levels = self.map_levels(boxes)
+        result = rois.new_zeros((len(rois), features[0].shape[1], *self.output_size), dtype=torch.float32)
+        for level, (feature, scale) in enumerate(zip(features, self.scales)):
+            in_level = torch.where(levels == level)[0]
+            result[in_level] = parallel_roi_align(feature, rois[in_level], self.output_size, scale,
+                                                  self.sampling_ratio)
+        return result
 
 
 def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

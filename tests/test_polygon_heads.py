@@ -264,9 +264,10 @@ def test_anchor_matching_with_an_image_without_characters_equals_stock():
     assert int(a_labels[0].abs().sum()) == 0 and int((a_labels[1] == 1).sum()) == 1
 
 
-def test_threaded_roi_align_pools_exactly_what_the_stock_op_pools(monkeypatch):
-    """At inference RoIs are pooled in parts, one thread each (torchvision's CPU kernel uses one
-    core); every RoI must come back in its place with the same values, whatever the split."""
+def test_threaded_roi_align_pools_what_the_stock_op_pools_forward_and_backward(monkeypatch):
+    """RoIs are pooled in parts, one thread each (torchvision's CPU kernels use one core): every
+    RoI must come back in its place with the op's own values, and the features' gradient must
+    be the op's, whatever the split."""
     from torchvision.ops import MultiScaleRoIAlign
 
     from charseg import polygon_heads
@@ -278,15 +279,23 @@ def test_threaded_roi_align_pools_exactly_what_the_stock_op_pools(monkeypatch):
         corner = torch.rand(n, 2) * 200
         boxes.append(torch.cat([corner, corner + 4 + torch.rand(n, 2) * 50], 1))
     shapes = [(256, 256), (256, 256)]
+    weights = torch.randn(115, 8, 7, 7)
+
+    def pooled_and_gradients(pooler, boxes):
+        inputs = {k: v.clone().requires_grad_(True) for k, v in features.items()}
+        out = pooler(inputs, boxes, shapes)
+        (out * weights[:len(out)]).sum().backward()
+        return out.detach(), [inputs[k].grad for k in inputs]
+
     stock = MultiScaleRoIAlign(["0", "1", "2"], 7, 2)
-    with torch.no_grad():
-        expected = stock(features, boxes, shapes)
-        for threads in (2, 3, 7):
-            monkeypatch.setattr(polygon_heads, "pooling_threads", lambda threads=threads: threads)
-            threaded = polygon_heads.ThreadedRoIAlign(["0", "1", "2"], 7, 2)
-            assert torch.equal(threaded(features, boxes, shapes), expected)
-            no_box_first = [boxes[0][:0], boxes[1]]  # an image without boxes
-            assert torch.equal(threaded(features, no_box_first, shapes), stock(features, no_box_first, shapes))
-    features["0"].requires_grad_(True)
-    threaded(features, boxes, shapes).sum().backward()  # with autograd: the stock op, its gradient too
-    assert features["0"].grad is not None
+    no_box_first = [boxes[0][:0], boxes[1]]  # an image without boxes
+    for threads in (2, 3, 7):
+        monkeypatch.setattr(polygon_heads, "pooling_threads", lambda threads=threads: threads)
+        threaded = polygon_heads.ThreadedRoIAlign(["0", "1", "2"], 7, 2)
+        for case in (boxes, no_box_first):
+            expected, expected_grads = pooled_and_gradients(stock, case)
+            got, grads = pooled_and_gradients(threaded, case)
+            assert torch.equal(got, expected)
+            assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-6) for g, e in zip(grads, expected_grads))
+            with torch.inference_mode():
+                assert torch.equal(threaded(features, case, shapes), expected)
