@@ -119,6 +119,12 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str) -> str:
             stock, fp32, bf16 = (rows[(task, page_set, p)][key] for p in ("stock", "charseg", "charseg-bf16"))
             lines.append(f"| {label}: {unit} | {fmt.format(stock)} | {fmt.format(fp32)} | {fmt.format(bf16)} | "
                          f"{bf16 / stock:.2f}x | {bf16 / fp32:.2f}x |")
+    outside = [rows[("process", "dense", p)]["seconds"] - rows[("inference", "dense", p)]["seconds"]
+               for p in ("stock", "charseg", "charseg-bf16")]
+    lines += ["", "A whole process spends outside the model (whole process minus inference to polygons): "
+              + " / ".join(f"{v:.1f} s" for v in outside) + " (stock / charseg fp32 / charseg bf16): importing "
+              "torch and torchvision (whose ops import torch._dynamo), loading the checkpoint, decoding the page, "
+              "writing the CSV, the overlay and the page copy."]
     lines += ["", f"The same checkpoint (`{checkpoint}`) evaluated on `{data}` (`charseg evaluate --precision ...`):",
               "", "| precision | " + " | ".join(METRICS) + " | evaluation time |",
               "| --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
