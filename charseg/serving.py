@@ -9,6 +9,7 @@ Output: one row per instance with image_id (row of the input), score, box and po
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,9 @@ class CharsegPredictor:
         self.default_precision = self.model.precision
         # The run's --score-threshold, which picked its best checkpoint; a call may pass its own.
         self.score_threshold = float(state["config"]["score_threshold"])
+        # A call sets the model's precision and its box score threshold for its own pass: a
+        # scoring server answering from several threads must not mix two calls' settings.
+        self._one_call_at_a_time = threading.Lock()
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.
@@ -46,12 +50,14 @@ class CharsegPredictor:
             raise ValueError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
         asked = str((params or {}).get("precision", "auto"))
-        self.model.precision = self.default_precision if asked == "auto" else \
+        precision = self.default_precision if asked == "auto" else \
             resolve_precision(asked, self.device, training=False)[0]
         rows = []
-        for image_id, data in enumerate(model_input["image"]):
-            for inst in predict_arrays(self.model, [decode_image(data, image_id)], self.device, threshold)[0]:
-                rows.append((image_id, inst.score, inst.box, inst.polygon))
+        with self._one_call_at_a_time:
+            self.model.precision = precision
+            for image_id, data in enumerate(model_input["image"]):
+                for inst in predict_arrays(self.model, [decode_image(data, image_id)], self.device, threshold)[0]:
+                    rows.append((image_id, inst.score, inst.box, inst.polygon))
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         return frame.astype({"image_id": "int64", "score": "float64"})
 

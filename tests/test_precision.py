@@ -96,6 +96,14 @@ def test_bf16_training_resumes_exactly_and_keeps_its_precision(tiny_dataset, tmp
         frame = predictor.predict(pd.DataFrame(page), params={"precision": precision, "score_threshold": 0.0})
         assert list(frame.columns) == ["image_id", "score", "box", "polygon"]
     assert predictor.model.precision == "fp32"  # auto: the precision the predictor was loaded with
+    # A scoring server may call from several threads: each call keeps its own threshold and precision.
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [{"precision": "fp32", "score_threshold": 0.0}, {"precision": "bf16", "score_threshold": 0.3}] * 4
+    alone = [predictor.predict(pd.DataFrame(page), params=c) for c in calls]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda c: predictor.predict(pd.DataFrame(page), params=c), calls))
+    assert all(a.equals(t) for a, t in zip(alone, together))
     with pytest.raises(ValueError, match="needs a CUDA device"):
         predictor.predict(pd.DataFrame(page), params={"precision": "fp16"})
 
