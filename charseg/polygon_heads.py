@@ -11,6 +11,7 @@ polygons directly. Memory grows with instances x 28^2, not instances x H x W.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -188,13 +189,10 @@ def pooling_threads() -> int:
     return torch.get_num_threads()
 
 
-_POOL: dict[int, ThreadPoolExecutor] = {}
-
-
+@functools.cache
 def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _POOL:
-        _POOL[threads] = ThreadPoolExecutor(threads, thread_name_prefix="roi-align")
-    return _POOL[threads]
+    """One pool per thread count, kept for the process's life."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="roi-align")
 
 
 class PartsRoIAlign(torch.autograd.Function):
