@@ -207,9 +207,12 @@ class PartsRoIAlign(torch.autograd.Function):
         ctx.save_for_backward(rois)
         ctx.args = (spatial_scale, output_size, sampling_ratio, threads, features.shape)
         h, w = output_size
-        return torch.cat(list(_thread_pool(threads).map(
-            lambda part: torch.ops.torchvision.roi_align(features, part, spatial_scale, h, w, sampling_ratio, False),
-            rois.tensor_split(threads))))
+
+        def pool(part):
+            with torch.no_grad():  # grad mode is per thread: the parts need no graph of their own
+                return torch.ops.torchvision.roi_align(features, part, spatial_scale, h, w, sampling_ratio, False)
+
+        return torch.cat(list(_thread_pool(threads).map(pool, rois.tensor_split(threads))))
 
     @staticmethod
     def backward(ctx, grad):
