@@ -26,6 +26,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.misc import FrozenBatchNorm2d
 # MultiScaleRoIAlign's own steps, so ThreadedRoIAlign keeps its levels and scales exactly.
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
@@ -260,11 +261,60 @@ class ThreadedRoIAlign(MultiScaleRoIAlign):
 
 
 def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The feature maps RoIAlign reads, in float32, cast once per forward. torchvision's
-    roi_align runs in float32 under autocast (its CPU kernel has no bfloat16) and casts each
-    level it is given on every call: once per mask chunk, 4 levels each, otherwise. A no-op
-    outside autocast."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
+    """The feature maps RoIAlign reads, in float32 and NCHW order, converted once per forward.
+    torchvision's roi_align runs in float32 under autocast (its CPU kernel has no bfloat16) and
+    its kernel makes its input contiguous: each level it is given, on every call (once per mask
+    chunk, 4 levels each), would otherwise be cast and reordered again from the channels-last
+    features."""
+    return {k: v.to(torch.float32, memory_format=torch.contiguous_format) if v.is_floating_point() else v
+            for k, v in features.items()}
+
+
+class FrozenBNConv2d(nn.Conv2d):
+    """A convolution and the FrozenBatchNorm2d after it, computed as one convolution whose
+    weight and bias are scaled by the norm (weight * scale, shift): the same function, one
+    pass over the feature map instead of three. The norm's buffers stay in the norm (state
+    dicts unchanged) and are read on every call, so loading or moving the model is seen;
+    gradients reach the weight through the scaling. Under bf16 autocast this also keeps the
+    backbone in bfloat16: FrozenBatchNorm2d's float32 scale promotes its output to float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.frozen_norm[0]
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), shift)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """A FrozenBatchNorm2d whose FrozenBNConv2d applies it: passes its input through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def frozen_norm_pairs(module: nn.Module):
+    """(convolution, FrozenBatchNorm2d right after it) in torchvision's ResNets: `convN` /
+    `bnN` of the stem and of each block, and a downsample's Sequential(conv, norm)."""
+    for parent in module.modules():
+        children = dict(parent.named_children())
+        for name, conv in children.items():
+            norm = children.get("bn" + name[4:]) if name.startswith("conv") else None
+            if isinstance(parent, nn.Sequential) and name.isdigit():
+                norm = children.get(str(int(name) + 1))
+            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d:
+                yield conv, norm
+
+
+def fold_frozen_norms(model: nn.Module) -> nn.Module:
+    """Each FrozenBatchNorm2d of MODEL applied by the convolution before it (FrozenBNConv2d),
+    in place; parameters and buffers unchanged."""
+    for conv, norm in list(frozen_norm_pairs(model)):
+        conv.__class__ = FrozenBNConv2d
+        conv.frozen_norm = (norm,)  # a tuple: not registered as a child, so no second state-dict entry
+        norm.__class__ = FoldedFrozenBatchNorm2d
+    return model
 
 
 class PixelMaskPredictor(nn.Module):
@@ -468,7 +518,9 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     """Switch a torchvision MaskRCNN to polygon targets, banded anchor matching and
     box-sized outputs, in place.
 
-    Only behaviour changes (no parameters), so state dicts stay interchangeable with stock.
+    Only behaviour and memory layout change (no parameters; frozen norms are applied by the
+    convolutions before them, weights are channels-last), so state dicts stay interchangeable
+    with stock.
     """
     model.roi_heads.__class__ = PolygonRoIHeads
     model.transform.__class__ = PasteFreeTransform
@@ -480,6 +532,9 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     model.roi_heads.box_roi_pool.__class__ = ThreadedRoIAlign
     model.roi_heads.mask_roi_pool.__class__ = ThreadedRoIAlign
     model.rpn.head.register_forward_hook(_float_outputs)
+    fold_frozen_norms(model.backbone)
+    # oneDNN's convolutions run channels-last without reordering each input and output.
+    model.to(memory_format=torch.channels_last)
     return model
 
 

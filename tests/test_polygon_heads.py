@@ -156,12 +156,40 @@ def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
     stock = build_model(spec, polygon_native=False).eval()
     stock.load_state_dict(ours.state_dict())
     stock.transform.__class__ = ours.transform.__class__  # compare before pasting
+    stock.to(memory_format=torch.channels_last)  # as ours: the same convolution kernels, bit for bit
     images = [CharacterDataset(scan_dataset(tiny_dataset).samples)[i][0] for i in range(2)]
     with torch.inference_mode():
         a, b = ours(images), stock(images)
     for x, y in zip(a, b):
         assert len(x["boxes"]) > 7
         assert torch.equal(x["boxes"], y["boxes"]) and torch.allclose(x["box_masks"], y["box_masks"], atol=1e-6)
+
+
+def test_frozen_norms_folded_into_convolutions_compute_the_same():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from charseg.polygon_heads import FrozenBNConv2d
+    spec = spec_for_weights("resnet18", "coco", min_size=64, max_size=64)  # pretrained layout: frozen norms
+    torch.manual_seed(0)
+    stock = build_model(spec, polygon_native=False)
+    for norm in (m for m in stock.modules() if isinstance(m, FrozenBatchNorm2d)):  # norms that do something
+        for buffer in (norm.weight, norm.bias, norm.running_mean):
+            buffer.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+    ours = build_model(spec)
+    ours.load_state_dict(stock.state_dict())  # the same keys: the norms keep their buffers
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert sum(isinstance(m, FrozenBNConv2d) for m in ours.modules()) == 20  # stem, 8 blocks x 2, 3 downsamples
+    assert ours.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64)
+    a, b = stock.backbone(x), ours.backbone(x)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
+    sum(v.square().sum() for v in a.values()).backward()
+    sum(v.square().sum() for v in b.values()).backward()
+    trained = ours.backbone.body.layer4[0].conv1.weight  # a trainable layer's weight, scaled by its norm
+    expected = stock.backbone.body.layer4[0].conv1.weight.grad
+    assert (trained.grad - expected).norm() < 1e-4 * expected.norm()  # float32 rounding, summed in another order
 
 
 def test_inference_returns_box_sized_masks_unlike_stock(tiny_dataset):
