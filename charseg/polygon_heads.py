@@ -11,9 +11,6 @@ polygons directly. Memory grows with instances x 28^2, not instances x H x W.
 
 from __future__ import annotations
 
-import functools
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,7 +24,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
-# MultiScaleRoIAlign's own steps, so ThreadedRoIAlign keeps its levels and scales exactly.
+# MultiScaleRoIAlign's own steps, so GatherRoIAlign keeps its levels and scales exactly.
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
 from .polygons import polygon_mask_targets, unpack_polygons
@@ -37,8 +34,6 @@ from .precision import autocast
 ANCHOR_CHUNK = 512
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
-# Fewest RoIs worth a thread of their own in parallel_roi_align.
-ROIS_PER_THREAD = 16
 # The feature that carries the input pixels to a PixelMaskPredictor (PixelFPN).
 PIXELS = "pixels"
 # GroupNorm groups of a PixelMaskPredictor's refining blocks (32 channels: 4 per group).
@@ -185,63 +180,66 @@ class PolygonRoIHeads(RoIHeads):
         return results
 
 
-def pooling_threads() -> int:
-    """Threads RoI pooling may use on a CPU: torch's intra-op threads (one per core by default)."""
-    return torch.get_num_threads()
+def roi_align_taps(rois: torch.Tensor, spatial_scale: float, height: int, width: int,
+                   output_size: tuple[int, int], sampling_ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each output bin of roi_align (aligned=False) reads a feature map of HEIGHT x WIDTH
+    and with what weight: (index, weight), each (rois x bins, sampling_ratio² x 4 corners).
+    index counts pixels over the batch (image, y, x). The sample points, the clamping at the
+    borders and the bilinear weights are those of torchvision's CPU kernel
+    (roi_align_common.h), in the same float32 operations; samples outside the map weigh 0."""
+    (bins_h, bins_w), grid = output_size, sampling_ratio
+    start_w, start_h = rois[:, 1] * spatial_scale, rois[:, 2] * spatial_scale
+    roi_w = (rois[:, 3] * spatial_scale - start_w).clamp(min=1.0)
+    roi_h = (rois[:, 4] * spatial_scale - start_h).clamp(min=1.0)
+
+    def axis(start, roi_size, bins, size):
+        """Each bin's sample points along one axis: low/high pixel and their weights, (R, bins, grid)."""
+        bin_size = (roi_size / bins)[:, None, None]
+        steps = torch.arange(bins, dtype=rois.dtype, device=rois.device)[None, :, None]
+        offsets = (torch.arange(grid, dtype=rois.dtype, device=rois.device) + 0.5)[None, None, :]
+        pos = start[:, None, None] + steps * bin_size + offsets * bin_size / grid
+        outside = (pos < -1.0) | (pos > size)
+        pos = pos.clamp(min=0.0)
+        low = pos.long()
+        last = low >= size - 1
+        low = low.clamp(max=size - 1)
+        high = torch.where(last, low, low + 1)
+        frac = torch.where(last, 0.0, pos - low)
+        return low, high, 1.0 - frac, frac, outside
+
+    y_low, y_high, y_w0, y_w1, y_out = (t[:, :, :, None, None] for t in axis(start_h, roi_h, bins_h, height))
+    x_low, x_high, x_w0, x_w1, x_out = (t[:, None, None, :, :] for t in axis(start_w, roi_w, bins_w, width))
+    image = rois[:, 0].long()[:, None, None, None, None] * (height * width)
+    rows_low, rows_high = image + y_low * width, image + y_high * width
+    # (R, bin y, sample y, bin x, sample x, corner), corners in the kernel's order
+    index = torch.stack([rows_low + x_low, rows_low + x_high, rows_high + x_low, rows_high + x_high], -1)
+    weight = torch.stack([y_w0 * x_w0, y_w0 * x_w1, y_w1 * x_w0, y_w1 * x_w1], -1)
+    weight = weight.masked_fill((y_out | x_out)[..., None], 0.0)
+    taps = grid * grid * 4
+    return (index.transpose(2, 3).reshape(-1, taps), weight.transpose(2, 3).reshape(-1, taps))
 
 
-@functools.cache
-def _thread_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per thread count, kept for the process's life."""
-    return ThreadPoolExecutor(threads, thread_name_prefix="roi-align")
-
-
-class PartsRoIAlign(torch.autograd.Function):
-    """torchvision's roi_align over `threads` parts of the RoIs at once, forward and backward.
-    Its CPU kernels run on one core whatever torch's thread count; its backward, which
-    scatters every RoI's gradient into the feature map, is a third of a 256² training step.
-    Forward values are the op's own (each RoI is pooled alone); the gradient is the sum of
-    the parts' gradients (the same up to the order of float additions)."""
-
-    @staticmethod
-    def forward(ctx, features, rois, spatial_scale, output_size, sampling_ratio, threads):
-        ctx.save_for_backward(rois)
-        ctx.args = (spatial_scale, output_size, sampling_ratio, threads, features.shape)
-        h, w = output_size
-
-        def pool(part):
-            with torch.no_grad():  # grad mode is per thread: the parts need no graph of their own
-                return torch.ops.torchvision.roi_align(features, part, spatial_scale, h, w, sampling_ratio, False)
-
-        return torch.cat(list(_thread_pool(threads).map(pool, rois.tensor_split(threads))))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rois,) = ctx.saved_tensors
-        spatial_scale, (h, w), sampling_ratio, threads, (n, c, height, width) = ctx.args
-        parts = _thread_pool(threads).map(
-            lambda pair: torch.ops.torchvision._roi_align_backward(
-                pair[0].contiguous(), pair[1], spatial_scale, h, w, n, c, height, width, sampling_ratio, False),
-            zip(grad.tensor_split(threads), rois.tensor_split(threads)))
-        total = None
-        for part in parts:
-            total = part if total is None else total.add_(part)
-        return total, None, None, None, None, None
-
-
-def parallel_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
-                       spatial_scale: float, sampling_ratio: int) -> torch.Tensor:
-    """roi_align (aligned=False, as MultiScaleRoIAlign) in float32, on every core of a CPU."""
+def gather_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: tuple[int, int],
+                     spatial_scale: float, sampling_ratio: int) -> torch.Tensor:
+    """roi_align (aligned=False, as MultiScaleRoIAlign) in float32. On a CPU, one weighted
+    gather of channel vectors (embedding_bag over the channels-last feature map, rows
+    `roi_align_taps`): all channels of a sample point at once and on every core, where
+    torchvision's CPU kernel recomputes each point per channel on one core, and its backward
+    scatters per channel too (a third of a 256² training step). The same values up to the
+    order of float additions. On other devices, or with an adaptive sampling ratio, the op itself."""
     features, rois = features.float(), rois.float()  # its kernels are float32 (autocast casts so too)
-    threads = min(pooling_threads(), len(rois) // ROIS_PER_THREAD)
-    if threads < 2 or features.device.type != "cpu":
+    if features.device.type != "cpu" or sampling_ratio <= 0:
         return roi_align(features, rois, output_size, spatial_scale, sampling_ratio)
-    return PartsRoIAlign.apply(features, rois, spatial_scale, tuple(output_size), sampling_ratio, threads)
+    n, channels, height, width = features.shape
+    index, weight = roi_align_taps(rois, spatial_scale, height, width, tuple(output_size), sampling_ratio)
+    table = features.permute(0, 2, 3, 1).reshape(n * height * width, channels)  # a view when channels-last
+    pooled = F.embedding_bag(index, table, per_sample_weights=weight / (sampling_ratio * sampling_ratio), mode="sum")
+    return pooled.view(len(rois), *output_size, channels).permute(0, 3, 1, 2)
 
 
-class ThreadedRoIAlign(MultiScaleRoIAlign):
-    """MultiScaleRoIAlign whose per-level pooling is parallel_roi_align: the same levels,
-    scales and outputs, on every core."""
+class GatherRoIAlign(MultiScaleRoIAlign):
+    """MultiScaleRoIAlign whose per-level pooling is gather_roi_align: the same levels, scales
+    and outputs (channels-last, as the heads' convolutions read them)."""
 
     def forward(self, x, boxes, image_shapes):
         features = _filter_input(x, self.featmap_names)
@@ -250,24 +248,23 @@ class ThreadedRoIAlign(MultiScaleRoIAlign):
                                                          self.canonical_level)
         rois = _convert_to_roi_format(boxes)
         if len(features) == 1:
-            return parallel_roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
+            return gather_roi_align(features[0], rois, self.output_size, self.scales[0], self.sampling_ratio)
         levels = self.map_levels(boxes)
-        result = rois.new_zeros((len(rois), features[0].shape[1], *self.output_size), dtype=torch.float32)
+        channels = features[0].shape[1]
+        result = rois.new_zeros((len(rois), *self.output_size, channels), dtype=torch.float32).permute(0, 3, 1, 2)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             in_level = torch.where(levels == level)[0]
-            result[in_level] = parallel_roi_align(feature, rois[in_level], self.output_size, scale,
-                                                  self.sampling_ratio)
+            result[in_level] = gather_roi_align(feature, rois[in_level], self.output_size, scale,
+                                                self.sampling_ratio)
         return result
 
 
 def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The feature maps RoIAlign reads, in float32 and NCHW order, converted once per forward.
-    torchvision's roi_align runs in float32 under autocast (its CPU kernel has no bfloat16) and
-    its kernel makes its input contiguous: each level it is given, on every call (once per mask
-    chunk, 4 levels each), would otherwise be cast and reordered again from the channels-last
-    features."""
-    return {k: v.to(torch.float32, memory_format=torch.contiguous_format) if v.is_floating_point() else v
-            for k, v in features.items()}
+    """The feature maps RoI pooling reads, in float32, cast once per forward: roi_align runs in
+    float32 under autocast (torchvision's CPU kernel has no bfloat16), and each level it is
+    given would otherwise be cast on every call (once per mask chunk, 4 levels each). A no-op
+    outside autocast."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
 
 
 class FrozenBNConv2d(nn.Conv2d):
@@ -529,8 +526,8 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     model.roi_heads.fg_bg_sampler.__class__ = SeededSampler
     model.__class__ = PrecisionMaskRCNN
     model.rpn.anchor_generator.__class__ = Float32Anchors
-    model.roi_heads.box_roi_pool.__class__ = ThreadedRoIAlign
-    model.roi_heads.mask_roi_pool.__class__ = ThreadedRoIAlign
+    model.roi_heads.box_roi_pool.__class__ = GatherRoIAlign
+    model.roi_heads.mask_roi_pool.__class__ = GatherRoIAlign
     model.rpn.head.register_forward_hook(_float_outputs)
     fold_frozen_norms(model.backbone)
     # oneDNN's convolutions run channels-last without reordering each input and output.
