@@ -262,9 +262,16 @@ class GatherRoIAlign(MultiScaleRoIAlign):
 def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The feature maps RoI pooling reads, in float32, cast once per forward: roi_align runs in
     float32 under autocast (torchvision's CPU kernel has no bfloat16), and each level it is
-    given would otherwise be cast on every call (once per mask chunk, 4 levels each). A no-op
-    outside autocast."""
-    return {k: v.float() if v.is_floating_point() else v for k, v in features.items()}
+    given would otherwise be cast on every call (once per mask chunk, 4 levels each). On a CPU
+    a no-op outside autocast; elsewhere, where torchvision's roi_align reads NCHW, the
+    channels-last maps are also reordered once."""
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return v
+        return v.float() if v.device.type == "cpu" else v.float().contiguous()
+
+    return {k: cast(v) for k, v in features.items()}
 
 
 class FrozenBNConv2d(nn.Conv2d):
