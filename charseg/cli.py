@@ -139,8 +139,9 @@ AUGMENT = _bool_opt("--augment", help="Randomly rotate (+-12 deg), scale, shift,
 PRECISION_HELP = ("Forward pass precision: fp32, bf16 (autocast; weights, losses, anchors and box decoding stay "
                   "float32) or fp16 (CUDA, with a loss scaler). auto: {auto}. Checkpoints are float32 either way.")
 PRECISION = _opt("--precision", type=click.Choice(PRECISIONS),
-                 help=PRECISION_HELP.format(auto="fp32 in training (bf16 training trailed fp32 on held-out pages by "
-                                                "0.02 segm_AP50 in two seeds; docs/BENCHMARKS.md)"))
+                 help=PRECISION_HELP.format(auto="fp32 in training (bf16-trained models were within noise of fp32 on "
+                                                "held-out pages in four seed pairs, two of them 0.02 segm_AP50 behind; "
+                                                "docs/BENCHMARKS.md)"))
 INFERENCE_PRECISION = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (CUDA with bf16; a CPU with "

@@ -46,8 +46,9 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
     """(precision to run, why) for REQUESTED on DEVICE.
 
     auto: at inference bf16 where the device computes it natively (the same checkpoint scores
-    within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (the one bf16
-    training measured trailed fp32 by 0.012 val segm_AP: pass --precision bf16 to choose it).
+    within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (bf16 training was
+    within noise of it in four seed pairs, two of them 0.02 held-out segm_AP50 behind: not
+    shown equal; pass --precision bf16 to choose it).
     fp16 needs CUDA. Raises PrecisionError.
     """
     if requested not in PRECISIONS:
@@ -57,7 +58,7 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
     if requested != "auto":
         return requested, "asked for"
     if training:
-        return "fp32", "auto in training: float32 (bf16 training has not matched it yet)"
+        return "fp32", "auto in training: float32 (bf16 training not shown equal to it: docs/BENCHMARKS.md)"
     native, how = native_bf16(device)
     return ("bf16", f"auto: {how}") if native else ("fp32", f"auto: {how}")
 
