@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torchvision  # noqa: F401  (before charseg: stock's own import, torch._dynamo included; charseg.startup skips it)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -20,6 +20,30 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+START_UP = """
+import sys, torch
+import charseg.cli
+assert "torch._dynamo" not in sys.modules, "importing charseg imported torch._dynamo"
+assert "torch._dynamo.utils" not in sys.modules, "the stand-in stayed in sys.modules"
+roi_align = sys.modules["torchvision.ops.roi_align"]
+assert roi_align.is_compile_supported("cpu") is True
+import torch._dynamo.utils
+assert torch._dynamo.utils.is_compile_supported("cpu") is True
+assert torch.compile(lambda x: x + 1, backend="eager")(torch.ones(1)).item() == 2
+print("ok")
+"""
+
+
+def test_a_charseg_process_starts_without_torch_dynamo_and_can_still_compile():
+    """charseg.startup: torchvision imported without dynamo (1.1 s of every process's start);
+    what torchvision asks of dynamo, and torch.compile, still work afterwards."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", START_UP], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command", ["train", "finetune"])
 def test_help_lists_every_training_option(command):
     text = invoke(command, "--help").output
