@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -653,6 +654,10 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
 
 def main() -> None:
     """Console-script entry point."""
+    # Every module is imported: the ~200k objects of torch and torchvision leave the garbage
+    # collector's generations, so no collection scans them again, nor the one at exit
+    # (0.4 s of a predict process on a 2-core CPU).
+    gc.freeze()
     cli(prog_name="charseg")
 
 
