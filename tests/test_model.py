@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from charseg.errors import WeightsError
-from charseg.model import ModelSpec, build_model, create_model, spec_for_weights
+from charseg.model import ModelSpec, build_model, create_model, spec_for_weights, without_random_init
 
 
 @pytest.fixture
@@ -41,6 +41,30 @@ def test_none_builds_two_class_model_with_live_batchnorm():
     assert model.roi_heads.box_predictor.cls_score.out_features == 2
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 2
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+
+
+@pytest.mark.parametrize("weights", ["none", "imagenet"])
+def test_a_model_built_without_random_init_predicts_as_its_source_once_loaded(weights):
+    """Inference builds without random fills (a strict load then sets everything): the loaded
+    model must predict as the one whose state it loads, and the build draw no random numbers."""
+    spec = spec_for_weights("resnet18", weights, min_size=96, max_size=96)
+    torch.manual_seed(0)
+    source = build_model(spec).eval()
+    kaiming, rng = torch.nn.init.kaiming_uniform_, torch.get_rng_state()
+    with without_random_init():
+        model = build_model(spec)
+    assert torch.equal(torch.get_rng_state(), rng), "a parameter was filled with random numbers"
+    assert torch.nn.init.kaiming_uniform_ is kaiming, "torch.nn.init not restored"
+    model.load_state_dict(source.state_dict())
+    model.eval()
+    for m in (source, model):
+        m.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = source([image])[0], model([image])[0]
+    assert len(expected["boxes"]) > 0
+    for key in ("boxes", "scores", "box_masks"):
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
 def test_local_coco_style_state_dict_loads_with_heads_reinitialised(tmp_path):
