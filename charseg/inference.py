@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -159,6 +160,7 @@ def draw_overlay(rgb: np.ndarray, instances: list[Instance], labels: str = "fit"
 def _draw_scores(draw: ImageDraw.ImageDraw, size: tuple[int, int], instances: list[Instance], colours: list,
                  every: bool) -> None:
     """Scores in black on their instance's colour (label_places says where)."""
+    @functools.lru_cache(maxsize=None)  # a page's scores share a hundred texts at most
     def text_box(text):
         left, top, right, bottom = draw.textbbox((0, 0), text)
         return right - left, bottom - top, left, top
@@ -168,22 +170,32 @@ def _draw_scores(draw: ImageDraw.ImageDraw, size: tuple[int, int], instances: li
         draw.text((rect[0] - left, rect[1] - top), text, fill=(0, 0, 0))
 
 
+LABEL_CELL = 32  # px: label_places looks for overlaps among the labels of the cells a label covers
+
+
 def label_places(instances: list[Instance], text_box, size: tuple[int, int], every: bool) -> list[tuple]:
     """Where score labels go, highest score first: just above each box; unless `every`, only
-    where a label stays on the page and overlaps no label placed before it.
+    where a label stays on the page and overlaps no label placed before it (looked up in a grid
+    of LABEL_CELL cells, not against every label: two that overlap share a cell).
     text_box(text) -> (width, height, left, top) of the drawn text. Returns (instance index,
     text, rect x0 y0 x1 y1, (left, top)) tuples."""
     placed: list[tuple] = []
+    grid: dict[tuple[int, int], list[tuple]] = {}
     for index in sorted(range(len(instances)), key=lambda i: -instances[i].score):
         inst = instances[index]
         text = f"{inst.score:.2f}"
         width, height, left, top = text_box(text)
         x, y = inst.box[0], inst.box[1] - height - 2
         rect = (x, y, x + width, y + height)
+        cells = [(cx, cy) for cx in range(int(rect[0] // LABEL_CELL), int(rect[2] // LABEL_CELL) + 1)
+                 for cy in range(int(rect[1] // LABEL_CELL), int(rect[3] // LABEL_CELL) + 1)]
         fits = x >= 0 and y >= 0 and rect[2] <= size[0] and not any(
-            rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for _, _, r, _ in placed)
+            rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3]
+            for cell in cells for r in grid.get(cell, ()))
         if every or fits:
             placed.append((index, text, rect, (left, top)))
+            for cell in cells:
+                grid.setdefault(cell, []).append(rect)
     return placed
 
 

@@ -221,6 +221,35 @@ def test_overlays_fill_each_mask_in_its_own_colour_and_place_labels_where_they_f
     assert not any(a[0] < b[2] and b[0] < a[2] for i, a in enumerate(rects) for b in rects[i + 1:])
 
 
+def test_label_places_on_a_dense_page_are_those_a_check_against_every_placed_label_gives():
+    """label_places looks overlaps up in a grid: on 3,000 boxes of every size, some across the
+    page's edges, it places the labels that checking each against all placed before places."""
+    import random
+
+    from charseg.inference import Instance, label_places
+
+    rng = random.Random(0)
+    boxes = []
+    for _ in range(3000):
+        x, y = rng.uniform(-20, 1000), rng.uniform(-20, 1000)
+        boxes.append(Instance(rng.random(), [x, y, x + rng.uniform(1, 90), y + rng.uniform(1, 60)], []))
+
+    def text_box(text):
+        return 14 + 3 * int(text[-1]) % 20, 7 + int(text[-2]) % 5, 1, 2  # widths and heights of several cells
+
+    expected = []
+    for index in sorted(range(len(boxes)), key=lambda i: -boxes[i].score):
+        text = f"{boxes[index].score:.2f}"
+        width, height, left, top = text_box(text)
+        x, y = boxes[index].box[0], boxes[index].box[1] - height - 2
+        rect = (x, y, x + width, y + height)
+        if x >= 0 and y >= 0 and rect[2] <= 1000 and not any(
+                rect[0] < r[2] and r[0] < rect[2] and rect[1] < r[3] and r[1] < rect[3] for _, _, r, _ in expected):
+            expected.append((index, text, rect, (left, top)))
+    got = label_places(boxes, text_box, (1000, 1000), every=False)
+    assert 300 < len(expected) < 3000 and got == expected
+
+
 def test_low_scores_are_dropped_before_the_mask_head_with_the_same_instances(tiny_dataset):
     from charseg.inference import output_to_instances, predict_arrays
     from charseg.model import build_model, spec_for_weights
