@@ -8,7 +8,8 @@ Speed: the pages of bench/benchmark.py (a dense 1024² page, 1700 characters ask
 sparse 256² pages), random-init ResNet-50 FPN, charseg's fitted limits, each figure from a
 fresh process: inference to polygons, a whole predict process (stock: bench/stock_predict.py;
 charseg: `charseg predict`), from start to exit (median of --process-runs, the three kinds in
-turns), and training steps (median after a warm-up).
+turns, each just after an untimed import of torch and torchvision, so its libraries are in the
+page cache), and training steps (median after a warm-up).
 Quality: `charseg evaluate`'s metrics of CHECKPOINT on DATA at fp32 and at bf16 (`make demo`
 gives both).
 """
@@ -51,8 +52,15 @@ LAUNCHER = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:
             "sys.stderr.write(done.stderr[-3000:])")
 
 
+# Run untimed before each timed process: this machine drops cold page cache (a stock process's
+# 18 GB pushes out more), and torch's libraries read back from disk took 2-25 s of an import.
+WARM_UP = "import torch, torchvision"
+
+
 def whole_process(args: list[str]) -> dict:
-    """Seconds from start to exit and peak RSS of the process that runs ARGS."""
+    """Seconds from start to exit and peak RSS of the process that runs ARGS, started with
+    torch's and torchvision's files in the page cache (WARM_UP run just before)."""
+    subprocess.run([sys.executable, "-c", WARM_UP], check=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", LAUNCHER, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -128,7 +136,8 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str) -> str:
             lines.append(f"| {label}: {unit} | {fmt.format(stock)} | {fmt.format(fp32)} | {fmt.format(bf16)} | "
                          f"{bf16 / stock:.2f}x | {bf16 / fp32:.2f}x |")
     lines += ["", "Whole predict processes: the median of " + str(len(rows[("process", "dense", "stock")]["all_seconds"]))
-              + " run in turns; each one's seconds: " + "; ".join(
+              + " run in turns, each just after an untimed `python -c 'import torch, torchvision'` (so each starts "
+              "with those libraries in the page cache); each one's seconds: " + "; ".join(
                   f"{p} " + ", ".join(f"{v:.2f}" for v in rows[("process", "dense", p)]["all_seconds"])
                   for p in ("stock", "charseg", "charseg-bf16")) + "."]
     lines += ["", "Besides the model, a whole process imports torch and torchvision (stock's import pulls in "
