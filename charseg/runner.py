@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import threading
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -415,7 +416,7 @@ def _epochs(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report
     config.precision = model.precision = precision  # the run records the precision it used
     if precision != "fp32":
         log.info("precision %s (%s)", precision, why)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # its state is in each checkpoint
     if not splits.train:
         raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
     loader, sampler = _loader(config, splits.train, device)
@@ -542,16 +543,19 @@ def _restore(state: dict, model: torch.nn.Module, opt: Optimization, result: Run
 def _train_epoch(model: torch.nn.Module, opt: Optimization, loader: DataLoader, device: torch.device, epoch: int,
                  config: TrainConfig, tracker: Tracker, scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """One epoch and its StepLR step; returns the epoch's metrics (see train_one_epoch)."""
-    try:
-        metrics = train_one_epoch(
-            model, opt.optimizer, loader, device, epoch, steps_per_epoch=len(loader),
-            iteration_scheduler=opt.iteration_scheduler, iteration_steps=opt.iteration_steps,
-            clip_grad_norm=config.clip_grad_norm, log_every=config.log_every, on_step=tracker.log_step,
-            scaler=scaler)
-    except NonFiniteLossError as exc:
-        raise CharsegError(str(exc)) from exc
-    if opt.scheduler is not None:
-        opt.scheduler.step()
+    with warnings.catch_warnings():
+        if scaler is not None:  # the loss scaler skips steps by design while it backs off (PyTorch's AMP recipe)
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        try:
+            metrics = train_one_epoch(
+                model, opt.optimizer, loader, device, epoch, steps_per_epoch=len(loader),
+                iteration_scheduler=opt.iteration_scheduler, iteration_steps=opt.iteration_steps,
+                clip_grad_norm=config.clip_grad_norm, log_every=config.log_every, on_step=tracker.log_step,
+                scaler=scaler)
+        except NonFiniteLossError as exc:
+            raise CharsegError(str(exc)) from exc
+        if opt.scheduler is not None:
+            opt.scheduler.step()
     metrics["epoch"] = float(epoch)
     components = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("loss_"))
     log.info("epoch %d/%d finished: avg loss %.4f (%s), lr %.2e, %.1f images/s", epoch, config.epochs,

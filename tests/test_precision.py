@@ -108,6 +108,31 @@ def test_bf16_training_resumes_exactly_and_keeps_its_precision(tiny_dataset, tmp
         predictor.predict(pd.DataFrame(page), params={"precision": "fp16"})
 
 
+
+def test_fp16_loss_scaler_is_in_each_checkpoint_and_resume_stays_exact(tiny_dataset, tmp_path, monkeypatch, recwarn):
+    """fp16 runs on CUDA only; its loss-scaler path (scale, unscale before clipping, skip and back
+    off on inf gradients, state in the checkpoint) runs here with the CPU's GradScaler and float16
+    autocast. One page per step: the scaler backs off 65536 -> 4096 in epoch 1, then steps."""
+    real = runner.resolve_precision
+    monkeypatch.setattr(runner, "resolve_precision",
+                        lambda asked, device, training: ("fp16", "test") if asked == "fp16"
+                        else real(asked, device, training=training))
+    settings = dict(precision="fp16", batch_size=1)
+    straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", epochs=2, **settings))
+    # As if killed after epoch 1: resume its checkpoint (elsewhere, beside the finished run).
+    resumed = runner.resume(straight.checkpoints[0], {"output_dir": str(tmp_path / "resumed")})
+    first = ckpt.load_checkpoint(straight.checkpoints[0])
+    a = ckpt.load_checkpoint(straight.final_checkpoint)
+    b = ckpt.load_checkpoint(resumed.final_checkpoint)
+    assert first["scaler"]["scale"] < 65536.0  # backed off: steps were skipped ...
+    assert not all(torch.equal(first["model"][k], a["model"][k]) for k in a["model"])  # ... and then taken
+    assert b["config"]["precision"] == "fp16"
+    assert b["scaler"] == a["scaler"]
+    assert [m["loss"] for m in resumed.history] == [m["loss"] for m in straight.history]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(v.dtype == torch.float32 for v in b["model"].values() if v.is_floating_point())
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]  # skipped steps are by design
+
 def test_roi_align_reads_float32_features_cast_once_while_the_mask_head_runs_bf16(tiny_dataset, monkeypatch):
     """torchvision's roi_align has no bfloat16 CPU kernel: under autocast it would cast every
     feature level to float32 on every call (each mask chunk). The RoI heads cast them once."""
