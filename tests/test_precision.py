@@ -12,7 +12,7 @@ from charseg.architecture import resolve_spec
 from charseg.cli import cli
 from charseg.data import image_to_tensor, load_image_rgb, scan_dataset
 from charseg.model import build_model
-from charseg.precision import native_bf16, resolve
+from charseg.precision import DTYPES, native_bf16, resolve
 from conftest import light_config
 from test_cli import LIGHT_ARGS
 
@@ -46,7 +46,9 @@ def _tiny_model(tiny_dataset):
     return build_model(spec).eval(), samples
 
 
-def test_bf16_keeps_anchors_decoding_and_outputs_in_float32_and_close_to_fp32(tiny_dataset):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16 is CUDA-only; the CPU's autocast has its numerics
+def test_autocast_keeps_anchors_decoding_and_outputs_in_float32_and_close_to_fp32(tiny_dataset, precision):
+    dtype = DTYPES[precision]
     model, samples = _tiny_model(tiny_dataset)
     images = [image_to_tensor(load_image_rgb(s.image_path)) for s in samples[:2]]
     boxes = [torch.as_tensor(s.polygons[0]).float() for s in samples[:2]]
@@ -55,9 +57,9 @@ def test_bf16_keeps_anchors_decoding_and_outputs_in_float32_and_close_to_fp32(ti
         batch, _ = model.transform(images)
         features = model.backbone(batch.tensors)
         probs32 = model.roi_heads.mask_logits(features, boxes, batch.image_sizes).sigmoid()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype):
             features16 = model.backbone(batch.tensors)
-            assert features16["0"].dtype == torch.bfloat16  # the convolutions do run in bf16
+            assert features16["0"].dtype == dtype  # the convolutions do run in the lower precision
             anchors = model.rpn.anchor_generator(batch, list(features16.values()))
             probs16 = model.roi_heads.mask_logits(features16, boxes, batch.image_sizes).sigmoid()
         assert anchors[0].dtype == torch.float32
@@ -66,7 +68,7 @@ def test_bf16_keeps_anchors_decoding_and_outputs_in_float32_and_close_to_fp32(ti
         # 99th percentile 0.09; a trained model's scores: docs/BENCHMARKS.md.
         difference = (probs16 - probs32).abs().flatten()
         assert difference.mean() < 0.02 and difference.quantile(0.99) < 0.15
-        model.precision = "bf16"
+        model.precision = precision
         outputs = model(images)
     for output in outputs:
         assert output["boxes"].dtype == output["scores"].dtype == output["box_masks"].dtype == torch.float32
