@@ -27,7 +27,7 @@ from .heldout import generate_heldout
 from .evaluate import METRICS
 from .inference import COCO_PREDICTIONS, LABELS
 from .model import BACKBONES, WEIGHT_CHOICES
-from .precision import PRECISIONS
+from .precision import PRECISIONS, resolve as resolve_precision
 
 _DEFAULTS = TrainConfig()
 
@@ -143,10 +143,29 @@ PRECISION = _opt("--precision", type=click.Choice(PRECISIONS),
                  help=PRECISION_HELP.format(auto="fp32 in training (bf16-trained models were within noise of fp32 on "
                                                 "held-out pages in four seed pairs, two of them 0.02 segm_AP50 behind; "
                                                 "docs/BENCHMARKS.md)"))
+
+
+class AutoPrecisionOption(click.Option):
+    """--precision whose help also says what `auto` picks on the machine showing it (worked
+    out when --help is shown, not at every start)."""
+
+    def get_help_record(self, ctx: click.Context):
+        try:
+            chosen, why = resolve_precision("auto", runner.resolve_device("auto"), training=False)
+            here = f" On this machine auto is {chosen} ({why.removeprefix('auto: ')})."
+        except RuntimeError as exc:  # a broken CUDA set-up must not break --help
+            here = f" (What auto picks here could not be found: {exc}.)"
+        original, self.help = self.help, f"{self.help}{here}"
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = original
+
+
 INFERENCE_PRECISION = click.option(
-    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-    help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (CUDA with bf16; a CPU with "
-                                    "amx_bf16 or avx512_bf16, read from /proc/cpuinfo), else fp32"))
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, cls=AutoPrecisionOption,
+    help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (a CUDA GPU of compute capability "
+                                    "8.0 or later; a CPU with amx_bf16 or avx512_bf16 in /proc/cpuinfo), else fp32"))
 SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchNorm (--norm batch from scratch) "
                                                     "normalises over the global batch instead of each process's pages")
 RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE,

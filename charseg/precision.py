@@ -34,10 +34,16 @@ def cpu_bf16_flags() -> list[str]:
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """Whether DEVICE computes bfloat16 natively, and how that was found."""
+    """Whether DEVICE computes bfloat16 natively, and how that was found.
+
+    A CUDA GPU does from compute capability 8.0 (Ampere) on; torch.cuda.is_bf16_supported()
+    is not the test: by default it also says yes where bfloat16 is only emulated (T4, V100),
+    and it asks about the current device, not DEVICE. ROCm GPUs compute it."""
     if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-        return supported, f"{torch.cuda.get_device_name(device)} {'supports' if supported else 'lacks'} bfloat16"
+        major, minor = torch.cuda.get_device_capability(device)
+        native = bool(torch.version.hip) or major >= 8
+        return native, (f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+                        f"{'computes' if native else 'only emulates'} bfloat16")
     flags = cpu_bf16_flags()
     return bool(flags), f"CPU flags {', '.join(flags)}" if flags else "no amx_bf16 / avx512_bf16 CPU flag"
 

@@ -31,13 +31,32 @@ def test_fp16_on_a_cpu_is_one_clear_line(tiny_dataset, tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_auto_is_float32_in_training_and_follows_the_cpu_at_inference():
+def test_auto_is_float32_in_training_and_follows_the_cpu_at_inference(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's answer on a GPU machine too
     cpu = torch.device("cpu")
     assert resolve("auto", cpu, training=True)[0] == "fp32"
     native, how = native_bf16(cpu)
     assert resolve("auto", cpu, training=False)[0] == ("bf16" if native else "fp32")
     assert ("CPU flags" in how) == native
+    for command in ("evaluate", "predict"):  # --help says what auto picks on the machine showing it
+        text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+        assert f"On this machine auto is {'bf16' if native else 'fp32'} ({how})." in text
 
+
+
+@pytest.mark.parametrize(("capability", "chosen"), [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"),
+                                                    ((9, 0), "bf16")])
+def test_auto_on_cuda_picks_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, chosen):
+    """V100 / T4 (7.x) only emulate bfloat16, though torch.cuda.is_bf16_supported() says yes there."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    precision, why = resolve("auto", torch.device("cuda", 1), training=False)
+    assert precision == chosen
+    assert f"compute capability {capability[0]}.{capability[1]}" in why
+    assert resolve("auto", torch.device("cuda"), training=True)[0] == "fp32"
+    assert resolve("bf16", torch.device("cuda"), training=False)[0] == "bf16"  # asked for: emulated or not
 
 def _tiny_model(tiny_dataset):
     samples = scan_dataset(tiny_dataset).samples
