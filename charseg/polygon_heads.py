@@ -274,12 +274,17 @@ def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {k: cast(v) for k, v in features.items()}
 
 
+_RECOMPUTE = object()  # FrozenBNConv2d's saved weight, recomputed in backward
+
+
 class FrozenBNConv2d(nn.Conv2d):
     """A convolution and the FrozenBatchNorm2d after it, computed as one convolution whose
     weight and bias are scaled by the norm (weight * scale, shift): the same function, one
     pass over the feature map instead of three. The norm's buffers stay in the norm (state
     dicts unchanged) and are read on every call, so loading or moving the model is seen;
-    gradients reach the weight through the scaling. Under bf16 autocast this also keeps the
+    gradients reach the weight through the scaling, and in training the scaled weight the
+    convolution's backward needs is recomputed then instead of kept from forward (a copy of
+    every trainable weight less at the peak). Under bf16 autocast this also keeps the
     backbone in bfloat16: FrozenBatchNorm2d's float32 scale promotes its output to float32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +293,24 @@ class FrozenBNConv2d(nn.Conv2d):
         shift = norm.bias - norm.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias * scale
-        return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), shift)
+        scale = scale.reshape(-1, 1, 1, 1)
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return self._conv_forward(x, self.weight * scale, shift)
+        # Training: the convolution's backward needs its (scaled) weight; recompute it then
+        # rather than keep a copy of every trainable weight from forward to backward.
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+
+        def scaled() -> torch.Tensor:
+            weight = self.weight * scale
+            return weight if dtype is None else weight.to(dtype)  # the cast autocast would make
+
+        weight = scaled()
+        address = weight.data_ptr()  # the hooks must not hold the weight itself
+
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: _RECOMPUTE if t.data_ptr() == address and t.shape == self.weight.shape else t,
+                lambda t: scaled().detach() if t is _RECOMPUTE else t):
+            return self._conv_forward(x, weight, shift)
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
