@@ -52,9 +52,9 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
     """(precision to run, why) for REQUESTED on DEVICE.
 
     auto: at inference bf16 where the device computes it natively (the same checkpoint scores
-    within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (bf16 training was
-    within noise of it in four seed pairs, two of them 0.02 held-out segm_AP50 behind: not
-    shown equal; pass --precision bf16 to choose it).
+    within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (bf16 training
+    matched it in five seed pairs, -0.000 held-out segm_AP50 on average but -0.021..+0.009 per
+    seed, so a loss of about 0.01 is not ruled out; pass --precision bf16 to choose it).
     fp16 needs CUDA. Raises PrecisionError.
     """
     if requested not in PRECISIONS:
