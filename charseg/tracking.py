@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import re
 import socket
 import tempfile
@@ -527,10 +528,17 @@ def _failing_over_quickly(uri: str) -> Iterator[None]:
 
 def _run_lifecycle(system_metrics: bool, tracker: MlflowTracker | None = None) -> Iterator[str]:
     """Start the run, yield its ID, end it FINISHED, FAILED (tag charseg.failure_reason) or KILLED."""
+    # MLflow draws a new run's name from Python's `random`, which training seeds: a second run
+    # in one process (the Python API, a benchmark) would be named like the first. Name it from
+    # fresh entropy and leave the process's own random sequence where it was.
+    state = random.getstate()
+    random.seed()
     try:
         run = mlflow.start_run(log_system_metrics=system_metrics)
     except MlflowException as exc:
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()}: {exc.message}") from exc
+    finally:
+        random.setstate(state)
     try:
         yield run.info.run_id
     except KeyboardInterrupt:

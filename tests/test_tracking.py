@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -140,6 +141,23 @@ def test_finetune_accepts_an_artifact_uri(server, trained_run, tiny_dataset, tmp
     run = server.get_run(run_id_of(output))
     assert run.data.tags["charseg.source_checkpoint"] == uri
     assert artifacts(server, run.info.run_id, "checkpoints") == []
+
+
+def test_runs_started_in_one_process_get_names_of_their_own_and_leave_its_random_sequence(tmp_path, monkeypatch):
+    """MLflow names a run from Python's `random`, which training seeds: two runs started after
+    training from the same seed were both named glamorous-foal-105 (seed 4) before. (A server
+    names a run itself; the embedded store names it in this process.)"""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    names, draws = [], []
+    for _ in range(2):
+        random.seed(4)  # the state a training run with seed 4 leaves behind
+        with tracking.tracked_run("run-names") as run_id:
+            draws.append(random.random())
+        names.append(MlflowClient(uri).get_run(run_id).info.run_name)
+    assert names[0] != names[1]
+    random.seed(4)
+    assert draws == [random.random()] * 2
 
 
 def test_unknown_run_id_is_one_clear_error(server):
