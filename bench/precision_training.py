@@ -61,8 +61,9 @@ def train_once(recipe: dict, data: Path, heldout: Path, out: Path, seed: int, pr
 
 
 def spread(values: list[float]) -> str:
-    """mean (min..max) of signed differences."""
-    return f"{statistics.mean(values):+.3f} ({min(values):+.3f}..{max(values):+.3f})"
+    """mean (standard deviation; min..max) of signed differences."""
+    sd = f"sd {statistics.stdev(values):.4f}; " if len(values) > 1 else ""
+    return f"{statistics.mean(values):+.4f} ({sd}{min(values):+.3f}..{max(values):+.3f})"
 
 
 def render(runs: dict, recipe: dict, generate_args: list[str]) -> str:
@@ -88,8 +89,8 @@ def render(runs: dict, recipe: dict, generate_args: list[str]) -> str:
     pairs = [(runs[(s, "fp32")], runs[(s, "bf16")]) for s in seeds]
     last = [b["val"][-1] - f["val"][-1] for f, b in pairs]
     fp32_last = [f["val"][-1] for f, _ in pairs]
-    lines += ["", f"bf16 - fp32 over the {len(seeds)} seeds, mean (min..max): val segm_AP at epoch {epochs} "
-              f"{spread(last)}; "
+    lines += ["", f"bf16 - fp32 over the {len(seeds)} seeds, mean (standard deviation; min..max): val segm_AP at "
+              f"epoch {epochs} {spread(last)}; "
               + "; ".join(f"held-out {k} {spread([b['heldout'][k] - f['heldout'][k] for f, b in pairs])}"
                           for k in HELDOUT_METRICS)
               + f". fp32 alone, seed to seed: val segm_AP at epoch {epochs} "
