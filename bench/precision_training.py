@@ -52,8 +52,7 @@ def train_once(recipe: dict, data: Path, heldout: Path, out: Path, seed: int, pr
     with tracking.tracked_run(EXPERIMENT, output_dir=config.output_dir, tracker=tracker) as run_id:
         result = runner.train(config, tracker)
     row = {"val": [epoch["val_segm_AP"] for epoch in result.history], "heldout": result.heldout,
-           "seconds": time.perf_counter() - start, "train_seconds": sum(e["seconds"] for e in result.history),
-           "run_id": run_id}
+           "seconds": time.perf_counter() - start, "train_seconds": sum(e["seconds"] for e in result.history)}
     print(f"  seed {seed} {precision}: val segm_AP " + ", ".join(f"{v:.3f}" for v in row["val"])
           + "; held-out " + ", ".join(f"{k} {row['heldout'][k]:.3f}" for k in HELDOUT_METRICS)
           + f"; {row['seconds']:.0f} s (run {run_id})", flush=True)

@@ -53,8 +53,8 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
 
     auto: at inference bf16 where the device computes it natively (the same checkpoint scores
     within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (bf16 training
-    matched it in five seed pairs, -0.0003 held-out segm_AP50 on average but -0.021..+0.009 per
-    seed, so a loss of about 0.01 is not ruled out; pass --precision bf16 to choose it).
+    matched it on average over seed pairs, but their spread leaves a loss of about 0.01 possible:
+    docs/BENCHMARKS.md, "bf16 training vs fp32"; pass --precision bf16 to choose it).
     fp16 needs CUDA. Raises PrecisionError.
     """
     if requested not in PRECISIONS:

@@ -197,7 +197,6 @@ def test_frozen_norms_folded_into_convolutions_compute_the_same():
     assert (trained.grad - expected).norm() < 1e-4 * expected.norm()  # float32 rounding, summed in another order
 
 
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_folded_convolutions_keep_no_scaled_weight_for_backward_and_give_the_same_gradients(precision):
     """The scaled weight of a trainable FrozenBNConv2d is recomputed in backward, not kept from
@@ -238,6 +237,7 @@ def test_folded_convolutions_keep_no_scaled_weight_for_backward_and_give_the_sam
     assert torch.equal(ours, plain)
     grads = [torch.autograd.grad(y.float().square().sum(), (inputs, conv.weight)) for y in (ours, plain)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
 
 def test_inference_returns_box_sized_masks_unlike_stock(tiny_dataset):
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)

@@ -43,7 +43,6 @@ def test_auto_is_float32_in_training_and_follows_the_cpu_at_inference(monkeypatc
         assert f"On this machine auto is {'bf16' if native else 'fp32'} ({how})." in text
 
 
-
 @pytest.mark.parametrize(("capability", "chosen"), [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"),
                                                     ((9, 0), "bf16")])
 def test_auto_on_cuda_picks_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, chosen):
@@ -57,6 +56,7 @@ def test_auto_on_cuda_picks_bf16_only_where_the_gpu_computes_it(monkeypatch, cap
     assert f"compute capability {capability[0]}.{capability[1]}" in why
     assert resolve("auto", torch.device("cuda"), training=True)[0] == "fp32"
     assert resolve("bf16", torch.device("cuda"), training=False)[0] == "bf16"  # asked for: emulated or not
+
 
 def _tiny_model(tiny_dataset):
     samples = scan_dataset(tiny_dataset).samples
