@@ -9,6 +9,8 @@ $MLFLOW_TRACKING_URI or ./mlflow.db: the val curves side by side in the UI). Rep
 at every epoch and the final model on the demo's 40 held-out pages (other fonts, rotation,
 texture, blur), with the mean and spread of bf16 - fp32 over the seeds. Writes its section of
 docs/BENCHMARKS.md. A script, not a test: about 15 minutes per seed on 2 cores; run it alone.
+With --add, the seeds already in that section are kept (as printed there) and the new seeds
+join them, so the comparison can grow a few seeds at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -65,15 +68,54 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):+.4f} ({sd}{min(values):+.3f}..{max(values):+.3f})"
 
 
-def render(runs: dict, recipe: dict, generate_args: list[str]) -> str:
+def describe_recipe(recipe: dict, generate_args: list[str]) -> str:
+    return (f"`make demo`'s recipe ({', '.join(f'{k} {v}' for k, v in recipe.items() if k != 'seed')}) "
+            f"on its pages (`charseg generate {' '.join(generate_args)}`)")
+
+
+def earlier_runs(path: Path, recipe_text: str, seeds: list[int]) -> tuple[dict, str]:
+    """The runs in PATH's section for seeds not in SEEDS, at the precision printed there, and
+    the line that says when they were measured. Raises SystemExit if that section is missing
+    or measured another recipe (its rows would not compare)."""
+    text = path.read_text() if path.exists() else ""
+    if HEADING not in text:
+        raise SystemExit(f"--add: {path} has no section {HEADING!r} to add to; run without --add first")
+    section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
+    if recipe_text not in section:
+        raise SystemExit(f"--add: the section in {path} measured another recipe or pages than the Makefile's "
+                         "now; run without --add to measure every seed again")
+    measured = re.search(r"^Measured (\S+) by `python bench/precision_training\.py ([^`]*)`", section, re.M)
+    runs = {}
+    for seed, precision, val, *heldout, seconds in re.findall(
+            r"^\| (\d+) \| (\w+) \| ([\d., ]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) s \|$", section, re.M):
+        if int(seed) not in seeds:
+            runs[(int(seed), precision)] = {"val": [float(v) for v in val.split(", ")],
+                                            "heldout": dict(zip(HELDOUT_METRICS, map(float, heldout))),
+                                            "train_seconds": float(seconds)}
+    kept = list(dict.fromkeys(seed for seed, _ in runs))
+    # Seeds that section kept from an even earlier one say so in its own sentences: carried over.
+    carried = re.findall(r" Seeds ([\d ]+) were measured [^`]*`[^`]*` and kept here[^.]*\.", section)
+    notes = [sentence for sentence, listed in zip(re.findall(
+        r" Seeds [\d ]+ were measured [^`]*`[^`]*` and kept here[^.]*\.", section), carried)
+             if any(int(seed) in kept for seed in listed.split())]
+    then_trained = [seed for seed in kept if not any(str(seed) in listed.split() for listed in carried)]
+    if then_trained and measured:
+        notes.append(f" Seeds {' '.join(map(str, then_trained))} were measured {measured[1]} by `python "
+                     f"bench/precision_training.py {measured[2]}` and kept here at the 3 decimals printed then.")
+    return runs, "".join(notes)
+
+
+def render(runs: dict, recipe: dict, generate_args: list[str], trained: list[int], earlier: str = "") -> str:
+    """The section for RUNS: {(seed, precision): row}; TRAINED: the seeds this invocation
+    trained; EARLIER: earlier_runs' line about the seeds kept from the section."""
     seeds = list(dict.fromkeys(seed for seed, _ in runs))
     _, how = native_bf16(torch.device("cpu"))
     epochs = len(next(iter(runs.values()))["val"])
     lines = [HEADING, "",
-             f"Measured {date.today()} by `python bench/precision_training.py --seeds {' '.join(map(str, seeds))}` on "
+             f"Measured {date.today()} by `python bench/precision_training.py --seeds {' '.join(map(str, trained))}"
+             f"{' --add' if earlier else ''}` on "
              f"{platform.machine()}, {os.cpu_count()} CPU cores ({how}), torch {torch.__version__}, charseg "
-             f"{__version__}. `make demo`'s recipe ({', '.join(f'{k} {v}' for k, v in recipe.items() if k != 'seed')}) "
-             f"on its pages (`charseg generate {' '.join(generate_args)}`), trained per seed at `--precision fp32` and "
+             f"{__version__}.{earlier} {describe_recipe(recipe, generate_args)}, trained per seed at `--precision fp32` and "
              "`--precision bf16`, everything else the same, each alone on the machine. Val: the run's own validation "
              f"pages, by epoch; held-out: the final model on `charseg generate --held-out --num-images {HELDOUT_PAGES} "
              f"--seed {HELDOUT_SEED}` (other fonts, rotation, texture, blur). Every run is in MLflow, experiment "
@@ -108,11 +150,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="Override the recipe's epochs (a quick check).")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md",
                         help="Markdown file whose section this script rewrites [default: docs/BENCHMARKS.md].")
+    parser.add_argument("--add", action="store_true",
+                        help="Keep the seeds already in that section (other than --seeds) and add these to them; "
+                             "refused if the section measured another recipe.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recipe, generate_args = demo_recipe()
     recipe["epochs"] = args.epochs or recipe["epochs"]
-    runs = {}
+    runs, earlier = (earlier_runs(args.out, describe_recipe(recipe, generate_args), args.seeds)
+                     if args.add else ({}, ""))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate_training_pages(generate_args, tmp / "train", None)
@@ -123,7 +169,7 @@ def main() -> None:
                 runs[(seed, precision)] = train_once(recipe, tmp / "train", tmp / "heldout", out, seed, precision)
                 for path in out.glob("*.pth"):  # only the figures are kept
                     path.unlink()
-    section = render(runs, recipe, generate_args)
+    section = render(runs, recipe, generate_args, args.seeds, earlier)
     print(section)
     write_section(args.out, section)
     print(f"written to {args.out}")
