@@ -84,7 +84,8 @@ def earlier_runs(path: Path, recipe_text: str, seeds: list[int]) -> tuple[dict, 
     if recipe_text not in section:
         raise SystemExit(f"--add: the section in {path} measured another recipe or pages than the Makefile's "
                          "now; run without --add to measure every seed again")
-    measured = re.search(r"^Measured (\S+) by `python bench/precision_training\.py ([^`]*)`", section, re.M)
+    measured = re.search(r"^Measured (\S+) by `python bench/precision_training\.py ([^`]*)` on ([^(]*\([^)]*\))",
+                         section, re.M)
     runs = {}
     for seed, precision, val, *heldout, seconds in re.findall(
             r"^\| (\d+) \| (\w+) \| ([\d., ]+) \| ([\d.]+) \| ([\d.]+) \| (\d+) s \|$", section, re.M):
@@ -94,14 +95,18 @@ def earlier_runs(path: Path, recipe_text: str, seeds: list[int]) -> tuple[dict, 
                                             "train_seconds": float(seconds)}
     kept = list(dict.fromkeys(seed for seed, _ in runs))
     # Seeds that section kept from an even earlier one say so in its own sentences: carried over.
-    carried = re.findall(r" Seeds ([\d ]+) were measured [^`]*`[^`]*` and kept here[^.]*\.", section)
-    notes = [sentence for sentence, listed in zip(re.findall(
-        r" Seeds [\d ]+ were measured [^`]*`[^`]*` and kept here[^.]*\.", section), carried)
-             if any(int(seed) in kept for seed in listed.split())]
+    kept_before = re.findall(r"( Seeds ([\d ]+) were measured [^`]*`[^`]*`[^`.]* and kept here[^.]*\.)", section)
+    notes = []
+    for sentence, listed in kept_before:  # each naming only the seeds it still holds
+        still = [seed for seed in listed.split() if int(seed) in kept]
+        if still:
+            notes.append(sentence.replace(f"Seeds {listed} ", f"Seeds {' '.join(still)} ", 1))
+    carried = [listed for _, listed in kept_before]
     then_trained = [seed for seed in kept if not any(str(seed) in listed.split() for listed in carried)]
     if then_trained and measured:
         notes.append(f" Seeds {' '.join(map(str, then_trained))} were measured {measured[1]} by `python "
-                     f"bench/precision_training.py {measured[2]}` and kept here at the 3 decimals printed then.")
+                     f"bench/precision_training.py {measured[2]}` on {measured[3]} and kept here at the 3 "
+                     "decimals printed then.")
     return runs, "".join(notes)
 
 
@@ -146,7 +151,8 @@ def render(runs: dict, recipe: dict, generate_args: list[str], trained: list[int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[15107, 2, 3, 4, 5],
-                        help="Training seeds; each is trained once per precision (about 15 minutes a seed).")
+                        help="Training seeds; each is trained once per precision (about 15 minutes a seed on a 2-core "
+                             "AVX-512 BF16 CPU; without native bf16 much longer).")
     parser.add_argument("--epochs", type=int, help="Override the recipe's epochs (a quick check).")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md",
                         help="Markdown file whose section this script rewrites [default: docs/BENCHMARKS.md].")
