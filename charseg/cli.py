@@ -520,7 +520,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
               help="Score labels on the overlays: only where they overlap no other label, every one, or none.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images of the same size that go through the model together (consecutive ones, in file name "
-                   "order). Worth raising on a GPU; a CPU gains little.")
+                   "order). The same detections as one at a time, up to float rounding (batched convolutions may "
+                   "take other kernels). Worth raising on a GPU; a CPU gains little.")
 @INFERENCE_PRECISION
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, device: str, output_format: str, coco_segmentation: str,
