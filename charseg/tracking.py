@@ -57,9 +57,9 @@ def configure(experiment_name: str | None = None) -> None:
     """Point mlflow at MLFLOW_TRACKING_URI (default sqlite:///mlflow.db) and the experiment.
 
     Under `mlflow run` the run (and so its experiment) already exists: leave it alone.
+    Set every time: an offline run earlier in this process left mlflow on its own store.
     """
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     if os.environ.get("MLFLOW_RUN_ID"):
         return
     name = _experiment_name(experiment_name)

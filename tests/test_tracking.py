@@ -160,6 +160,23 @@ def test_runs_started_in_one_process_get_names_of_their_own_and_leave_its_random
     assert draws == [random.random()] * 2
 
 
+def test_a_run_after_an_offline_run_in_one_process_goes_to_the_tracking_server_again(tmp_path, monkeypatch):
+    """An offline run points mlflow at OUTPUT_DIR's store; the next run of the process (the
+    Python API, a notebook) belongs on $MLFLOW_TRACKING_URI again, not in that store."""
+    uri = f"sqlite:///{tmp_path / 'server.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with tracking.tracked_run("air-gapped", output_dir=str(tmp_path / "out"), offline=True) as offline_run:
+        pass
+    with tracking.tracked_run("back-online") as online_run:
+        pass
+    server = MlflowClient(uri)
+    assert server.get_run(online_run).info.experiment_id == server.get_experiment_by_name("back-online").experiment_id
+    assert server.get_experiment_by_name("air-gapped") is None
+    local = MlflowClient(f"sqlite:///{tracking.offline_store(tmp_path / 'out') / 'mlflow.db'}")
+    assert local.get_run(offline_run).info.status == "FINISHED"
+    assert local.get_experiment_by_name("back-online") is None
+
+
 def test_unknown_run_id_is_one_clear_error(server):
     result = CliRunner().invoke(cli, ["resume", "0" * 32])
     assert result.exit_code == 1
