@@ -9,6 +9,7 @@ precision, so they load into any precision.
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU flags of native bfloat16 arithmetic (Intel AMX, AVX-512 BF16; Linux /proc/cpuinfo).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+log = logging.getLogger("charseg")
+_warned_emulated: set[str] = set()  # devices already warned about, once per process
 
 
 class PrecisionError(ValueError):
@@ -55,12 +59,24 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
     within 0.01 of float32: docs/BENCHMARKS.md), else fp32; in training fp32 (bf16 training
     matched it on average over seed pairs, but their spread leaves a loss of about 0.01 possible:
     docs/BENCHMARKS.md, "bf16 training vs fp32"; pass --precision bf16 to choose it).
+    bf16 where the device only emulates it is run as asked, with a warning (once per process).
     fp16 needs CUDA. Raises PrecisionError.
     """
     if requested not in PRECISIONS:
         raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if requested == "fp16" and device.type != "cuda":
-        raise PrecisionError("--precision fp16 needs a CUDA device (CPUs have no fast float16); use bf16 or fp32")
+        raise PrecisionError("--precision fp16 needs a CUDA device (CPUs have no fast float16); use auto, fp32, or "
+                             "bf16 on a CPU with amx_bf16 / avx512_bf16")
+    if requested == "bf16":
+        native, how = native_bf16(device)
+        if not native and how not in _warned_emulated:
+            _warned_emulated.add(how)
+            # An AVX2-only CPU trained in 8.3x float32's time (README, "Precision"); T4 / V100 have fp16.
+            speed, faster = (("no faster than", "fp16") if device.type == "cuda" else
+                             ("several times slower than", "fp32"))
+            log.warning("--precision bf16: %s: bfloat16 runs emulated, %s float32; --precision %s is the fast "
+                        "choice on this device", how, speed, faster)
+        return requested, "asked for" if native else f"asked for; emulated: {how}"
     if requested != "auto":
         return requested, "asked for"
     if training:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -11,6 +13,7 @@ from charseg import runner
 from charseg.architecture import resolve_spec
 from charseg.cli import cli
 from charseg.data import image_to_tensor, load_image_rgb, scan_dataset
+from charseg import precision as precision_module
 from charseg.model import build_model
 from charseg.precision import DTYPES, native_bf16, resolve
 from conftest import light_config
@@ -56,6 +59,36 @@ def test_auto_on_cuda_picks_bf16_only_where_the_gpu_computes_it(monkeypatch, cap
     assert f"compute capability {capability[0]}.{capability[1]}" in why
     assert resolve("auto", torch.device("cuda"), training=True)[0] == "fp32"
     assert resolve("bf16", torch.device("cuda"), training=False)[0] == "bf16"  # asked for: emulated or not
+
+
+def _warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+def test_bf16_where_the_cpu_only_emulates_it_runs_as_asked_with_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(precision_module, "_warned_emulated", set())
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: [])
+    cpu = torch.device("cpu")
+    assert resolve("bf16", cpu, training=True) == ("bf16", "asked for; emulated: no amx_bf16 / avx512_bf16 CPU flag")
+    assert resolve("bf16", cpu, training=False)[0] == "bf16"
+    assert _warnings(caplog) == ["--precision bf16: no amx_bf16 / avx512_bf16 CPU flag: bfloat16 runs emulated, "
+                                 "several times slower than float32; --precision fp32 is the fast choice on this "
+                                 "device"]
+    caplog.clear()
+    monkeypatch.setattr(precision_module, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    assert resolve("bf16", cpu, training=True) == ("bf16", "asked for")
+    assert _warnings(caplog) == []
+
+
+def test_bf16_on_a_gpu_that_only_emulates_it_points_to_fp16(monkeypatch, caplog):
+    monkeypatch.setattr(precision_module, "_warned_emulated", set())
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert resolve("bf16", torch.device("cuda"), training=True)[0] == "bf16"
+    assert _warnings(caplog) == ["--precision bf16: Tesla T4 (compute capability 7.5) only emulates bfloat16: "
+                                 "bfloat16 runs emulated, no faster than float32; --precision fp16 is the fast "
+                                 "choice on this device"]
 
 
 def _tiny_model(tiny_dataset):
