@@ -138,7 +138,8 @@ VALIDATION = (
 AUGMENT = _bool_opt("--augment", help="Randomly rotate (+-12 deg), scale, shift, re-light, blur and add noise to "
                                        "each training image, its polygons moved with it")
 PRECISION_HELP = ("Forward pass precision: fp32, bf16 (autocast; weights, losses, anchors and box decoding stay "
-                  "float32) or fp16 (CUDA, with a loss scaler). auto: {auto}. Checkpoints are float32 either way.")
+                  "float32; fast only where the device computes it natively, else emulated and slower, with a "
+                  "warning) or fp16 (CUDA, with a loss scaler). auto: {auto}. Checkpoints are float32 either way.")
 PRECISION = _opt("--precision", type=click.Choice(PRECISIONS),
                  help=PRECISION_HELP.format(auto="fp32 in training (bf16-trained models matched fp32 on held-out pages "
                                                 "in five seed pairs, -0.0003 segm_AP50 on average, -0.021..+0.009 per "
