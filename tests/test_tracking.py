@@ -409,7 +409,7 @@ def test_a_server_lost_mid_run_fails_over_and_the_run_catches_up(tmp_path):
     args = ["train", str(data), "--weights", "none", "--backbone", "resnet18", "--min-size", "128", "--max-size", "128",
             "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2",
             "--log-every", "1", "--val-fraction", "0.2", "--epochs", "8", "--log-checkpoints", "all",
-            "--experiment-name", "midrun"]
+            "--experiment-name", "midrun", "--fpn-channels", "32"]  # 32: checkpoints of 0.1 GB, not 0.25
     proc = start_server()
     try:
         calm = subprocess.run([sys.executable, "-m", "charseg", *args, "--output-dir", str(tmp_path / "calm")],
