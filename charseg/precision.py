@@ -9,6 +9,7 @@ precision, so they load into any precision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -27,14 +28,15 @@ class PrecisionError(ValueError):
     """A precision this device cannot run."""
 
 
-def cpu_bf16_flags() -> list[str]:
+@functools.cache  # read once: --precision bf16 asks on every serving request that passes it
+def cpu_bf16_flags() -> tuple[str, ...]:
     """The native-bfloat16 flags this CPU reports (empty where unknown)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
+        return ()
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
+    return tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
