@@ -279,7 +279,7 @@ def _assert_same_detections(csv_a, csv_b, size: tuple[int, int]) -> None:
 
     from pycocotools import mask as mask_utils
 
-    rows_a, rows_b = (list(csv.DictReader(open(path, newline=""))) for path in (csv_a, csv_b))
+    rows_a, rows_b = (list(csv.DictReader(path.read_text().splitlines())) for path in (csv_a, csv_b))
     assert len(rows_a) == len(rows_b) > 0, csv_b
     width, height = size
     for a, b in zip(rows_a, rows_b):
