@@ -507,7 +507,11 @@ def test_a_server_still_away_when_training_ends_is_synced_into_the_same_run(tiny
         while not (out / "model_epoch_001.pth").exists():
             assert trainer.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
-        stop_service(proc)
+        trainer.send_signal(signal.SIGSTOP)  # the server is gone before epochs 2 and 3, however fast they are
+        try:
+            stop_service(proc)
+        finally:
+            trainer.send_signal(signal.SIGCONT)
         assert trainer.wait(timeout=300) == 0, log_path.read_text()[-3000:]
         output = log_path.read_text()
         assert "stopped answering" in output and "stays RUNNING there until `charseg sync" in output
