@@ -7,6 +7,8 @@ same code with the CPU's autocast and GradScaler; these check what only CUDA has
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import light_config
@@ -14,8 +16,9 @@ from test_distributed import ARGS, TORCHRUN, _charseg
 
 from charseg import checkpoint as ckpt
 from charseg import runner
-from charseg.inference import load_model_for_inference
 from charseg.data import image_to_tensor, load_image_rgb
+from charseg.generate import generate_dataset
+from charseg.inference import load_model_for_inference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -51,10 +54,6 @@ def test_fp16_on_cuda_trains_with_its_loss_scaler_and_resumes_with_it(tiny_datas
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs (one process per GPU)")
 def test_two_nccl_processes_train_with_identical_weights(tmp_path):
-    import os
-
-    from charseg.generate import generate_dataset
-
     data = tmp_path / "data"
     generate_dataset(data, num_images=10, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

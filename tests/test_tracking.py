@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -44,6 +45,17 @@ def datasets(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+@contextlib.contextmanager
+def paused(proc: subprocess.Popen):
+    """Hold PROC (SIGSTOP) for the block: what the block does to its server happens between
+    the same two of its steps however fast the machine trains."""
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
 
 
 def artifacts(client: MlflowClient, run_id: str, folder: str) -> list[str]:
@@ -384,9 +396,9 @@ def test_offline_on_purpose_and_sync_errors_are_one_line(tiny_dataset, tmp_path,
 def test_a_server_lost_mid_run_fails_over_and_the_run_catches_up(tmp_path):
     """The server goes away after epoch 1 for longer than the client's retries, then comes back
     on the same port and store before training ends: training never fails, records the rest
-    locally (one warning), and catches up by itself. The server's run then has every param, per-step and per-epoch
-    metric (same steps and values) of an undisturbed run, and every checkpoint (same bytes);
-    a later `charseg sync` adds nothing."""
+    locally (one warning), and catches up by itself. The server's run then has every param,
+    per-step and per-epoch metric (same steps and values) of an undisturbed run, and every
+    checkpoint (same bytes); a later `charseg sync` adds nothing."""
     from conftest import _free_port, start_service, stop_service, wait_until_up
 
     from charseg.generate import generate_dataset
@@ -433,12 +445,9 @@ def test_a_server_lost_mid_run_fails_over_and_the_run_catches_up(tmp_path):
         wait_for(lambda: (out / "model_epoch_004.pth").exists(), "epoch 4 while the server is down")
         # Hold training while the server restarts: on a fast machine the last epochs took less
         # time than the server's start-up, so the run ended before there was a server to catch up with.
-        trainer.send_signal(signal.SIGSTOP)
-        try:
+        with paused(trainer):
             assert not (out / ckpt.FINAL_NAME).exists(), "training finished before the server could come back"
             proc = start_server()
-        finally:
-            trainer.send_signal(signal.SIGCONT)
         assert trainer.wait(timeout=300) == 0, log_path.read_text()[-3000:]
         output = log_path.read_text()
         assert output.count("stopped answering") == 1 and "caught up" in output
@@ -507,11 +516,8 @@ def test_a_server_still_away_when_training_ends_is_synced_into_the_same_run(tiny
         while not (out / "model_epoch_001.pth").exists():
             assert trainer.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.1)
-        trainer.send_signal(signal.SIGSTOP)  # the server is gone before epochs 2 and 3, however fast they are
-        try:
+        with paused(trainer):  # the server is gone before epochs 2 and 3
             stop_service(proc)
-        finally:
-            trainer.send_signal(signal.SIGCONT)
         assert trainer.wait(timeout=300) == 0, log_path.read_text()[-3000:]
         output = log_path.read_text()
         assert "stopped answering" in output and "stays RUNNING there until `charseg sync" in output
