@@ -19,7 +19,8 @@ import click
 from . import checkpoint as ckpt
 from . import distributed, runner
 from .coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
-from .config import FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, NORMS, TrainConfig, parse_anchor_sizes
+from .config import (FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, NORMS, TrainConfig,
+                     parse_anchor_sizes)
 from .data import scan_dataset
 from .errors import CharsegError
 from .generate import LAYOUTS, generate_dataset
@@ -45,6 +46,9 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return number
 
+
+# --scale-train / --scale-test: 0 (the --min-size rule) or a factor up to MAX_PAGE_SCALE.
+PAGE_SCALE = FiniteFloat(min=0, max=MAX_PAGE_SCALE)
 
 # Seeds numpy accepts (0 to 2**32 - 1); torch and python take them too.
 SEED = click.IntRange(min=0, max=2**32 - 1)
@@ -109,8 +113,8 @@ HYPER = (
     _opt("--seed", type=SEED, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
     _opt("--min-size", type=click.IntRange(min=1), help="Shorter image side after the model's resize."),
     _opt("--max-size", type=click.IntRange(min=1), help="Longer image side cap after the model's resize."),
-    _opt("--scale-train", type=FiniteFloat(), help=SCALE_TRAIN_HELP),
-    _opt("--scale-test", type=FiniteFloat(), help=SCALE_TEST_HELP),
+    _opt("--scale-train", type=PAGE_SCALE, help=SCALE_TRAIN_HELP),
+    _opt("--scale-test", type=PAGE_SCALE, help=SCALE_TEST_HELP),
     _opt("--rpn-proposals-train", type=click.IntRange(min=0),
          help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
     _opt("--rpn-proposals-test", type=click.IntRange(min=0),
@@ -468,7 +472,7 @@ MODEL_SOURCE = click.option(
 SCORE = click.option("--score-threshold", type=FiniteFloat(min=0, max=1), default=0.5, show_default=True,
                      help="Keep detections scoring at least this.")
 DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-SCALE_TEST_OVERRIDE = click.option("--scale-test", type=FiniteFloat(), default=None,
+SCALE_TEST_OVERRIDE = click.option("--scale-test", type=PAGE_SCALE, default=None,
                                    help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
 
 

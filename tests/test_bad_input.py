@@ -51,10 +51,17 @@ def test_seeds_out_of_numpy_range_are_refused_at_parse_time(tiny_dataset):
 
 
 @pytest.mark.parametrize("field", ["lr", "momentum", "weight_decay", "lr_gamma", "clip_grad_norm", "warmup_factor",
-                                   "val_fraction", "score_threshold"])
+                                   "val_fraction", "score_threshold", "scale_train", "scale_test"])
 def test_the_python_api_refuses_non_finite_settings(field, tmp_path):
     for value in (math.nan, math.inf):
         with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+            TrainConfig(data_dir=str(tmp_path), **{field: value}).validate()
+
+
+@pytest.mark.parametrize("field", ["scale_train", "scale_test"])
+def test_the_python_api_refuses_a_page_scale_that_is_no_factor(field, tmp_path):
+    for value in (-1.0, 9.0):
+        with pytest.raises(ValueError, match=rf"{field} must be 0 \(resize to min_size\) or a factor in \(0, 8\]"):
             TrainConfig(data_dir=str(tmp_path), **{field: value}).validate()
 
 

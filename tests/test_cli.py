@@ -153,10 +153,10 @@ def test_generate_lines_and_held_out_pages(tmp_path):
 
 
 @pytest.mark.parametrize("value, code, message", [
-    ("-1", 1, "scale_test must be 0 (resize to min_size) or a factor in (0, 8], got "),
-    ("9", 1, "scale_test must be 0 (resize to min_size) or a factor in (0, 8], got "),
+    ("-1", 2, "Invalid value for '--scale-test': -1.0 is not in the range 0<=x<=8.0"),
+    ("9", 2, "Invalid value for '--scale-test': 9.0 is not in the range 0<=x<=8.0"),
     ("nan", 2, "Invalid value for '--scale-test': 'nan' is not a finite number"),
-    ("inf", 2, "Invalid value for '--scale-test': 'inf' is not a finite number")])
+    ("inf", 2, "Invalid value for '--scale-test': inf is not in the range 0<=x<=8.0")])
 def test_a_page_scale_that_is_no_factor_is_one_clear_error(tiny_dataset, tmp_path, value, code, message):
     result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--scale-test", value,
                                       "--output-dir", str(tmp_path)])
