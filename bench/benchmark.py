@@ -94,7 +94,8 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     with torch.inference_mode():
         start = time.perf_counter()
         output = model([image])[0]
-        instances = output_to_instances(output, 0.0)  # polygons: from pasted masks (stock) or box masks
+        size = (image.shape[-1], image.shape[-2])
+        instances = output_to_instances(output, 0.0, size)  # polygons: from pasted masks (stock) or box masks
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "detections": len(output["boxes"]),
             "polygons": len(instances)}

@@ -142,7 +142,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
                 bbox_dets.append({"image_id": image_id, "category_id": 1, "score": score,
                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
             # Masks become polygons from their box-sized maps, then RLEs: no full-image mask.
-            instances = output_to_instances(output, 0.0)
+            instances = output_to_instances(output, 0.0, (sample.width, sample.height))
             rles = _polygons_to_rles([i.polygon for i in instances], sample.height, sample.width)
             for inst, rle in zip(instances, rles):
                 segm_dets.append({"image_id": image_id, "category_id": 1, "score": inst.score, "segmentation": rle})

@@ -72,20 +72,24 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
     return model, spec, state
 
 
-def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float) -> list[Instance]:
-    """Turn one Mask R-CNN output into instances at or above `score_threshold`.
+def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
+                        image_size: tuple[int, int]) -> list[Instance]:
+    """Turn one Mask R-CNN output for an image of `image_size` (width, height) into instances
+    at or above `score_threshold`.
 
-    Box-sized masks (`box_masks`, charseg's default) become polygons directly; stock
-    full-image `masks` are traced as they are. Instances whose mask is empty are dropped.
+    Box-sized masks (`box_masks` over their `mask_frames`, charseg's default) become polygons
+    directly, clipped to the image; stock full-image `masks` are traced as they are. Instances
+    whose mask is empty are dropped.
     """
     instances = []
     scores = output["scores"].cpu()
     keep = torch.nonzero(scores >= score_threshold).flatten().tolist()
     boxes = output["boxes"].cpu().numpy()
     box_masks = output["box_masks"].cpu().numpy() if "box_masks" in output else None
+    frames = output["mask_frames"].cpu().numpy() if box_masks is not None else None
     for idx in keep:
         if box_masks is not None:
-            polygon = box_mask_to_polygon(box_masks[idx], boxes[idx], MASK_THRESHOLD)
+            polygon = box_mask_to_polygon(box_masks[idx], frames[idx], MASK_THRESHOLD, bounds=image_size)
         else:
             polygon = mask_to_polygon(output["masks"][idx, 0].cpu().numpy() >= MASK_THRESHOLD)
         if polygon:
@@ -101,7 +105,7 @@ def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: tor
     tensors = [image_to_tensor(a).to(device) for a in images]
     with boxes_scoring_at_least(model, score_threshold):
         outputs = model(tensors)
-    return [output_to_instances(o, score_threshold) for o in outputs]
+    return [output_to_instances(o, score_threshold, (a.shape[1], a.shape[0])) for o, a in zip(outputs, images)]
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 # MultiScaleRoIAlign's own steps, so GatherRoIAlign keeps its levels and scales exactly.
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from .polygons import polygon_mask_targets, unpack_polygons
+from .polygons import PIXEL_CENTRE, polygon_mask_targets, unpack_polygons
 from .precision import autocast
 
 # Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
@@ -482,8 +482,9 @@ def overlapping_chunks(boxes: torch.Tensor, anchors: torch.Tensor, chunk: int):
 
 
 class PasteFreeTransform(GeneralizedRCNNTransform):
-    """Leaves masks box-sized at inference (`box_masks`, N x 28 x 28 probabilities) instead
-    of pasting each into a full-image tensor (build_model(polygon_native=False) pastes).
+    """Leaves masks box-sized at inference (`box_masks`, N x 28 x 28 probabilities, each
+    covering its `mask_frames` rectangle of the page) instead of pasting each into a
+    full-image tensor (build_model(polygon_native=False) pastes).
 
     `page_scales` (training, inference): a factor > 0 resizes each image by that factor of its
     own size, not its short side to min_size; max_size still caps the long side.
@@ -507,9 +508,14 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
         if self.training:
             return super().postprocess(result, image_shapes, original_image_sizes)
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
+            boxes = pred["boxes"]
+            pred["boxes"] = resize_boxes(boxes, im_s, o_im_s)
             if "masks" in pred:
                 pred["box_masks"] = pred.pop("masks")[:, 0]
+                # The rectangle of the page each box mask covers, in the polygons' convention:
+                # roi_align (aligned=False) pooled its features half a pixel of the resized
+                # page off the box (polygon_mask_targets trains the masks in that frame).
+                pred["mask_frames"] = resize_boxes(boxes + PIXEL_CENTRE, im_s, o_im_s)
         return result
 
 

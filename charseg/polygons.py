@@ -160,15 +160,18 @@ def polygons_to_boxes(polygons: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(polygon_boxes(polygons).astype(np.float32))
 
 
-def box_mask_to_polygon(prob: np.ndarray, box: np.ndarray, threshold: float = 0.5) -> list[float]:
-    """Outline, in image coordinates, of a box-sized mask probability map (M x M) inside `box`.
+def box_mask_to_polygon(prob: np.ndarray, frame: np.ndarray, threshold: float = 0.5,
+                        bounds: tuple[int, int] | None = None) -> list[float]:
+    """Outline, in image coordinates, of a box-sized mask probability map (M x M) that covers
+    `frame` (x1, y1, x2, y2 in the polygons' convention: pixel i covers [i, i+1]).
 
-    The map is resized to TRACE_SCALE x the box's pixel size and thresholded, and the
+    The map is resized to TRACE_SCALE x the frame's pixel size and thresholded, and the
     largest connected part is traced: contours run through pixel centres, so tracing at a
-    finer grid keeps a small glyph's outline within 1/(2*TRACE_SCALE) px of its edge.
+    finer grid keeps a small glyph's outline within 1/(2*TRACE_SCALE) px of its edge. With
+    `bounds` (width, height) the outline is clipped to the image: a frame may reach past it.
     Returns a flat [x1, y1, ...] list, [] if the mask is empty.
     """
-    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, y1, x2, y2 = (float(v) for v in frame)
     width = max(int(np.ceil((x2 - x1) * TRACE_SCALE)), 1)
     height = max(int(np.ceil((y2 - y1) * TRACE_SCALE)), 1)
     resized = cv2.resize(prob.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
@@ -176,8 +179,12 @@ def box_mask_to_polygon(prob: np.ndarray, box: np.ndarray, threshold: float = 0.
     if points is None:
         return []
     scale = np.array([(x2 - x1) / width, (y2 - y1) / height], dtype=np.float32)
-    # + PIXEL_CENTRE: back from roi_align's convention.
-    return flat_polygon(points * scale + np.array([x1, y1]) + PIXEL_CENTRE)
+    points = points * scale + np.array([x1, y1], dtype=np.float32)
+    if bounds is not None:
+        points = clip_polygon_to_image(points, *bounds)
+        if len(points) < 3 or polygon_area(points) == 0:
+            return []
+    return flat_polygon(points)
 
 
 def largest_outline(binary: np.ndarray) -> np.ndarray | None:

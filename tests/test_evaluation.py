@@ -17,7 +17,7 @@ from charseg import runner
 from charseg.cli import cli
 from charseg.data import Sample, image_to_tensor, load_image_rgb, scan_dataset, split_samples
 from charseg.evaluate import evaluate, is_better
-from charseg.polygons import polygon_mask_targets, polygons_to_boxes
+from charseg.polygons import PIXEL_CENTRE, polygon_mask_targets, polygons_to_boxes
 from conftest import light_config
 from test_cli import LIGHT_ARGS
 
@@ -41,7 +41,8 @@ class Oracle(torch.nn.Module):
             n = len(polygons)
             outputs.append({"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64),
                             "scores": torch.linspace(0.99, 0.9, n),
-                            "box_masks": torch.from_numpy(polygon_mask_targets(polygons, boxes.numpy(), 28))})
+                            "box_masks": torch.from_numpy(polygon_mask_targets(polygons, boxes.numpy(), 28)),
+                            "mask_frames": boxes + PIXEL_CENTRE})
         return outputs
 
 
@@ -162,7 +163,12 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
     assert [t.value for t in evaluation.tags] == ["evaluation"] and len(evaluation.dataset.digest) == 16
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
                                       "--scale-test", "-1"])
-    assert result.exit_code == 1 and "--scale-test must be 0 (resize to min_size) or a factor" in result.output
+    assert result.exit_code == 2 and "'--scale-test': -1.0 is not in the range 0<=x<=8.0" in result.output
+    from charseg.errors import CharsegError
+    from charseg.inference import load_model_for_inference
+
+    with pytest.raises(CharsegError, match=r"--scale-test must be 0 \(resize to min_size\) or a factor"):
+        load_model_for_inference(out / "model_final.pth", torch.device("cpu"), scale_test=-1.0)
 
 
 def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
@@ -264,7 +270,7 @@ def test_low_scores_are_dropped_before_the_mask_head_with_the_same_instances(tin
     with torch.inference_mode():
         everything = model([image_to_tensor(rgb)])[0]
     threshold = float(everything["scores"].median())
-    expected = output_to_instances(everything, threshold)
+    expected = output_to_instances(everything, threshold, (rgb.shape[1], rgb.shape[0]))
     masked.clear()
     got = predict_arrays(model, [rgb], torch.device("cpu"), threshold)[0]
     assert 0 < len(got) < len(everything["scores"]) and sum(masked) < len(everything["scores"])

@@ -18,7 +18,8 @@ from torchvision.models.detection.transform import paste_masks_in_image
 from charseg.data import CharacterDataset, collate, scan_dataset
 from charseg.model import build_model, spec_for_weights
 from charseg.polygon_heads import polygon_mask_loss
-from charseg.polygons import box_mask_to_polygon, pack_polygons, polygon_mask_targets, polygons_to_masks
+from charseg.polygons import (PIXEL_CENTRE, box_mask_to_polygon, pack_polygons, polygon_mask_targets,
+                              polygons_to_masks)
 
 
 def glyph_polygons(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
@@ -98,12 +99,56 @@ def test_box_mask_polygon_is_as_faithful_as_the_pasted_mask():
     ours_iou, stock_iou = [], []
     for polygon, prob, box, full in zip(polygons, probs, boxes, pasted.numpy() >= 0.5):
         gt = mask_utils.frPyObjects([polygon.reshape(-1).astype(float).tolist()], 120, 120)
-        ours = mask_utils.frPyObjects([box_mask_to_polygon(prob, box)], 120, 120)
+        ours = mask_utils.frPyObjects([box_mask_to_polygon(prob, box + PIXEL_CENTRE)], 120, 120)
         stock = [mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))]
         ours_iou.append(mask_utils.iou(ours, gt, [0])[0, 0])
         stock_iou.append(mask_utils.iou(stock, gt, [0])[0, 0])
     assert np.mean(ours_iou) > 0.85
     assert np.mean(ours_iou) >= np.mean(stock_iou) - 0.01
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 3.0])
+def test_outlines_come_back_where_the_characters_are_at_any_page_scale(scale):
+    """The model resizes a page by SCALE and learns masks in the frame roi_align pools (half a
+    pixel of the resized page off each box). A mask head that predicts exactly its training
+    targets must give back the annotated outlines on the original page, at every scale."""
+    from charseg.inference import output_to_instances
+    from charseg.polygon_heads import PasteFreeTransform
+
+    rng = np.random.default_rng(3)
+    polygons = glyph_polygons(rng, 15, 120)
+    resized = [p * scale for p in polygons]  # as polygon_mask_loss scales them
+    # Boxes 1-2 px (of the resized page) around each character: its mask can cover it.
+    bounds = np.stack([np.concatenate([p.min(0), p.max(0)]) for p in resized])
+    boxes = (bounds + rng.uniform(1, 2, bounds.shape) * [-1, -1, 1, 1]).astype(np.float32)
+    output = {"boxes": torch.from_numpy(boxes), "labels": torch.ones(15, dtype=torch.int64),
+              "scores": torch.ones(15), "masks": torch.from_numpy(polygon_mask_targets(resized, boxes, 28))[:, None]}
+    transform = PasteFreeTransform(800, 1333, [0.0] * 3, [1.0] * 3).eval()
+    side = round(120 * scale)
+    [output] = transform.postprocess([output], [(side, side)], [(120, 120)])
+    ious = []
+    for polygon, inst in zip(polygons, output_to_instances(output, 0.0, (120, 120))):
+        gt = mask_utils.frPyObjects([polygon.reshape(-1).astype(float).tolist()], 120, 120)
+        ours = mask_utils.frPyObjects([inst.polygon], 120, 120)
+        ious.append(mask_utils.iou(ours, gt, [0])[0, 0])
+    assert len(ious) == 15 and np.mean(ious) > 0.9, (scale, np.mean(ious))
+
+
+def test_an_outline_at_the_page_edge_stays_on_the_page():
+    """A mask that fills its box up to the page's edge: its outline ends at the edge, as
+    annotations do (validate-data would otherwise clip what predict wrote)."""
+    from charseg.inference import output_to_instances
+    from charseg.polygon_heads import PasteFreeTransform
+
+    boxes = torch.tensor([[100.0, 0.0, 128.0, 30.0], [0.0, 90.0, 20.0, 128.0]])
+    output = {"boxes": boxes, "labels": torch.ones(2, dtype=torch.int64), "scores": torch.ones(2),
+              "masks": torch.ones(2, 1, 28, 28)}
+    transform = PasteFreeTransform(800, 1333, [0.0] * 3, [1.0] * 3).eval()
+    [output] = transform.postprocess([output], [(128, 128)], [(128, 128)])
+    for inst in output_to_instances(output, 0.0, (128, 128)):
+        points = np.array(inst.polygon).reshape(-1, 2)
+        assert points.min() >= 0 and points.max() <= 128, inst.polygon
+        assert points.max() == 128, inst.polygon
 
 
 def test_banded_anchor_matching_equals_stock_on_random_boxes(monkeypatch):
