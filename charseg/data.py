@@ -166,6 +166,13 @@ class ImageUnusable(DatasetError):
         self.reason = reason if reason is not None else str(path)
 
 
+def unreadable_image(name: str, exc: Exception) -> ImageUnusable:
+    """The error for data Pillow cannot decode. Pillow's "cannot identify image file" names
+    what it was given (for bytes, an object's repr): the name is already in the message."""
+    reason = "no image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
+    return ImageUnusable(name, f"cannot read image ({reason}); re-export it as PNG or JPEG")
+
+
 @contextlib.contextmanager
 def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterator[Image.Image]:
     """Image.open with charseg's limits (MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, MAX_ASPECT_RATIO)
@@ -181,7 +188,7 @@ def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterat
             raise ImageUnusable(name, f"image of more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP; charseg reads "
                                       f"pages up to {MAX_IMAGE_PIXELS / 1e6:.0f} MP: split or downscale it") from None
         except (UnidentifiedImageError, OSError) as exc:
-            raise ImageUnusable(name, f"cannot read image ({exc}); re-export it as PNG or JPEG") from None
+            raise unreadable_image(name, exc) from None
     with img:
         width, height = img.size
         if width * height > MAX_IMAGE_PIXELS:
@@ -420,7 +427,7 @@ def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarr
                 return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
             return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageUnusable(name, f"cannot read image ({exc}); re-export it as PNG or JPEG") from exc
+        raise unreadable_image(name, exc) from exc
 
 
 def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""The MLflow pyfunc flavour of a charseg checkpoint.
+"""The predictor behind a registered charseg model (MLflow's pyfunc flavour).
 
-MLflow loads it through `loader_module="charseg.serving"`: `_load_pyfunc(path)` gets the
-checkpoint file logged as the model's data and returns an object with `predict`. Input: a
-DataFrame with an `image` column of encoded image bytes (PNG/JPEG; base64 over REST).
+MLflow loads it through `loader_module="charseg.tracking"`, whose `_load_pyfunc(path)` gets
+the checkpoint file logged as the model's data and wraps a `CharsegPredictor` of it. Input:
+a DataFrame with an `image` column of encoded image bytes (PNG/JPEG; base64 over REST).
 Output: one row per instance with image_id (row of the input), score, box and polygon.
+Bad input raises CharsegError or ValueError naming the row and what to do.
 """
 
 from __future__ import annotations
@@ -63,5 +64,7 @@ class CharsegPredictor:
 
 
 def _load_pyfunc(data_path: str) -> CharsegPredictor:
-    """MLflow's loader_module hook."""
+    """The loader_module hook of models registered before it moved to charseg.tracking. Such a
+    model brings its own copy of charseg, but a process that imported charseg first loads
+    this one."""
     return CharsegPredictor(data_path)

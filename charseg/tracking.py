@@ -21,11 +21,13 @@ from typing import Iterator
 import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
 from . import checkpoint as ckpt
 from .checkpoint import Lineage
 from .errors import CharsegError
+from .serving import CharsegPredictor
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "charseg"
@@ -673,6 +675,27 @@ TAG_VERSION_METRIC = "charseg.metric"
 TAG_VERSION_VALUE = "charseg.metric_value"
 
 
+class ServedModel:
+    """A registered model as MLflow serves it: charseg's predictor, whose bad-input errors (an
+    image that cannot be read, no `image` column, a precision the device lacks) become
+    MlflowExceptions, which `mlflow models serve` answers with their message and status 400
+    (any other exception gets a generic message, the reason buried in a stack trace)."""
+
+    def __init__(self, predictor: CharsegPredictor):
+        self.predictor = predictor
+
+    def predict(self, model_input, params: dict | None = None):
+        try:
+            return self.predictor.predict(model_input, params)
+        except (CharsegError, ValueError) as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+
+
+def _load_pyfunc(data_path: str) -> ServedModel:
+    """MLflow's loader_module hook: the checkpoint logged as the model's data."""
+    return ServedModel(CharsegPredictor(data_path))
+
+
 def _model_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
@@ -707,7 +730,7 @@ def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Regist
                else mlflow.start_run(run_id=run_id))
     with context:
         info = mlflow.pyfunc.log_model(
-            name="model", loader_module="charseg.serving", data_path=str(checkpoint_path),
+            name="model", loader_module="charseg.tracking", data_path=str(checkpoint_path),
             code_paths=[str(files("charseg"))], signature=_model_signature(), pip_requirements=_requirements())
     version = mlflow.register_model(info.model_uri, name).version
     client = MlflowClient()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -113,6 +114,28 @@ print(list(out.columns), len(out), sorted(set(out["image_id"])))
     assert int(count) > 0 and ids == "[0]"
 
 
+def test_a_model_registered_by_an_earlier_charseg_still_loads(registry, tiny_dataset):
+    """Earlier versions logged the pyfunc with loader_module charseg.serving. Such a model
+    brings its own copy of charseg, but a process that imported charseg first loads ours."""
+    import mlflow
+    from importlib.resources import files
+
+    with mlflow.start_run(run_id=registry["run_id"]):
+        info = mlflow.pyfunc.log_model(name="earlier", loader_module="charseg.serving",
+                                       data_path=str(registry["root"] / "out" / "best.pth"),
+                                       code_paths=[str(files("charseg"))])
+    code = f"""
+import charseg.tracking, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model({info.model_uri!r})
+frame = pd.DataFrame({{"image": [open({str(tiny_dataset / 'images' / '00001.png')!r}, "rb").read()]}})
+print(list(model.predict(frame).columns))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"]}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "['image_id', 'score', 'box', 'polygon']"
+
+
 def test_mlflow_models_serve_answers_with_instances(registry, tiny_dataset, tmp_path):
     port = _free_port()
     # mlflow starts `uvicorn` by name: the environment's bin folder must be on PATH (an activated venv).
@@ -131,7 +154,18 @@ def test_mlflow_models_serve_answers_with_instances(registry, tiny_dataset, tmp_
                                          headers={"Content-Type": "application/json"})
         with LOCAL.open(request, timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
+        # Bytes that are no image: status 400, and the reason is the answer's message.
+        body = json.dumps({"dataframe_split": {"columns": ["image"],
+                                               "data": [[image], [base64.b64encode(b"hello").decode()]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            LOCAL.open(request, timeout=120)
+        answer = json.loads(refused.value.read())
     finally:
         stop_service(proc)
     assert predictions and set(predictions[0]) == {"image_id", "score", "box", "polygon"}
     assert len(predictions[0]["box"]) == 4 and len(predictions[0]["polygon"]) >= 6
+    assert refused.value.code == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert ("image of row 1: cannot read image (no image format Pillow reads); re-export it as PNG or JPEG"
+            in answer["message"]), answer["message"]
