@@ -86,6 +86,11 @@ class ModelSpec:
     # RPN anchor size per FPN level; torchvision's unless the run chose others (checkpoints
     # written before this field existed were trained with these).
     anchor_sizes: tuple[int, ...] = STOCK_ANCHOR_SIZES
+    # Each mask covers its box itself (targets rasterised in the box; --mask-pixels reads the
+    # pixels with roi_align aligned=True, as detectron2's ROIAlignV2), not stock torchvision's
+    # frame half a pixel (of the resized page) past it, which cuts every character's left and
+    # top half pixel off its mask. False: checkpoints written before this field.
+    mask_in_box: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,7 +141,7 @@ def spec_for_weights(backbone: str, weights: str, **sizes_and_limits) -> ModelSp
     dilations = PIXEL_DILATIONS if sizes_and_limits.get("mask_pixels") else ()
     return ModelSpec(backbone=backbone, frozen_bn=pretrained, trainable_layers=3 if pretrained else 5,
                      frozen_bn_eps=0.0 if weights == "coco" else 1e-5, norm=norm, pixel_dilations=dilations,
-                     **sizes_and_limits)
+                     mask_in_box=True, **sizes_and_limits)
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -169,7 +174,7 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
         if spec.scale_train or spec.scale_test:
             raise ValueError("scale_train / scale_test need charseg's transform; stock torchvision resizes to min_size")
         return model
-    make_polygon_native(model)
+    make_polygon_native(model, spec.mask_in_box)
     model.transform.page_scales = (spec.scale_train, spec.scale_test)
     return model
 
@@ -264,7 +269,7 @@ def create_model(spec: ModelSpec, weights: str) -> tuple[MaskRCNN, str]:
                                           trainable_backbone_layers=spec.trainable_layers, **spec.detector_kwargs())
         except (urllib.error.URLError, OSError) as exc:
             raise _offline_error("COCO Mask R-CNN", exc) from exc
-        model = make_polygon_native(replace_heads(model, spec.num_classes))
+        model = make_polygon_native(replace_heads(model, spec.num_classes), spec.mask_in_box)
         return model, "COCO Mask R-CNN weights, box and mask heads re-initialised"
     if weights == "imagenet":
         model = build_model(spec)

@@ -98,8 +98,10 @@ def loss_denominators(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
-                      matched_idxs: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> torch.Tensor:
-    """Mask R-CNN mask loss with targets rasterised from polygons inside each positive proposal."""
+                      matched_idxs: list[torch.Tensor], image_shapes: list[tuple[int, int]],
+                      frame_offset: float = PIXEL_CENTRE) -> torch.Tensor:
+    """Mask R-CNN mask loss with targets rasterised from polygons inside each positive proposal
+    (moved by `frame_offset`: polygon_mask_targets)."""
     size = mask_logits.shape[-1]
     mask_targets, labels = [], []
     for props, target, idxs, shape in zip(proposals, targets, matched_idxs, image_shapes):
@@ -109,7 +111,8 @@ def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], 
         ratio = np.array([shape[1] / orig_w, shape[0] / orig_h], dtype=np.float32)
         idx = idxs.cpu().numpy()
         matched = [polygons[i] * ratio for i in idx]
-        mask_targets.append(torch.from_numpy(polygon_mask_targets(matched, props.detach().cpu().numpy(), size)))
+        mask_targets.append(torch.from_numpy(polygon_mask_targets(matched, props.detach().cpu().numpy(), size,
+                                                                  frame_offset)))
         labels.append(target["labels"][idxs])
     labels_t = torch.cat(labels)
     targets_t = torch.cat(mask_targets).to(mask_logits.device)
@@ -121,7 +124,10 @@ def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], 
 
 class PolygonRoIHeads(RoIHeads):
     """RoIHeads whose mask loss reads polygon targets (`polygon_points`, `polygon_lengths`,
-    `image_size`) instead of full-image masks. Targets with `masks` take the stock path."""
+    `image_size`) instead of full-image masks. Targets with `masks` take the stock path.
+    `mask_frame_offset`: where each mask lies against its box (polygon_mask_targets)."""
+
+    mask_frame_offset = PIXEL_CENTRE
 
     def check_targets(self, targets):
         if targets is None:
@@ -148,7 +154,8 @@ class PolygonRoIHeads(RoIHeads):
         mask_proposals = [p[pos] for p, pos in zip(proposals, positives)]
         pos_matched = [m[pos] for m, pos in zip(matched_idxs, positives)]
         mask_logits = self.mask_logits(features, mask_proposals, image_shapes)
-        loss_mask = polygon_mask_loss(mask_logits, mask_proposals, targets, pos_matched, image_shapes)
+        loss_mask = polygon_mask_loss(mask_logits, mask_proposals, targets, pos_matched, image_shapes,
+                                      self.mask_frame_offset)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
 
@@ -352,8 +359,11 @@ class PixelMaskPredictor(nn.Module):
     for its strokes, while its own pixels draw them at full resolution. `dilations`: 3x3
     blocks (GroupNorm, ReLU) after the first convolution, whose view must span the box to fill
     a glyph's outline, not only trace its strokes; () gives the first version's two plain
-    convolutions (checkpoints trained with it keep loading).
+    convolutions (checkpoints trained with it keep loading). `aligned`: the pixels are read in
+    the box itself (roi_align aligned=True), else half a pixel past it, as the masks' frame.
     """
+
+    aligned = False
 
     def __init__(self, in_channels: int, dim_reduced: int, num_classes: int, refine: int = 32,
                  image_channels: int = 3, dilations: tuple[int, ...] = ()):
@@ -376,7 +386,7 @@ class PixelMaskPredictor(nn.Module):
     def forward(self, x: torch.Tensor, pixels: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
         x = F.relu(self.conv5_mask(x))
         size = x.shape[-1]
-        crops = roi_align(pixels, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=False)
+        crops = roi_align(pixels, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=self.aligned)
         return self.mask_fcn_logits(self.pixel_refine(torch.cat([x, crops.to(x.dtype)], 1)))
 
 
@@ -491,6 +501,7 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
     """
 
     page_scales: tuple[float, float] = (0.0, 0.0)
+    mask_frame_offset = PIXEL_CENTRE
 
     def resize(self, image, target=None):
         scale = self.page_scales[0] if self.training else self.page_scales[1]
@@ -513,9 +524,9 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
             if "masks" in pred:
                 pred["box_masks"] = pred.pop("masks")[:, 0]
                 # The rectangle of the page each box mask covers, in the polygons' convention:
-                # roi_align (aligned=False) pooled its features half a pixel of the resized
-                # page off the box (polygon_mask_targets trains the masks in that frame).
-                pred["mask_frames"] = resize_boxes(boxes + PIXEL_CENTRE, im_s, o_im_s)
+                # the box moved by the frame offset (of the resized page) its masks were
+                # trained with (polygon_mask_targets).
+                pred["mask_frames"] = resize_boxes(boxes + self.mask_frame_offset, im_s, o_im_s)
         return result
 
 
@@ -546,9 +557,10 @@ def _float_outputs(module, inputs, outputs):
     return tuple([t.float() for t in part] for part in outputs)
 
 
-def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
+def make_polygon_native(model: torch.nn.Module, mask_in_box: bool = False) -> torch.nn.Module:
     """Switch a torchvision MaskRCNN to polygon targets, banded anchor matching and
-    box-sized outputs, in place.
+    box-sized outputs, in place. `mask_in_box`: each mask covers its box itself, not stock
+    torchvision's frame half a pixel past it (polygon_mask_targets).
 
     Only behaviour and memory layout change (no parameters; frozen norms are applied by the
     convolutions before them, weights are channels-last), so state dicts stay interchangeable
@@ -556,6 +568,10 @@ def make_polygon_native(model: torch.nn.Module) -> torch.nn.Module:
     """
     model.roi_heads.__class__ = PolygonRoIHeads
     model.transform.__class__ = PasteFreeTransform
+    offset = 0.0 if mask_in_box else PIXEL_CENTRE
+    model.roi_heads.mask_frame_offset = model.transform.mask_frame_offset = offset
+    if isinstance(model.roi_heads.mask_predictor, PixelMaskPredictor):
+        model.roi_heads.mask_predictor.aligned = mask_in_box
     model.rpn.__class__ = BandedMatchingRPN
     model.rpn.fg_bg_sampler.__class__ = SeededSampler
     model.roi_heads.fg_bg_sampler.__class__ = SeededSampler

@@ -43,15 +43,17 @@ def polygon_boxes(polygons: list[np.ndarray]) -> np.ndarray:
     return np.stack([np.concatenate([p.min(axis=0), p.max(axis=0)]) for p in polygons])
 
 
-def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: int) -> np.ndarray:
+def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: int,
+                         frame_offset: float = PIXEL_CENTRE) -> np.ndarray:
     """Rasterise polygons[i] inside boxes[i] to a size x size soft mask in [0, 1].
 
     polygons: (K, 2) arrays in the boxes' coordinates; boxes: (N, 4) x1, y1, x2, y2.
     Returns (N, size, size) float32. One pycocotools call for all instances.
 
-    Box coordinates follow roi_align(aligned=False), which pools the mask head's features
-    and projects stock targets: pixel centres at integers, half a pixel off the polygons'
-    convention (pixel i covers [i, i+1]); the polygons are shifted by that half pixel.
+    Each mask covers its box moved by `frame_offset` px. PIXEL_CENTRE is stock torchvision's
+    frame: roi_align(aligned=False) projects its targets with pixel centres at integers, half
+    a pixel off the polygons' convention (pixel i covers [i, i+1]), so a character's left and
+    top half pixel falls outside its box's mask. 0: the mask covers the box itself.
     """
     if len(boxes) == 0:
         return np.zeros((0, size, size), dtype=np.float32)
@@ -59,7 +61,7 @@ def polygon_mask_targets(polygons: list[np.ndarray], boxes: np.ndarray, size: in
     flat = []
     for points, (x1, y1, x2, y2) in zip(polygons, boxes):
         scale = np.array([res / max(x2 - x1, 1e-6), res / max(y2 - y1, 1e-6)])
-        flat.append(((points - PIXEL_CENTRE - np.array([x1, y1])) * scale).reshape(-1).astype(np.float64).tolist())
+        flat.append(((points - frame_offset - np.array([x1, y1])) * scale).reshape(-1).astype(np.float64).tolist())
     masks = mask_utils.decode(mask_utils.frPyObjects(flat, res, res))  # res x res x N uint8
     masks = masks.transpose(2, 0, 1).reshape(len(boxes), size, SUPERSAMPLE, size, SUPERSAMPLE)
     return masks.mean(axis=(2, 4), dtype=np.float32)
