@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
-from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -42,6 +42,8 @@ ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 PIXEL_DILATIONS = (2, 4, 8, 1)
 # Keys of the class-specific layers, re-initialised when a file was trained for other classes.
 _HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+# The predictors that COCO weights leave to a new model (their deconvolution included).
+_PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.")
 
 
 @dataclass(frozen=True)
@@ -236,16 +238,6 @@ def _heads(spec: ModelSpec, norm_layer) -> dict:
             "mask_predictor": predictor}
 
 
-def replace_heads(model: MaskRCNN, num_classes: int) -> MaskRCNN:
-    """Swap the class-specific box and mask predictors for `num_classes` fresh ones."""
-    box_in = model.roi_heads.box_predictor.cls_score.in_features
-    model.roi_heads.box_predictor = FastRCNNPredictor(box_in, num_classes)
-    mask_in = model.roi_heads.mask_predictor.conv5_mask.in_channels
-    hidden = model.roi_heads.mask_predictor.conv5_mask.out_channels
-    model.roi_heads.mask_predictor = MaskRCNNPredictor(mask_in, hidden, num_classes)
-    return model
-
-
 def _offline_error(what: str, exc: Exception) -> WeightsError:
     return WeightsError(
         f"could not download the {what} weights ({exc}). Without internet pass `--weights none` "
@@ -264,13 +256,20 @@ def create_model(spec: ModelSpec, weights: str) -> tuple[MaskRCNN, str]:
         if spec.backbone != "resnet50":
             raise WeightsError(f"COCO Mask R-CNN weights exist only for resnet50, not {spec.backbone}; "
                                "pass `--weights imagenet` or `--weights none`")
+        model = build_model(spec)  # the spec's model whole: page scales, --mask-pixels, its mask frame
         try:
-            model = maskrcnn_resnet50_fpn(weights=MaskRCNN_ResNet50_FPN_Weights.COCO_V1,
-                                          trainable_backbone_layers=spec.trainable_layers, **spec.detector_kwargs())
+            state = MaskRCNN_ResNet50_FPN_Weights.COCO_V1.get_state_dict(progress=True, check_hash=True)
         except (urllib.error.URLError, OSError) as exc:
             raise _offline_error("COCO Mask R-CNN", exc) from exc
-        model = make_polygon_native(replace_heads(model, spec.num_classes), spec.mask_in_box)
-        return model, "COCO Mask R-CNN weights, box and mask heads re-initialised"
+        # COCO's 91-class predictors are not loaded: new ones for our classes, as torchvision's
+        # fine-tuning tutorial replaces them.
+        kept = {k: v for k, v in state.items() if not k.startswith(_PREDICTOR_PREFIXES)}
+        result = model.load_state_dict(kept, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(_PREDICTOR_PREFIXES)]
+        if missing or result.unexpected_keys:
+            raise WeightsError(f"COCO Mask R-CNN weights do not fit this model (missing {missing[:3]}, "
+                               f"unexpected {result.unexpected_keys[:3]})")
+        return model, "COCO Mask R-CNN weights, box and mask predictors re-initialised"
     if weights == "imagenet":
         model = build_model(spec)
         try:

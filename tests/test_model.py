@@ -79,6 +79,29 @@ def test_local_coco_style_state_dict_loads_with_heads_reinitialised(tmp_path):
     assert model.roi_heads.box_predictor.cls_score.out_features == 2
 
 
+def test_coco_weights_go_into_the_model_the_spec_describes(monkeypatch):
+    """--weights coco builds the spec's model (page scales, --mask-pixels, its mask frame) and
+    loads COCO's weights into it, the predictors new. The download is replaced by a 91-class
+    torchvision Mask R-CNN's state dict, as the COCO file is (no internet here)."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    from charseg.polygon_heads import PixelMaskPredictor
+
+    torch.manual_seed(0)
+    source = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    monkeypatch.setattr(MaskRCNN_ResNet50_FPN_Weights, "get_state_dict", lambda self, **kwargs: source.state_dict())
+    spec = spec_for_weights("resnet50", "coco", scale_train=1.0, scale_test=1.25, mask_pixels=True)
+    model, how = create_model(spec, "coco")
+    assert how == "COCO Mask R-CNN weights, box and mask predictors re-initialised"
+    assert model.transform.page_scales == (1.0, 1.25)
+    assert isinstance(model.roi_heads.mask_predictor, PixelMaskPredictor) and model.roi_heads.mask_frame_offset == 0
+    assert torch.equal(model.backbone.body.layer1[0].conv1.weight, source.backbone.body.layer1[0].conv1.weight)
+    assert torch.equal(model.roi_heads.mask_head[0][0].weight, source.roi_heads.mask_head[0][0].weight)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 2
+    # What a checkpoint of it rebuilds for inference is the same model.
+    build_model(spec).load_state_dict(model.state_dict())
+
+
 def test_local_resnet_state_dict_loads_into_backbone(tmp_path):
     source = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"
