@@ -4,7 +4,8 @@ MLflow loads it through `loader_module="charseg.tracking"`, whose `_load_pyfunc(
 the checkpoint file logged as the model's data and wraps a `CharsegPredictor` of it. Input:
 a DataFrame with an `image` column of encoded image bytes (PNG/JPEG; base64 over REST).
 Output: one row per instance with image_id (row of the input), score, box and polygon.
-Bad input raises CharsegError or ValueError naming the row and what to do.
+Bad input raises CharsegError (a precision the device lacks: PrecisionError) naming the row
+and what to do.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from .data import load_image_rgb
+from .errors import CharsegError
 from .inference import load_model_for_inference, predict_arrays
 from .precision import resolve as resolve_precision
 
@@ -48,7 +50,7 @@ class CharsegPredictor:
         loaded model's) for this call.
         """
         if "image" not in model_input:
-            raise ValueError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
+            raise CharsegError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
         asked = str((params or {}).get("precision", "auto"))
         precision = self.default_precision if asked == "auto" else \

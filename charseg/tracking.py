@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from . import checkpoint as ckpt
 from .checkpoint import Lineage
 from .errors import CharsegError
+from .precision import PrecisionError
 from .serving import CharsegPredictor
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -687,7 +688,7 @@ class ServedModel:
     def predict(self, model_input, params: dict | None = None):
         try:
             return self.predictor.predict(model_input, params)
-        except (CharsegError, ValueError) as exc:
+        except (CharsegError, PrecisionError) as exc:  # not any ValueError: a bug is no bad request
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
 
 
