@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, empty_file, reason
 from .model import ModelSpec
 
 FORMAT = "charseg-checkpoint"
@@ -229,6 +229,8 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if empty_file(path):
+        raise CheckpointError(f"{path}: not a charseg checkpoint: {empty_file(path)}")
     try:
         with warnings.catch_warnings():  # torch's notes on foreign pickles; the error below says it plainly
             warnings.simplefilter("ignore", UserWarning)
@@ -238,7 +240,7 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
             raise CheckpointError(f"{path}: not a charseg checkpoint: it holds Python objects that could run code "
                                   "when unpickled; charseg loads tensors only (torch.load weights_only=True) and "
                                   "did not open it") from exc
-        raise CheckpointError(f"{path}: not a charseg checkpoint ({str(exc).splitlines()[0][:200]})") from exc
+        raise CheckpointError(f"{path}: not a charseg checkpoint ({reason(exc)})") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         holds = (f"a dict with keys {sorted(checkpoint)[:5]}" if isinstance(checkpoint, dict)
                  else type(checkpoint).__name__)

@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -19,11 +20,11 @@ import click
 from . import checkpoint as ckpt
 from . import distributed, runner
 from .coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
-from .config import (FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, NORMS, TrainConfig,
-                     parse_anchor_sizes)
+from .config import (BOUNDS, FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, NORMS,
+                     TrainConfig, parse_anchor_sizes)
 from .data import scan_dataset
 from .errors import CharsegError
-from .generate import LAYOUTS, generate_dataset
+from .generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
 from .heldout import generate_heldout
 from .evaluate import METRICS
 from .inference import COCO_PREDICTIONS, LABELS
@@ -50,8 +51,26 @@ class FiniteFloat(click.FloatRange):
 # --scale-train / --scale-test: 0 (the --min-size rule) or a factor up to MAX_PAGE_SCALE.
 PAGE_SCALE = FiniteFloat(min=0, max=MAX_PAGE_SCALE)
 
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def bounded(field: str, low: float | None = None) -> click.ParamType:
+    """The option type of a TrainConfig setting: its BOUNDS range (shown by --help), an int or
+    a finite float as the field is; `low` replaces the lower end (0 meaning "keep")."""
+    bound = BOUNDS[field]
+    low = bound.low if low is None else low
+    if "float" in _FIELD_TYPES[field]:
+        return FiniteFloat(min=low, max=bound.high, min_open=bound.low_open and low == bound.low,
+                           max_open=bound.high_open)
+    return click.IntRange(min=int(low), max=int(bound.high))
+
+
 # Seeds numpy accepts (0 to 2**32 - 1); torch and python take them too.
-SEED = click.IntRange(min=0, max=2**32 - 1)
+SEED = bounded("seed")
+# Worker processes: at most one per CPU of this machine (a larger number only adds processes),
+# or the default on a machine of fewer CPUs.
+MAX_WORKERS_HERE = max(os.cpu_count() or 1, _DEFAULTS.num_workers)
+WORKER_COUNT = click.IntRange(min=0, max=MAX_WORKERS_HERE)
 
 
 def _opt(*decls: str, help: str, field: str | None = None, **kwargs) -> Callable:
@@ -83,10 +102,12 @@ def _bool_opt(*decls: str, help: str) -> Callable:
 
 OUTPUT = _opt("--output-dir", type=click.Path(file_okay=False),
               help="Folder for checkpoints [default: outputs/<timestamp>-<mode>; resume: the checkpoint's folder]")
-EPOCHS = _opt("--epochs", type=click.IntRange(min=1), help="Total number of epochs (resume: the new total).")
+EPOCHS = _opt("--epochs", type=bounded("epochs"), help="Total number of epochs (resume: the new total).")
 DEVICE = _opt("--device", type=str, help="auto (CUDA when available), cpu, cuda or cuda:N.")
-WORKERS = _opt("--num-workers", type=click.IntRange(min=0), help="Data-loader worker processes (0: main process).")
-LOG_EVERY = _opt("--log-every", type=click.IntRange(min=1), help="Report per-step losses every N iterations.")
+WORKERS = _opt("--num-workers", type=WORKER_COUNT,
+               help=f"Data-loader worker processes (0: main process), at most this machine's CPU count "
+                    f"({MAX_WORKERS_HERE}).")
+LOG_EVERY = _opt("--log-every", type=bounded("log_every"), help="Report per-step losses every N iterations.")
 SAVE_EVERY = _bool_opt("--save-every-epoch",
                        help="Write a checkpoint after every epoch (the final model is always written)")
 SAVE_VERSIONED = _bool_opt("--save-versioned",
@@ -97,30 +118,30 @@ SCALE_TRAIN_HELP = ("Resize each training page by this factor of its own size in
 SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the registered model); a little above "
                    "the training scale, small glyphs are found more often. 0: the --min-size rule.")
 HYPER = (
-    _opt("--batch-size", type=click.IntRange(min=1), help="Images per optimizer step."),
-    _opt("--lr", type=FiniteFloat(min=0, min_open=True), help="Base SGD learning rate."),
-    _opt("--momentum", type=FiniteFloat(min=0, max=1), help="SGD momentum."),
-    _opt("--weight-decay", type=FiniteFloat(min=0), help="SGD weight decay."),
+    _opt("--batch-size", type=bounded("batch_size"), help="Images per optimizer step."),
+    _opt("--lr", type=bounded("lr"), help="Base SGD learning rate."),
+    _opt("--momentum", type=bounded("momentum"), help="SGD momentum."),
+    _opt("--weight-decay", type=bounded("weight_decay"), help="SGD weight decay."),
     _opt("--lr-schedule", type=click.Choice(LR_SCHEDULES),
          help="step: x --lr-gamma every --lr-step-size epochs (the seed script's); cosine: half a cosine from "
               "the LR to 0 over the whole run, whatever its length."),
-    _opt("--lr-step-size", type=click.IntRange(min=1), help="StepLR: decay the LR every N epochs."),
-    _opt("--lr-gamma", type=FiniteFloat(min=0, min_open=True), help="StepLR: LR multiplier at each decay."),
-    _opt("--warmup-iters", type=click.IntRange(min=0), help="Linear LR warm-up iterations (capped to one epoch; 0: off)."),
-    _opt("--warmup-factor", type=FiniteFloat(min=0, max=1, min_open=True),
+    _opt("--lr-step-size", type=bounded("lr_step_size"), help="StepLR: decay the LR every N epochs."),
+    _opt("--lr-gamma", type=bounded("lr_gamma"), help="StepLR: LR multiplier at each decay."),
+    _opt("--warmup-iters", type=bounded("warmup_iters"), help="Linear LR warm-up iterations (capped to one epoch; 0: off)."),
+    _opt("--warmup-factor", type=bounded("warmup_factor"),
          help="LR multiplier at the first warm-up iteration."),
-    _opt("--clip-grad-norm", type=FiniteFloat(min=0), help="Clip the total gradient norm to this (0: off)."),
+    _opt("--clip-grad-norm", type=bounded("clip_grad_norm"), help="Clip the total gradient norm to this (0: off)."),
     _opt("--seed", type=SEED, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
-    _opt("--min-size", type=click.IntRange(min=1), help="Shorter image side after the model's resize."),
-    _opt("--max-size", type=click.IntRange(min=1), help="Longer image side cap after the model's resize."),
+    _opt("--min-size", type=bounded("min_size"), help="Shorter image side after the model's resize."),
+    _opt("--max-size", type=bounded("max_size"), help="Longer image side cap after the model's resize."),
     _opt("--scale-train", type=PAGE_SCALE, help=SCALE_TRAIN_HELP),
     _opt("--scale-test", type=PAGE_SCALE, help=SCALE_TEST_HELP),
-    _opt("--rpn-proposals-train", type=click.IntRange(min=0),
+    _opt("--rpn-proposals-train", type=bounded("rpn_proposals_train"),
          help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
-    _opt("--rpn-proposals-test", type=click.IntRange(min=0),
+    _opt("--rpn-proposals-test", type=bounded("rpn_proposals_test"),
          help="RPN proposals kept per image at inference (0: max(1000, 2 x detections per image))."),
-    _opt("--roi-samples", type=click.IntRange(min=1), help="Proposals sampled per image for the head losses."),
-    _opt("--detections-per-img", type=click.IntRange(min=0),
+    _opt("--roi-samples", type=bounded("roi_samples"), help="Proposals sampled per image for the head losses."),
+    _opt("--detections-per-img", type=bounded("detections_per_img"),
          help="Most detections returned per image, also COCO maxDets (0: max(500, 1.2 x the characters of "
               "the densest image))."),
 )
@@ -128,12 +149,12 @@ VAL_DIR = _opt("--val-dir", type=click.Path(file_okay=False),
                help="Separate validation dataset [default: hold out --val-fraction of DATA_DIR]")
 VALIDATION = (
     VAL_DIR,
-    _opt("--val-fraction", type=FiniteFloat(min=0, max=1, max_open=True),
+    _opt("--val-fraction", type=bounded("val_fraction"),
          help="Share of DATA_DIR held out for validation, chosen by the seed (0: no validation)."),
     _opt("--best-metric", type=click.Choice(METRICS), help="Validation metric that picks best.pth."),
-    _opt("--score-threshold", type=FiniteFloat(min=0, max=1),
+    _opt("--score-threshold", type=bounded("score_threshold"),
          help="Detections counted by the character metrics and drawn on logged images."),
-    _opt("--val-images-logged", type=click.IntRange(min=0),
+    _opt("--val-images-logged", type=bounded("val_images_logged"),
          help="Validation (and held-out) images with predicted outlines logged to MLflow each epoch."),
     _opt("--heldout-dir", type=click.Path(file_okay=False),
          help="Pages made differently from the training data (charseg generate --held-out): a few logged "
@@ -364,7 +385,7 @@ def cli(quiet: bool) -> None:
 @_opt("--weights", type=str,
       help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
 @_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
-@_opt("--fpn-channels", type=click.IntRange(min=32),
+@_opt("--fpn-channels", type=bounded("fpn_channels"),
       help="FPN output channels and mask head width; torchvision's 256, 128 trains about 2.8x faster on a CPU.")
 @_bool_opt("--mask-pixels", help="The mask predictor also reads the image's pixels inside each box at 28x28: "
                                  "glyphs of 10-30 px are only a few cells of the stride-4 features")
@@ -396,8 +417,8 @@ def train_command(data_dir: str, register_as: str, **options: Any) -> None:
 
 @cli.command("resume")
 @click.argument("source")
-@_options(_opt("--epochs", type=click.IntRange(min=0), help="New total number of epochs (0: keep the checkpoint's)."),
-          click.option("--epoch", type=click.IntRange(min=0), default=0, show_default=True,
+@_options(_opt("--epochs", type=bounded("epochs", low=0), help="New total number of epochs (0: keep the checkpoint's)."),
+          click.option("--epoch", type=bounded("epochs", low=0), default=0, show_default=True,
                        help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
@@ -443,7 +464,7 @@ def _resume(source: str, epoch: int, overrides: dict[str, Any], choices: Trackin
 @click.option("--run-id", default="", help="Take the checkpoint from this MLflow run (its best, else its last); "
                                            "SOURCE must then be empty (\"\").")
 @_options(*RUN)
-@click.option("--lr-factor", type=FiniteFloat(min=0, min_open=True), default=None,
+@click.option("--lr-factor", type=bounded("lr_factor"), default=None,
               help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
 @_options(*TRACKING)
 def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) -> None:
@@ -469,7 +490,7 @@ MODEL_SOURCE = click.option(
     "--model", "model_source", required=True,
     help="A checkpoint file, an output folder or an MLflow run ID (its best, else its latest checkpoint), "
          "runs:/... or models:/NAME@champion.")
-SCORE = click.option("--score-threshold", type=FiniteFloat(min=0, max=1), default=0.5, show_default=True,
+SCORE = click.option("--score-threshold", type=bounded("score_threshold"), default=0.5, show_default=True,
                      help="Keep detections scoring at least this.")
 DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 SCALE_TEST_OVERRIDE = click.option("--scale-test", type=PAGE_SCALE, default=None,
@@ -480,7 +501,7 @@ SCALE_TEST_OVERRIDE = click.option("--scale-test", type=PAGE_SCALE, default=None
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @MODEL_SOURCE
 @SCORE
-@click.option("--detections-per-img", type=click.IntRange(min=1), default=None,
+@click.option("--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
               help="Detections per image and COCO maxDets [default: the checkpoint's].")
 @SCALE_TEST_OVERRIDE
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
@@ -523,7 +544,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
               help="With --format coco: each mask as its outline polygon or as COCO RLE.")
 @click.option("--labels", type=click.Choice(LABELS), default="fit", show_default=True,
               help="Score labels on the overlays: only where they overlap no other label, every one, or none.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch-size", type=bounded("batch_size"), default=1, show_default=True,
               help="Images of the same size that go through the model together (consecutive ones, in file name "
                    "order). The same detections as one at a time, up to float rounding (batched convolutions may "
                    "take other kernels). Worth raising on a GPU; a CPU gains little.")
@@ -544,6 +565,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
     if not paths:
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
+    _check_distinct_names(paths)
     with _source_checkpoint(model_source, prefer_best=True) as (path, _):
         torch_device = runner.resolve_device(device)
         model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test, precision=precision)
@@ -556,6 +578,18 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
                + (f"; {len(summary['skipped'])} images skipped (above)" if summary["skipped"] else ""))
     if output_format == "coco":
         click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")
+
+
+def _check_distinct_names(paths: list[Path]) -> None:
+    """predict names its outputs after each image's stem: two inputs of one stem (a.png and
+    a.jpg, or one file given twice) would overwrite each other's CSV and overlay."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise click.ClickException(
+                f"{seen[path.stem]} and {path} would both be written as {path.stem}.csv and {path.stem}.png in "
+                "--out; rename one, or predict them into separate --out folders")
+        seen[path.stem] = path
 
 
 @cli.command("sync")
@@ -603,10 +637,14 @@ def import_coco_command(coco_json: str, images_dir: str, out_dir: str, char_from
     A polygon of one ring is copied point for point; several rings and RLE masks (iscrowd
     or not) are rasterised and traced as `predict` traces masks (a part that is not the
     largest is reported). Every annotation not imported is listed with its ID and why.
+    Exits 1 when the file has no annotations or none could be imported.
     """
     report = import_coco(coco_json, images_dir, out_dir, char_from=char_from)
     for line in report.lines():
         click.echo(line)
+    if not report.characters:
+        raise click.ClickException(f"no character imported from {coco_json} (the problems are listed above); "
+                                   f"{out_dir} holds no training data")
     click.echo(f"check it with: charseg validate-data {out_dir}")
 
 
@@ -615,7 +653,8 @@ def import_coco_command(coco_json: str, images_dir: str, out_dir: str, char_from
 @click.argument("out_json", type=click.Path(dir_okay=False))
 def export_coco_command(data_dir: str, out_json: str) -> None:
     """Write DATA_DIR's usable images and polygons as COCO instances JSON (one category per
-    character; file_name relative to DATA_DIR/images). What is not usable is listed."""
+    character; file_name relative to DATA_DIR/images). What is not usable is listed. Exits 1,
+    writing nothing, when no image is usable."""
     counts, problems = export_coco(data_dir, out_json)
     for line in problems:
         click.echo(f"not exported: {line}")
@@ -643,10 +682,14 @@ def _range(text: str) -> tuple[int, int]:
 
 @cli.command("generate")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--num-images", default=20, show_default=True, type=click.IntRange(min=1), help="Images to render.")
-@click.option("--size", default="128x128", show_default=True, help="Image size WIDTHxHEIGHT (or one number).")
-@click.option("--chars-per-image", default="3-8", show_default=True, help="Characters per image, MIN-MAX or N.")
-@click.option("--font-size", default="18-40", show_default=True, help="Glyph size in pixels, MIN-MAX or N.")
+@click.option("--num-images", default=20, show_default=True, type=click.IntRange(min=1, max=MAX_IMAGES),
+              help="Images to render.")
+@click.option("--size", default="128x128", show_default=True,
+              help=f"Image size WIDTHxHEIGHT (or one number), 8 to {MAX_SIDE} px a side.")
+@click.option("--chars-per-image", default="3-8", show_default=True,
+              help=f"Characters per image, MIN-MAX or N, at most {MAX_CHARS} (scatter stops at a full page).")
+@click.option("--font-size", default="18-40", show_default=True,
+              help=f"Glyph size in pixels, MIN-MAX or N, 4 to {MAX_FONT_SIZE}.")
 @click.option("--font", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A .ttf/.otf font [default: scatter: Pillow's bundled scalable font; lines: that and "
                    "DejaVu Sans/Serif and Computer Modern from matplotlib].")

@@ -12,6 +12,7 @@ pycocotools speak.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .data import IMAGE_SUFFIXES, ImageUnusable, open_image, scan_dataset, upright_size, write_annotation
+from .data import IMAGE_SUFFIXES, MAX_COORDINATE, ImageUnusable, open_image, scan_dataset, upright_size, write_annotation
 from .errors import DatasetError
 from .polygons import edge_outlines, flat_polygon, polygon_area
 
@@ -38,10 +39,16 @@ class ImportReport:
     characters: int = 0
     traced: int = 0  # several rings or RLE, rasterised and traced
     problems: list[str] = field(default_factory=list)  # "annotation 17 (image 3): reason"
+    empty_images: list[str] = field(default_factory=list)  # written with no polygon: training skips them
 
     def lines(self) -> list[str]:
-        return [f"imported {self.images} images and {self.characters} characters into {self.out_dir} "
-                f"({self.traced} traced from RLE or several rings); {len(self.problems)} problems"] + self.problems
+        lines = [f"imported {self.images} images and {self.characters} characters into {self.out_dir} "
+                 f"({self.traced} traced from RLE or several rings); {len(self.problems)} problems"] + self.problems
+        if self.empty_images:
+            shown = ", ".join(self.empty_images[:5]) + (", ..." if len(self.empty_images) > 5 else "")
+            lines.append(f"warning: {len(self.empty_images)} of {self.images} images have no character imported "
+                         f"({shown}); training skips them")
+        return lines
 
 
 def _load_json(path: Path) -> dict:
@@ -75,36 +82,81 @@ def char_reader(char_from: str, categories: dict[int, str]):
     raise DatasetError(f"--char-from {char_from!r}: use {CHAR_FROM_HELP}")
 
 
+def _number(value: Any) -> bool:
+    """A finite JSON number within charseg's coordinate range (bool is no number)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= MAX_COORDINATE)
+
+
+def rle_counts(counts: Any, height: int, width: int) -> list[int]:
+    """The run lengths of a COCO RLE, checked: pycocotools decodes counts that do not cover the
+    mask from memory it never wrote (garbage masks), and raises on others. `counts` is a list of
+    ints or COCO's compressed string (pycocotools' rleFrString, read here so it can be
+    checked). Raises ValueError saying what is wrong."""
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+            raise ValueError("RLE counts hold something other than non-negative integers")
+        runs = counts
+    elif isinstance(counts, (str, bytes)):
+        text = counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts
+        runs, p = [], 0
+        while p < len(text):
+            x, k, more = 0, 0, True
+            while more:
+                if p >= len(text) or not 48 <= ord(text[p]) < 112:
+                    raise ValueError(f"compressed RLE counts are not COCO's encoding (at character {p + 1})")
+                c = ord(text[p]) - 48
+                x |= (c & 0x1F) << (5 * k)
+                more, p, k = bool(c & 0x20), p + 1, k + 1
+                if not more and c & 0x10:
+                    x |= -1 << (5 * k)
+            runs.append(x + runs[-2] if len(runs) > 2 else x)
+            if runs[-1] < 0:
+                raise ValueError("compressed RLE counts decode to a negative run")
+    else:
+        raise ValueError(f"RLE counts are {type(counts).__name__}, not a list or a string")
+    if sum(runs) != height * width:
+        raise ValueError(f"RLE counts cover {sum(runs)} pixels, the image {height}x{width} has {height * width}")
+    return runs
+
+
+def _rle_mask(segmentation: dict, height: int, width: int) -> np.ndarray:
+    """A checked RLE as a bool mask (COCO runs go down columns, from background)."""
+    if list(segmentation["size"]) != [height, width]:
+        raise ValueError(f"RLE size {segmentation['size']} is not the image's [{height}, {width}]")
+    runs = rle_counts(segmentation["counts"], height, width)
+    values = np.arange(len(runs)) % 2 == 1
+    return np.repeat(values, runs).reshape(width, height).T
+
+
 def segmentation_to_polygon(segmentation: Any, height: int, width: int) -> tuple[list[float] | None, str, bool]:
     """One COCO segmentation as one charseg polygon: (flat points or None, problem, traced).
 
     One ring of 3+ points is kept as it is; several rings and RLE (compressed or not) are
-    rasterised and the largest connected part traced; a problem says what was dropped."""
+    rasterised and the largest connected part traced; a problem says what was dropped or why
+    nothing could be read."""
     if not segmentation:
         return None, "no segmentation (a box only): charseg trains on outlines", False
+    note = ""
     if isinstance(segmentation, list):
         rings = [r for r in segmentation if isinstance(r, list) and len(r) >= 6 and len(r) % 2 == 0]
+        if not rings:
+            return None, "no ring with 3 or more x,y points", False
         if len(rings) < len(segmentation):
-            bad = len(segmentation) - len(rings)
-            if not rings:
-                return None, "no ring with 3 or more x,y points", False
-            note = f"{bad} ring(s) without 3 x,y points ignored"
-        else:
-            note = ""
+            note = f"{len(segmentation) - len(rings)} ring(s) without 3 x,y points ignored"
+        if not all(_number(v) for ring in rings for v in ring):
+            return None, f"polygon holds a non-number or a coordinate beyond +-{MAX_COORDINATE:g}", False
         if len(rings) == 1:
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in rings[0]):
-                return None, "polygon holds a non-number", False
             return [float(v) for v in rings[0]], note, False
-        rle = mask_utils.merge(mask_utils.frPyObjects(rings, height, width))
+        mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(
+            [[float(v) for v in ring] for ring in rings], height, width))).astype(bool)
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        if list(segmentation["size"]) != [height, width]:
-            return None, f"RLE size {segmentation['size']} is not the image's [{height}, {width}]", False
-        rle = (mask_utils.frPyObjects(segmentation, height, width) if isinstance(segmentation["counts"], list)
-               else segmentation)
-        note = ""
+        try:
+            mask = _rle_mask(segmentation, height, width)
+        except (ValueError, TypeError) as exc:
+            return None, f"unreadable RLE ({exc})", False
     else:
         return None, f"segmentation is neither polygons nor RLE ({json.dumps(segmentation)[:60]})", False
-    mask = mask_utils.decode(rle).astype(bool)
     outlines = edge_outlines(mask)
     if not outlines:
         return None, "empty mask", True
@@ -115,58 +167,80 @@ def segmentation_to_polygon(segmentation: Any, height: int, width: int) -> tuple
     return flat_polygon(outlines[0]), note, True
 
 
+def _entries(data: dict, key: str, report: ImportReport) -> list[dict]:
+    """data[key]'s objects; anything else in the list is reported by its position."""
+    entries = []
+    for position, entry in enumerate(data.get(key) or [], start=1):
+        if isinstance(entry, dict):
+            entries.append(entry)
+        else:
+            report.problems.append(f"{key}[{position}]: {json.dumps(entry)[:40]} is not a JSON object; not imported")
+    return entries
+
+
 def import_coco(coco_json: str | Path, images_dir: str | Path, out_dir: str | Path, *,
                 char_from: str = "category") -> ImportReport:
     """Write the COCO file's images and annotations as a charseg dataset in OUT_DIR (which
-    must not hold one yet). Images are copied byte for byte (other formats become PNG)."""
+    must not hold one yet). Images are copied byte for byte (other formats become PNG).
+    Raises DatasetError when the file has no annotations (nothing would train)."""
     data = _load_json(Path(coco_json))
     images_dir, out = Path(images_dir), Path(out_dir)
     if (out / "images").exists() or (out / "annotations").exists():
         raise DatasetError(f"{out}: already holds a dataset; import into a new folder")
-    categories = {c["id"]: str(c.get("name", c["id"])) for c in data.get("categories", []) if "id" in c}
+    if not data["annotations"]:
+        raise DatasetError(f"{coco_json}: {len(data['images'])} images but no annotations, so nothing to train on; "
+                           "export the annotations from the labelling tool too (COCO instances, not image info)")
+    report = ImportReport(out_dir=out)
+    categories = {c["id"]: str(c.get("name", c["id"])) for c in _entries(data, "categories", report) if "id" in c}
     read_char = char_reader(char_from, categories)
     by_image: dict[Any, list[dict]] = {}
-    report = ImportReport(out_dir=out)
-    for ann in data["annotations"]:
+    for ann in _entries(data, "annotations", report):
         by_image.setdefault(ann.get("image_id"), []).append(ann)
-    known = {im.get("id") for im in data["images"]}
-    for image_id in sorted(set(by_image) - known, key=str):
+    images = _entries(data, "images", report)
+    for image_id in sorted(set(by_image) - {im.get("id") for im in images}, key=str):
         report.problems.append(f"image_id {image_id}: {len(by_image[image_id])} annotation(s) of an image that is "
                                "not in 'images'")
     used_names: set[str] = set()
-    for image in data["images"]:
-        image_id, file_name = image.get("id"), str(image.get("file_name", ""))
-        source = images_dir / file_name
-        try:
-            with open_image(source) as img:
-                width, height = upright_size(img)
-        except ImageUnusable as exc:
-            count = len(by_image.get(image_id, []))
-            report.problems.append(f"image {image_id} ({source}): {exc.reason}; its {count} annotation(s) not "
-                                   "imported")
-            continue
-        if (image.get("width"), image.get("height")) not in ((width, height), (None, None)):
-            report.problems.append(f"image {image_id} ({file_name}): JSON says {image.get('width')}x"
-                                   f"{image.get('height')}, the file is {width}x{height}; the file's size is used")
-        name = Path(file_name).stem
-        if name in used_names:
-            name = f"{name}_{image_id}"
-        used_names.add(name)
-        rows = []
-        for ann in by_image.get(image_id, []):
-            polygon, problem, traced = segmentation_to_polygon(ann.get("segmentation"), height, width)
-            char, char_problem = read_char(ann)
-            where = f"annotation {ann.get('id')} (image {image_id})"
-            for text in filter(None, (problem, char_problem)):
-                report.problems.append(f"{where}: {text}" + ("" if polygon else "; not imported"))
-            if polygon:
-                rows.append((char, json.dumps(polygon)))
-                report.traced += traced
-        _copy_image(source, out / "images", name)
-        write_annotation(out / "annotations" / f"{name}.csv", rows)
-        report.images += 1
-        report.characters += len(rows)
+    for image in images:
+        _import_image(image, by_image.get(image.get("id"), []), images_dir, out, used_names, read_char, report)
     return report
+
+
+def _import_image(image: dict, anns: list[dict], images_dir: Path, out: Path, used_names: set[str], read_char,
+                  report: ImportReport) -> None:
+    """Copy one COCO image into OUT and write its annotations' polygons as its CSV."""
+    image_id, file_name = image.get("id"), str(image.get("file_name", ""))
+    source = images_dir / file_name
+    try:
+        with open_image(source) as img:
+            width, height = upright_size(img)
+    except ImageUnusable as exc:
+        report.problems.append(f"image {image_id} ({source}): {exc.reason}; its {len(anns)} annotation(s) not "
+                               "imported")
+        return
+    if (image.get("width"), image.get("height")) not in ((width, height), (None, None)):
+        report.problems.append(f"image {image_id} ({file_name}): JSON says {image.get('width')}x"
+                               f"{image.get('height')}, the file is {width}x{height}; the file's size is used")
+    name = Path(file_name).stem
+    if name in used_names:
+        name = f"{name}_{image_id}"
+    used_names.add(name)
+    rows = []
+    for ann in anns:
+        polygon, problem, traced = segmentation_to_polygon(ann.get("segmentation"), height, width)
+        char, char_problem = read_char(ann)
+        for text in filter(None, (problem, char_problem)):
+            report.problems.append(f"annotation {ann.get('id')} (image {image_id}): {text}"
+                                   + ("" if polygon else "; not imported"))
+        if polygon:
+            rows.append((char, json.dumps(polygon)))
+            report.traced += traced
+    if not rows:
+        report.empty_images.append(name)
+    _copy_image(source, out / "images", name)
+    write_annotation(out / "annotations" / f"{name}.csv", rows)
+    report.images += 1
+    report.characters += len(rows)
 
 
 def _copy_image(source: Path, folder: Path, name: str) -> None:
@@ -199,6 +273,9 @@ def export_coco(data_dir: str | Path, out_json: str | Path) -> tuple[dict[str, i
     distinct character, file_name relative to DATA_DIR/images). Returns (counts, the scan's
     problem lines: what was not exported and why)."""
     report = scan_dataset(data_dir)
+    if not report.samples:
+        raise DatasetError(f"{data_dir}: no usable image ({report.images_found} found), nothing to export; run "
+                           f"`charseg validate-data {data_dir}` for the reasons")
     chars = sorted({c for s in report.samples for c in s.chars})
     category_ids = {c: i + 1 for i, c in enumerate(chars)}
     images, annotations = [], []

@@ -15,7 +15,66 @@ LOG_CHECKPOINTS = ("all", "last", "none")  # which checkpoints a run logs as MLf
 FINETUNE_LR_FACTOR = 0.2
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
 ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
+MAX_ANCHOR = 8192  # px: no page the model reads is larger
 MAX_PAGE_SCALE = 8.0  # --scale-train / --scale-test: beyond this a page is mostly interpolation
+# Most data-loader workers a config may ask for; the command line allows at most the CPU count.
+MAX_WORKERS = 256
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric setting takes: [low, high] (an open end excludes its value), and
+    why the high end is where it is. The one home of these limits: TrainConfig.validate(), the
+    command line's option types and `--help` all read them."""
+
+    low: float
+    high: float
+    why: str
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, name: str, value: float) -> None:
+        """Raise ValueError naming `name`, the range and the reason when `value` is outside."""
+        above_low = value > self.low if self.low_open else value >= self.low
+        below_high = value < self.high if self.high_open else value <= self.high
+        if not (above_low and below_high):  # NaN fails too
+            raise ValueError(f"{name} must be in {self.text()} ({self.why}), got {value:g}")
+
+    def text(self) -> str:
+        """The range as [low, high], an open end with a round bracket."""
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+# Every number a run reads, bounded by what its consumer can hold: the optimizer computes in
+# float32 (an LR or decay past ~3.4e38 overflows it at the first step), each layer, page and
+# limit is allocated as asked (an unbounded one asks for terabytes).
+BOUNDS = {
+    "epochs": Bound(1, 100_000, "a run of more epochs would not end"),
+    "batch_size": Bound(1, 1024, "pages held in memory at once"),
+    "lr": Bound(0, 10, "SGD at a rate above 10 diverges at the first step", low_open=True),
+    "lr_factor": Bound(0, 10, "the LR times this stays a rate SGD can use", low_open=True),
+    "momentum": Bound(0, 1, "SGD momentum"),
+    "weight_decay": Bound(0, 1, "a penalty above 1 outweighs every loss"),
+    "lr_step_size": Bound(1, 100_000, "at most the most epochs"),
+    "lr_gamma": Bound(0, 1, "a decay: the LR times this at each step", low_open=True),
+    "warmup_iters": Bound(0, 10_000_000, "capped to the first epoch's iterations anyway"),
+    "warmup_factor": Bound(0, 1, "a share of the LR", low_open=True),
+    "clip_grad_norm": Bound(0, 1e6, "gradient norms are float32; 0 turns clipping off"),
+    "fpn_channels": Bound(32, 1024, "torchvision's is 256; 1024 is 16 times its compute and memory"),
+    "min_size": Bound(1, 8192, "a page resized past 8192 px does not fit in memory"),
+    "max_size": Bound(1, 8192, "a page resized past 8192 px does not fit in memory"),
+    "rpn_proposals_train": Bound(0, 100_000, "each proposal's features are held in memory"),
+    "rpn_proposals_test": Bound(0, 100_000, "each proposal's features are held in memory"),
+    "roi_samples": Bound(1, 100_000, "each sample's features are held in memory"),
+    "detections_per_img": Bound(0, 100_000, "each detection's mask is held in memory"),
+    "val_fraction": Bound(0, 1, "a share of DATA_DIR; 1 would leave nothing to train on", high_open=True),
+    "score_threshold": Bound(0, 1, "a score"),
+    "val_images_logged": Bound(0, 10_000, "images uploaded to MLflow each epoch"),
+    "num_workers": Bound(0, MAX_WORKERS, "processes started for loading"),
+    "log_every": Bound(1, 10_000_000, "iterations between loss reports"),
+    "world_size": Bound(1, 100_000, "torchrun's processes"),
+    "seed": Bound(0, 2**32 - 1, "numpy's seeds"),
+}
 
 
 def check_page_scale(name: str, value: float) -> None:
@@ -39,9 +98,9 @@ def parse_anchor_sizes(text: str) -> tuple[int, ...] | None:
 
 def check_anchor_sizes(sizes: tuple[int, ...], given: object) -> None:
     """Raise ValueError unless `sizes` holds ANCHOR_LEVELS increasing positive integers."""
-    if len(sizes) != ANCHOR_LEVELS or min(sizes) < 1 or list(sizes) != sorted(sizes):
-        raise ValueError(f"anchor_sizes must be 'auto' or {ANCHOR_LEVELS} increasing positive integers, one "
-                         f"per FPN level (e.g. 32,64,128,256,512), got {given!r}")
+    if len(sizes) != ANCHOR_LEVELS or min(sizes) < 1 or max(sizes) > MAX_ANCHOR or list(sizes) != sorted(sizes):
+        raise ValueError(f"anchor_sizes must be 'auto' or {ANCHOR_LEVELS} increasing positive integers of at most "
+                         f"{MAX_ANCHOR} px, one per FPN level (e.g. 32,64,128,256,512), got {given!r}")
 
 
 @dataclass
@@ -157,37 +216,20 @@ class TrainConfig:
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{item.name} must be a finite number, got {value}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "min_size": self.min_size,
-                    "fpn_channels": self.fpn_channels,
-                    "max_size": self.max_size, "lr_step_size": self.lr_step_size, "log_every": self.log_every,
-                    "roi_samples": self.roi_samples, "world_size": self.world_size}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        for name in LIMITS:
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, or 0 to fit it to the data, got {getattr(self, name)}")
-        if not self.lr > 0 or not self.lr_factor > 0:
-            raise ValueError(f"learning rate must be positive, got lr={self.lr} x {self.lr_factor}")
+        for name, bound in BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None:  # a limit of None is fitted to the data
+                bound.check(name, value)
         if self.min_size > self.max_size:
             raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
         for name in ("scale_train", "scale_test"):
             check_page_scale(name, getattr(self, name))
-        if self.num_workers < 0 or self.warmup_iters < 0 or self.clip_grad_norm < 0:
-            raise ValueError("num_workers, warmup_iters and clip_grad_norm must not be negative")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0 <= self.score_threshold <= 1:
-            raise ValueError(f"score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.anchor_sizes is not None:
             check_anchor_sizes(tuple(self.anchor_sizes), ",".join(map(str, self.anchor_sizes)))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if not 0 < self.warmup_factor <= 1:
-            raise ValueError(f"warmup_factor must be in (0, 1], got {self.warmup_factor}")
+

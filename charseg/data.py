@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .augment import Augmentation
-from .errors import DatasetError
+from .errors import DatasetError, reason
 from .polygon_heads import SAMPLE_SEED
 from .polygons import (clip_polygon_to_image, first_crossing, pack_polygons, polygon_area, polygons_to_boxes,
                        polygons_to_masks)
@@ -36,6 +37,7 @@ from .polygons import (clip_polygon_to_image, first_crossing, pack_polygons, pol
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".webp")  # reported as "convert to PNG"
 CSV_HEADER = ["char", "polygon_json"]
+UNKNOWN_CHAR = "?"  # a polygon whose character is not known (predict's output, an empty char cell)
 # Polygons with less area than this (in pixels^2, after clipping) cannot be rasterised.
 MIN_POLYGON_AREA = 1e-6
 # Pages charseg reads. A larger one takes gigabytes to decode and resize (a 12000x12000 page:
@@ -76,7 +78,7 @@ class Sample:
 
 
 # Kinds of problem whose polygon still trains (DatasetReport.problems).
-USED_KINDS = ("clipped polygon", "self-crossing polygon")
+USED_KINDS = ("clipped polygon", "self-crossing polygon", "polygon without a character")
 
 
 @dataclass
@@ -88,6 +90,7 @@ class DatasetReport:
     skipped_polygons: list[Problem] = field(default_factory=list)
     clipped_polygons: list[Problem] = field(default_factory=list)
     crossing_polygons: list[Problem] = field(default_factory=list)  # used as drawn, reported
+    unnamed_chars: list[Problem] = field(default_factory=list)  # empty or control-character char: used as '?'
     skipped_images: list[Problem] = field(default_factory=list)
     orphan_annotations: list[Problem] = field(default_factory=list)
     unused_files: list[Problem] = field(default_factory=list)  # subfolders, broken links, other files
@@ -107,6 +110,7 @@ class DatasetReport:
             "polygons_skipped": len(self.skipped_polygons),
             "polygons_clipped": len(self.clipped_polygons),
             "polygons_self_crossing": len(self.crossing_polygons),
+            "polygons_without_char": len(self.unnamed_chars),
             "annotations_without_image": len(self.orphan_annotations),
             "files_not_used": len(self.unused_files),
         }
@@ -115,6 +119,7 @@ class DatasetReport:
         """Every problem with its kind, in a stable order."""
         kinds = (("skipped image", self.skipped_images), ("skipped polygon", self.skipped_polygons),
                  ("clipped polygon", self.clipped_polygons), ("self-crossing polygon", self.crossing_polygons),
+                 ("polygon without a character", self.unnamed_chars),
                  ("annotation without image", self.orphan_annotations),
                  ("file not used", self.unused_files))
         return [(kind, p) for kind, items in kinds for p in items]
@@ -151,6 +156,7 @@ class DatasetReport:
             f"  polygons skipped:         {s['polygons_skipped']}",
             f"  polygons clipped:         {s['polygons_clipped']}",
             f"  polygons crossing itself: {s['polygons_self_crossing']} (used as drawn)",
+            f"  polygons without a char:  {s['polygons_without_char']} (used as '{UNKNOWN_CHAR}')",
             f"  annotations without image: {s['annotations_without_image']}",
             f"  files not used:           {s['files_not_used']}",
         ]
@@ -251,6 +257,18 @@ def _edges(crossing: tuple[int, int]) -> str:
     return f"its edges from point {i + 1} and from point {j + 1} intersect"
 
 
+def _char(cell: str, where: Problem, report: DatasetReport) -> str:
+    """A CSV char cell as used: an empty one, or one holding a control character (NUL, a tab,
+    a line break), becomes UNKNOWN_CHAR and is reported; COCO export would make a category of it."""
+    control = next((c for c in cell if unicodedata.category(c) == "Cc"), None)
+    if cell and control is None:
+        return cell
+    what = "empty char cell" if not cell else f"char cell {cell!r} holds the control character U+{ord(control):04X}"
+    report.unnamed_chars.append(dataclasses.replace(where, reason=(
+        f"{what}; the polygon is used with char '{UNKNOWN_CHAR}': write the character it outlines")))
+    return UNKNOWN_CHAR
+
+
 def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetReport
                      ) -> tuple[list[np.ndarray], list[str]] | None:
     """Read one CSV; record each problem in `report`. None when the whole file is unusable."""
@@ -298,7 +316,7 @@ def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetRep
                 report.crossing_polygons.append(Problem(str(csv_path), line, (
                     f"polygon crosses itself ({_edges(crossing)}); used as drawn: the mask is what it encloses")))
             polygons.append(points)
-            chars.append(row[0])
+            chars.append(_char(row[0], Problem(str(csv_path), line, ""), report))
     except csv.Error as exc:
         report.skipped_images.append(Problem(str(csv_path), reader.line_num, f"malformed CSV ({exc})"))
         return None
@@ -327,8 +345,11 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
         for csv_path in csvs:
             if csv_path.stem not in stems:
                 report.orphan_annotations.append(Problem(str(csv_path), None, "no image with this name in images/"))
+    shared = _shared_names(images, ann_dir, report)
     for image_path in images:
         csv_path = ann_dir / f"{image_path.stem}.csv"
+        if image_path.stem in shared:
+            continue
         if not csv_path.is_file():
             report.skipped_images.append(Problem(str(image_path), None, f"no annotation file {csv_path}"))
             continue
@@ -341,8 +362,8 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
             report.skipped_images.append(Problem(str(image_path), None, exc.reason))
             continue
         except Exception as exc:  # verify() raises OSError, SyntaxError, struct.error, ...
-            report.skipped_images.append(Problem(str(image_path), None, f"image file is damaged or cut short ({exc}); "
-                                                                        "re-export it"))
+            report.skipped_images.append(Problem(str(image_path), None, (
+                f"image file is damaged or cut short ({reason(exc)}); re-export it")))
             continue
         parsed = _read_annotation(csv_path, width, height, report)
         if parsed is None:
@@ -353,6 +374,22 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
             continue
         report.samples.append(Sample(image_path.stem, image_path, csv_path, width, height, polygons, chars))
     return report
+
+
+def _shared_names(images: list[Path], ann_dir: Path, report: DatasetReport) -> set[str]:
+    """Names that more than one image has (00001.png and 00001.jpg): one annotation file cannot
+    belong to both, so each of them is skipped and named. Returns those names."""
+    by_name: dict[str, list[Path]] = {}
+    for path in images:
+        by_name.setdefault(path.stem, []).append(path)
+    shared = {name: paths for name, paths in by_name.items() if len(paths) > 1}
+    for name, paths in shared.items():
+        names = " and ".join(p.name for p in paths)
+        for path in paths:
+            report.skipped_images.append(Problem(str(path), None, (
+                f"{names} would share {ann_dir / (name + '.csv')}; keep one image per name (rename or remove "
+                "the other)")))
+    return set(shared)
 
 
 def files_digest(paths: list[Path]) -> str:

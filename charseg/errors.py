@@ -15,3 +15,20 @@ class CheckpointError(CharsegError):
 
 class WeightsError(CharsegError):
     """Initial weights cannot be obtained or do not fit the model."""
+
+
+def reason(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's error message, for one-line errors; its type when the
+    message is empty (torch.load of a zero-byte file raises IndexError with none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def empty_file(path) -> str | None:
+    """A sentence for a file of zero bytes (cut short while written or copied), else None."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    return "the file is empty (0 bytes): it was cut short while being written or copied; copy it again" \
+        if size == 0 else None

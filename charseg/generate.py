@@ -29,6 +29,14 @@ MIN_GLYPH_AREA = 2.0  # px²: a speck this small (a glyph at a tiny size) gets n
 # held-out pages use others (heldout.HELDOUT_FONTS).
 TRAINING_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
                   "DejaVuSerif-Bold.ttf", "DejaVuSerif-BoldItalic.ttf", "cmr10.ttf", "cmb10.ttf", "cmti10.ttf")
+# What one `generate` call makes at most: a larger request fills the disk or memory, or loops
+# for days placing glyphs on a page that has no room left.
+MAX_IMAGES = 1_000_000
+MAX_SIDE = 8192  # px: a page is held in memory while it is drawn
+MAX_CHARS = 100_000  # per page
+MAX_FONT_SIZE = 1024  # px: FreeType refuses larger pixel sizes
+# scatter: a page is full once this many glyphs in a row found no free place.
+MAX_MISSES = 100
 # `lines` ink is at least this much darker than the paper (0-255): faint, but legible.
 MIN_INK_CONTRAST = 45.0
 
@@ -101,13 +109,14 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
     number of characters). Writes OUT_DIR/images/00001.png ... and
     OUT_DIR/annotations/00001.csv (char,polygon_json). Returns counts of what was written.
     """
-    if num_images < 1 or width < 8 or height < 8:
-        raise CharsegError("need at least 1 image of at least 8x8 pixels")
+    if not (1 <= num_images <= MAX_IMAGES and 8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
+        raise CharsegError(f"need 1 to {MAX_IMAGES} images of 8x8 to {MAX_SIDE}x{MAX_SIDE} pixels, got {num_images} "
+                           f"of {width}x{height}")
     lo, hi = chars_per_image
-    if not 1 <= lo <= hi:
-        raise CharsegError(f"chars per image must be 1 <= min <= max, got {lo}-{hi}")
-    if not 4 <= font_size[0] <= font_size[1]:
-        raise CharsegError(f"font size must be 4 <= min <= max, got {font_size[0]}-{font_size[1]}")
+    if not 1 <= lo <= hi <= MAX_CHARS:
+        raise CharsegError(f"chars per image must be 1 <= min <= max <= {MAX_CHARS}, got {lo}-{hi}")
+    if not 4 <= font_size[0] <= font_size[1] <= MAX_FONT_SIZE:
+        raise CharsegError(f"font size must be 4 <= min <= max <= {MAX_FONT_SIZE}, got {font_size[0]}-{font_size[1]}")
     if layout not in LAYOUTS:
         raise CharsegError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     out = Path(out_dir)
@@ -148,7 +157,7 @@ def _render_page(rng: random.Random, width: int, height: int, *, count: tuple[in
     page = np.empty((height, width, 3), dtype=np.uint8)
     page[:] = background
     occupied = np.zeros((height, width), dtype=bool)
-    rows = []
+    rows, misses = [], 0
     for _ in range(rng.randint(*count)):
         size = rng.randint(*font_size)
         char = rng.choice(charset)
@@ -156,6 +165,9 @@ def _render_page(rng: random.Random, width: int, height: int, *, count: tuple[in
         if glyph is None or glyph.shape[0] >= height or glyph.shape[1] >= width:
             continue
         place = _free_place(rng, occupied, glyph.shape)
+        misses = 0 if place is not None else misses + 1
+        if misses >= MAX_MISSES:
+            break  # the page is full
         if place is None:
             continue
         x, y = place

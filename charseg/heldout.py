@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import CharsegError
-from .generate import GenerationSummary, font_files, write_page
+from .generate import MAX_IMAGES, MAX_SIDE, GenerationSummary, font_files, write_page
 from .polygons import edge_outlines, flat_polygon, polygon_area, warp_points
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
@@ -36,8 +36,9 @@ def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int
                      seed: int = 0, progress: bool = False) -> GenerationSummary:
     """Render `num_images` held-out pages (sides from min_side to max_side) into OUT_DIR in
     the dataset format. Returns counts of what was written."""
-    if num_images < 1 or not 64 <= min_side <= max_side:
-        raise CharsegError(f"need at least 1 page with 64 <= min side <= max side, got {min_side}-{max_side}")
+    if not 1 <= num_images <= MAX_IMAGES or not 64 <= min_side <= max_side <= MAX_SIDE:
+        raise CharsegError(f"need 1 to {MAX_IMAGES} pages with 64 <= min side <= max side <= {MAX_SIDE}, got "
+                           f"{num_images} of {min_side}-{max_side}")
     fonts = font_files(HELDOUT_FONTS)
     if not fonts:
         raise CharsegError("held-out pages need the fonts that matplotlib ships (pip install matplotlib)")

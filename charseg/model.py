@@ -21,7 +21,7 @@ from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .config import NORMS
-from .errors import WeightsError
+from .errors import WeightsError, empty_file, reason
 from .polygon_heads import PixelFPN, PixelMaskPredictor, make_polygon_native
 
 NUM_CLASSES = 2  # background 0, character 1
@@ -292,10 +292,12 @@ def load_weights_file(model: MaskRCNN, path: Path) -> str:
     """
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found; pass coco, imagenet, none or an existing file")
+    if empty_file(path):
+        raise WeightsError(f"{path}: not a PyTorch weights file: {empty_file(path)}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign files
-        raise WeightsError(f"{path}: not a PyTorch weights file ({str(exc).splitlines()[0]})") from exc
+        raise WeightsError(f"{path}: not a PyTorch weights file ({reason(exc)})") from exc
     if isinstance(state, dict) and "model" in state and "format" in state:
         state = state["model"]  # a charseg checkpoint
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):

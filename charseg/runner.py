@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import signal
 import threading
 import warnings
@@ -368,6 +369,9 @@ def _loader(config: TrainConfig, train: list[Sample], device: torch.device) -> t
     """The training loader and its sampler (set_epoch before each epoch): this process's share
     of every epoch's order under torchrun."""
     dataset = CharacterDataset(train, augment=Augmentation() if config.augment else None, seed=config.seed)
+    if config.num_workers > (os.cpu_count() or 1):  # a run resumed from a larger machine
+        log.warning("warning: %d data-loader workers on a machine of %d CPUs; pass --num-workers %d or fewer",
+                    config.num_workers, os.cpu_count() or 1, os.cpu_count() or 1)
     world = distributed.world()
     sampler = EpochShuffleSampler(len(dataset), config.seed, world.rank, world.size)
     # A private generator for the loader's worker seeds keeps the global RNG stream (used by

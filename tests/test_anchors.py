@@ -77,7 +77,8 @@ def test_a_spec_without_anchor_sizes_means_torchvision_anchors():
     assert ModelSpec(**old).anchor_sizes == STOCK_ANCHOR_SIZES
 
 
-@pytest.mark.parametrize("bad", ["16,32", "32,16,64,128,256", "a,b,c,d,e", "0,1,2,3,4"])
+@pytest.mark.parametrize("bad", ["16,32", "32,16,64,128,256", "a,b,c,d,e", "0,1,2,3,4",
+                                 "16,32,64,128,1000000000000"])
 def test_bad_anchor_sizes_are_one_clear_error(tiny_dataset, tmp_path, bad):
     result = CliRunner().invoke(cli, ["train", str(tiny_dataset), "--anchor-sizes", bad, "--weights", "none",
                                       "--output-dir", str(tmp_path / "out")])

@@ -3,7 +3,9 @@ traceback, and nothing is run or modified."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import pickle
 
 import pytest
@@ -166,6 +168,12 @@ DATASET_CASES = {
                      "broken symbolic link", 1),
     "GIF image": (lambda r: __import__("PIL.Image").Image.new("P", (20, 20)).save(r / "images" / "00005.gif"),
                   "file not used", "convert .gif images to PNG", 1),
+    "PNG and JPEG of one name": (lambda r: (_page(r, "00002"), __import__("PIL.Image").Image.new("RGB", (40, 30)).save(
+        r / "images" / "00002.jpg")), "skipped image", "00002.jpg and 00002.png would share", 1),
+    "empty char cell": (lambda r: _page(r, "00002", rows=(("", "[2,2,12,2,12,12,2,12]"),)),
+                        "polygon without a character", ":2: empty char cell; the polygon is used with char '?'", 2),
+    "NUL char cell": (lambda r: _page(r, "00002", rows=(("\0", "[2,2,12,2,12,12,2,12]"),)),
+                      "polygon without a character", "holds the control character U+0000", 2),
 }
 
 
@@ -237,3 +245,163 @@ def test_training_prints_each_skip_but_counts_polygons_it_uses_all_the_same(tmp_
         f"1 clipped polygon, used all the same: run `charseg validate-data {root}` to list them",
         f"2 self-crossing polygons, used all the same: run `charseg validate-data {root}` to list them"]
     assert len(report.problem_lines()) == 4  # validate-data lists every one
+
+
+def test_a_char_cell_that_names_no_character_is_exported_as_unknown(tmp_path):
+    from charseg.coco import export_coco
+
+    root = tmp_path / "data"
+    _page(root, rows=(("a", "[2,2,12,2,12,12,2,12]"), ("", "[20,2,30,2,30,12]"), ("\0", "[2,15,12,15,12,25]")))
+    counts, problems = export_coco(root, tmp_path / "coco.json")
+    categories = [c["name"] for c in json.loads((tmp_path / "coco.json").read_text())["categories"]]
+    assert sorted(categories) == ["?", "a"] and counts["annotations"] == 3
+    assert len([p for p in problems if "polygon without a character" in p]) == 2
+
+
+# --- options: every number has an upper bound its consumer can hold ------------------------
+
+def _ranged_options():
+    import click
+
+    return [(name, p) for name, c in sorted(cli.commands.items()) for p in c.params
+            if isinstance(p.type, (click.IntRange, click.FloatRange))]
+
+
+def test_every_numeric_option_has_an_upper_bound_shown_in_help():
+    import click
+
+    numbers = [(name, p.opts[0]) for name, c in cli.commands.items() for p in c.params
+               if isinstance(p.type, (click.types.IntParamType, click.types.FloatParamType))]
+    unbounded = [(name, p.opts[0]) for name, p in _ranged_options() if p.type.max is None]
+    assert len(_ranged_options()) == len(numbers) >= 40 and unbounded == []
+    help_text = CliRunner().invoke(cli, ["train", "--help"]).output
+    assert "--num-workers" in help_text and f"0<=x<={max(os.cpu_count(), 2)}" in help_text
+
+
+@pytest.mark.parametrize("command", ["train", "resume", "finetune", "evaluate", "predict", "generate"])
+def test_a_value_past_any_upper_bound_is_refused_at_parse_time(command, tiny_dataset):
+    cases = [p for name, p in _ranged_options() if name == command]
+    assert cases
+    for param in cases:
+        too_big = "1e300" if "float" in param.type.name else "1000000000000"
+        result = CliRunner().invoke(cli, [command, *minimal_args(command, tiny_dataset), param.opts[0], too_big])
+        assert result.exit_code == 2, (command, param.opts[0], result.output)
+        assert f"Invalid value for '{param.opts[0]}'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("field, value, text", [
+    ("lr", 1e300, "lr must be in (0, 10] (SGD at a rate above 10 diverges at the first step), got 1e+300"),
+    ("weight_decay", 1e300, "weight_decay must be in [0, 1]"),
+    ("lr_gamma", 1e300, "lr_gamma must be in (0, 1]"),
+    ("fpn_channels", 10**12, "fpn_channels must be in [32, 1024]"),
+    ("num_workers", 10**12, "num_workers must be in [0, 256]"),
+    ("detections_per_img", 10**12, "detections_per_img must be in [0, 100000]"),
+])
+def test_the_python_api_refuses_what_no_run_can_hold(field, value, text, tmp_path):
+    with pytest.raises(ValueError) as info:
+        TrainConfig(data_dir=str(tmp_path), **{field: value}).validate()
+    assert text in str(info.value)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--size", "100000000x100000000"], "need 1 to 1000000 images of 8x8 to 8192x8192 pixels"),
+    (["--font-size", "1000000000"], "font size must be 4 <= min <= max <= 1024"),
+    (["--chars-per-image", "1000000000"], "chars per image must be 1 <= min <= max <= 100000"),
+])
+def test_generate_refuses_pages_it_cannot_draw(args, text, tmp_path):
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "g"), "--num-images", "1", *args])
+    assert result.exit_code == 1 and f"Error: {text}" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_scattered_page_stops_when_it_is_full(tmp_path):
+    from charseg.generate import generate_dataset
+
+    summary = generate_dataset(tmp_path / "g", num_images=1, width=32, height=32, chars_per_image=(100_000, 100_000),
+                               font_size=(12, 12))
+    assert 0 < summary.characters < 50
+
+
+# --- files that are empty, garbage or hold nothing ------------------------------------------
+
+def test_a_zero_byte_checkpoint_or_weights_file_is_one_line(tiny_dataset, tmp_path):
+    empty = tmp_path / "model.pth"
+    empty.write_bytes(b"")
+    for args in (["predict", str(tiny_dataset / "images"), "--model", str(empty), "--out", str(tmp_path / "o")],
+                 ["evaluate", str(tiny_dataset), "--model", str(empty)],
+                 ["train", str(tiny_dataset), "--weights", str(empty), "--epochs", "1"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
+        assert f"Error: {empty}: not a" in result.output and "the file is empty (0 bytes)" in result.output
+    assert empty.read_bytes() == b""
+
+
+def test_predict_refuses_two_inputs_that_would_write_the_same_files(tiny_dataset, tmp_path):
+    import shutil
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(tiny_dataset / "images" / "00001.png", inputs / "page.png")
+    from PIL import Image
+
+    Image.open(inputs / "page.png").convert("RGB").save(inputs / "page.jpg")
+    result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(tmp_path / "none.pth"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "would both be written as page.csv and page.png" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _coco_file(tmp_path, annotations, images=None):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    Image.new("RGB", (40, 30), (255, 255, 255)).save(tmp_path / "imgs" / "p.png")
+    images = [{"id": 1, "file_name": "p.png", "width": 40, "height": 30}] if images is None else images
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "a"}]}))
+    return path
+
+
+def test_import_coco_lists_garbage_rle_and_foreign_entries_as_skipped(tmp_path):
+    good = {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}
+    garbage = [{"id": 7, "image_id": 1, "category_id": 1, "segmentation": {"size": [30, 40], "counts": "garbage!!"}},
+               {"id": 8, "image_id": 1, "category_id": 1, "segmentation": {"size": [30, 40], "counts": [1.5, 2]}},
+               {"id": 9, "image_id": 1, "category_id": 1, "segmentation": {"size": [30, 40], "counts": [5, 3]}},
+               {"id": 10, "image_id": 1, "category_id": 1, "segmentation": [[1e300, 2, 3, 4, 5, 6], [1, 1, 5, 1, 5, 5]]},
+               "not an annotation"]
+    coco = _coco_file(tmp_path, [good, *garbage])
+    before = coco.read_bytes()
+    result = CliRunner().invoke(cli, ["import-coco", str(coco), str(tmp_path / "imgs"), str(tmp_path / "out")])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "imported 1 images and 1 characters" in result.output and "5 problems" in result.output
+    for text in ("annotation 7 (image 1): unreadable RLE (compressed RLE counts are not COCO's encoding",
+                 "annotation 8 (image 1): unreadable RLE (RLE counts hold something other than non-negative",
+                 "annotation 9 (image 1): unreadable RLE (RLE counts cover 8 pixels, the image 30x40 has 1200)",
+                 "annotation 10 (image 1): polygon holds a non-number or a coordinate beyond",
+                 'annotations[6]: "not an annotation" is not a JSON object; not imported'):
+        assert text in result.output, result.output
+    assert coco.read_bytes() == before
+
+
+def test_import_coco_of_images_without_annotations_says_so_and_writes_nothing(tmp_path):
+    coco = _coco_file(tmp_path, [])
+    result = CliRunner().invoke(cli, ["import-coco", str(coco), str(tmp_path / "imgs"), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "1 images but no annotations, so nothing to train on" in result.output
+    assert not (tmp_path / "out").exists() and "Traceback" not in result.output
+
+
+def test_import_coco_that_imports_no_character_fails_and_counts_empty_pages(tmp_path):
+    box_only = {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]}
+    coco = _coco_file(tmp_path, [box_only])
+    result = CliRunner().invoke(cli, ["import-coco", str(coco), str(tmp_path / "imgs"), str(tmp_path / "out")])
+    assert result.exit_code == 1 and "warning: 1 of 1 images have no character imported (p)" in result.output
+    assert "Error: no character imported from" in result.output and "Traceback" not in result.output
+
+
+def test_export_coco_of_a_dataset_with_no_usable_image_fails_and_writes_nothing(tmp_path):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["export-coco", str(root), str(tmp_path / "coco.json")])
+    assert result.exit_code == 1 and "no usable image (0 found), nothing to export" in result.output
+    assert not (tmp_path / "coco.json").exists()
