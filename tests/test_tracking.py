@@ -538,3 +538,44 @@ def test_a_server_still_away_when_training_ends_is_synced_into_the_same_run(tiny
             "model_epoch_001.pth", "model_epoch_002.pth", "model_epoch_003.pth", "model_final.pth"]
     finally:
         stop_service(proc)
+
+
+def test_only_a_server_that_is_away_moves_a_run_to_its_local_store():
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from charseg.tracking.store import server_is_away
+
+    assert server_is_away(MlflowException("API request to http://x failed with exception Max retries exceeded"))
+    assert server_is_away(requests.exceptions.ConnectionError("refused")) and server_is_away(ConnectionRefusedError())
+    assert not server_is_away(MlflowException("bad metric", error_code=INVALID_PARAMETER_VALUE))
+    assert not server_is_away(FileNotFoundError("checkpoint.pth")) and not server_is_away(ValueError("a bug"))
+
+
+@pytest.mark.parametrize("error", [ValueError("a bug in charseg"), FileNotFoundError("no such checkpoint")])
+def test_a_bug_while_recording_raises_instead_of_failing_over(error):
+    tracker = tracking.MlflowTracker()
+    tracker._server_uri = "http://127.0.0.1:9"
+
+    def action(client, run):
+        raise error
+
+    with pytest.raises(type(error)):
+        tracker._send(action)
+    assert not tracker.continuing
+
+
+def test_environment_sets_for_a_block_and_restores_what_was_there(monkeypatch):
+    from charseg.tracking.environment import environment
+
+    monkeypatch.setenv("CHARSEG_KEPT", "before")
+    monkeypatch.delenv("CHARSEG_SET", raising=False)
+    with environment("CHARSEG_KEPT", CHARSEG_SET="1"):
+        assert os.environ["CHARSEG_SET"] == "1"
+        os.environ["CHARSEG_KEPT"] = "changed in the block"
+    assert os.environ["CHARSEG_KEPT"] == "before" and "CHARSEG_SET" not in os.environ
+    with pytest.raises(RuntimeError), environment(CHARSEG_KEPT=None):
+        assert "CHARSEG_KEPT" not in os.environ
+        raise RuntimeError
+    assert os.environ["CHARSEG_KEPT"] == "before"
