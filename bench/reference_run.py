@@ -131,7 +131,8 @@ def main() -> None:
         version = MlflowClient(uri).get_model_version_by_alias("reference", "champion")
         record["register"] = {"version": version.version, "of_the_training_run": version.run_id == train_run}
         record["serve"] = serve_one(uri, data / "images" / "00001.png", work, env)
-    Path(args.out).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        text = json.dumps(record, indent=1, sort_keys=True).replace(str(work), "WORK")
+    Path(args.out).write_text(text + "\n")
     print(f"wrote {args.out} in {time.time() - started:.0f} s")
 
 
