@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from .config import check_page_scale
 from .data import ImageUnusable, image_to_tensor, load_image_rgb, write_annotation
 from .errors import CharsegError
-from .model import NUM_CLASSES, ModelSpec, build_model, without_random_init
+from .model import NUM_CLASSES, ModelSpec, build_model
 from .polygons import box_mask_to_polygon, mask_to_polygon
 from .precision import PrecisionError, resolve as resolve_precision
 
@@ -63,9 +63,9 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         except ValueError as exc:
             raise CharsegError(str(exc)) from exc
         spec = dataclasses.replace(spec, scale_test=scale_test)
-    with without_random_init():  # the strict load sets every parameter and buffer
+    with torch.device("meta"):  # no random fills: the strict load sets every parameter and buffer
         model = build_model(spec)
-    model.load_state_dict(state["model"])
+    model.to_empty(device="cpu").load_state_dict(state["model"])
     model.to(device).eval()
     model.precision = chosen
     log.info("inference precision %s (%s)", chosen, why)

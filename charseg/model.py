@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import urllib.error
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
-from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection import FasterRCNN, MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .config import NORMS
 from .errors import WeightsError, empty_file, reason
-from .polygon_heads import PixelFPN, PixelMaskPredictor, make_polygon_native
+from .polygon_heads import (BandedMatchingRPN, Float32Anchors, Float32RPNHead, GatherRoIAlign, PasteFreeTransform,
+                            PixelFPN, PixelMaskPredictor, PolygonMaskRCNN, PolygonRoIHeads, fold_frozen_norms)
+from .polygons import PIXEL_CENTRE
 
 NUM_CLASSES = 2  # background 0, character 1
 BACKBONES = ("resnet50", "resnet34", "resnet18")
@@ -151,11 +152,12 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
-    """A randomly initialised Mask R-CNN with this architecture.
-
-    polygon_native: polygon mask targets and box-sized mask outputs (polygon_heads.py);
-    False gives torchvision's stock full-image-mask behaviour (for comparisons).
-    """
+    """A randomly initialised Mask R-CNN with this architecture: a PolygonMaskRCNN
+    (polygon_heads.py: polygon mask targets, banded anchor matching, box-sized mask outputs,
+    frozen norms folded into their convolutions, channels-last weights) whose state dict is
+    torchvision's. polygon_native=False gives torchvision's own MaskRCNN with full-image masks
+    (for comparisons). Built under `torch.device("meta")`, no fill is drawn (for a checkpoint
+    to fill after `to_empty`)."""
     if spec.frozen_bn:
         norm_layer = misc_nn_ops.FrozenBatchNorm2d
     else:
@@ -166,50 +168,63 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
             module.eps = spec.frozen_bn_eps
     # GroupNorm also in the FPN and the mask head: torchvision's maskrcnn_resnet50_fpn_v2 layout.
     head_norm = group_norm if spec.norm == "group" else None
-    backbone = fpn_backbone(body, spec.trainable_layers, spec.fpn_channels, head_norm)
-    if spec.mask_pixels:
-        if not polygon_native:
-            raise ValueError("mask_pixels needs the polygon-native heads; stock torchvision has no such predictor")
-        backbone.__class__ = PixelFPN
-    model = MaskRCNN(backbone, **_heads(spec, head_norm), **spec.detector_kwargs())
     if not polygon_native:
+        if spec.mask_pixels:
+            raise ValueError("mask_pixels needs the polygon-native heads; stock torchvision has no such predictor")
         if spec.scale_train or spec.scale_test:
             raise ValueError("scale_train / scale_test need charseg's transform; stock torchvision resizes to min_size")
-        return model
-    make_polygon_native(model, spec.mask_in_box)
-    model.transform.page_scales = (spec.scale_train, spec.scale_test)
-    return model
+        backbone = fpn_backbone(body, spec.trainable_layers, spec.fpn_channels, head_norm)
+        return MaskRCNN(backbone, **_heads(spec, head_norm), **spec.detector_kwargs())
+    backbone = fpn_backbone(body, spec.trainable_layers, spec.fpn_channels, head_norm,
+                            PixelFPN if spec.mask_pixels else BackboneWithFPN)
+    fold_frozen_norms(backbone)
+    model = _polygon_mask_rcnn(backbone, spec, **_heads(spec, head_norm))
+    # oneDNN's convolutions run channels-last without reordering each input and output.
+    return model.to(memory_format=torch.channels_last)
 
 
-# torch.nn.init's in-place fills: what torch's and torchvision's modules call to initialise
-# their parameters when they are built
-INIT_FILLS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-              "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
+# torchvision's own defaults for what charseg does not set (thresholds, samplers, image norm).
+_TORCHVISION = {name: p.default for name, p in inspect.signature(FasterRCNN.__init__).parameters.items()}
+_IMAGE_MEAN, _IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # FasterRCNN's for image_mean=None
 
 
-@contextlib.contextmanager
-def without_random_init() -> Iterator[None]:
-    """Build modules with their parameters left as allocated (torch.nn.init's fills do nothing),
-    for a model that a strict load_state_dict then sets whole: a ResNet-50 Mask R-CNN spends
-    0.4-0.7 s of a 2-core CPU on random numbers that the load overwrites. Not thread-safe (it
-    swaps module attributes of torch.nn.init); the random number generators are not touched."""
-    saved = {name: getattr(nn.init, name) for name in INIT_FILLS}
-    for name in INIT_FILLS:
-        setattr(nn.init, name, _keep)
-    try:
-        yield
-    finally:
-        for name, fill in saved.items():
-            setattr(nn.init, name, fill)
+def _polygon_mask_rcnn(backbone: BackboneWithFPN, spec: ModelSpec, num_classes: int | None = None,
+                       box_predictor: nn.Module | None = None, mask_head: nn.Module | None = None,
+                       mask_predictor: nn.Module | None = None) -> PolygonMaskRCNN:
+    """MaskRCNN(backbone, ...) as torchvision assembles it, from charseg's parts: each part
+    made in the order torchvision's constructors make it, so a seed gives the same weights."""
+    tv, channels = _TORCHVISION, backbone.out_channels
+    if mask_head is None:
+        mask_head = MaskRCNNHeads(channels, (256, 256, 256, 256), 1)
+    if mask_predictor is None:
+        mask_predictor = MaskRCNNPredictor(256, 256, num_classes)
+    anchors = Float32Anchors(tuple((size,) for size in spec.anchor_sizes), (ANCHOR_RATIOS,) * len(spec.anchor_sizes))
+    rpn = BandedMatchingRPN(
+        anchors, Float32RPNHead(channels, anchors.num_anchors_per_location()[0]), tv["rpn_fg_iou_thresh"],
+        tv["rpn_bg_iou_thresh"], tv["rpn_batch_size_per_image"], tv["rpn_positive_fraction"],
+        {"training": spec.rpn_proposals_train, "testing": spec.rpn_proposals_test},
+        {"training": spec.rpn_proposals_train, "testing": spec.rpn_proposals_test}, tv["rpn_nms_thresh"],
+        score_thresh=tv["rpn_score_thresh"])
+    box_head = TwoMLPHead(channels * 7 ** 2, BOX_REPRESENTATION)
+    if box_predictor is None:
+        box_predictor = FastRCNNPredictor(BOX_REPRESENTATION, num_classes)
+    offset = 0.0 if spec.mask_in_box else PIXEL_CENTRE
+    roi_heads = PolygonRoIHeads(
+        GatherRoIAlign(["0", "1", "2", "3"], 7, 2), box_head, box_predictor, tv["box_fg_iou_thresh"],
+        tv["box_bg_iou_thresh"], spec.roi_samples, tv["box_positive_fraction"], tv["bbox_reg_weights"],
+        tv["box_score_thresh"], tv["box_nms_thresh"], spec.detections_per_img,
+        mask_roi_pool=GatherRoIAlign(["0", "1", "2", "3"], 14, 2), mask_head=mask_head,
+        mask_predictor=mask_predictor, mask_frame_offset=offset)
+    transform = PasteFreeTransform(spec.min_size, spec.max_size, _IMAGE_MEAN, _IMAGE_STD,
+                                   page_scales=(spec.scale_train, spec.scale_test), mask_frame_offset=offset)
+    return PolygonMaskRCNN(backbone, rpn, roi_heads, transform)
 
 
-def _keep(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return tensor
-
-
-def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_layer=None) -> BackboneWithFPN:
+def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_layer=None,
+                 kind: type[BackboneWithFPN] = BackboneWithFPN) -> BackboneWithFPN:
     """torchvision's _resnet_fpn_extractor (stages 1-4, P6 by max pooling, the lower stages
-    frozen) with `channels` FPN outputs instead of its fixed 256."""
+    frozen) with `channels` FPN outputs instead of its fixed 256; KIND: BackboneWithFPN or a
+    subclass (PixelFPN)."""
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         layers_to_train.append("bn1")
@@ -217,7 +232,7 @@ def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_lay
         if not any(name.startswith(layer) for layer in layers_to_train):
             parameter.requires_grad_(False)
     stage2 = body.inplanes // 8
-    return BackboneWithFPN(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
+    return kind(body, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)},
                            [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)], channels,
                            extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer)
 
@@ -230,7 +245,8 @@ def _heads(spec: ModelSpec, norm_layer) -> dict:
         return {"num_classes": spec.num_classes}
     width = spec.fpn_channels
     if spec.mask_pixels:
-        predictor = PixelMaskPredictor(width, width, spec.num_classes, dilations=spec.pixel_dilations)
+        predictor = PixelMaskPredictor(width, width, spec.num_classes, dilations=spec.pixel_dilations,
+                                       aligned=spec.mask_in_box)
     else:
         predictor = MaskRCNNPredictor(width, width, spec.num_classes)
     return {"num_classes": None, "box_predictor": FastRCNNPredictor(BOX_REPRESENTATION, spec.num_classes),

@@ -18,9 +18,10 @@ from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
-from torchvision.models.detection.rpn import RegionProposalNetwork
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -127,7 +128,11 @@ class PolygonRoIHeads(RoIHeads):
     `image_size`) instead of full-image masks. Targets with `masks` take the stock path.
     `mask_frame_offset`: where each mask lies against its box (polygon_mask_targets)."""
 
-    mask_frame_offset = PIXEL_CENTRE
+    def __init__(self, *args, mask_frame_offset: float = PIXEL_CENTRE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fg_bg_sampler = SeededSampler(self.fg_bg_sampler.batch_size_per_image,
+                                           self.fg_bg_sampler.positive_fraction)
+        self.mask_frame_offset = mask_frame_offset
 
     def check_targets(self, targets):
         if targets is None:
@@ -294,6 +299,16 @@ class FrozenBNConv2d(nn.Conv2d):
     every trainable weight less at the peak). Under bf16 autocast this also keeps the
     backbone in bfloat16: FrozenBatchNorm2d's float32 scale promotes its output to float32."""
 
+    @classmethod
+    def folding(cls, conv: nn.Conv2d, norm: "FoldedFrozenBatchNorm2d") -> "FrozenBNConv2d":
+        """CONV, holding its own parameters (no copy), applying NORM (the module that follows
+        it and holds the norm's buffers)."""
+        folded = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, conv.padding_mode, device="meta")  # no fill drawn
+        folded.weight, folded.bias = conv.weight, conv.bias
+        folded.frozen_norm = (norm,)  # a tuple: not registered as a child, so no second state-dict entry
+        return folded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.frozen_norm[0]
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
@@ -323,31 +338,41 @@ class FrozenBNConv2d(nn.Conv2d):
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
     """A FrozenBatchNorm2d whose FrozenBNConv2d applies it: passes its input through."""
 
+    @classmethod
+    def taking_over(cls, norm: FrozenBatchNorm2d) -> "FoldedFrozenBatchNorm2d":
+        """A folded norm holding NORM's own buffers (no copy)."""
+        folded = cls(norm.weight.shape[0], eps=norm.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(folded, name, getattr(norm, name))
+        return folded
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
 def frozen_norm_pairs(module: nn.Module):
-    """(convolution, FrozenBatchNorm2d right after it) in torchvision's ResNets: `convN` /
-    `bnN` of the stem and of each block, and a downsample's Sequential(conv, norm)."""
+    """(parent, convolution's name, its norm's name) for each convolution followed by a
+    FrozenBatchNorm2d in torchvision's ResNets: `convN` / `bnN` of the stem and of each block,
+    and a downsample's Sequential(conv, norm)."""
     for parent in module.modules():
         children = dict(parent.named_children())
         for name, conv in children.items():
-            norm = children.get("bn" + name[4:]) if name.startswith("conv") else None
+            norm_name = "bn" + name[4:] if name.startswith("conv") else ""
             if isinstance(parent, nn.Sequential) and name.isdigit():
-                norm = children.get(str(int(name) + 1))
-            if type(conv) is nn.Conv2d and type(norm) is FrozenBatchNorm2d:
-                yield conv, norm
+                norm_name = str(int(name) + 1)
+            if type(conv) is nn.Conv2d and type(children.get(norm_name)) is FrozenBatchNorm2d:
+                yield parent, name, norm_name
 
 
-def fold_frozen_norms(model: nn.Module) -> nn.Module:
-    """Each FrozenBatchNorm2d of MODEL applied by the convolution before it (FrozenBNConv2d),
-    in place; parameters and buffers unchanged."""
-    for conv, norm in list(frozen_norm_pairs(model)):
-        conv.__class__ = FrozenBNConv2d
-        conv.frozen_norm = (norm,)  # a tuple: not registered as a child, so no second state-dict entry
-        norm.__class__ = FoldedFrozenBatchNorm2d
-    return model
+def fold_frozen_norms(module: nn.Module) -> nn.Module:
+    """Each FrozenBatchNorm2d of MODULE applied by the convolution before it: both replaced by
+    a FrozenBNConv2d and a FoldedFrozenBatchNorm2d holding the same parameters and buffers
+    under the same names (state dicts unchanged)."""
+    for parent, conv_name, norm_name in list(frozen_norm_pairs(module)):
+        norm = FoldedFrozenBatchNorm2d.taking_over(getattr(parent, norm_name))
+        setattr(parent, norm_name, norm)
+        setattr(parent, conv_name, FrozenBNConv2d.folding(getattr(parent, conv_name), norm))
+    return module
 
 
 class PixelMaskPredictor(nn.Module):
@@ -363,11 +388,10 @@ class PixelMaskPredictor(nn.Module):
     the box itself (roi_align aligned=True), else half a pixel past it, as the masks' frame.
     """
 
-    aligned = False
-
     def __init__(self, in_channels: int, dim_reduced: int, num_classes: int, refine: int = 32,
-                 image_channels: int = 3, dilations: tuple[int, ...] = ()):
+                 image_channels: int = 3, dilations: tuple[int, ...] = (), aligned: bool = False):
         super().__init__()
+        self.aligned = aligned
         self.conv5_mask = nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)
         if dilations:
             blocks = [_refine_block(dim_reduced + image_channels, refine, 1)]
@@ -415,6 +439,11 @@ class BandedMatchingRPN(RegionProposalNetwork):
     each chunk is compared only with the GT boxes that touch its extent; the matches are
     exactly the stock ones (incl. low-quality matches and their ties).
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fg_bg_sampler = SeededSampler(self.fg_bg_sampler.batch_size_per_image,
+                                           self.fg_bg_sampler.positive_fraction)
 
     def forward(self, images, features, targets=None):
         self.fg_bg_sampler.seed_from(targets, RPN_SALT)
@@ -500,8 +529,11 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
     own size, not its short side to min_size; max_size still caps the long side.
     """
 
-    page_scales: tuple[float, float] = (0.0, 0.0)
-    mask_frame_offset = PIXEL_CENTRE
+    def __init__(self, *args, page_scales: tuple[float, float] = (0.0, 0.0),
+                 mask_frame_offset: float = PIXEL_CENTRE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.page_scales = page_scales
+        self.mask_frame_offset = mask_frame_offset
 
     def resize(self, image, target=None):
         scale = self.page_scales[0] if self.training else self.page_scales[1]
@@ -530,12 +562,20 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
         return result
 
 
-class PrecisionMaskRCNN(MaskRCNN):
-    """MaskRCNN whose forward runs under autocast at `precision` (precision.py: fp32, bf16,
-    fp16). What must stay exact stays float32: anchors (Float32Anchors), the RPN's and the
-    box predictor's outputs before box decoding, mask logits, every loss."""
+class PolygonMaskRCNN(MaskRCNN):
+    """charseg's Mask R-CNN: torchvision's, assembled from the polygon-native parts above
+    (model.build_model builds them), whose forward runs under autocast at `precision`
+    (precision.py: fp32, bf16, fp16). What must stay exact stays float32: anchors
+    (Float32Anchors), the RPN's and the box predictor's outputs before box decoding, mask
+    logits, every loss. Its state dict is stock torchvision's."""
 
     precision = "fp32"
+
+    def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
+                 transform: GeneralizedRCNNTransform):
+        # MaskRCNN's and FasterRCNN's constructors build torchvision's own parts from arguments;
+        # these parts are built by the caller, so only GeneralizedRCNN's is run.
+        GeneralizedRCNN.__init__(self, backbone, rpn, roi_heads, transform)
 
     def forward(self, images, targets=None):
         device_type = images[0].device.type if len(images) else "cpu"
@@ -551,38 +591,19 @@ class Float32Anchors(AnchorGenerator):
         shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in feature_maps]
         return super().forward(image_list, shapes)
 
-
-def _float_outputs(module, inputs, outputs):
-    """Forward hook: the RPN head's objectness and box deltas in float32 (decoded into boxes)."""
-    return tuple([t.float() for t in part] for part in outputs)
-
-
-def make_polygon_native(model: torch.nn.Module, mask_in_box: bool = False) -> torch.nn.Module:
-    """Switch a torchvision MaskRCNN to polygon targets, banded anchor matching and
-    box-sized outputs, in place. `mask_in_box`: each mask covers its box itself, not stock
-    torchvision's frame half a pixel past it (polygon_mask_targets).
-
-    Only behaviour and memory layout change (no parameters; frozen norms are applied by the
-    convolutions before them, weights are channels-last), so state dicts stay interchangeable
-    with stock.
-    """
-    model.roi_heads.__class__ = PolygonRoIHeads
-    model.transform.__class__ = PasteFreeTransform
-    offset = 0.0 if mask_in_box else PIXEL_CENTRE
-    model.roi_heads.mask_frame_offset = model.transform.mask_frame_offset = offset
-    if isinstance(model.roi_heads.mask_predictor, PixelMaskPredictor):
-        model.roi_heads.mask_predictor.aligned = mask_in_box
-    model.rpn.__class__ = BandedMatchingRPN
-    model.rpn.fg_bg_sampler.__class__ = SeededSampler
-    model.roi_heads.fg_bg_sampler.__class__ = SeededSampler
-    model.__class__ = PrecisionMaskRCNN
-    model.rpn.anchor_generator.__class__ = Float32Anchors
-    model.roi_heads.box_roi_pool.__class__ = GatherRoIAlign
-    model.roi_heads.mask_roi_pool.__class__ = GatherRoIAlign
-    model.rpn.head.register_forward_hook(_float_outputs)
-    fold_frozen_norms(model.backbone)
-    # oneDNN's convolutions run channels-last without reordering each input and output.
-    model.to(memory_format=torch.channels_last)
-    return model
+    def set_cell_anchors(self, dtype: torch.dtype, device: torch.device):
+        # A model built on the meta device for a checkpoint to fill (inference.load_model_for_inference)
+        # holds meta cell anchors: they are no parameter the load sets, so make them now.
+        if any(anchors.is_meta for anchors in self.cell_anchors):
+            self.cell_anchors = [self.generate_anchors(size, ratios)
+                                 for size, ratios in zip(self.sizes, self.aspect_ratios)]
+        super().set_cell_anchors(dtype, device)
 
 
+class Float32RPNHead(RPNHead):
+    """torchvision's RPN head whose objectness and box deltas come out in float32 (they are
+    decoded into boxes)."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
