@@ -21,11 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charseg.anchors import (BASE_SIZES, POSITIVE_IOU, best_anchor_iou, character_boxes,  # noqa: E402
-                             fit_anchor_sizes, ladder)
-from charseg.data import scan_dataset  # noqa: E402
-from charseg.generate import generate_dataset  # noqa: E402
-from charseg.model import ANCHOR_RATIOS, STOCK_ANCHOR_SIZES  # noqa: E402
+from charseg.data.dataset import scan_dataset  # noqa: E402
+from charseg.data.generate import generate_dataset  # noqa: E402
+from charseg.model.anchors import (BASE_SIZES, POSITIVE_IOU, best_anchor_iou, character_boxes,  # noqa: E402
+                                   fit_anchor_sizes, ladder)
+from charseg.model.build import ANCHOR_RATIOS, STOCK_ANCHOR_SIZES  # noqa: E402
 
 
 def main() -> None:

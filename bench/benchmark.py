@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT))
 
 from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
-from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
-from charseg.generate import generate_dataset  # noqa: E402
-from charseg.inference import output_to_instances  # noqa: E402
-from charseg.model import build_model  # noqa: E402
-from charseg.architecture import resolve_spec  # noqa: E402
+from charseg.data.dataset import scan_dataset
+from charseg.data.generate import generate_dataset  # noqa: E402
+from charseg.data.loading import CharacterDataset, collate
+from charseg.inference.predict import output_to_instances  # noqa: E402
+from charseg.model.architecture import resolve_spec  # noqa: E402
+from charseg.model.build import build_model  # noqa: E402
 
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from charseg.augment import Augmentation  # noqa: E402
-from charseg.data import CharacterDataset, scan_dataset  # noqa: E402
+from charseg.data.augment import Augmentation  # noqa: E402
+from charseg.data.dataset import scan_dataset
+from charseg.data.loading import CharacterDataset
 from charseg.errors import CharsegError  # noqa: E402
-from charseg.polygon_heads import PixelMaskPredictor  # noqa: E402
+from charseg.model.heads import PixelMaskPredictor  # noqa: E402
 from charseg.polygons import polygon_mask_targets, unpack_polygons  # noqa: E402
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]  # GeneralizedRCNNTransform's normalisation

@@ -33,15 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark import run_worker, spec_for  # noqa: E402  (bench/ is this script's folder)
-from charseg import __version__, runner  # noqa: E402
+from scaling import write_section  # noqa: E402
+
+from charseg import __version__  # noqa: E402
 from charseg import checkpoint as ckpt  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
-from charseg.evaluate import evaluate  # noqa: E402
-from charseg.generate import generate_dataset  # noqa: E402
-from charseg.inference import load_model_for_inference  # noqa: E402
-from charseg.model import build_model  # noqa: E402
+from charseg.data.dataset import load_dataset_report  # noqa: E402
+from charseg.data.generate import generate_dataset  # noqa: E402
+from charseg.inference.evaluate import evaluate  # noqa: E402
+from charseg.inference.predict import load_model_for_inference  # noqa: E402
+from charseg.model.build import build_model  # noqa: E402
 from charseg.precision import native_bf16  # noqa: E402
-from scaling import write_section  # noqa: E402
+from charseg.training import runner  # noqa: E402
 
 HEADING = "## Mixed precision (bench/precision.py)"
 FP16_ON_CPU = "fp16 (CPU autocast)"
@@ -123,7 +126,7 @@ def quality(checkpoint: str, data: str) -> dict:
     device = torch.device("cpu")
     model, spec, _ = load_model_for_inference(checkpoint, device, None, None, "fp32")
     model.precision = "fp16"
-    result = evaluate(model, runner.load_dataset_report(data).samples, device, max_dets=spec.detections_per_img,
+    result = evaluate(model, load_dataset_report(data).samples, device, max_dets=spec.detections_per_img,
                       score_threshold=0.5)
     out[FP16_ON_CPU] = {**{k: result.metrics[k] for k in METRICS}, "seconds": time.perf_counter() - start}
     print(FP16_ON_CPU, out[FP16_ON_CPU], flush=True)

@@ -32,13 +32,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charseg import __version__, runner, tracking  # noqa: E402
-from charseg import checkpoint as ckpt  # noqa: E402
-from charseg.config import TrainConfig  # noqa: E402
-from charseg.heldout import generate_heldout  # noqa: E402
-from charseg.precision import native_bf16  # noqa: E402
 from quality import HELDOUT_PAGES, HELDOUT_SEED, demo_recipe, generate_training_pages  # noqa: E402
 from scaling import write_section  # noqa: E402
+
+from charseg import __version__  # noqa: E402
+from charseg import checkpoint as ckpt  # noqa: E402
+from charseg import tracking
+from charseg.config import TrainConfig  # noqa: E402
+from charseg.data.heldout import generate_heldout  # noqa: E402
+from charseg.precision import native_bf16  # noqa: E402
+from charseg.training import runner  # noqa: E402
 
 HEADING = "## bf16 training vs fp32 (bench/precision_training.py)"
 EXPERIMENT = "charseg-precision"

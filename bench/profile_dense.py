@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charseg.config import LIMITS, TrainConfig  # noqa: E402
-from charseg.data import CharacterDataset, collate, scan_dataset  # noqa: E402
-from charseg.generate import generate_dataset  # noqa: E402
-from charseg.model import build_model  # noqa: E402
-from charseg.architecture import resolve_spec  # noqa: E402
+from charseg.data.dataset import scan_dataset
+from charseg.data.generate import generate_dataset  # noqa: E402
+from charseg.data.loading import CharacterDataset, collate
+from charseg.model.architecture import resolve_spec  # noqa: E402
+from charseg.model.build import build_model  # noqa: E402
 
 
 def part_timers(model: torch.nn.Module) -> dict[str, list[float]]:

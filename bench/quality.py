@@ -35,14 +35,16 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from charseg import __version__, runner  # noqa: E402
+from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
-from charseg.data import CharacterDataset, EpochShuffleSampler, collate, scan_dataset  # noqa: E402
-from charseg.engine import train_one_epoch  # noqa: E402
-from charseg.evaluate import evaluate  # noqa: E402
-from charseg.generate import generate_dataset  # noqa: E402
-from charseg.heldout import generate_heldout  # noqa: E402
-from charseg.model import STOCK_ANCHOR_SIZES, build_model, spec_for_weights  # noqa: E402
+from charseg.data.dataset import load_dataset_report, scan_dataset  # noqa: E402
+from charseg.data.generate import generate_dataset  # noqa: E402
+from charseg.data.heldout import generate_heldout  # noqa: E402
+from charseg.data.loading import CharacterDataset, EpochShuffleSampler, collate  # noqa: E402
+from charseg.inference.evaluate import evaluate  # noqa: E402
+from charseg.model.build import STOCK_ANCHOR_SIZES, build_model, spec_for_weights  # noqa: E402
+from charseg.training import runner  # noqa: E402
+from charseg.training.engine import train_one_epoch  # noqa: E402
 
 HELDOUT_PAGES, HELDOUT_SEED = 40, 2026  # the pages `make demo` evaluates on
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
@@ -161,7 +163,7 @@ def main() -> None:
         result = runner.train(config)
         seconds = time.perf_counter() - start
         model, spec, _ = runner.load_model_for_inference(result.final_checkpoint, torch.device("cpu"))
-        splits = runner.make_splits(config, runner.load_dataset_report(config.data_dir))
+        splits = runner.make_splits(config, load_dataset_report(config.data_dir))
         rows = {"charseg": {"seconds": seconds, "epochs": recipe["epochs"], **measure(model, spec, heldout,
                                                                                       splits.val, config)}}
         print(f"  charseg: {seconds:.0f} s, held-out {rows['charseg']['heldout']}", flush=True)

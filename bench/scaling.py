@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charseg import __version__  # noqa: E402
-from charseg.generate import generate_dataset  # noqa: E402
+from charseg.data.generate import generate_dataset  # noqa: E402
 
 HEADING = "## Multi-process training (bench/scaling.py)"
 # The demo's CPU recipe, shortened: random init, GroupNorm, resnet18, 192 px pages.

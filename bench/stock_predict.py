@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from charseg.checkpoint import load_checkpoint  # noqa: E402
-from charseg.data import load_image_rgb  # noqa: E402
-from charseg.inference import predict_arrays, write_prediction  # noqa: E402
-from charseg.model import ModelSpec, build_model  # noqa: E402
+from charseg.data.images import load_image_rgb
+from charseg.inference.predict import predict_arrays, write_prediction  # noqa: E402
+from charseg.model.build import ModelSpec, build_model  # noqa: E402
 
 SCORE_THRESHOLD = 0.5  # charseg predict's default
 

@@ -22,7 +22,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import CheckpointError, empty_file, reason
-from .model import ModelSpec
+from .model.build import ModelSpec
 
 FORMAT = "charseg-checkpoint"
 FORMAT_VERSION = 1

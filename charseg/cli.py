@@ -18,18 +18,19 @@ from typing import Any, Callable, Iterator
 import click
 
 from . import checkpoint as ckpt
-from . import distributed, runner
-from .coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
-from .config import (BOUNDS, FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, NORMS,
-                     TrainConfig, parse_anchor_sizes)
-from .data import scan_dataset
+from .config import (BOUNDS, FINETUNE_LR_FACTOR, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, NORMS, TrainConfig,
+                     parse_anchor_sizes)
+from .data.coco import CHAR_FROM_HELP, SEGMENTATIONS, export_coco, import_coco
+from .data.dataset import scan_dataset
+from .data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
+from .data.heldout import generate_heldout
 from .errors import CharsegError
-from .generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
-from .heldout import generate_heldout
-from .evaluate import METRICS
-from .inference import COCO_PREDICTIONS, LABELS
-from .model import BACKBONES, WEIGHT_CHOICES
-from .precision import PRECISIONS, resolve as resolve_precision
+from .inference.evaluate import METRICS
+from .inference.predict import COCO_PREDICTIONS, LABELS
+from .model.build import BACKBONES, WEIGHT_CHOICES
+from .precision import PRECISIONS
+from .precision import resolve as resolve_precision
+from .training import distributed, runner
 
 _DEFAULTS = TrainConfig()
 
@@ -557,8 +558,8 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
     fine-tuned on after review. The char column is '?' (the model does not read characters).
     """
-    from .data import IMAGE_SUFFIXES
-    from .inference import load_model_for_inference, predict_files
+    from .data.images import IMAGE_SUFFIXES
+    from .inference.predict import load_model_for_inference, predict_files
 
     paths: list[Path] = []
     for item in map(Path, inputs):

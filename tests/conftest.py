@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from charseg.config import TrainConfig
-from charseg.generate import generate_dataset
+from charseg.data.generate import generate_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 # The service helpers of deploy/ (a folder of recipes, not a package); LOCAL never goes through a proxy.

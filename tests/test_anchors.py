@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import light_config
 from torchvision.ops import box_iou
 
 from charseg import checkpoint as ckpt
-from charseg import runner
-from charseg.anchors import POSITIVE_IOU, best_anchor_iou, character_boxes, fit_anchor_sizes
-from charseg.architecture import choose_anchor_sizes
 from charseg.cli import cli
-from charseg.data import scan_dataset
-from charseg.generate import generate_dataset
-from charseg.model import ANCHOR_RATIOS, STOCK_ANCHOR_SIZES, ModelSpec, build_model, spec_for_weights
-from conftest import light_config
+from charseg.data.dataset import scan_dataset
+from charseg.data.generate import generate_dataset
+from charseg.model.anchors import POSITIVE_IOU, best_anchor_iou, character_boxes, fit_anchor_sizes
+from charseg.model.architecture import choose_anchor_sizes
+from charseg.model.build import ANCHOR_RATIOS, STOCK_ANCHOR_SIZES, ModelSpec, build_model, spec_for_weights
+from charseg.training import runner
 
 
 @pytest.mark.parametrize("sizes", [STOCK_ANCHOR_SIZES, (6, 12, 24, 48, 96)])

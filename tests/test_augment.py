@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from charseg.augment import Augmentation, warp_page
-from charseg.data import CharacterDataset, EpochShuffleSampler, scan_dataset
-from charseg.generate import generate_dataset
+from charseg.data.augment import Augmentation, warp_page
+from charseg.data.dataset import scan_dataset
+from charseg.data.generate import generate_dataset
+from charseg.data.loading import CharacterDataset, EpochShuffleSampler
 from charseg.polygons import polygons_to_masks
 
 # Geometry only: no change of light, no blur, no noise.

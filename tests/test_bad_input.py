@@ -183,7 +183,7 @@ def _fingerprint(root) -> dict:
 
 @pytest.mark.parametrize("case", sorted(DATASET_CASES))
 def test_broken_datasets_are_reported_with_file_and_reason_and_left_untouched(case, tmp_path):
-    from charseg.data import scan_dataset
+    from charseg.data.dataset import scan_dataset
 
     change, kind, text, instances = DATASET_CASES[case]
     root = tmp_path / "data"
@@ -202,7 +202,8 @@ def test_broken_datasets_are_reported_with_file_and_reason_and_left_untouched(ca
 
 
 def test_an_exif_rotated_page_is_read_upright(tmp_path):
-    from charseg.data import load_image_rgb, scan_dataset
+    from charseg.data.dataset import scan_dataset
+    from charseg.data.images import load_image_rgb
 
     root = tmp_path / "data"
     _page(root)
@@ -215,8 +216,9 @@ def test_an_exif_rotated_page_is_read_upright(tmp_path):
 def test_predict_skips_pages_it_cannot_use_and_names_them(tiny_dataset, tmp_path):
     import shutil
 
-    from charseg import runner
     from conftest import light_config
+
+    from charseg.training import runner
 
     trained = runner.train(light_config(tiny_dataset, tmp_path / "run", epochs=1))
     inputs = tmp_path / "in"
@@ -233,7 +235,7 @@ def test_predict_skips_pages_it_cannot_use_and_names_them(tiny_dataset, tmp_path
 
 
 def test_training_prints_each_skip_but_counts_polygons_it_uses_all_the_same(tmp_path):
-    from charseg.data import scan_dataset
+    from charseg.data.dataset import scan_dataset
 
     root = tmp_path / "data"
     _page(root, rows=(("a", "[1,1,10,1,10,10,4,0.5,1,10]"), ("b", "[1,1,10,1,10,10,4,0.5,1,10]"),
@@ -248,7 +250,7 @@ def test_training_prints_each_skip_but_counts_polygons_it_uses_all_the_same(tmp_
 
 
 def test_a_char_cell_that_names_no_character_is_exported_as_unknown(tmp_path):
-    from charseg.coco import export_coco
+    from charseg.data.coco import export_coco
 
     root = tmp_path / "data"
     _page(root, rows=(("a", "[2,2,12,2,12,12,2,12]"), ("", "[20,2,30,2,30,12]"), ("\0", "[2,15,12,15,12,25]")))
@@ -315,7 +317,7 @@ def test_generate_refuses_pages_it_cannot_draw(args, text, tmp_path):
 
 
 def test_a_scattered_page_stops_when_it_is_full(tmp_path):
-    from charseg.generate import generate_dataset
+    from charseg.data.generate import generate_dataset
 
     summary = generate_dataset(tmp_path / "g", num_images=1, width=32, height=32, chars_per_image=(100_000, 100_000),
                                font_size=(12, 12))

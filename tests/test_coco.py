@@ -13,10 +13,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from charseg.cli import cli
-from charseg.coco import export_coco, import_coco, predictions_to_coco
-from charseg.data import scan_dataset
+from charseg.data.coco import export_coco, import_coco, predictions_to_coco
+from charseg.data.dataset import scan_dataset
 from charseg.errors import DatasetError
-from charseg.inference import Instance
+from charseg.inference.predict import Instance
 
 
 def polygons_and_chars(data_dir):

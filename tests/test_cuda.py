@@ -15,10 +15,11 @@ from conftest import light_config
 from test_distributed import ARGS, TORCHRUN, _charseg
 
 from charseg import checkpoint as ckpt
-from charseg import runner
-from charseg.data import image_to_tensor, load_image_rgb
-from charseg.generate import generate_dataset
-from charseg.inference import load_model_for_inference
+from charseg.data.generate import generate_dataset
+from charseg.data.images import load_image_rgb
+from charseg.data.loading import image_to_tensor
+from charseg.inference.predict import load_model_for_inference
+from charseg.training import runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

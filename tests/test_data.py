@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from charseg.data import CharacterDataset, load_image_rgb, parse_polygon, scan_dataset
-from charseg.polygons import clip_polygon_to_image, polygon_area, polygons_to_masks
+from charseg.data.dataset import parse_polygon, scan_dataset
+from charseg.data.images import load_image_rgb
+from charseg.data.loading import CharacterDataset
 from charseg.errors import DatasetError
+from charseg.polygons import clip_polygon_to_image, polygon_area, polygons_to_masks
 
 
 def write_dataset(root: Path, annotations: dict[str, str], images: dict[str, tuple[int, int]]) -> Path:

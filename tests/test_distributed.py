@@ -12,8 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from charseg.data import EpochShuffleSampler
-from charseg.generate import generate_dataset
+from charseg.data.generate import generate_dataset
+from charseg.data.loading import EpochShuffleSampler
 
 ARGS = ["--weights", "none", "--backbone", "resnet18", "--norm", "group", "--min-size", "64", "--max-size", "64",
         "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--rpn-proposals-test", "50",
@@ -96,7 +96,8 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
     launcher = tmp_path / "launch_failing_rank.py"
     launcher.write_text(textwrap.dedent("""
         import os, sys
-        from charseg import cli, runner
+        from charseg import cli
+        from charseg.training import runner
         if os.environ["RANK"] == "1":
             original = runner.train_one_epoch
             def fail_in_epoch_2(model, optimizer, loader, device, epoch, **kwargs):

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import light_config
 from PIL import Image
+from test_cli import LIGHT_ARGS
 
 from charseg import checkpoint as ckpt
-from charseg import runner
 from charseg.cli import cli
-from charseg.data import Sample, image_to_tensor, load_image_rgb, scan_dataset, split_samples
-from charseg.evaluate import evaluate, is_better
+from charseg.data.dataset import Sample, scan_dataset
+from charseg.data.images import load_image_rgb
+from charseg.data.loading import image_to_tensor, split_samples
+from charseg.inference.evaluate import evaluate, is_better
 from charseg.polygons import PIXEL_CENTRE, polygon_mask_targets, polygons_to_boxes
-from conftest import light_config
-from test_cli import LIGHT_ARGS
+from charseg.training import runner
 
 
 class Oracle(torch.nn.Module):
@@ -165,7 +167,7 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
                                       "--scale-test", "-1"])
     assert result.exit_code == 2 and "'--scale-test': -1.0 is not in the range 0<=x<=8.0" in result.output
     from charseg.errors import CharsegError
-    from charseg.inference import load_model_for_inference
+    from charseg.inference.predict import load_model_for_inference
 
     with pytest.raises(CharsegError, match=r"--scale-test must be 0 \(resize to min_size\) or a factor"):
         load_model_for_inference(out / "model_final.pth", torch.device("cpu"), scale_test=-1.0)
@@ -174,10 +176,10 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
 def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
     """Pages of different sizes are not batched together in evaluation: padding to the larger
     one changes GroupNorm's statistics, so a page's detections would depend on its neighbour."""
-    from charseg.evaluate import evaluate
-    from charseg.inference import same_size_batches
-    from charseg.heldout import generate_heldout
-    from charseg.model import build_model, spec_for_weights
+    from charseg.data.heldout import generate_heldout
+    from charseg.inference.evaluate import evaluate
+    from charseg.inference.predict import same_size_batches
+    from charseg.model.build import build_model, spec_for_weights
 
     generate_heldout(tmp_path, num_images=3, min_side=96, max_side=160, seed=4)
     pages = scan_dataset(tmp_path).samples
@@ -204,7 +206,7 @@ def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):
 def test_overlays_fill_each_mask_in_its_own_colour_and_place_labels_where_they_fit():
     import numpy as np
 
-    from charseg.inference import Instance, draw_overlay, instance_colour, label_places
+    from charseg.inference.predict import Instance, draw_overlay, instance_colour, label_places
 
     def square(x, score):
         return Instance(score, [x, 30.0, x + 5.0, 40.0], [x, 30.0, x + 5.0, 30.0, x + 5.0, 40.0, x, 40.0])
@@ -233,7 +235,7 @@ def test_label_places_on_a_dense_page_are_those_a_check_against_every_placed_lab
     page's edges, it places the labels that checking each against all placed before places."""
     import random
 
-    from charseg.inference import Instance, label_places
+    from charseg.inference.predict import Instance, label_places
 
     rng = random.Random(0)
     boxes = []
@@ -258,8 +260,8 @@ def test_label_places_on_a_dense_page_are_those_a_check_against_every_placed_lab
 
 
 def test_low_scores_are_dropped_before_the_mask_head_with_the_same_instances(tiny_dataset):
-    from charseg.inference import output_to_instances, predict_arrays
-    from charseg.model import build_model, spec_for_weights
+    from charseg.inference.predict import output_to_instances, predict_arrays
+    from charseg.model.build import build_model, spec_for_weights
 
     torch.manual_seed(0)
     model = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=128, fpn_channels=32,

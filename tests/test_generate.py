@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from charseg.data import scan_dataset
-from charseg.generate import TRAINING_FONTS, generate_dataset
-from charseg.heldout import HELDOUT_FONTS, generate_heldout
+from charseg.data.dataset import scan_dataset
+from charseg.data.generate import TRAINING_FONTS, generate_dataset
+from charseg.data.heldout import HELDOUT_FONTS, generate_heldout
 
 
 def test_lines_layout_sets_text_in_lines_and_is_fully_valid(tmp_path):
@@ -47,7 +47,7 @@ def test_lines_pages_have_uneven_paper_and_legible_ink(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from charseg.generate import MIN_INK_CONTRAST
+    from charseg.data.generate import MIN_INK_CONTRAST
     from charseg.polygons import polygon_boxes
 
     generate_dataset(tmp_path, num_images=6, width=160, height=160, chars_per_image=(20, 40), font_size=(14, 24),

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from charseg.errors import WeightsError
-from charseg.model import ModelSpec, build_model, create_model, spec_for_weights
+from charseg.model.build import ModelSpec, build_model, create_model, spec_for_weights
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_coco_weights_go_into_the_model_the_spec_describes(monkeypatch):
     torchvision Mask R-CNN's state dict, as the COCO file is (no internet here)."""
     from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
 
-    from charseg.polygon_heads import PixelMaskPredictor
+    from charseg.model.heads import PixelMaskPredictor
 
     torch.manual_seed(0)
     source = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
@@ -152,7 +152,8 @@ def test_group_norm_model_is_normalised_and_narrower():
 
 
 def test_pixel_mask_predictor_trains_and_predicts(tiny_dataset):
-    from charseg.data import CharacterDataset, collate, scan_dataset
+    from charseg.data.dataset import scan_dataset
+    from charseg.data.loading import CharacterDataset, collate
 
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64, norm="group", fpn_channels=64,
                             mask_pixels=True)

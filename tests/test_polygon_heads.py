@@ -12,15 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_on_boxes
 from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_on_boxes
 from torchvision.models.detection.transform import paste_masks_in_image
 
-from charseg.data import CharacterDataset, collate, scan_dataset
-from charseg.model import build_model, spec_for_weights
-from charseg.polygon_heads import polygon_mask_loss
-from charseg.polygons import (PIXEL_CENTRE, box_mask_to_polygon, pack_polygons, polygon_mask_targets,
-                              polygons_to_masks)
+from charseg.data.dataset import scan_dataset
+from charseg.data.loading import CharacterDataset, collate
+from charseg.model.build import build_model, spec_for_weights
+from charseg.model.heads import polygon_mask_loss
+from charseg.polygons import PIXEL_CENTRE, box_mask_to_polygon, pack_polygons, polygon_mask_targets, polygons_to_masks
 
 
 def glyph_polygons(rng: np.random.Generator, n: int, size: int) -> list[np.ndarray]:
@@ -112,7 +112,7 @@ def traced_ious(model, polygons: list[np.ndarray], scale: float, margins: np.nda
     """Mask IoU against POLYGONS (on a 120 px page) of the outlines MODEL's post-processing
     traces from masks that equal its training targets (in its mask frame), for boxes MARGINS
     px (of the page the model resized by SCALE) around the characters."""
-    from charseg.inference import output_to_instances
+    from charseg.inference.predict import output_to_instances
 
     resized = [p * scale for p in polygons]  # as polygon_mask_loss scales them
     bounds = np.stack([np.concatenate([p.min(0), p.max(0)]) for p in resized])
@@ -166,8 +166,8 @@ def test_a_new_model_s_masks_cover_whole_characters_at_any_scale():
 def test_an_outline_at_the_page_edge_stays_on_the_page():
     """A mask that fills its box up to the page's edge: its outline ends at the edge, as
     annotations do (validate-data would otherwise clip what predict wrote)."""
-    from charseg.inference import output_to_instances
-    from charseg.polygon_heads import PasteFreeTransform
+    from charseg.inference.predict import output_to_instances
+    from charseg.model.heads import PasteFreeTransform
 
     boxes = torch.tensor([[100.0, 0.0, 128.0, 30.0], [0.0, 90.0, 20.0, 128.0]])
     output = {"boxes": boxes, "labels": torch.ones(2, dtype=torch.int64), "scores": torch.ones(2),
@@ -181,7 +181,7 @@ def test_an_outline_at_the_page_edge_stays_on_the_page():
 
 
 def test_banded_anchor_matching_equals_stock_on_random_boxes(monkeypatch):
-    from charseg import polygon_heads
+    from charseg.model import heads as polygon_heads
     monkeypatch.setattr(polygon_heads, "ANCHOR_CHUNK", 100)  # many chunks on a small problem
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
     ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
@@ -200,7 +200,7 @@ def test_banded_anchor_matching_equals_stock_on_random_boxes(monkeypatch):
 def test_anchor_matching_on_the_real_anchor_grid_equals_stock(monkeypatch):
     from torchvision.models.detection.image_list import ImageList
 
-    from charseg import polygon_heads
+    from charseg.model import heads as polygon_heads
     monkeypatch.setattr(polygon_heads, "ANCHOR_CHUNK", 32)  # tight chunk extents: pruning matters
     spec = spec_for_weights("resnet18", "none", min_size=128, max_size=128)
     ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
@@ -226,7 +226,7 @@ def test_anchor_matching_with_a_box_off_every_anchor_equals_stock():
 
 
 def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
-    from charseg import polygon_heads
+    from charseg.model import heads as polygon_heads
     monkeypatch.setattr(polygon_heads, "MASK_CHUNK", 7)  # several chunks, the last one short
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
     torch.manual_seed(0)
@@ -247,7 +247,7 @@ def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
 def test_frozen_norms_folded_into_convolutions_compute_the_same():
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from charseg.polygon_heads import FrozenBNConv2d
+    from charseg.model.heads import FrozenBNConv2d
     spec = spec_for_weights("resnet18", "coco", min_size=64, max_size=64)  # pretrained layout: frozen norms
     torch.manual_seed(0)
     stock = build_model(spec, polygon_native=False)
@@ -277,7 +277,7 @@ def test_folded_convolutions_keep_no_scaled_weight_for_backward_and_give_the_sam
     forward: a copy of every trainable backbone weight (94 MB for ResNet-50) less at the peak."""
     import weakref
 
-    from charseg.polygon_heads import FrozenBNConv2d
+    from charseg.model.heads import FrozenBNConv2d
     from charseg.precision import autocast
     spec = spec_for_weights("resnet18", "coco", min_size=64, max_size=64)
     torch.manual_seed(0)
@@ -327,8 +327,8 @@ def test_inference_returns_box_sized_masks_unlike_stock(tiny_dataset):
 
 DENSE_STEP = textwrap.dedent("""
     import sys, torch
-    from charseg.data import CharacterDataset, collate, scan_dataset
-    from charseg.model import build_model, spec_for_weights
+    from charseg.data.dataset import CharacterDataset, collate, scan_dataset
+    from charseg.model.build import build_model, spec_for_weights
     stock = sys.argv[2] == "stock"
     torch.manual_seed(0)
     samples = scan_dataset(sys.argv[1]).samples
@@ -348,7 +348,7 @@ DENSE_STEP = textwrap.dedent("""
 
 
 def test_dense_page_trains_and_predicts_without_full_image_masks(tmp_path):
-    from charseg.generate import generate_dataset
+    from charseg.data.generate import generate_dataset
     generate_dataset(tmp_path, num_images=1, width=512, height=512, chars_per_image=(500, 500), font_size=(10, 14),
                      seed=0)
     peak_mb = {}
@@ -381,7 +381,7 @@ class FullImageMaskWatch(TorchDispatchMode):
 
 @pytest.mark.parametrize("path", ["charseg", "stock"])
 def test_no_full_image_mask_stack_in_training_or_inference(tmp_path, path):
-    from charseg.generate import generate_dataset
+    from charseg.data.generate import generate_dataset
     generate_dataset(tmp_path, num_images=1, width=160, height=128, chars_per_image=(30, 30), font_size=(12, 16),
                      seed=0)
     stock = path == "stock"
@@ -419,7 +419,7 @@ def test_gather_roi_align_pools_what_the_stock_op_pools_forward_and_backward():
     across the page's borders, smaller than a pixel of the level, and images without any."""
     from torchvision.ops import MultiScaleRoIAlign
 
-    from charseg import polygon_heads
+    from charseg.model import heads as polygon_heads
 
     torch.manual_seed(0)
     features = {"0": torch.randn(2, 8, 64, 64), "1": torch.randn(2, 8, 32, 32), "2": torch.randn(2, 8, 16, 16)}

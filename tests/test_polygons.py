@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from charseg.generate import glyph_outline, load_font, _render_glyph
+from charseg.data.generate import _render_glyph, glyph_outline, load_font
 from charseg.polygons import edge_outlines, mask_to_polygon, polygon_area, polygons_to_masks
 
 

@@ -7,17 +7,19 @@ import logging
 import pytest
 import torch
 from click.testing import CliRunner
-
-from charseg import checkpoint as ckpt
-from charseg import runner
-from charseg.architecture import resolve_spec
-from charseg.cli import cli
-from charseg.data import image_to_tensor, load_image_rgb, scan_dataset
-from charseg import precision as precision_module
-from charseg.model import build_model
-from charseg.precision import DTYPES, native_bf16, resolve
 from conftest import light_config
 from test_cli import LIGHT_ARGS
+
+from charseg import checkpoint as ckpt
+from charseg import precision as precision_module
+from charseg.cli import cli
+from charseg.data.dataset import scan_dataset
+from charseg.data.images import load_image_rgb
+from charseg.data.loading import image_to_tensor
+from charseg.model.architecture import resolve_spec
+from charseg.model.build import build_model
+from charseg.precision import DTYPES, native_bf16, resolve
+from charseg.training import runner
 
 
 @pytest.mark.parametrize("command", ["train", "resume", "finetune", "evaluate", "predict"])
@@ -142,7 +144,7 @@ def test_bf16_training_resumes_exactly_and_keeps_its_precision(tiny_dataset, tmp
     # The registered model's pyfunc takes the precision per call.
     import pandas as pd
 
-    from charseg.serving import CharsegPredictor
+    from charseg.inference.serving import CharsegPredictor
 
     predictor = CharsegPredictor(str(fp32.final_checkpoint), device="cpu", precision="fp32")
     page = {"image": [(tiny_dataset / "images" / "00001.png").read_bytes()]}
@@ -190,7 +192,7 @@ def test_fp16_loss_scaler_is_in_each_checkpoint_and_resume_stays_exact(tiny_data
 def test_roi_align_reads_float32_features_cast_once_while_the_mask_head_runs_bf16(tiny_dataset, monkeypatch):
     """torchvision's roi_align has no bfloat16 CPU kernel: under autocast it would cast every
     feature level to float32 on every call (each mask chunk). The RoI heads cast them once."""
-    from charseg import polygon_heads
+    from charseg.model import heads as polygon_heads
 
     monkeypatch.setattr(polygon_heads, "MASK_CHUNK", 2)  # several chunks on a tiny page
     model, samples = _tiny_model(tiny_dataset)

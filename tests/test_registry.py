@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import LOCAL, _free_port, start_service, stop_service, wait_until_up
 from mlflow.tracking import MlflowClient
+from test_cli import LIGHT_ARGS
 
 from charseg import checkpoint as ckpt
 from charseg import tracking
 from charseg.cli import cli
-from conftest import LOCAL, _free_port, start_service, stop_service, wait_until_up
-from test_cli import LIGHT_ARGS
 
 NAME = "charseg-test"
 
@@ -117,8 +117,9 @@ print(list(out.columns), len(out), sorted(set(out["image_id"])))
 def test_a_model_registered_by_an_earlier_charseg_still_loads(registry, tiny_dataset):
     """Earlier versions logged the pyfunc with loader_module charseg.serving. Such a model
     brings its own copy of charseg, but a process that imported charseg first loads ours."""
-    import mlflow
     from importlib.resources import files
+
+    import mlflow
 
     with mlflow.start_run(run_id=registry["run_id"]):
         info = mlflow.pyfunc.log_model(name="earlier", loader_module="charseg.serving",

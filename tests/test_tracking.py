@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from test_cli import LIGHT_ARGS
 
 from charseg import checkpoint as ckpt
 from charseg import tracking
 from charseg.cli import cli
-from test_cli import LIGHT_ARGS
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_train_run_records_params_metrics_tags_and_artifacts(server, trained_run
     assert artifacts(server, trained_run, "config") == ["config.json"]
     assert artifacts(server, trained_run, "data") == ["dataset_report.txt", "val_images.txt"]
     # The UI's Datasets panel, System metrics tab, description and source commit.
-    from charseg.data import samples_digest, scan_dataset
+    from charseg.data.dataset import samples_digest, scan_dataset
 
     assert datasets(server, trained_run) == {"training": ("data", samples_digest(scan_dataset(
         Path(run.data.params["data_dir"])).samples))}
@@ -401,7 +401,7 @@ def test_a_server_lost_mid_run_fails_over_and_the_run_catches_up(tmp_path):
     checkpoint (same bytes); a later `charseg sync` adds nothing."""
     from conftest import _free_port, start_service, stop_service, wait_until_up
 
-    from charseg.generate import generate_dataset
+    from charseg.data.generate import generate_dataset
 
     data = tmp_path / "data"
     generate_dataset(data, num_images=6, width=128, height=128, chars_per_image=(3, 6), seed=4)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import light_config
 
 from charseg import checkpoint as ckpt
-from charseg import runner
-from charseg.architecture import fit_limits
 from charseg.config import TrainConfig
 from charseg.errors import CharsegError
-from conftest import light_config
+from charseg.model.architecture import fit_limits
+from charseg.training import runner
 
 
 def epoch_losses(result: runner.RunResult) -> list[float]:

@@ -15,7 +15,6 @@ from ..checkpoint import Lineage
 from .store import TrackingError, configure
 from .tags import CHECKPOINT_DIR
 
-
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 

@@ -8,8 +8,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from ..errors import CharsegError
+from ..inference.serving import CharsegPredictor
 from ..precision import PrecisionError
-from ..serving import CharsegPredictor
 
 LOADER_MODULE = "charseg.tracking"  # what registered models name; keep it importable
 

@@ -76,7 +76,7 @@ def _version_description(client: MlflowClient, run_id: str, checkpoint_path: Pat
 
 
 def _should_crown(metric: str | None, value: float | None, current) -> tuple[bool, str]:
-    from ..evaluate import is_better
+    from ..inference.evaluate import is_better
 
     if value is None:
         return False, "no validation metric in this checkpoint (trained without validation): champion unchanged"

@@ -251,7 +251,7 @@ def log_datasets(entries: list[tuple[str | None, str, list]]) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    from ..data import samples_digest
+    from ..data.dataset import samples_digest
 
     for folder, context, samples in entries:
         if not folder or not samples:

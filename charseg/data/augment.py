@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .polygons import clip_polygon_to_image, polygon_area, warp_points
+from ..polygons import clip_polygon_to_image, polygon_area, warp_points
 
 # A clipped character stays a training target only while this share of it is on the page.
 MIN_VISIBLE = 0.6

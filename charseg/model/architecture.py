@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from ..config import LIMITS, TrainConfig
+from ..data.dataset import Sample
 from .anchors import POSITIVE_IOU, SMALL_CHARACTER_PX, fit_anchor_sizes
-from .config import LIMITS, TrainConfig
-from .data import Sample
-from .model import ANCHOR_RATIOS, STOCK_ANCHOR_SIZES, ModelSpec, spec_for_weights
+from .build import ANCHOR_RATIOS, STOCK_ANCHOR_SIZES, ModelSpec, spec_for_weights
 
 log = logging.getLogger("charseg")
 

@@ -10,8 +10,8 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from ..model.heads import loss_denominators
 from . import distributed
-from .polygon_heads import loss_denominators
 
 
 class NonFiniteLossError(RuntimeError):

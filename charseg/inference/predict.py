@@ -17,13 +17,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from . import checkpoint as ckpt
-from .config import check_page_scale
-from .data import ImageUnusable, image_to_tensor, load_image_rgb, write_annotation
-from .errors import CharsegError
-from .model import NUM_CLASSES, ModelSpec, build_model
-from .polygons import box_mask_to_polygon, mask_to_polygon
-from .precision import PrecisionError, resolve as resolve_precision
+from .. import checkpoint as ckpt
+from ..config import check_page_scale
+from ..data.dataset import write_annotation
+from ..data.images import ImageUnusable, load_image_rgb
+from ..data.loading import image_to_tensor
+from ..errors import CharsegError
+from ..model.build import NUM_CLASSES, ModelSpec, build_model
+from ..polygons import box_mask_to_polygon, mask_to_polygon
+from ..precision import PrecisionError
+from ..precision import resolve as resolve_precision
 
 log = logging.getLogger("charseg")
 
@@ -223,7 +226,7 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...]}."""
     from tqdm import tqdm
 
-    from .coco import predictions_to_coco
+    from ..data.coco import predictions_to_coco
 
     done, total, pages, skipped = 0, 0, [], []
     writing: list[Future] = []  # at most a batch waits to be written (a writer's error stops the run)

@@ -23,25 +23,24 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader
 
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
+from ..config import FINETUNE_LR_FACTOR, TrainConfig
+from ..data.augment import Augmentation
+from ..data.dataset import DatasetReport, Sample, load_dataset_report
+from ..data.loading import CharacterDataset, EpochShuffleSampler, collate, split_samples
+from ..errors import CharsegError, DatasetError
+from ..inference.evaluate import METRICS, evaluate, is_better
+from ..inference.predict import load_model_for_inference
+from ..model.architecture import FINETUNE_CHANGEABLE, FINETUNE_FIXED, resolve_spec
+from ..model.build import NUM_CLASSES, ModelSpec, build_model, create_model
+from ..precision import PrecisionError
+from ..precision import resolve as resolve_precision
 from . import distributed
-from .architecture import FINETUNE_CHANGEABLE, FINETUNE_FIXED, resolve_spec
-from .augment import Augmentation
-from .config import FINETUNE_LR_FACTOR, TrainConfig
-from .data import (CharacterDataset, DatasetReport, EpochShuffleSampler, Sample, collate, scan_dataset,
-                   split_samples)
-from .engine import NonFiniteLossError, train_one_epoch, unwrap
-from .errors import CharsegError, DatasetError
-from .evaluate import METRICS, evaluate, is_better
-from .inference import load_model_for_inference
-from .model import NUM_CLASSES, ModelSpec, build_model, create_model
-from .precision import PrecisionError, resolve as resolve_precision
+from .engine import NonFiniteLossError, train_one_epoch
 from .reproducibility import capture_rng_state, restore_rng_state, seed_everything, seed_worker
 
 log = logging.getLogger("charseg")
 
-# Warnings printed at start; the rest is counted and left to `charseg validate-data`.
-MAX_PROBLEMS_SHOWN = 20
 # Optimizer settings a fine-tune inherits from its source checkpoint's config unless given
 # again (its architecture comes from the source's ModelSpec: architecture.resolve_spec).
 FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_schedule", "lr_step_size", "lr_gamma",
@@ -138,20 +137,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CharsegError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
     return device
-
-
-def load_dataset_report(data_dir: str) -> DatasetReport:
-    """Scan the dataset, print its summary and problems; error when nothing is usable."""
-    report = scan_dataset(data_dir)
-    for line in report.problem_lines(MAX_PROBLEMS_SHOWN, brief=True):
-        log.warning("warning: %s", line)
-    s = report.summary()
-    log.info("dataset %s: %d images, %d characters (%d images and %d polygons skipped)", data_dir,
-             s["images_used"], s["instances"], s["images_skipped"], s["polygons_skipped"])
-    if not report.samples:
-        raise DatasetError(f"{data_dir}: no usable image (found {report.images_found}); "
-                           f"run `charseg validate-data {data_dir}` to see why")
-    return report
 
 
 @dataclass

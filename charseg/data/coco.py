@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .data import IMAGE_SUFFIXES, MAX_COORDINATE, ImageUnusable, open_image, scan_dataset, upright_size, write_annotation
-from .errors import DatasetError
-from .polygons import edge_outlines, flat_polygon, polygon_area
+from ..errors import DatasetError
+from ..polygons import edge_outlines, flat_polygon, polygon_area
+from .dataset import MAX_COORDINATE, scan_dataset, write_annotation
+from .images import IMAGE_SUFFIXES, ImageUnusable, open_image, upright_size
 
 CHAR_FROM_HELP = "category (its name), attribute:KEY (the annotation's attributes[KEY], as CVAT exports) or none ('?')"
 SEGMENTATIONS = ("polygon", "rle")

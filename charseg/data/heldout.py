@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import CharsegError
+from ..errors import CharsegError
+from ..polygons import edge_outlines, flat_polygon, polygon_area, warp_points
 from .generate import MAX_IMAGES, MAX_SIDE, GenerationSummary, font_files, write_page
-from .polygons import edge_outlines, flat_polygon, polygon_area, warp_points
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
 HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBol.ttf",

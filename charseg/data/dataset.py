@@ -1,4 +1,4 @@
-"""Read images and CSV polygons, validate them, build Mask R-CNN targets.
+"""Scan a dataset folder: pair images with CSVs, read and validate every polygon, report.
 
 Dataset layout::
 
@@ -11,44 +11,35 @@ is dropped silently and no input file is ever modified.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import unicodedata
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from .augment import Augmentation
-from .errors import DatasetError, reason
-from .polygon_heads import SAMPLE_SEED
-from .polygons import (clip_polygon_to_image, first_crossing, pack_polygons, polygon_area, polygons_to_boxes,
-                       polygons_to_masks)
+from ..errors import DatasetError, reason
+from ..polygons import clip_polygon_to_image, first_crossing, polygon_area
+from .images import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, ImageUnusable, open_image, upright_size
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".webp")  # reported as "convert to PNG"
 CSV_HEADER = ["char", "polygon_json"]
 UNKNOWN_CHAR = "?"  # a polygon whose character is not known (predict's output, an empty char cell)
 # Polygons with less area than this (in pixels^2, after clipping) cannot be rasterised.
 MIN_POLYGON_AREA = 1e-6
-# Pages charseg reads. A larger one takes gigabytes to decode and resize (a 12000x12000 page:
-# 6 GB in training, 11 GB in predict); a thinner one cannot be resized to the model's input.
-MAX_IMAGE_PIXELS = 50_000_000
-MIN_IMAGE_SIDE = 2
-MAX_ASPECT_RATIO = 100  # long side / short side: at max_size 1024 a 60000x1 page would be 0 px tall
 # Polygon coordinates beyond this many pixels are refused (float overflow while clipping).
 MAX_COORDINATE = 1e6
 # A CSV line may hold a polygon of about a million points.
 MAX_CSV_FIELD = 64 * 1024 * 1024
+MAX_PROBLEMS_SHOWN = 20  # problems a training prints; `charseg validate-data` lists them all
+
+log = logging.getLogger("charseg")
 
 
 @dataclass(frozen=True)
@@ -161,56 +152,6 @@ class DatasetReport:
             f"  files not used:           {s['files_not_used']}",
         ]
         return "\n".join(lines + self.problem_lines())
-
-
-class ImageUnusable(DatasetError):
-    """An image charseg cannot read or will not decode; `reason` says why (without the path)."""
-
-    def __init__(self, path: Path | str, reason: str | None = None):
-        # One argument: a whole message (as DataLoader workers re-raise errors).
-        super().__init__(f"{path}: {reason}" if reason is not None else str(path))
-        self.reason = reason if reason is not None else str(path)
-
-
-def unreadable_image(name: str, exc: Exception) -> ImageUnusable:
-    """The error for data Pillow cannot decode. Pillow's "cannot identify image file" names
-    what it was given (for bytes, an object's repr): the name is already in the message."""
-    reason = "no image format Pillow reads" if isinstance(exc, UnidentifiedImageError) else str(exc)
-    return ImageUnusable(name, f"cannot read image ({reason}); re-export it as PNG or JPEG")
-
-
-@contextlib.contextmanager
-def open_image(path: Path | str | io.BytesIO, name: str | None = None) -> Iterator[Image.Image]:
-    """Image.open with charseg's limits (MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, MAX_ASPECT_RATIO)
-    checked from the header, before anything is decoded. Raises ImageUnusable naming the
-    file (or NAME) and why. The image is as stored: upright_size and load_image_rgb apply
-    its EXIF orientation."""
-    name = name or str(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(path)
-        except Image.DecompressionBombError:
-            raise ImageUnusable(name, f"image of more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP; charseg reads "
-                                      f"pages up to {MAX_IMAGE_PIXELS / 1e6:.0f} MP: split or downscale it") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise unreadable_image(name, exc) from None
-    with img:
-        width, height = img.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ImageUnusable(name, f"image is {width}x{height} ({width * height / 1e6:.0f} MP), over charseg's limit "
-                                      f"of {MAX_IMAGE_PIXELS / 1e6:.0f} MP: split or downscale it")
-        if min(width, height) < MIN_IMAGE_SIDE or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-            raise ImageUnusable(name, f"image is {width}x{height}; charseg needs at least {MIN_IMAGE_SIDE} px on "
-                                      f"each side and at most {MAX_ASPECT_RATIO}:1 between them")
-        yield img
-
-
-def upright_size(img: Image.Image) -> tuple[int, int]:
-    """Width and height as viewers (and labelling tools) show the image: swapped when its
-    EXIF orientation turns it by 90 degrees (load_image_rgb applies the orientation)."""
-    orientation = img.getexif().get(0x0112, 1)
-    return img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
 
 
 def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None, str]:
@@ -442,142 +383,15 @@ def _unused_entries(folder: Path, used: set[Path], layout: str) -> list[Problem]
     return problems
 
 
-def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarray:
-    """Read any image mode (gray, RGBA, palette, 16-bit) as an HxWx3 uint8 RGB array, upright
-    (its EXIF orientation applied, as viewers and labelling tools show it). Raises
-    ImageUnusable (a DatasetError naming the file or NAME) when it cannot be used."""
-    name = name or str(path)
-    try:
-        with open_image(path, name) as opened:
-            opened.load()
-            img = ImageOps.exif_transpose(opened)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                arr = np.asarray(img).astype(np.float64)
-                # 16-bit data: scale the full 16-bit range, not the (often tiny) 8-bit one.
-                scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0
-                gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                # Transparent pixels often hold black RGB; composite on white like a page.
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return np.array(Image.alpha_composite(background, rgba).convert("RGB"))
-            return np.array(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise unreadable_image(name, exc) from exc
-
-
-def image_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 RGB to the model's CHW float tensor in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
-
-
-def build_target(sample: Sample, index: int, full_masks: bool = False) -> dict[str, torch.Tensor]:
-    """Mask R-CNN target dict for one sample: boxes, labels (1 = character), polygons, ...
-
-    Masks stay polygons (`polygon_points`, `polygon_lengths`, `image_size`), rasterised per
-    proposal by polygon_heads; full_masks=True adds stock torchvision's N x H x W `masks`.
-    """
-    boxes = polygons_to_boxes(sample.polygons)
-    points, lengths = pack_polygons(sample.polygons)
-    target = {
-        "boxes": boxes,
-        "labels": torch.ones((len(sample.polygons),), dtype=torch.int64),
-        "polygon_points": points,
-        "polygon_lengths": lengths,
-        "image_size": torch.tensor([sample.height, sample.width]),
-        "image_id": torch.tensor(index),
-        "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-        "iscrowd": torch.zeros((len(sample.polygons),), dtype=torch.int64),
-    }
-    if full_masks:
-        target["masks"] = polygons_to_masks(sample.polygons, sample.height, sample.width)
-    return target
-
-
-def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out round(fraction * n) samples (at least 1 when fraction > 0 and n >= 2) for
-    validation, chosen by `seed`; the same seed and files always give the same split.
-    Returns (train, val), each in the original order."""
-    n_val = min(max(round(fraction * len(samples)), 1 if fraction > 0 else 0), len(samples) - 1)
-    if n_val <= 0:
-        return list(samples), []
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx = set(order[:n_val])
-    return ([s for i, s in enumerate(samples) if i not in val_idx],
-            [s for i, s in enumerate(samples) if i in val_idx])
-
-
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 62-bit seed for what the model samples on page `index` in `epoch` of a run seeded `seed`."""
-    return int(np.random.default_rng([seed, epoch, index, 1]).integers(2**62))
-
-
-class CharacterDataset(torch.utils.data.Dataset):
-    """Map-style dataset over validated samples: (image CHW float in [0,1], target, name).
-
-    With `augment`, item (index, epoch) (what EpochShuffleSampler yields) is the sample
-    changed by randomness drawn from (seed, epoch, index) only; item `index` is never changed.
-    """
-
-    def __init__(self, samples: list[Sample], full_masks: bool = False, augment: Augmentation | None = None,
-                 seed: int = 0):
-        self.samples, self.full_masks, self.augment, self.seed = samples, full_masks, augment, seed
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        index, epoch = key if isinstance(key, tuple) else (key, None)
-        sample = self.samples[index]
-        rgb = load_image_rgb(sample.image_path)
-        if rgb.shape[:2] != (sample.height, sample.width):
-            raise DatasetError(f"{sample.image_path}: image changed size while training")
-        if self.augment is not None and epoch is not None:
-            rng = np.random.default_rng([self.seed, epoch, index])
-            rgb, polygons = self.augment(rgb, sample.polygons, rng)
-            sample = dataclasses.replace(sample, polygons=polygons)
-        target = build_target(sample, index, self.full_masks)
-        if epoch is not None:
-            # Seeds the model's anchor and proposal sampling for this page in this epoch
-            # (polygon_heads.SeededSampler): the same in any batch, process or resumed run.
-            target[SAMPLE_SEED] = torch.tensor(sample_seed(self.seed, epoch, index))
-        return image_to_tensor(rgb), target, sample.name
-
-
-class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
-    """Shuffles with a permutation that depends only on (seed, epoch), like DistributedSampler,
-    and yields (index, epoch), so the dataset's augmentation knows the epoch in any worker.
-
-    Neither the number of loader workers nor any global RNG changes the order, so a resumed
-    run sees exactly the batches the uninterrupted run would have seen.
-
-    With `world_size` processes (torchrun), the permutation is padded with its own first
-    indices to a multiple of world_size (as DistributedSampler does) and process `rank` takes
-    every world_size-th index from `rank`: step j's batches of all processes together are the
-    single-process order's batch j at world_size x the batch size.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.size, self.seed, self.epoch = size, seed, 1
-        self.rank, self.world_size = rank, world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.world_size)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        padded = len(self) * self.world_size
-        order += (order * math.ceil(padded / max(self.size, 1)))[:padded - self.size]
-        return iter((index, self.epoch) for index in order[self.rank::self.world_size])
-
-
-def collate(batch):
-    """Keep variable-size images as lists: (images, targets, names)."""
-    return tuple(zip(*batch))
+def load_dataset_report(data_dir: str) -> DatasetReport:
+    """Scan the dataset, print its summary and problems; error when nothing is usable."""
+    report = scan_dataset(data_dir)
+    for line in report.problem_lines(MAX_PROBLEMS_SHOWN, brief=True):
+        log.warning("warning: %s", line)
+    s = report.summary()
+    log.info("dataset %s: %d images, %d characters (%d images and %d polygons skipped)", data_dir,
+             s["images_used"], s["instances"], s["images_skipped"], s["polygons_skipped"])
+    if not report.samples:
+        raise DatasetError(f"{data_dir}: no usable image (found {report.images_found}); "
+                           f"run `charseg validate-data {data_dir}` to see why")
+    return report

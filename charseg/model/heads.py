@@ -28,8 +28,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 # MultiScaleRoIAlign's own steps, so GatherRoIAlign keeps its levels and scales exactly.
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from .polygons import PIXEL_CENTRE, polygon_mask_targets, unpack_polygons
-from .precision import autocast
+from ..data.loading import POLYGON_KEYS, SAMPLE_SEED
+from ..polygons import PIXEL_CENTRE, polygon_mask_targets, unpack_polygons
+from ..precision import autocast
 
 # Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
 ANCHOR_CHUNK = 512
@@ -39,10 +40,7 @@ MASK_CHUNK = 64
 PIXELS = "pixels"
 # GroupNorm groups of a PixelMaskPredictor's refining blocks (32 channels: 4 per group).
 REFINE_GROUPS = 8
-# Target keys that carry an image's polygons (see data.build_target).
-POLYGON_KEYS = ("polygon_points", "polygon_lengths", "image_size")
-# Target key of a page's sampling seed (data.SAMPLE_SEED) and the salt of each sampler.
-SAMPLE_SEED = "sample_seed"
+# The salt of each sampler's seed (a page's SAMPLE_SEED plus the salt).
 RPN_SALT, ROI_SALT = 0, 1
 # Each loss is a mean over what one sampler drew in the batch: (sampler, "positive" or "sampled").
 LOSS_DENOMINATORS = {"loss_objectness": ("rpn", "sampled"), "loss_rpn_box_reg": ("rpn", "sampled"),

@@ -14,9 +14,11 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .data import Sample, image_to_tensor, load_image_rgb
-from .inference import draw_overlay, output_to_instances, same_size_batches
-from .polygons import polygon_area, polygon_boxes
+from ..data.dataset import Sample
+from ..data.images import load_image_rgb
+from ..data.loading import image_to_tensor
+from ..polygons import polygon_area, polygon_boxes
+from .predict import draw_overlay, output_to_instances, same_size_batches
 
 # Metrics where lower is better; every other one is maximised.
 LOWER_IS_BETTER = frozenset({"count_abs_error"})

@@ -9,21 +9,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights
+from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from .config import NORMS
-from .errors import WeightsError, empty_file, reason
-from .polygon_heads import (BandedMatchingRPN, Float32Anchors, Float32RPNHead, GatherRoIAlign, PasteFreeTransform,
-                            PixelFPN, PixelMaskPredictor, PolygonMaskRCNN, PolygonRoIHeads, fold_frozen_norms)
-from .polygons import PIXEL_CENTRE
+from ..config import NORMS
+from ..errors import WeightsError, empty_file, reason
+from ..polygons import PIXEL_CENTRE
+from .heads import (BandedMatchingRPN, Float32Anchors, Float32RPNHead, GatherRoIAlign, PasteFreeTransform, PixelFPN,
+                    PixelMaskPredictor, PolygonMaskRCNN, PolygonRoIHeads, fold_frozen_norms)
 
 NUM_CLASSES = 2  # background 0, character 1
 BACKBONES = ("resnet50", "resnet34", "resnet18")

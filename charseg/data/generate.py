@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .data import write_annotation
-from .errors import CharsegError
-from .polygons import edge_outlines, flat_polygon, polygon_area
+from ..errors import CharsegError
+from ..polygons import edge_outlines, flat_polygon, polygon_area
+from .dataset import write_annotation
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
 LAYOUTS = ("scatter", "lines")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from .config import ANCHOR_LEVELS
-from .data import Sample
-from .polygons import polygon_boxes
+from ..config import ANCHOR_LEVELS
+from ..data.dataset import Sample
+from ..polygons import polygon_boxes
 
 POSITIVE_IOU = 0.7  # the RPN's fg_iou_thresh: an anchor at least this close is a true positive
 # Smallest anchor of each candidate ladder: sqrt(2) steps from 4 to 64 px (a ladder doubles per level).

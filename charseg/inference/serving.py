@@ -1,0 +1,73 @@
+"""The predictor behind a registered charseg model (MLflow's pyfunc flavour).
+
+MLflow loads it through `loader_module="charseg.tracking"`, whose `_load_pyfunc(path)` gets
+the checkpoint file logged as the model's data and wraps a `CharsegPredictor` of it. Input:
+a DataFrame with an `image` column of encoded image bytes (PNG/JPEG; base64 over REST).
+Output: one row per instance with image_id (row of the input), score, box and polygon.
+Bad input raises CharsegError (a precision the device lacks: PrecisionError) naming the row
+and what to do.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..data.images import load_image_rgb
+from ..errors import CharsegError
+from ..precision import resolve as resolve_precision
+from .predict import load_model_for_inference, predict_arrays
+
+OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
+
+
+def decode_image(data: bytes, index: int = 0) -> np.ndarray:
+    """Encoded image bytes (any mode, EXIF orientation applied, charseg's size limits) to
+    HxWx3 uint8 RGB; row INDEX is named in the error when it cannot be used."""
+    return load_image_rgb(io.BytesIO(bytes(data)), name=f"image of row {index}")
+
+
+class CharsegPredictor:
+    """Predicts character instances for a batch of encoded images."""
+
+    def __init__(self, checkpoint_path: str, device: str | None = None, precision: str = "auto"):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, _, state = load_model_for_inference(checkpoint_path, self.device, precision=precision)
+        self.default_precision = self.model.precision
+        # The run's --score-threshold, which picked its best checkpoint; a call may pass its own.
+        self.score_threshold = float(state["config"]["score_threshold"])
+        # A call sets the model's precision and its box score threshold for its own pass: a
+        # scoring server answering from several threads must not mix two calls' settings.
+        self._one_call_at_a_time = threading.Lock()
+
+    def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.
+
+        params may set `score_threshold` and `precision` (fp32, bf16, fp16 on CUDA; auto: the
+        loaded model's) for this call.
+        """
+        if "image" not in model_input:
+            raise CharsegError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
+        threshold = float((params or {}).get("score_threshold", self.score_threshold))
+        asked = str((params or {}).get("precision", "auto"))
+        precision = self.default_precision if asked == "auto" else \
+            resolve_precision(asked, self.device, training=False)[0]
+        rows = []
+        with self._one_call_at_a_time:
+            self.model.precision = precision
+            for image_id, data in enumerate(model_input["image"]):
+                for inst in predict_arrays(self.model, [decode_image(data, image_id)], self.device, threshold)[0]:
+                    rows.append((image_id, inst.score, inst.box, inst.polygon))
+        frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+        return frame.astype({"image_id": "int64", "score": "float64"})
+
+
+def _load_pyfunc(data_path: str) -> CharsegPredictor:
+    """The loader_module hook of models registered before it moved to charseg.tracking. Such a
+    model brings its own copy of charseg, but a process that imported charseg first loads
+    this one."""
+    return CharsegPredictor(data_path)
