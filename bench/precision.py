@@ -40,7 +40,7 @@ from charseg import checkpoint as ckpt  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import load_dataset_report  # noqa: E402
 from charseg.data.generate import generate_dataset  # noqa: E402
-from charseg.inference.evaluate import evaluate  # noqa: E402
+from charseg.inference.evaluate import evaluate, evaluate_checkpoint  # noqa: E402
 from charseg.inference.predict import load_model_for_inference  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
 from charseg.precision import native_bf16  # noqa: E402
@@ -117,7 +117,7 @@ def quality(checkpoint: str, data: str) -> dict:
     out = {}
     for precision in ("fp32", "bf16"):
         start = time.perf_counter()
-        result = runner.evaluate_checkpoint(checkpoint, data, device="cpu", precision=precision)
+        result = evaluate_checkpoint(checkpoint, data, device="cpu", precision=precision)
         out[precision] = {**{k: result.metrics[k] for k in METRICS}, "seconds": time.perf_counter() - start}
         print(precision, out[precision], flush=True)
     # fp16 is CUDA-only in charseg (a CPU has no fast float16); its numerics, though, are what the

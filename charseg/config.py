@@ -51,10 +51,10 @@ class Bound:
 BOUNDS = {
     "epochs": Bound(1, 100_000, "a run of more epochs would not end"),
     "batch_size": Bound(1, 1024, "pages held in memory at once"),
-    "lr": Bound(0, 10, "SGD at a rate above 10 diverges at the first step", low_open=True),
+    "lr": Bound(0, 1e6, "the optimizer's float32; far past the rates that diverge at once", low_open=True),
     "lr_factor": Bound(0, 10, "the LR times this stays a rate SGD can use", low_open=True),
     "momentum": Bound(0, 1, "SGD momentum"),
-    "weight_decay": Bound(0, 1, "a penalty above 1 outweighs every loss"),
+    "weight_decay": Bound(0, 1e6, "the optimizer's float32; far past any penalty that trains"),
     "lr_step_size": Bound(1, 100_000, "at most the most epochs"),
     "lr_gamma": Bound(0, 1, "a decay: the LR times this at each step", low_open=True),
     "warmup_iters": Bound(0, 10_000_000, "capped to the first epoch's iterations anyway"),

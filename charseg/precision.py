@@ -1,4 +1,5 @@
-"""Numeric precision of the model's forward pass: float32, or autocast to bfloat16 / float16.
+"""Where and how the model computes: the device, and the precision of its forward pass
+(float32, or autocast to bfloat16 / float16).
 
 Autocast runs convolutions and matrix products in the lower precision and keeps weights,
 optimizer state, normalisation, losses, anchors and box/mask decoding in float32
@@ -14,6 +15,8 @@ import logging
 from pathlib import Path
 
 import torch
+
+from .errors import CharsegError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -92,3 +95,16 @@ def autocast(precision: str, device_type: str):
     if precision not in DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=DTYPES[precision])
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available else cpu; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CharsegError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CharsegError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
+    return device

@@ -292,8 +292,9 @@ def test_a_value_past_any_upper_bound_is_refused_at_parse_time(command, tiny_dat
 
 
 @pytest.mark.parametrize("field, value, text", [
-    ("lr", 1e300, "lr must be in (0, 10] (SGD at a rate above 10 diverges at the first step), got 1e+300"),
-    ("weight_decay", 1e300, "weight_decay must be in [0, 1]"),
+    ("lr", 1e300, "lr must be in (0, 1e+06] (the optimizer's float32; far past the rates that diverge at once), "
+                  "got 1e+300"),
+    ("weight_decay", 1e300, "weight_decay must be in [0, 1e+06]"),
     ("lr_gamma", 1e300, "lr_gamma must be in (0, 1]"),
     ("fpn_channels", 10**12, "fpn_channels must be in [32, 1024]"),
     ("num_workers", 10**12, "num_workers must be in [0, 256]"),

@@ -97,14 +97,14 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
     launcher.write_text(textwrap.dedent("""
         import os, sys
         from charseg import cli
-        from charseg.training import runner
+        from charseg.training import loop
         if os.environ["RANK"] == "1":
-            original = runner.train_one_epoch
+            original = loop.train_one_epoch
             def fail_in_epoch_2(model, optimizer, loader, device, epoch, **kwargs):
                 if epoch == 2:
                     raise OSError("the disk under rank 1 went away")
                 return original(model, optimizer, loader, device, epoch, **kwargs)
-            runner.train_one_epoch = fail_in_epoch_2
+            loop.train_one_epoch = fail_in_epoch_2
         sys.argv[0] = "charseg"
         cli.main()
     """))

@@ -19,7 +19,7 @@ from charseg.data.loading import image_to_tensor
 from charseg.model.architecture import resolve_spec
 from charseg.model.build import build_model
 from charseg.precision import DTYPES, native_bf16, resolve
-from charseg.training import runner
+from charseg.training import loop, runner
 
 
 @pytest.mark.parametrize("command", ["train", "resume", "finetune", "evaluate", "predict"])
@@ -169,8 +169,8 @@ def test_fp16_loss_scaler_is_in_each_checkpoint_and_resume_stays_exact(tiny_data
     """fp16 runs on CUDA only; its loss-scaler path (scale, unscale before clipping, skip and back
     off on inf gradients, state in the checkpoint) runs here with the CPU's GradScaler and float16
     autocast. One page per step: the scaler backs off 65536 -> 4096 in epoch 1, then steps."""
-    real = runner.resolve_precision
-    monkeypatch.setattr(runner, "resolve_precision",
+    real = loop.resolve_precision
+    monkeypatch.setattr(loop, "resolve_precision",
                         lambda asked, device, training: ("fp16", "test") if asked == "fp16"
                         else real(asked, device, training=training))
     settings = dict(precision="fp16", batch_size=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,11 +15,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..data.dataset import Sample
+from ..data.dataset import Sample, load_dataset_report
 from ..data.images import load_image_rgb
 from ..data.loading import image_to_tensor
 from ..polygons import polygon_area, polygon_boxes
-from .predict import draw_overlay, output_to_instances, same_size_batches
+from ..precision import resolve_device
+from .predict import draw_overlay, load_model_for_inference, output_to_instances, same_size_batches
 
 # Metrics where lower is better; every other one is maximised.
 LOWER_IS_BETTER = frozenset({"count_abs_error"})
@@ -167,3 +169,17 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
         "count_abs_error": float(np.mean(count_errors)) if count_errors else 0.0,
     }
     return EvalResult(metrics=metrics, overlays=overlays, samples=samples)
+
+
+def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
+                        score_threshold: float = 0.5, detections_per_img: int | None = None,
+                        scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0,
+                        precision: str = "auto"):
+    """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
+    `scale_test`: instead of the checkpoint's) at `precision`. Returns an EvalResult."""
+    torch_device = resolve_device(device)
+    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img, scale_test,
+                                              precision)
+    report = load_dataset_report(data_dir)
+    return evaluate(model, report.samples, torch_device, max_dets=spec.detections_per_img,
+                    score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count)

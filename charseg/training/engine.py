@@ -1,4 +1,5 @@
-"""Training loop over one epoch: pure function of its arguments, returns numbers."""
+"""One training epoch: a pure loop over the loader's batches that returns numbers (no files,
+no tracking; loop.fit does those)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Callable, Iterable
 import torch
 from tqdm import tqdm
 
+from ..errors import CharsegError
 from ..model.heads import loss_denominators
 from . import distributed
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CharsegError):
     """A loss became NaN or infinite: training cannot continue from this state."""
 
     def __init__(self, epoch: int, step: int, losses: dict[str, float], image_names: list[str]):
@@ -41,10 +43,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         steps_per_epoch: len(loader); global step = (epoch - 1) * steps_per_epoch + i.
         iteration_scheduler: per-iteration LR scheduler (a warm-up, or a whole cosine schedule)
             stepped after each iteration while its last_epoch < iteration_steps.
-        clip_grad_norm: max gradient norm (0: no clipping).
+        clip_grad_norm, scaler: see optimizer_step.
         on_step: called every `log_every` steps with (global step, losses, lr).
-        scaler: float16 training's GradScaler (the loss scaled before backward, gradients
-            unscaled before clipping, steps with inf/NaN gradients skipped).
     Under torchrun (a DistributedDataParallel `model`), each process's losses are weighted by
     its share of what the batch sampled (`weigh_by_share`), so the averaged gradients and the
     reported losses are those of one process over all processes' pages together.
@@ -72,19 +72,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         if not math.isfinite(values["loss"]):
             bar.close()
             raise NonFiniteLossError(epoch, step, values, list(names))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            if clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            if clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+        optimizer_step(model, optimizer, loss, clip_grad_norm, scaler)
         lr = optimizer.param_groups[0]["lr"]
         if iteration_scheduler is not None and iteration_scheduler.last_epoch < iteration_steps:
             iteration_scheduler.step()
@@ -102,6 +90,25 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     result.update(lr=optimizer.param_groups[0]["lr"], images=float(n_images), seconds=seconds,
                   images_per_s=n_images / seconds if seconds > 0 else 0.0)
     return result
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   clip_grad_norm: float, scaler: torch.amp.GradScaler | None) -> None:
+    """Backward, clip the gradient norm (0: no clipping), step; float16's scaler scales the loss,
+    unscales before clipping and skips steps with inf/NaN gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,107 @@
+"""The dataset commands: validate-data, generate, import-coco, export-coco."""
+
+from __future__ import annotations
+
+import click
+
+from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
+from ..data.dataset import scan_dataset
+from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
+from ..data.heldout import generate_heldout
+from .options import SEED
+
+
+@click.command("import-coco")
+@click.argument("coco_json", type=click.Path(exists=True, dir_okay=False))
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--char-from", default="category", show_default=True, help=f"The char column: {CHAR_FROM_HELP}.")
+def import_coco_command(coco_json: str, images_dir: str, out_dir: str, char_from: str) -> None:
+    """Convert COCO instances JSON (CVAT, Label Studio, Roboflow exports) and its IMAGES_DIR
+    into a charseg dataset in OUT_DIR.
+
+    \b
+    A polygon of one ring is copied point for point; several rings and RLE masks (iscrowd
+    or not) are rasterised and traced as `predict` traces masks (a part that is not the
+    largest is reported). Every annotation not imported is listed with its ID and why.
+    Exits 1 when the file has no annotations or none could be imported.
+    """
+    report = import_coco(coco_json, images_dir, out_dir, char_from=char_from)
+    for line in report.lines():
+        click.echo(line)
+    if not report.characters:
+        raise click.ClickException(f"no character imported from {coco_json} (the problems are listed above); "
+                                   f"{out_dir} holds no training data")
+    click.echo(f"check it with: charseg validate-data {out_dir}")
+
+
+@click.command("export-coco")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_json", type=click.Path(dir_okay=False))
+def export_coco_command(data_dir: str, out_json: str) -> None:
+    """Write DATA_DIR's usable images and polygons as COCO instances JSON (one category per
+    character; file_name relative to DATA_DIR/images). What is not usable is listed. Exits 1,
+    writing nothing, when no image is usable."""
+    counts, problems = export_coco(data_dir, out_json)
+    for line in problems:
+        click.echo(f"not exported: {line}")
+    click.echo(f"wrote {counts['images']} images, {counts['annotations']} annotations and {counts['categories']} "
+               f"categories to {out_json}")
+
+
+@click.command("validate-data")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+def validate_data_command(data_dir: str) -> None:
+    """Report images, instances and every skipped polygon or image with file, line and reason.
+
+    Exits 1 when no image is usable. Never modifies the dataset.
+    """
+    report = scan_dataset(data_dir)
+    click.echo(report.format())
+    if not report.samples:
+        raise click.ClickException(f"{data_dir}: no usable image; fix the problems listed above")
+
+
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    return int(lo), int(hi or lo)
+
+
+@click.command("generate")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--num-images", default=20, show_default=True, type=click.IntRange(min=1, max=MAX_IMAGES),
+              help="Images to render.")
+@click.option("--size", default="128x128", show_default=True,
+              help=f"Image size WIDTHxHEIGHT (or one number), 8 to {MAX_SIDE} px a side.")
+@click.option("--chars-per-image", default="3-8", show_default=True,
+              help=f"Characters per image, MIN-MAX or N, at most {MAX_CHARS} (scatter stops at a full page).")
+@click.option("--font-size", default="18-40", show_default=True,
+              help=f"Glyph size in pixels, MIN-MAX or N, 4 to {MAX_FONT_SIZE}.")
+@click.option("--font", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A .ttf/.otf font [default: scatter: Pillow's bundled scalable font; lines: that and "
+                   "DejaVu Sans/Serif and Computer Modern from matplotlib].")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="scatter", show_default=True,
+              help="scatter: single glyphs of one font anywhere on a flat page, never touching; lines: lines "
+                   "of words in several fonts, anti-aliased, ink from black to faint gray on unevenly lit, noisy paper "
+                   "(at most --chars-per-image).")
+@click.option("--held-out", "held_out", is_flag=True,
+              help="Pages for measuring a model, made by another process: lines of text in other fonts, "
+                   "rotated up to 12 degrees, textured, blurred and noisy, sides 128-256 px, tight annotator "
+                   "polygons. --size, --chars-per-image, --font-size, --font and --layout do not apply.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
+def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
+                     font: str | None, layout: str, held_out: bool, seed: int) -> None:
+    """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
+    if held_out:
+        summary = generate_heldout(out_dir, num_images=num_images, seed=seed, progress=True)
+        click.echo(f"wrote {summary.images} held-out pages with {summary.characters} characters to {summary.out_dir}")
+        return
+    try:
+        w, _, h = size.lower().partition("x")
+        width, height = int(w), int(h or w)
+        chars, sizes = _range(chars_per_image), _range(font_size)
+    except ValueError as exc:
+        raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
+    summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height, chars_per_image=chars,
+                               font_size=sizes, font_path=font, seed=seed, layout=layout, progress=True)
+    click.echo(f"wrote {summary.images} images with {summary.characters} characters to {summary.out_dir}")

@@ -1,0 +1,143 @@
+"""The commands on trained models and their runs: evaluate, predict, register, sync."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+
+from .. import jobs
+from ..data.coco import SEGMENTATIONS
+from ..inference.evaluate import evaluate_checkpoint
+from ..inference.predict import COCO_PREDICTIONS, LABELS
+from ..precision import resolve_device
+from .options import DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
+
+
+@click.command("evaluate")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@MODEL_SOURCE
+@SCORE
+@click.option("--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
+              help="Detections per image and COCO maxDets [default: the checkpoint's].")
+@SCALE_TEST_OVERRIDE
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
+              help="Where to write the metrics as JSON.")
+@DEVICE_OPT
+@INFERENCE_PRECISION
+@click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
+def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
+                     scale_test: float | None, out_path: str, device: str, precision: str,
+                     experiment_name: str | None) -> None:
+    """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
+    recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
+    from .. import tracking
+
+    with jobs.source_checkpoint(model_source, prefer_best=True) as (path, lineage):
+        with tracking.tracked_run(experiment_name) as run_id:
+            result = evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
+                                                detections_per_img=detections_per_img, scale_test=scale_test,
+                                                precision=precision)
+            Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
+            tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
+    for key, value in result.metrics.items():
+        click.echo(f"{key:16s} {value:.4f}")
+    click.echo(f"metrics written to {out_path}")
+    jobs.echo_run(run_id)
+
+
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@MODEL_SOURCE
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Output folder: images/, annotations/*.csv (char,polygon_json,score) and overlays/*.png.")
+@SCORE
+@SCALE_TEST_OVERRIDE
+@DEVICE_OPT
+@click.option("--format", "output_format", type=click.Choice(("csv", "coco")), default="csv", show_default=True,
+              help="csv: the dataset layout only; coco: also OUT/predictions_coco.json, COCO instances JSON with a "
+                   "score per annotation (pycocotools, FiftyOne, CVAT read it).")
+@click.option("--coco-segmentation", type=click.Choice(SEGMENTATIONS), default="polygon", show_default=True,
+              help="With --format coco: each mask as its outline polygon or as COCO RLE.")
+@click.option("--labels", type=click.Choice(LABELS), default="fit", show_default=True,
+              help="Score labels on the overlays: only where they overlap no other label, every one, or none.")
+@click.option("--batch-size", type=bounded("batch_size"), default=1, show_default=True,
+              help="Images of the same size that go through the model together (consecutive ones, in file name "
+                   "order). The same detections as one at a time, up to float rounding (batched convolutions may "
+                   "take other kernels). Worth raising on a GPU; a CPU gains little.")
+@INFERENCE_PRECISION
+def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
+                    scale_test: float | None, device: str, output_format: str, coco_segmentation: str,
+                    labels: str, batch_size: int, precision: str) -> None:
+    """Find and outline every character in INPUT images (files or folders).
+
+    The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
+    fine-tuned on after review. The char column is '?' (the model does not read characters).
+    """
+    from ..data.images import IMAGE_SUFFIXES
+    from ..inference.predict import load_model_for_inference, predict_files
+
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
+    if not paths:
+        raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
+    _check_distinct_names(paths)
+    with jobs.source_checkpoint(model_source, prefer_best=True) as (path, _):
+        torch_device = resolve_device(device)
+        model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test, precision=precision)
+        summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
+                                coco_segmentation=coco_segmentation if output_format == "coco" else None,
+                                batch_size=batch_size)
+    for line in summary["skipped"]:
+        click.echo(f"skipped {line}", err=True)
+    click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}"
+               + (f"; {len(summary['skipped'])} images skipped (above)" if summary["skipped"] else ""))
+    if output_format == "coco":
+        click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")
+
+
+def _check_distinct_names(paths: list[Path]) -> None:
+    """predict names its outputs after each image's stem: two inputs of one stem (a.png and
+    a.jpg, or one file given twice) would overwrite each other's CSV and overlay."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in seen:
+            raise click.ClickException(
+                f"{seen[path.stem]} and {path} would both be written as {path.stem}.csv and {path.stem}.png in "
+                "--out; rename one, or predict them into separate --out folders")
+        seen[path.stem] = path
+
+
+@click.command("sync")
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--tracking-uri", default=None,
+              help="The server to upload to [default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db].")
+def sync_command(output_dir: str, tracking_uri: str | None) -> None:
+    """Upload the runs recorded in OUTPUT_DIR/offline-tracking (--offline, or made while the
+    tracking server was down) to the tracking server: params, tags, datasets, every metric
+    with its steps and timestamps, artifacts (checkpoints too), status. Running it again adds
+    only what is missing."""
+    from .. import tracking
+
+    for line in tracking.sync_offline_runs(output_dir, tracking_uri):
+        click.echo(line)
+
+
+@click.command("register")
+@click.argument("run_id")
+@click.option("--name", required=True, help="Registered model name.")
+def register_command(run_id: str, name: str) -> None:
+    """Register the best checkpoint of MLflow run RUN_ID (else its final one) as a new version
+    of NAME; the `champion` alias moves to it only when its validation metric beats the
+    current champion's."""
+    from .. import tracking
+
+    if not tracking.is_run_id(run_id):
+        raise click.BadParameter(f"{run_id!r} is not an MLflow run ID (32 hex digits)", param_hint="RUN_ID")
+    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
+        registration = tracking.register_run(run_id, name, Path(download_dir))
+    click.echo(registration.message)
+    click.echo(f"load it with: mlflow.pyfunc.load_model('models:/{name}/{registration.version}')")

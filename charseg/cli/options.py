@@ -1,0 +1,267 @@
+"""The options of charseg's commands: types bounded by config.BOUNDS, the option tables each
+command shares, and what a training command's tracking options hold."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import click
+
+from ..config import BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, TrainConfig, parse_anchor_sizes
+from ..inference.evaluate import METRICS
+from ..precision import PRECISIONS
+from ..precision import resolve as resolve_precision
+from ..precision import resolve_device
+
+_DEFAULTS = TrainConfig()
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses NaN and infinity (a NaN passes every range check)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+# --scale-train / --scale-test: 0 (the --min-size rule) or a factor up to MAX_PAGE_SCALE.
+PAGE_SCALE = FiniteFloat(min=0, max=MAX_PAGE_SCALE)
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def bounded(field: str, low: float | None = None) -> click.ParamType:
+    """The option type of a TrainConfig setting: its BOUNDS range (shown by --help), an int or
+    a finite float as the field is; `low` replaces the lower end (0 meaning "keep")."""
+    bound = BOUNDS[field]
+    low = bound.low if low is None else low
+    if "float" in _FIELD_TYPES[field]:
+        return FiniteFloat(min=low, max=bound.high, min_open=bound.low_open and low == bound.low,
+                           max_open=bound.high_open)
+    return click.IntRange(min=int(low), max=int(bound.high))
+
+
+# Seeds numpy accepts (0 to 2**32 - 1); torch and python take them too.
+SEED = bounded("seed")
+
+
+# Worker processes: at most one per CPU of this machine (a larger number only adds processes),
+# or the default on a machine of fewer CPUs.
+MAX_WORKERS_HERE = max(os.cpu_count() or 1, _DEFAULTS.num_workers)
+
+
+WORKER_COUNT = click.IntRange(min=0, max=MAX_WORKERS_HERE)
+
+
+def _opt(*decls: str, help: str, field: str | None = None, **kwargs) -> Callable:
+    """An option whose default stays None (so only given values override) but whose help
+    shows the TrainConfig default."""
+    name = field or decls[0].lstrip("-").split("/")[0].replace("-", "_")
+    if getattr(_DEFAULTS, name, "") != "":
+        default = getattr(_DEFAULTS, name)
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        if default is None:  # TrainConfig's "fit it to the data"
+            shown = "auto" if name == "anchor_sizes" else 0
+        help = f"{help} [default: {shown}]"
+    return click.option(*decls, name, default=None, help=help, **kwargs)
+
+
+def _options(*opts: Callable) -> Callable:
+    def decorate(func: Callable) -> Callable:
+        for opt in reversed(opts):
+            func = opt(func)
+        return func
+    return decorate
+
+
+def _bool_opt(*decls: str, help: str) -> Callable:
+    """A boolean that works as a flag (--opt), with a value (--opt false) and from MLproject."""
+    return _opt(*decls, type=click.BOOL, is_flag=False, flag_value=True, help=f"{help} (true/false)",
+                metavar="[BOOL]")
+
+
+OUTPUT = _opt("--output-dir", type=click.Path(file_okay=False),
+              help="Folder for checkpoints [default: outputs/<timestamp>-<mode>; resume: the checkpoint's folder]")
+
+
+EPOCHS = _opt("--epochs", type=bounded("epochs"), help="Total number of epochs (resume: the new total).")
+
+
+DEVICE = _opt("--device", type=str, help="auto (CUDA when available), cpu, cuda or cuda:N.")
+
+
+WORKERS = _opt("--num-workers", type=WORKER_COUNT,
+               help=f"Data-loader worker processes (0: main process), at most this machine's CPU count "
+                    f"({MAX_WORKERS_HERE}).")
+
+
+LOG_EVERY = _opt("--log-every", type=bounded("log_every"), help="Report per-step losses every N iterations.")
+
+
+SAVE_EVERY = _bool_opt("--save-every-epoch",
+                       help="Write a checkpoint after every epoch (the final model is always written)")
+
+
+SAVE_VERSIONED = _bool_opt("--save-versioned",
+                           help="Name checkpoints model_epoch_001.pth, ... instead of overwriting last.pth")
+
+
+SCALE_TRAIN_HELP = ("Resize each training page by this factor of its own size instead of its shorter side to "
+                    "--min-size (--max-size still caps the longer side): glyphs are sized in pixels, not as a "
+                    "share of the page. 0: the --min-size rule.")
+
+
+SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the registered model); a little above "
+                   "the training scale, small glyphs are found more often. 0: the --min-size rule.")
+
+
+HYPER = (
+    _opt("--batch-size", type=bounded("batch_size"), help="Images per optimizer step."),
+    _opt("--lr", type=bounded("lr"), help="Base SGD learning rate."),
+    _opt("--momentum", type=bounded("momentum"), help="SGD momentum."),
+    _opt("--weight-decay", type=bounded("weight_decay"), help="SGD weight decay."),
+    _opt("--lr-schedule", type=click.Choice(LR_SCHEDULES),
+         help="step: x --lr-gamma every --lr-step-size epochs (the seed script's); cosine: half a cosine from "
+              "the LR to 0 over the whole run, whatever its length."),
+    _opt("--lr-step-size", type=bounded("lr_step_size"), help="StepLR: decay the LR every N epochs."),
+    _opt("--lr-gamma", type=bounded("lr_gamma"), help="StepLR: LR multiplier at each decay."),
+    _opt("--warmup-iters", type=bounded("warmup_iters"), help="Linear LR warm-up iterations (capped to one epoch; 0: off)."),
+    _opt("--warmup-factor", type=bounded("warmup_factor"),
+         help="LR multiplier at the first warm-up iteration."),
+    _opt("--clip-grad-norm", type=bounded("clip_grad_norm"), help="Clip the total gradient norm to this (0: off)."),
+    _opt("--seed", type=SEED, help="Random seed (python, numpy, torch, CUDA, shuffling, workers)."),
+    _opt("--min-size", type=bounded("min_size"), help="Shorter image side after the model's resize."),
+    _opt("--max-size", type=bounded("max_size"), help="Longer image side cap after the model's resize."),
+    _opt("--scale-train", type=PAGE_SCALE, help=SCALE_TRAIN_HELP),
+    _opt("--scale-test", type=PAGE_SCALE, help=SCALE_TEST_HELP),
+    _opt("--rpn-proposals-train", type=bounded("rpn_proposals_train"),
+         help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
+    _opt("--rpn-proposals-test", type=bounded("rpn_proposals_test"),
+         help="RPN proposals kept per image at inference (0: max(1000, 2 x detections per image))."),
+    _opt("--roi-samples", type=bounded("roi_samples"), help="Proposals sampled per image for the head losses."),
+    _opt("--detections-per-img", type=bounded("detections_per_img"),
+         help="Most detections returned per image, also COCO maxDets (0: max(500, 1.2 x the characters of "
+              "the densest image))."),
+)
+
+
+VAL_DIR = _opt("--val-dir", type=click.Path(file_okay=False),
+               help="Separate validation dataset [default: hold out --val-fraction of DATA_DIR]")
+
+
+VALIDATION = (
+    VAL_DIR,
+    _opt("--val-fraction", type=bounded("val_fraction"),
+         help="Share of DATA_DIR held out for validation, chosen by the seed (0: no validation)."),
+    _opt("--best-metric", type=click.Choice(METRICS), help="Validation metric that picks best.pth."),
+    _opt("--score-threshold", type=bounded("score_threshold"),
+         help="Detections counted by the character metrics and drawn on logged images."),
+    _opt("--val-images-logged", type=bounded("val_images_logged"),
+         help="Validation (and held-out) images with predicted outlines logged to MLflow each epoch."),
+    _opt("--heldout-dir", type=click.Path(file_okay=False),
+         help="Pages made differently from the training data (charseg generate --held-out): a few logged "
+              "with the model's outlines each epoch, all evaluated after the last [default: none]"),
+)
+
+
+AUGMENT = _bool_opt("--augment", help="Randomly rotate (+-12 deg), scale, shift, re-light, blur and add noise to "
+                                       "each training image, its polygons moved with it")
+
+
+PRECISION_HELP = ("Forward pass precision: fp32, bf16 (autocast; weights, losses, anchors and box decoding stay "
+                  "float32; fast only where the device computes it natively, else emulated and slower, with a "
+                  "warning) or fp16 (CUDA, with a loss scaler). auto: {auto}. Checkpoints are float32 either way.")
+
+
+PRECISION = _opt("--precision", type=click.Choice(PRECISIONS),
+                 help=PRECISION_HELP.format(auto="fp32 in training (bf16-trained models matched fp32 on held-out pages "
+                                                "in five seed pairs, -0.0003 segm_AP50 on average, -0.021..+0.009 per "
+                                                "seed: docs/BENCHMARKS.md)"))
+
+
+class AutoPrecisionOption(click.Option):
+    """--precision whose help also says what `auto` picks on the machine showing it (worked
+    out when --help is shown, not at every start)."""
+
+    def get_help_record(self, ctx: click.Context):
+        try:
+            chosen, why = resolve_precision("auto", resolve_device("auto"), training=False)
+            here = f" On this machine auto is {chosen} ({why.removeprefix('auto: ')})."
+        except RuntimeError as exc:  # a broken CUDA set-up must not break --help
+            here = f" (What auto picks here could not be found: {exc}.)"
+        original, self.help = self.help, f"{self.help}{here}"
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = original
+
+
+INFERENCE_PRECISION = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, cls=AutoPrecisionOption,
+    help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (a CUDA GPU of compute capability "
+                                    "8.0 or later; a CPU with amx_bf16 or avx512_bf16 in /proc/cpuinfo), else fp32"))
+
+
+SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchNorm (--norm batch from scratch) "
+                                                    "normalises over the global batch instead of each process's pages")
+
+
+RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE,
+       PRECISION, SYNC_BATCHNORM)
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    """Options the user set: None (not given) and "" (an empty MLproject parameter) are dropped."""
+    return {k: v for k, v in options.items() if v is not None and v != ""}
+
+
+def _anchor_sizes(ctx: click.Context, param: click.Parameter, value: str | None):
+    """--anchor-sizes text -> None (auto: fit them) or a tuple of sizes; a bad value is one clear error."""
+    if value is None or value == "":
+        return None
+    try:
+        return parse_anchor_sizes(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+TRACKING = (
+    click.option("--experiment-name", default=None,
+                 help="MLflow experiment [default: $MLFLOW_EXPERIMENT_NAME or charseg; under `mlflow run`: its own]"),
+    click.option("--log-checkpoints", type=click.Choice(LOG_CHECKPOINTS), default="last", show_default=True,
+                 help="Checkpoints uploaded as MLflow artifacts: every one, the latest (enough to resume) "
+                      "plus the final model, or none."),
+    click.option("--system-metrics/--no-system-metrics", default=True, show_default=True,
+                 help="Log CPU, memory, disk, network and GPU use as the run's system/* metrics (MLflow's own "
+                      "sampler, every $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL s, default 10)."),
+    click.option("--offline", is_flag=True,
+                 help="Record the run in OUTPUT_DIR/offline-tracking, not on the tracking server (air-gapped "
+                      "machines); `charseg sync OUTPUT_DIR` uploads it later. A server that does not answer at the "
+                      "start has the same effect, with a warning."),
+)
+
+
+MODEL_SOURCE = click.option(
+    "--model", "model_source", required=True,
+    help="A checkpoint file, an output folder or an MLflow run ID (its best, else its latest checkpoint), "
+         "runs:/... or models:/NAME@champion.")
+
+
+SCORE = click.option("--score-threshold", type=bounded("score_threshold"), default=0.5, show_default=True,
+                     help="Keep detections scoring at least this.")
+
+
+DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+
+
+SCALE_TEST_OVERRIDE = click.option("--scale-test", type=PAGE_SCALE, default=None,
+                                   help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")

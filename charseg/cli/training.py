@@ -1,0 +1,125 @@
+"""The training commands: train, resume, finetune (each one MLflow run, under torchrun too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import checkpoint as ckpt
+from .. import jobs
+from ..config import FINETUNE_LR_FACTOR, NORMS, TrainConfig
+from ..jobs import TrackingChoices
+from ..model.build import BACKBONES, WEIGHT_CHOICES
+from ..precision import PRECISIONS
+from ..training import distributed, runner
+from .options import (DEVICE, LOG_EVERY, OUTPUT, RUN, TRACKING, VAL_DIR, WORKERS, _anchor_sizes, _bool_opt, _given,
+                      _opt, _options, bounded)
+
+
+@click.command("train")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@_options(*RUN)
+@_opt("--weights", type=str,
+      help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
+@_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
+@_opt("--fpn-channels", type=bounded("fpn_channels"),
+      help="FPN output channels and mask head width; torchvision's 256, 128 trains about 2.8x faster on a CPU.")
+@_bool_opt("--mask-pixels", help="The mask predictor also reads the image's pixels inside each box at 28x28: "
+                                 "glyphs of 10-30 px are only a few cells of the stride-4 features")
+@_opt("--norm", type=click.Choice(NORMS),
+      help="Normalisation of a model trained from scratch: batch (BatchNorm in the backbone) or group "
+           "(GroupNorm in the backbone, FPN and mask head; --weights none or a group checkpoint).")
+@_opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5", callback=_anchor_sizes,
+      help="RPN anchor size (px at the model's input) for each FPN level P2-P6; auto fits them to the "
+           "training characters, e.g. 32,64,128,256,512 is torchvision's.")
+@_options(*TRACKING)
+@click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
+                                               "model registry under this name (champion alias if it wins).")
+def train_command(data_dir: str, register_as: str, **options: Any) -> None:
+    """Train from pretrained (or random) initial weights on DATA_DIR.
+
+    \b
+    More processes (one per GPU, or gloo processes on a CPU), with PyTorch's launcher:
+      torchrun --standalone --nproc-per-node K -m charseg train DATA_DIR ...
+    Each reads --batch-size pages a step (global batch = batch size x K); rank 0 writes,
+    validates and tracks one MLflow run. resume and finetune run under torchrun alike.
+    """
+    choices = TrackingChoices.pop(options)
+    config = TrainConfig(data_dir=data_dir, **_given(options))
+    with jobs.training_job(config.device):
+        config.output_dir = distributed.broadcast_object(config.output_dir or runner.default_output_dir("train"))
+        jobs.tracked(choices, config.output_dir, ckpt.Lineage(), lambda tracker: runner.train(config, tracker),
+                 register_as=register_as or None)
+
+
+@click.command("resume")
+@click.argument("source")
+@_options(_opt("--epochs", type=bounded("epochs", low=0), help="New total number of epochs (0: keep the checkpoint's)."),
+          click.option("--epoch", type=bounded("epochs", low=0), default=0, show_default=True,
+                       help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
+          _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
+               help="Dataset folder, if it moved since the checkpoint was written."),
+          VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
+          _opt("--precision", type=click.Choice(PRECISIONS),
+               help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
+          *TRACKING)
+def resume_command(source: str, epoch: int, **options: Any) -> None:
+    """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
+
+    SOURCE is a checkpoint file, an output folder (its latest checkpoint that loads), an MLflow
+    run ID (its latest checkpoint artifact) or an MLflow artifact URI (runs:/..., models:/...).
+    Epochs continue the source's numbering.
+    """
+    choices = TrackingChoices.pop(options)
+    overrides = _given(options)
+    if overrides.get("epochs") == 0:
+        del overrides["epochs"]
+    with jobs.training_job(overrides.get("device")):
+        _resume(source, epoch, overrides, choices)
+
+
+def _resume(source: str, epoch: int, overrides: dict[str, Any], choices: TrackingChoices) -> None:
+    if not Path(source).exists():  # to be downloaded: write next to nothing temporary
+        overrides.setdefault("output_dir", runner.default_output_dir("resume"))
+    if "output_dir" in overrides:
+        overrides["output_dir"] = distributed.broadcast_object(overrides["output_dir"])
+    with jobs.source_checkpoint(source, prefer_best=False, epoch=epoch or None,
+                            under=overrides.get("output_dir")) as (path, lineage):
+        try:
+            plan = runner.plan_resume(path, overrides)
+        except runner.TrainingAlreadyComplete as exc:
+            click.echo(str(exc).replace(str(path), source))
+            return
+        # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
+        lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
+        jobs.tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
+
+
+@click.command("finetune")
+@click.argument("source")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--run-id", default="", help="Take the checkpoint from this MLflow run (its best, else its last); "
+                                           "SOURCE must then be empty (\"\").")
+@_options(*RUN)
+@click.option("--lr-factor", type=bounded("lr_factor"), default=None,
+              help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
+@_options(*TRACKING)
+def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) -> None:
+    """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
+
+    SOURCE is a checkpoint file, an MLflow run ID (its best checkpoint, else its last) or an
+    MLflow artifact URI (runs:/..., models:/...). Backbone, input size and optimizer settings
+    come from the checkpoint unless given. Epochs start at 1.
+    """
+    if bool(source) == bool(run_id):
+        raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
+    choices = TrackingChoices.pop(options)
+    overrides = {"data_dir": data_dir, **_given(options)}
+    with jobs.training_job(overrides.get("device")):
+        overrides["output_dir"] = distributed.broadcast_object(overrides.get("output_dir")
+                                                               or runner.default_output_dir("finetune"))
+        with jobs.source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
+            jobs.tracked(choices, overrides["output_dir"], lineage,
+                     lambda tracker: runner.finetune(path, overrides, tracker))
