@@ -181,8 +181,8 @@ def test_an_outline_at_the_page_edge_stays_on_the_page():
 
 
 def test_banded_anchor_matching_equals_stock_on_random_boxes(monkeypatch):
-    from charseg.model import heads as polygon_heads
-    monkeypatch.setattr(polygon_heads, "ANCHOR_CHUNK", 100)  # many chunks on a small problem
+    from charseg.model import rpn
+    monkeypatch.setattr(rpn, "ANCHOR_CHUNK", 100)  # many chunks on a small problem
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64)
     ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
     gen = torch.Generator().manual_seed(0)
@@ -200,8 +200,8 @@ def test_banded_anchor_matching_equals_stock_on_random_boxes(monkeypatch):
 def test_anchor_matching_on_the_real_anchor_grid_equals_stock(monkeypatch):
     from torchvision.models.detection.image_list import ImageList
 
-    from charseg.model import heads as polygon_heads
-    monkeypatch.setattr(polygon_heads, "ANCHOR_CHUNK", 32)  # tight chunk extents: pruning matters
+    from charseg.model import rpn
+    monkeypatch.setattr(rpn, "ANCHOR_CHUNK", 32)  # tight chunk extents: pruning matters
     spec = spec_for_weights("resnet18", "none", min_size=128, max_size=128)
     ours, stock = build_model(spec).rpn, build_model(spec, polygon_native=False).rpn
     sizes = [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]  # FPN levels of a 128 px image
@@ -247,7 +247,7 @@ def test_chunked_mask_head_gives_stock_masks(tiny_dataset, monkeypatch):
 def test_frozen_norms_folded_into_convolutions_compute_the_same():
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from charseg.model.heads import FrozenBNConv2d
+    from charseg.model.frozen_norm import FrozenBNConv2d
     spec = spec_for_weights("resnet18", "coco", min_size=64, max_size=64)  # pretrained layout: frozen norms
     torch.manual_seed(0)
     stock = build_model(spec, polygon_native=False)
@@ -277,7 +277,7 @@ def test_folded_convolutions_keep_no_scaled_weight_for_backward_and_give_the_sam
     forward: a copy of every trainable backbone weight (94 MB for ResNet-50) less at the peak."""
     import weakref
 
-    from charseg.model.heads import FrozenBNConv2d
+    from charseg.model.frozen_norm import FrozenBNConv2d
     from charseg.precision import autocast
     spec = spec_for_weights("resnet18", "coco", min_size=64, max_size=64)
     torch.manual_seed(0)
@@ -327,7 +327,8 @@ def test_inference_returns_box_sized_masks_unlike_stock(tiny_dataset):
 
 DENSE_STEP = textwrap.dedent("""
     import sys, torch
-    from charseg.data.dataset import CharacterDataset, collate, scan_dataset
+    from charseg.data.dataset import scan_dataset
+    from charseg.data.loading import CharacterDataset, collate
     from charseg.model.build import build_model, spec_for_weights
     stock = sys.argv[2] == "stock"
     torch.manual_seed(0)
@@ -419,7 +420,7 @@ def test_gather_roi_align_pools_what_the_stock_op_pools_forward_and_backward():
     across the page's borders, smaller than a pixel of the level, and images without any."""
     from torchvision.ops import MultiScaleRoIAlign
 
-    from charseg.model import heads as polygon_heads
+    from charseg.model import roi_pool
 
     torch.manual_seed(0)
     features = {"0": torch.randn(2, 8, 64, 64), "1": torch.randn(2, 8, 32, 32), "2": torch.randn(2, 8, 16, 16)}
@@ -438,7 +439,7 @@ def test_gather_roi_align_pools_what_the_stock_op_pools_forward_and_backward():
         return out.detach(), [inputs[k].grad for k in inputs]
 
     stock = MultiScaleRoIAlign(["0", "1", "2"], 7, 2)
-    gather = polygon_heads.GatherRoIAlign(["0", "1", "2"], 7, 2)
+    gather = roi_pool.GatherRoIAlign(["0", "1", "2"], 7, 2)
     no_box_first = [boxes[0][:0], boxes[1]]  # an image without boxes
     for case in (boxes, no_box_first):
         expected, expected_grads = pooled_and_gradients(stock, case, torch.contiguous_format)

@@ -21,8 +21,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..config import NORMS
 from ..errors import WeightsError, empty_file, reason
 from ..polygons import PIXEL_CENTRE
-from .heads import (BandedMatchingRPN, Float32Anchors, Float32RPNHead, GatherRoIAlign, PasteFreeTransform, PixelFPN,
-                    PixelMaskPredictor, PolygonMaskRCNN, PolygonRoIHeads, fold_frozen_norms)
+from .frozen_norm import fold_frozen_norms
+from .heads import PasteFreeTransform, PixelFPN, PixelMaskPredictor, PolygonMaskRCNN, PolygonRoIHeads
+from .roi_pool import GatherRoIAlign
+from .rpn import BandedMatchingRPN, Float32Anchors, Float32RPNHead
 
 NUM_CLASSES = 2  # background 0, character 1
 BACKBONES = ("resnet50", "resnet34", "resnet18")

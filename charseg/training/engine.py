@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CharsegError
-from ..model.heads import loss_denominators
+from ..model.sampling import loss_denominators
 from . import distributed
 
 

@@ -25,8 +25,9 @@ from ..data.loading import CharacterDataset, EpochShuffleSampler, collate
 from ..errors import CharsegError, DatasetError
 from ..inference.evaluate import METRICS, evaluate, is_better
 from ..model.build import ModelSpec
-from ..precision import PrecisionError, resolve_device
+from ..precision import PrecisionError
 from ..precision import resolve as resolve_precision
+from ..precision import resolve_device
 from . import distributed
 from .engine import train_one_epoch
 from .optimization import Optimization
