@@ -52,6 +52,7 @@ def test_fit_picks_smaller_anchors_for_smaller_characters(tmp_path):
     assert fits["small"].median_iou > 0.4  # torchvision's anchors: about 0.04 on these 8 px glyphs
 
 
+@pytest.mark.slow
 def test_training_records_the_fitted_anchor_sizes(tiny_dataset, tmp_path):
     samples = scan_dataset(tiny_dataset).samples
     expected = fit_anchor_sizes(samples, 64, 64, ANCHOR_RATIOS).sizes
@@ -63,6 +64,7 @@ def test_training_records_the_fitted_anchor_sizes(tiny_dataset, tmp_path):
     assert model.rpn.anchor_generator.sizes == tuple((s,) for s in expected)
 
 
+@pytest.mark.slow
 def test_given_anchor_sizes_are_used_and_kept_by_finetune(tiny_dataset, tmp_path):
     source = runner.train(light_config(tiny_dataset, tmp_path / "src", epochs=1, anchor_sizes="8,16,32,64,128"))
     assert tuple(ckpt.load_checkpoint(source.final_checkpoint)["model_spec"]["anchor_sizes"]) == (8, 16, 32, 64, 128)

@@ -97,6 +97,7 @@ def test_generate_writes_the_dataset_format(tmp_path):
     assert invoke("validate-data", str(tmp_path / "g")).exit_code == 0
 
 
+@pytest.mark.slow
 def test_train_then_resume_via_cli(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     result = invoke("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "1", "--output-dir", str(out))

@@ -27,6 +27,9 @@ FIRST_EPOCH_RTOL = 1e-5
 LATER_EPOCH_RTOL = 2e-2
 
 
+pytestmark = [pytest.mark.server]
+
+
 def test_shards_of_all_processes_make_the_single_process_batches():
     for size, world, batch in ((8, 2, 2), (11, 2, 2), (7, 3, 1), (2, 4, 1)):
         single = [i for i, _ in EpochShuffleSampler(size, 5)]

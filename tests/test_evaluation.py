@@ -103,6 +103,7 @@ def test_split_is_deterministic_by_seed(tiny_dataset):
     assert len(split_samples(samples, 0.1, seed=1)[1]) == 1  # at least one image when asked for
 
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_resume(tiny_dataset, tmp_path):
     straight = runner.train(light_config(tiny_dataset, tmp_path / "a", epochs=3, val_fraction=0.25,
                                          best_metric="count_abs_error"))
@@ -119,6 +120,7 @@ def test_best_checkpoint_survives_resume(tiny_dataset, tmp_path):
     assert resumed.best == straight.best
 
 
+@pytest.mark.slow
 def test_predict_round_trip(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "3",

@@ -348,6 +348,7 @@ DENSE_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_dense_page_trains_and_predicts_without_full_image_masks(tmp_path):
     from charseg.data.generate import generate_dataset
     generate_dataset(tmp_path, num_images=1, width=512, height=512, chars_per_image=(500, 500), font_size=(10, 14),

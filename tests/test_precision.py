@@ -128,6 +128,7 @@ def test_autocast_keeps_anchors_decoding_and_outputs_in_float32_and_close_to_fp3
         assert output["boxes"].dtype == output["scores"].dtype == output["box_masks"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_bf16_training_resumes_exactly_and_keeps_its_precision(tiny_dataset, tmp_path):
     straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", epochs=2, precision="bf16"))
     half = runner.train(light_config(tiny_dataset, tmp_path / "half", epochs=1, precision="bf16"))
@@ -165,16 +166,26 @@ def test_bf16_training_resumes_exactly_and_keeps_its_precision(tiny_dataset, tmp
 
 
 
+@pytest.mark.slow
 def test_fp16_loss_scaler_is_in_each_checkpoint_and_resume_stays_exact(tiny_dataset, tmp_path, monkeypatch, recwarn):
     """fp16 runs on CUDA only; its loss-scaler path (scale, unscale before clipping, skip and back
     off on inf gradients, state in the checkpoint) runs here with the CPU's GradScaler and float16
-    autocast. One page per step: the scaler backs off 65536 -> 4096 in epoch 1, then steps."""
+    autocast. One page per step on two pages, a narrow FPN: float16 convolutions' backward on a CPU
+    is about 60x float32's, so the test makes few and small ones. The scaler backs off from 65536
+    in epochs 1 and 2, then steps."""
+    import shutil
+
     real = loop.resolve_precision
     monkeypatch.setattr(loop, "resolve_precision",
                         lambda asked, device, training: ("fp16", "test") if asked == "fp16"
                         else real(asked, device, training=training))
-    settings = dict(precision="fp16", batch_size=1)
-    straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", epochs=2, **settings))
+    pages = tmp_path / "pages"
+    for folder, suffix in (("images", "png"), ("annotations", "csv")):
+        (pages / folder).mkdir(parents=True)
+        for name in ("00001", "00002"):
+            shutil.copy(tiny_dataset / folder / f"{name}.{suffix}", pages / folder)
+    settings = dict(precision="fp16", batch_size=1, fpn_channels=32)
+    straight = runner.train(light_config(pages, tmp_path / "straight", epochs=3, **settings))
     # As if killed after epoch 1: resume its checkpoint (elsewhere, beside the finished run).
     resumed = runner.resume(straight.checkpoints[0], {"output_dir": str(tmp_path / "resumed")})
     first = ckpt.load_checkpoint(straight.checkpoints[0])

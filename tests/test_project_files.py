@@ -43,6 +43,7 @@ def test_mlproject_entry_point_maps_onto_its_command(entry):
         assert flag in options, f"{flag} is not an option of charseg {entry}"
 
 
+@pytest.mark.server
 def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}, "MLFLOW_TRACKING_URI": uri,
@@ -100,3 +101,10 @@ def test_imports_flow_down_the_layers_of_the_architecture_doc():
                 if isinstance(node, (ast.Import, ast.ImportFrom)) and unit != "tracking":
                     names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                     assert not any(n.split(".")[0] == "mlflow" for n in names), f"{path.name} imports mlflow"
+
+
+def test_every_option_of_the_model_commands_is_in_the_training_doc():
+    doc = (ROOT / "docs" / "TRAINING.md").read_text()
+    for command in ("train", "resume", "finetune", "evaluate", "predict"):
+        missing = [p.opts[0] for p in cli.commands[command].params if p.opts[0].startswith("--") and p.opts[0] not in doc]
+        assert not missing, f"charseg {command}: {missing} not in docs/TRAINING.md"

@@ -24,6 +24,9 @@ from charseg.cli import cli
 NAME = "charseg-test"
 
 
+pytestmark = [pytest.mark.server]
+
+
 @pytest.fixture(scope="module")
 def registry(tiny_dataset, tmp_path_factory):
     """A sqlite store holding one trained, validated run registered as NAME (the champion)."""

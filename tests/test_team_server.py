@@ -23,8 +23,9 @@ ARGS = ["--weights", "none", "--backbone", "resnet18", "--min-size", "64", "--ma
         "--val-fraction", "0.25", "--no-system-metrics", "--experiment-name", "team",
         "--fpn-channels", "32"]  # checkpoints of 0.1 GB, not 0.25, through S3
 
-pytestmark = pytest.mark.skipif(local_stack.postgres_bin() is None,
-                                reason="PostgreSQL is not installed (apt-get install postgresql): no initdb/pg_ctl")
+pytestmark = [pytest.mark.server, pytest.mark.slow,
+              pytest.mark.skipif(local_stack.postgres_bin() is None,
+                                 reason="PostgreSQL is not installed (apt-get install postgresql): no initdb/pg_ctl")]
 
 
 @pytest.fixture(scope="module")

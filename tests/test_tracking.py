@@ -21,6 +21,9 @@ from charseg import tracking
 from charseg.cli import cli
 
 
+pytestmark = [pytest.mark.server]
+
+
 @pytest.fixture
 def server(mlflow_server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

@@ -17,6 +17,7 @@ def epoch_losses(result: runner.RunResult) -> list[float]:
     return [m["loss"] for m in result.history]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_dataset, tmp_path):
     # The straight run loads with worker processes, the split one without: batches and
     # random streams must not depend on that either.
@@ -123,6 +124,7 @@ def test_last_epoch_is_written_once_and_final_is_its_hard_link(tiny_dataset, tmp
     assert result.final_checkpoint.stat().st_ino == (tmp_path / "model_epoch_001.pth").stat().st_ino
 
 
+@pytest.mark.slow
 def test_checkpoints_of_older_releases_still_resume_and_finetune(tiny_dataset, tmp_path):
     # Before ModelSpec was the only home of the architecture, a checkpoint's config held the
     # resolved anchor sizes as text and the fitted limits as numbers.
@@ -139,6 +141,7 @@ def test_checkpoints_of_older_releases_still_resume_and_finetune(tiny_dataset, t
     assert ckpt.load_checkpoint(tuned.final_checkpoint)["model_spec"]["anchor_sizes"] == spec["anchor_sizes"]
 
 
+@pytest.mark.slow
 def test_group_norm_cosine_and_augmentation_resume_exactly(tiny_dataset, tmp_path):
     recipe = dict(norm="group", fpn_channels=64, lr_schedule="cosine", augment=True, epochs=3)
     straight = runner.train(light_config(tiny_dataset, tmp_path / "straight", num_workers=2, **recipe))
@@ -163,6 +166,7 @@ class RecordingTracker(runner.NullTracker):
         self.heldout.append((epoch, metrics, [name for name, _ in overlays]))
 
 
+@pytest.mark.slow
 def test_heldout_pages_are_drawn_every_epoch_and_evaluated_after_the_last(tiny_dataset, tmp_path):
     tracker = RecordingTracker()
     result = runner.train(light_config(tiny_dataset, tmp_path, epochs=2, heldout_dir=str(tiny_dataset),
@@ -186,6 +190,7 @@ class CrashingTracker(runner.NullTracker):
         self.validated.append(epoch)
 
 
+@pytest.mark.slow
 def test_resume_finishes_a_last_epoch_killed_before_its_final_model(tiny_dataset, tmp_path):
     """Killed after the last epoch's checkpoint, before its validation, best.pth and
     model_final.pth: resume does what the epoch left undone instead of saying "finished"."""

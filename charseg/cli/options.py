@@ -183,9 +183,8 @@ PRECISION_HELP = ("Forward pass precision: fp32, bf16 (autocast; weights, losses
 
 
 PRECISION = _opt("--precision", type=click.Choice(PRECISIONS),
-                 help=PRECISION_HELP.format(auto="fp32 in training (bf16-trained models matched fp32 on held-out pages "
-                                                "in five seed pairs, -0.0003 segm_AP50 on average, -0.021..+0.009 per "
-                                                "seed: docs/BENCHMARKS.md)"))
+                 help=PRECISION_HELP.format(auto="fp32 in training (bf16-trained models matched fp32 on held-out pages: "
+                                                "docs/BENCHMARKS.md)"))
 
 
 class AutoPrecisionOption(click.Option):
