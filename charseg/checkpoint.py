@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import math
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -64,24 +65,34 @@ def epoch_of_filename(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def pick_checkpoint(names: list[str], *, prefer_best: bool = False, epoch: int | None = None) -> str | None:
-    """Choose among a run's checkpoint file names; None when none fits.
+def pick_checkpoint(names: list[str], *, prefer_best: bool = False, epoch: int | None = None,
+                    epoch_of: Callable[[str], float | None] | None = None) -> str | None:
+    """The one policy for which checkpoint of a run or an output folder to use; None when none fits.
 
     epoch: that epoch's versioned file. Otherwise best.pth when `prefer_best` (fine-tune,
-    evaluate, predict, register) and present, else the final model, else the highest
-    epoch, else last.pth (resume's choice: the latest state).
+    evaluate, predict, register) and present, else the latest state (resume's choice): the
+    file of the highest epoch. `epoch_of(name)` says a file's epoch, None for one that cannot
+    be used (a folder reads each file: one cut short by a killed writer is passed over); by
+    default the name says it (a run's artifacts): the final model, then the highest versioned
+    epoch, then last.pth.
     """
     if epoch:
         wanted = epoch_filename(epoch)
         return wanted if wanted in names else None
     if prefer_best and BEST_NAME in names:
         return BEST_NAME
-    if FINAL_NAME in names:
-        return FINAL_NAME
-    versioned = [n for n in names if epoch_of_filename(n) is not None]
-    if versioned:
-        return max(versioned, key=epoch_of_filename)
-    return LAST_NAME if LAST_NAME in names else None
+    epoch_of = epoch_of or _epoch_by_name
+    dated = [(e, name) for name in names if name in (LAST_NAME, FINAL_NAME) or epoch_of_filename(name) is not None
+             for e in [epoch_of(name)] if e is not None]
+    return max(dated, key=lambda item: (item[0], item[1] == FINAL_NAME))[1] if dated else None
+
+
+def _epoch_by_name(name: str) -> float:
+    """A run artifact's epoch as its name tells it: the final model is the last, last.pth the
+    least known."""
+    if name == FINAL_NAME:
+        return math.inf
+    return -1 if name == LAST_NAME else epoch_of_filename(name)
 
 
 def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
@@ -189,21 +200,17 @@ class Lineage:
 
 
 def folder_checkpoint(folder: Path, *, prefer_best: bool = False, epoch: int | None = None) -> Path:
-    """The checkpoint of an output folder: that epoch's, else best.pth when preferred and
-    present, else the one of the highest epoch that loads (a file cut short is passed over)."""
-    if epoch:
-        path = folder / epoch_filename(epoch)
-        if not path.is_file():
-            raise CheckpointError(f"{folder}: no {path.name} (checkpoints here: "
-                                  f"{', '.join(sorted(p.name for p in folder.glob('*.pth'))) or 'none'})")
-        return path
-    if prefer_best and (folder / BEST_NAME).is_file():
-        return folder / BEST_NAME
-    path = find_latest(folder)
-    if path is None:
+    """The checkpoint of an output folder, by pick_checkpoint's policy, each file's epoch read
+    from the file (one that does not load is passed over)."""
+    names = sorted(p.name for p in folder.glob("*.pth"))
+    name = pick_checkpoint(names, prefer_best=prefer_best, epoch=epoch,
+                           epoch_of=lambda n: checkpoint_epoch(folder / n))
+    if name is None and epoch:
+        raise CheckpointError(f"{folder}: no {epoch_filename(epoch)} (checkpoints here: {', '.join(names) or 'none'})")
+    if name is None:
         raise CheckpointError(f"{folder}: no charseg checkpoint here ({epoch_filename(1)}, ..., "
                               f"{LAST_NAME} or {FINAL_NAME}); pass a checkpoint file, a run ID or a URI")
-    return path
+    return folder / name
 
 
 def local_checkpoint(source: str, *, prefer_best: bool = False, epoch: int | None = None) -> Path | None:
@@ -288,17 +295,19 @@ def final_written(checkpoint_path: str | Path, epoch: int, output_dir: str | Pat
 
 def find_latest(directory: str | Path) -> Path | None:
     """The checkpoint of the highest epoch in `directory` (versioned, last or final), or None."""
-    directory = Path(directory)
-    best: tuple[int, Path] | None = None
-    for path in directory.glob("*.pth"):
-        if epoch_of_filename(path.name) is None and path.name not in (LAST_NAME, FINAL_NAME):
-            continue
-        epoch = checkpoint_epoch(path)
-        if epoch is None:
-            continue  # a foreign or broken file is not a candidate
-        if best is None or epoch > best[0]:
-            best = (epoch, path)
-    return best[1] if best else None
+    try:
+        return folder_checkpoint(Path(directory))
+    except CheckpointError:
+        return None
+
+
+def checkpoint_run_id(path: Path) -> str:
+    """The MLflow run that wrote a checkpoint file, read without loading its tensors ("" when
+    unknown)."""
+    try:
+        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id", "") or "")
+    except Exception:
+        return ""
 
 
 def this_process() -> str:

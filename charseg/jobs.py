@@ -101,10 +101,15 @@ def echo_run(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = None, under: str | None = None):
-    """Yield (local checkpoint path, lineage) for SOURCE; a download lives until the block ends,
-    in a temporary folder of UNDER (a training's output folder, whose next writer removes it
-    should this process be killed) or else of the system's temp folder.
+def resolve_source(source: str, *, prefer_best: bool, epoch: int | None = None, under: str | None = None,
+                   link_writer: bool = False) -> Iterator[tuple[Path, ckpt.Lineage]]:
+    """The one answer to "which checkpoint file is SOURCE": a checkpoint file, an output folder
+    (checkpoint.pick_checkpoint's choice), an MLflow run ID or an artifact URI (runs:/...,
+    models:/..., downloaded). Yields (local path, lineage); a download lives until the block
+    ends, in a temporary folder of UNDER (a training's output folder, whose next writer removes
+    it should this process be killed) or else of the system's temp folder. link_writer: the
+    lineage names the run that wrote the checkpoint when the source does not (a resume links
+    to the run it continues).
 
     Under torchrun, rank 0 alone downloads from MLflow and sends the file to the other ranks
     (other machines included); a path that exists for rank 0 is read by every rank."""
@@ -116,7 +121,7 @@ def source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = Non
         return
     local = None if remote else ckpt.local_checkpoint(source, prefer_best=prefer_best, epoch=epoch)
     if local is not None:  # a file or folder: MLflow is not even imported (predict starts sooner)
-        yield local, ckpt.Lineage(source_uri=str(local.resolve()))
+        yield local, _linked(ckpt.Lineage(source_uri=str(local.resolve())), local, link_writer)
         return
     from . import tracking
 
@@ -124,10 +129,42 @@ def source_checkpoint(source: str, *, prefer_best: bool, epoch: int | None = Non
         Path(under).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=ckpt.download_prefix(), suffix=".tmp",
                                      dir=under if world.main else None) as download_dir:
-        path, lineage = tracking.resolve_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
+        path, lineage = tracking.download_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
         if world.distributed and remote:
             distributed.broadcast_file(path, Path(download_dir))
-        yield path, lineage
+        yield path, _linked(lineage, path, link_writer)
+
+
+def _linked(lineage: ckpt.Lineage, path: Path, link_writer: bool) -> ckpt.Lineage:
+    if link_writer and not lineage.source_run_id:  # the checkpoint names the run that wrote it
+        lineage.source_run_id = ckpt.checkpoint_run_id(path)
+    return lineage
+
+
+def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "TrackingChoices") -> None:
+    """`charseg resume`: SOURCE's checkpoint (of EPOCH when given) continued with OVERRIDES, as
+    one tracked run linked to the run it continues."""
+    if not Path(source).exists():  # to be downloaded: write next to nothing temporary
+        overrides.setdefault("output_dir", runner.default_output_dir("resume"))
+    if "output_dir" in overrides:
+        overrides["output_dir"] = distributed.broadcast_object(overrides["output_dir"])
+    with resolve_source(source, prefer_best=False, epoch=epoch or None, under=overrides.get("output_dir"),
+                        link_writer=True) as (path, lineage):
+        try:
+            plan = runner.plan_resume(path, overrides, shown_as=source)
+        except runner.TrainingAlreadyComplete as exc:
+            click.echo(str(exc))
+            return
+        tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
+
+
+def finetune_job(source: str, overrides: dict[str, Any], choices: "TrackingChoices") -> None:
+    """`charseg finetune`: SOURCE's weights (its best checkpoint, else its latest) trained on
+    with OVERRIDES (data_dir among them) as one tracked run."""
+    overrides["output_dir"] = distributed.broadcast_object(overrides.get("output_dir")
+                                                           or runner.default_output_dir("finetune"))
+    with resolve_source(source, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
+        tracked(choices, overrides["output_dir"], lineage, lambda tracker: runner.finetune(path, overrides, tracker))
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import click
@@ -35,7 +34,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
     from .. import tracking
 
-    with jobs.source_checkpoint(model_source, prefer_best=True) as (path, lineage):
+    with jobs.resolve_source(model_source, prefer_best=True) as (path, lineage):
         with tracking.tracked_run(experiment_name) as run_id:
             result = evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
                                                 detections_per_img=detections_per_img, scale_test=scale_test,
@@ -85,7 +84,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     if not paths:
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
     _check_distinct_names(paths)
-    with jobs.source_checkpoint(model_source, prefer_best=True) as (path, _):
+    with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
         torch_device = resolve_device(device)
         model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test, precision=precision)
         summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
@@ -137,7 +136,7 @@ def register_command(run_id: str, name: str) -> None:
 
     if not tracking.is_run_id(run_id):
         raise click.BadParameter(f"{run_id!r} is not an MLflow run ID (32 hex digits)", param_hint="RUN_ID")
-    with tempfile.TemporaryDirectory(prefix="charseg-source-") as download_dir:
-        registration = tracking.register_run(run_id, name, Path(download_dir))
+    with jobs.resolve_source(run_id, prefer_best=True) as (path, _):
+        registration = tracking.register_checkpoint(path, name, run_id)
     click.echo(registration.message)
     click.echo(f"load it with: mlflow.pyfunc.load_model('models:/{name}/{registration.version}')")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -77,24 +76,7 @@ def resume_command(source: str, epoch: int, **options: Any) -> None:
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
     with jobs.training_job(overrides.get("device")):
-        _resume(source, epoch, overrides, choices)
-
-
-def _resume(source: str, epoch: int, overrides: dict[str, Any], choices: TrackingChoices) -> None:
-    if not Path(source).exists():  # to be downloaded: write next to nothing temporary
-        overrides.setdefault("output_dir", runner.default_output_dir("resume"))
-    if "output_dir" in overrides:
-        overrides["output_dir"] = distributed.broadcast_object(overrides["output_dir"])
-    with jobs.source_checkpoint(source, prefer_best=False, epoch=epoch or None,
-                            under=overrides.get("output_dir")) as (path, lineage):
-        try:
-            plan = runner.plan_resume(path, overrides)
-        except runner.TrainingAlreadyComplete as exc:
-            click.echo(str(exc).replace(str(path), source))
-            return
-        # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
-        lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
-        jobs.tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
+        jobs.resume_job(source, epoch, overrides, choices)
 
 
 @click.command("finetune")
@@ -118,8 +100,4 @@ def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) ->
     choices = TrackingChoices.pop(options)
     overrides = {"data_dir": data_dir, **_given(options)}
     with jobs.training_job(overrides.get("device")):
-        overrides["output_dir"] = distributed.broadcast_object(overrides.get("output_dir")
-                                                               or runner.default_output_dir("finetune"))
-        with jobs.source_checkpoint(source or run_id, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
-            jobs.tracked(choices, overrides["output_dir"], lineage,
-                     lambda tracker: runner.finetune(path, overrides, tracker))
+        jobs.finetune_job(source or run_id, overrides, choices)

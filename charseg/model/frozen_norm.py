@@ -7,7 +7,6 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-
 _RECOMPUTE = object()  # FrozenBNConv2d's saved weight, recomputed in backward
 
 

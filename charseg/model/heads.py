@@ -29,7 +29,6 @@ from ..precision import autocast
 from .roi_pool import float32_features
 from .sampling import ROI_SALT, SeededSampler
 
-
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
 # The feature that carries the input pixels to a PixelMaskPredictor (PixelFPN).

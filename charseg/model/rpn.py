@@ -10,7 +10,6 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from .heads import PIXELS
 from .sampling import RPN_SALT, SeededSampler
 
-
 # Anchors per chunk in the RPN's matching (compared with the GT boxes near them only).
 ANCHOR_CHUNK = 512
 

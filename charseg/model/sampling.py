@@ -10,7 +10,6 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
 from ..data.loading import SAMPLE_SEED
 
-
 # The salt of each sampler's seed (a page's SAMPLE_SEED plus the salt).
 RPN_SALT, ROI_SALT = 0, 1
 # Each loss is a mean over what one sampler drew in the batch: (sampler, "positive" or "sampled").

@@ -16,9 +16,9 @@ The CLI uses the names below; registered models name this package as their `load
 so `charseg.tracking._load_pyfunc` stays importable here.
 """
 
-from .artifacts import is_run_id, resolve_checkpoint
+from .artifacts import download_checkpoint, is_run_id
 from .pyfunc import _load_pyfunc
-from .registry import Registration, register_checkpoint, register_run
+from .registry import Registration, register_checkpoint
 from .run import close_abandoned_run, tracked_run
 from .store import TrackingError, configure, current_tracking_uri, offline_store
 from .sync import sync_offline_runs
@@ -26,4 +26,4 @@ from .tracker import MlflowTracker, log_evaluation
 
 __all__ = ["MlflowTracker", "Registration", "TrackingError", "_load_pyfunc", "close_abandoned_run", "configure",
            "current_tracking_uri", "is_run_id", "log_evaluation", "offline_store", "register_checkpoint",
-           "register_run", "resolve_checkpoint", "sync_offline_runs", "tracked_run"]
+           "download_checkpoint", "sync_offline_runs", "tracked_run"]

@@ -32,17 +32,11 @@ def _checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
     return [Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR) if not f.is_dir]
 
 
-def resolve_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,
-                       epoch: int | None = None) -> tuple[Path, Lineage]:
-    """Turn SOURCE (checkpoint file, output folder, run ID or MLflow artifact URI) into a local
-    checkpoint file.
-
-    Which checkpoint of a run: checkpoint.pick_checkpoint(prefer_best, epoch); of a folder:
-    checkpoint.folder_checkpoint. Downloads go to dst_dir.
-    """
-    local = ckpt.local_checkpoint(source, prefer_best=prefer_best, epoch=epoch)
-    if local is not None:
-        return local, Lineage(source_uri=str(local.resolve()))
+def download_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,
+                        epoch: int | None = None) -> tuple[Path, Lineage]:
+    """Download the checkpoint SOURCE names in MLflow (a run ID, or an artifact URI: runs:/...,
+    models:/...) into DST_DIR; return it and its lineage. Which checkpoint of a run:
+    checkpoint.pick_checkpoint. Local files and folders are jobs.resolve_source's."""
     configure()
     client = MlflowClient()
     if is_run_id(source):

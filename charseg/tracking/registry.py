@@ -12,7 +12,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .. import checkpoint as ckpt
-from .artifacts import resolve_checkpoint
 from .pyfunc import LOADER_MODULE, model_signature, requirements
 from .tags import CHAMPION, TAG_SOURCE_RUN, TAG_VERSION_CHECKPOINT, TAG_VERSION_METRIC, TAG_VERSION_VALUE
 
@@ -91,9 +90,3 @@ def _should_crown(metric: str | None, value: float | None, current) -> tuple[boo
         return True, f"{metric} {value:.4f} beats champion version {current.version} ({float(their_value):.4f})"
     return False, (f"{metric} {value:.4f} does not beat champion version {current.version} "
                    f"({float(their_value):.4f}): champion unchanged")
-
-
-def register_run(run_id: str, name: str, dst_dir: Path) -> Registration:
-    """Register the best checkpoint (else the final/latest one) of run `run_id` as NAME."""
-    path, _ = resolve_checkpoint(run_id, dst_dir, prefer_best=True)
-    return register_checkpoint(path, name, run_id)

@@ -79,10 +79,13 @@ class ResumePlan:
     config: TrainConfig
 
 
-def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = None) -> ResumePlan:
+def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = None,
+                shown_as: str = "") -> ResumePlan:
     """Load CHECKPOINT for resuming and apply `overrides` (only RESUME_OVERRIDABLE keys).
 
-    Raises TrainingAlreadyComplete when the checkpoint already reached the (new) last epoch.
+    Raises TrainingAlreadyComplete, naming the checkpoint as SHOWN_AS (what the user passed:
+    a download's temporary path means nothing to them) or its path, when it already reached
+    the (new) last epoch.
     """
     overrides = dict(overrides or {})
     refused = sorted(set(overrides) - set(RESUME_OVERRIDABLE))
@@ -97,7 +100,7 @@ def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = 
     if state["epoch"] > config.epochs or (
             state["epoch"] == config.epochs and ckpt.final_written(checkpoint_path, state["epoch"], config.output_dir)):
         raise TrainingAlreadyComplete(
-            f"{checkpoint_path}: training already finished all {config.epochs} epochs (checkpoint is epoch "
+            f"{shown_as or checkpoint_path}: training already finished all {config.epochs} epochs (checkpoint is epoch "
             f"{state['epoch']}); pass --epochs N with N > {state['epoch']} to train further")
     return ResumePlan(Path(checkpoint_path), state, config)
 
