@@ -25,6 +25,27 @@ LIGHT = dict(weights="none", backbone="resnet18", min_size=64, max_size=64, num_
              val_fraction=0.0)
 
 
+def cli_args(settings: dict) -> list[str]:
+    """TrainConfig settings as charseg's command line spells them (--min-size 64 ...)."""
+    return [part for key, value in settings.items()
+            for part in (f"--{key.replace('_', '-')}", str(value).lower() if isinstance(value, bool) else str(value))]
+
+
+# LIGHT on the command line; the commands' own batch size (2) and fitted inference proposals.
+LIGHT_ARGS = cli_args({k: v for k, v in LIGHT.items() if k not in ("batch_size", "rpn_proposals_test")})
+# LIGHT for torchrun's processes: GroupNorm (per page, so one process and two agree) and validation.
+# (each test sets its own per-process batch).
+DDP_ARGS = [*cli_args({**{k: v for k, v in LIGHT.items() if k != "batch_size"}, "norm": "group", "val_fraction": 0.2,
+                       "epochs": 2}), "--no-system-metrics", "--experiment-name", "ddp"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def run_charseg(*args: str, env: dict, launcher: list[str] | None = None, timeout: int = 300):
+    """`python -m charseg ARGS` (or under LAUNCHER) in a fresh process; its CompletedProcess."""
+    command = (launcher or [sys.executable, "-m", "charseg"])
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def light_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
     """A TrainConfig for fast CPU tests."""
     return TrainConfig(data_dir=str(data_dir), output_dir=str(output_dir), **{**LIGHT, **overrides})

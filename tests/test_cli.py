@@ -7,13 +7,10 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from conftest import LIGHT_ARGS
 
 from charseg.cli import cli
 from charseg.config import TrainConfig
-
-LIGHT_ARGS = ["--weights", "none", "--backbone", "resnet18", "--min-size", "64", "--max-size", "64",
-              "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2",
-              "--log-every", "1", "--val-fraction", "0"]
 
 
 def invoke(*args: str):

@@ -11,8 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import light_config
-from test_distributed import ARGS, TORCHRUN, _charseg
+from conftest import DDP_ARGS, TORCHRUN, light_config, run_charseg
 
 from charseg import checkpoint as ckpt
 from charseg.data.generate import generate_dataset
@@ -58,7 +57,7 @@ def test_two_nccl_processes_train_with_identical_weights(tmp_path):
     data = tmp_path / "data"
     generate_dataset(data, num_images=10, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    job = _charseg("train", str(data), *ARGS, "--batch-size", "2", "--device", "cuda", "--output-dir",
+    job = run_charseg("train", str(data), *DDP_ARGS, "--batch-size", "2", "--device", "cuda", "--output-dir",
                    str(tmp_path / "two"), env=env, launcher=[*TORCHRUN, "-m", "charseg"])
     assert job.returncode == 0, job.stderr[-3000:]
     assert "x 2 processes (global batch 4)" in job.stderr

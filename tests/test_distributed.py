@@ -10,16 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DDP_ARGS, TORCHRUN, run_charseg
 from mlflow import MlflowClient
 
 from charseg.data.generate import generate_dataset
 from charseg.data.loading import EpochShuffleSampler
 
-ARGS = ["--weights", "none", "--backbone", "resnet18", "--norm", "group", "--min-size", "64", "--max-size", "64",
-        "--num-workers", "0", "--roi-samples", "32", "--rpn-proposals-train", "100", "--rpn-proposals-test", "50",
-        "--warmup-iters", "2", "--log-every", "1", "--val-fraction", "0.2", "--epochs", "2", "--no-system-metrics",
-        "--experiment-name", "ddp"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 # Two processes sum gradients in another order than one: the first steps agree to float32
 # rounding; later, a rounding difference can flip a discrete choice (which proposals survive
 # top-k and NMS) and the runs drift apart like two runs on different hardware.
@@ -41,11 +37,6 @@ def test_shards_of_all_processes_make_the_single_process_batches():
             assert together == sorted(padded[step * batch * world:(step + 1) * batch * world])
 
 
-def _charseg(*args: str, env: dict, launcher: list[str] | None = None, timeout: int = 300):
-    command = (launcher or [sys.executable, "-m", "charseg"])
-    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def _epoch_losses(client: MlflowClient, run_id: str) -> dict[str, list[float]]:
     names = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
     return {n: [m.value for m in sorted(client.get_metric_history(run_id, f"train_epoch/{n}"), key=lambda m: m.step)]
@@ -60,9 +51,9 @@ def env(tmp_path) -> dict:
 def test_two_gloo_processes_train_the_run_one_process_trains(tmp_path, env):
     data = tmp_path / "data"
     generate_dataset(data, num_images=10, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
-    one = _charseg("train", str(data), *ARGS, "--batch-size", "4", "--output-dir", str(tmp_path / "one"), env=env)
+    one = run_charseg("train", str(data), *DDP_ARGS, "--batch-size", "4", "--output-dir", str(tmp_path / "one"), env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _charseg("train", str(data), *ARGS, "--batch-size", "2", "--output-dir", str(tmp_path / "two"), env=env,
+    two = run_charseg("train", str(data), *DDP_ARGS, "--batch-size", "2", "--output-dir", str(tmp_path / "two"), env=env,
                    launcher=[*TORCHRUN, "-m", "charseg"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert "x 2 processes (global batch 4)" in two.stderr
@@ -85,7 +76,7 @@ def test_two_gloo_processes_train_the_run_one_process_trains(tmp_path, env):
     assert client.get_metric_history(parallel.info.run_id, "val/segm_AP")
 
     # resume the 2-process checkpoint of epoch 1 in one process: the per-process batch is kept
-    resumed = _charseg("resume", str(tmp_path / "two" / "model_epoch_001.pth"), "--output-dir",
+    resumed = run_charseg("resume", str(tmp_path / "two" / "model_epoch_001.pth"), "--output-dir",
                        str(tmp_path / "resumed"), "--experiment-name", "ddp", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "training on cpu: epochs 2-2, 4 steps per epoch" in resumed.stderr
@@ -112,7 +103,7 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
         cli.main()
     """))
     out = tmp_path / "out"
-    job = _charseg("train", str(data), *ARGS, "--batch-size", "2", "--output-dir", str(out), env=env,
+    job = run_charseg("train", str(data), *DDP_ARGS, "--batch-size", "2", "--output-dir", str(out), env=env,
                    launcher=[*TORCHRUN, str(launcher)], timeout=240)
     assert job.returncode != 0
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -125,8 +116,8 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
 def test_sync_batchnorm_on_cpu_processes_is_one_clear_error(tmp_path, env):
     data = tmp_path / "data"
     generate_dataset(data, num_images=4, width=64, height=64, chars_per_image=(2, 4), seed=3)
-    args = [a if a != "group" else "batch" for a in ARGS]  # live BatchNorm
-    job = _charseg("train", str(data), *args, "--batch-size", "1", "--sync-batchnorm", "--output-dir",
+    args = [a if a != "group" else "batch" for a in DDP_ARGS]  # live BatchNorm
+    job = run_charseg("train", str(data), *args, "--batch-size", "1", "--sync-batchnorm", "--output-dir",
                    str(tmp_path / "out"), env=env, launcher=[*TORCHRUN, "-m", "charseg"], timeout=240)
     assert job.returncode != 0
     assert "Error: --sync-batchnorm needs GPUs" in job.stderr

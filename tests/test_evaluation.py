@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import light_config
+from conftest import LIGHT_ARGS, light_config
 from PIL import Image
-from test_cli import LIGHT_ARGS
 
 from charseg import checkpoint as ckpt
 from charseg.cli import cli

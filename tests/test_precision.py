@@ -7,8 +7,7 @@ import logging
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import light_config
-from test_cli import LIGHT_ARGS
+from conftest import LIGHT_ARGS, light_config
 
 from charseg import checkpoint as ckpt
 from charseg import precision as precision_module

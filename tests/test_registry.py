@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import LOCAL, _free_port, start_service, stop_service, wait_until_up
+from conftest import LIGHT_ARGS, LOCAL, _free_port, start_service, stop_service, wait_until_up
 from mlflow.tracking import MlflowClient
-from test_cli import LIGHT_ARGS
 
 from charseg import checkpoint as ckpt
 from charseg import tracking

@@ -17,11 +17,11 @@ from mlflow import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 import local_stack  # noqa: E402  (deploy/ is a folder of recipes, not a package)
+from conftest import LIGHT, cli_args  # noqa: E402
 
-ARGS = ["--weights", "none", "--backbone", "resnet18", "--min-size", "64", "--max-size", "64", "--num-workers", "0",
-        "--roi-samples", "32", "--rpn-proposals-train", "100", "--warmup-iters", "2", "--log-every", "1",
-        "--val-fraction", "0.25", "--no-system-metrics", "--experiment-name", "team",
-        "--fpn-channels", "32"]  # checkpoints of 0.1 GB, not 0.25, through S3
+# LIGHT, validated, with checkpoints of 0.1 GB, not 0.25, through S3.
+ARGS = [*cli_args({**{k: v for k, v in LIGHT.items() if k not in ("batch_size", "rpn_proposals_test")},
+                   "val_fraction": 0.25, "fpn_channels": 32}), "--no-system-metrics", "--experiment-name", "team"]
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(local_stack.postgres_bin() is None,

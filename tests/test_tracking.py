@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import LIGHT_ARGS
 from mlflow.tracking import MlflowClient
-from test_cli import LIGHT_ARGS
 
 from charseg import checkpoint as ckpt
 from charseg import tracking
 from charseg.cli import cli
-
 
 pytestmark = [pytest.mark.server]
 
