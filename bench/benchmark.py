@@ -39,6 +39,7 @@ from charseg.data.loading import CharacterDataset, collate
 from charseg.inference.predict import output_to_instances  # noqa: E402
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
+from charseg.precision import Compute  # noqa: E402
 
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
@@ -69,8 +70,8 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     stock = path == "stock"
     model = build_model(spec_for(page, layout, data_dir), polygon_native=not stock)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    if path.startswith("charseg-"):  # charseg-bf16: the same model under autocast (bench/precision.py)
-        model.precision = path.split("-", 1)[1]
+    # charseg-bf16: the same model under autocast (bench/precision.py)
+    autocast = Compute(torch.device("cpu"), path.split("-", 1)[1] if path.startswith("charseg-") else "fp32").autocast
     samples = scan_dataset(data_dir).samples
     dataset = CharacterDataset(samples, full_masks=stock)
     if task == "train":
@@ -82,7 +83,8 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
             if not stock:
                 targets = [{k: v for k, v in t.items() if k != "masks"} for t in targets]
             start = time.perf_counter()
-            loss = sum(model(list(images), list(targets)).values())
+            with autocast():
+                loss = sum(model(list(images), list(targets)).values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -94,7 +96,8 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     image = dataset[0][0]
     with torch.inference_mode():
         start = time.perf_counter()
-        output = model([image])[0]
+        with autocast():
+            output = model([image])[0]
         size = (image.shape[-1], image.shape[-2])
         instances = output_to_instances(output, 0.0, size)  # polygons: from pasted masks (stock) or box masks
         seconds = time.perf_counter() - start

@@ -43,7 +43,7 @@ from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.inference.evaluate import evaluate, evaluate_checkpoint  # noqa: E402
 from charseg.inference.predict import load_model_for_inference  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
-from charseg.precision import native_bf16  # noqa: E402
+from charseg.precision import Compute, native_bf16  # noqa: E402
 from charseg.training import runner  # noqa: E402
 
 HEADING = "## Mixed precision (bench/precision.py)"
@@ -124,10 +124,9 @@ def quality(checkpoint: str, data: str) -> dict:
     # CPU's float16 autocast computes too: the same model code, the same casts, emulated and slow.
     start = time.perf_counter()
     device = torch.device("cpu")
-    model, spec, _ = load_model_for_inference(checkpoint, device, None, None, "fp32")
-    model.precision = "fp16"
+    model, spec, _ = load_model_for_inference(checkpoint, device)
     result = evaluate(model, load_dataset_report(data).samples, device, max_dets=spec.detections_per_img,
-                      score_threshold=0.5)
+                      score_threshold=0.5, autocast=Compute(device, "fp16").autocast)
     out[FP16_ON_CPU] = {**{k: result.metrics[k] for k in METRICS}, "seconds": time.perf_counter() - start}
     print(FP16_ON_CPU, out[FP16_ON_CPU], flush=True)
     return out

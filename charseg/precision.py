@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ log = logging.getLogger("charseg")
 _warned_emulated: set[str] = set()  # devices already warned about, once per process
 
 
-class PrecisionError(ValueError):
+class PrecisionError(CharsegError, ValueError):
     """A precision this device cannot run."""
 
 
@@ -76,7 +77,7 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
         native, how = native_bf16(device)
         if not native and how not in _warned_emulated:
             _warned_emulated.add(how)
-            # An AVX2-only CPU trained in 8.3x float32's time (README, "Precision"); T4 / V100 have fp16.
+            # Emulated bfloat16 trains several times slower than float32 (docs/BENCHMARKS.md); T4 / V100 have fp16.
             speed, faster = (("no faster than", "fp16") if device.type == "cuda" else
                              ("several times slower than", "fp32"))
             log.warning("--precision bf16: %s: bfloat16 runs emulated, %s float32; --precision %s is the fast "
@@ -108,3 +109,33 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CharsegError(f"--device {name}: no CUDA device is visible; use --device cpu or auto")
     return device
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a command's model computes, decided once per command (resolve_compute) and
+    passed down, as timm's `amp_autocast`: the device and the forward pass's precision."""
+
+    device: torch.device
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    why: str = field(default="", compare=False)  # how auto chose, for the log
+
+    def autocast(self):
+        """The forward pass's autocast context (a no-op in fp32)."""
+        return autocast(self.precision, self.device.type)
+
+    def loss_scaler(self) -> torch.amp.GradScaler | None:
+        """float16 training's loss scaler (its state goes into each checkpoint); None otherwise."""
+        return torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+
+
+def resolve_compute(device: str | torch.device, precision: str, *, training: bool) -> Compute:
+    """DEVICE (a name, or a device already chosen) and PRECISION (auto: see `resolve`) as the
+    Compute a command runs with; logs what was chosen. Raises CharsegError (PrecisionError)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    chosen, why = resolve(precision, device, training=training)
+    if not training:
+        log.info("inference precision %s (%s)", chosen, why)
+    elif chosen != "fp32":
+        log.info("precision %s (%s)", chosen, why)
+    return Compute(device, chosen, why)

@@ -18,6 +18,7 @@ from charseg.data.generate import generate_dataset
 from charseg.data.images import load_image_rgb
 from charseg.data.loading import image_to_tensor
 from charseg.inference.predict import load_model_for_inference
+from charseg.precision import resolve_compute
 from charseg.training import runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -41,13 +42,15 @@ def test_fp16_on_cuda_trains_with_its_loss_scaler_and_resumes_with_it(tiny_datas
     # The float32 checkpoint of a CUDA fp16 run predicts on the CPU, and auto on the GPU
     # chooses bf16 exactly where it computes it natively (compute capability 8.0 on).
     image = image_to_tensor(load_image_rgb(tiny_dataset / "images" / "00001.png"))
-    cpu_model, _, _ = load_model_for_inference(straight.final_checkpoint, torch.device("cpu"), precision="fp32")
-    gpu_model, _, _ = load_model_for_inference(straight.final_checkpoint, torch.device("cuda"), precision="auto")
+    cpu_model, _, _ = load_model_for_inference(straight.final_checkpoint, torch.device("cpu"))
+    gpu_model, _, _ = load_model_for_inference(straight.final_checkpoint, torch.device("cuda"))
+    gpu = resolve_compute("cuda", "auto", training=False)
     native = torch.cuda.get_device_capability()[0] >= 8 or bool(torch.version.hip)
-    assert gpu_model.precision == ("bf16" if native else "fp32")
+    assert gpu.precision == ("bf16" if native else "fp32")
     with torch.inference_mode():
         on_cpu = cpu_model([image])[0]
-        on_gpu = gpu_model([image.cuda()])[0]
+        with gpu.autocast():
+            on_gpu = gpu_model([image.cuda()])[0]
     for output in (on_cpu, on_gpu):
         assert output["boxes"].dtype == output["scores"].dtype == torch.float32
 

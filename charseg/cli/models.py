@@ -11,7 +11,7 @@ from .. import jobs
 from ..data.coco import SEGMENTATIONS
 from ..inference.evaluate import evaluate_checkpoint
 from ..inference.predict import COCO_PREDICTIONS, LABELS
-from ..precision import resolve_device
+from ..precision import resolve_compute
 from .options import DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
 
 
@@ -85,11 +85,11 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
     _check_distinct_names(paths)
     with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
-        torch_device = resolve_device(device)
-        model, _, _ = load_model_for_inference(path, torch_device, scale_test=scale_test, precision=precision)
-        summary = predict_files(model, paths, Path(out_dir), torch_device, score_threshold, labels=labels,
+        compute = resolve_compute(device, precision, training=False)
+        model, _, _ = load_model_for_inference(path, compute.device, scale_test=scale_test)
+        summary = predict_files(model, paths, Path(out_dir), compute.device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None,
-                                batch_size=batch_size)
+                                batch_size=batch_size, autocast=compute.autocast)
     for line in summary["skipped"]:
         click.echo(f"skipped {line}", err=True)
     click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}"

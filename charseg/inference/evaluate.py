@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from typing import Callable, ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from ..data.dataset import Sample, load_dataset_report
 from ..data.images import load_image_rgb
 from ..data.loading import image_to_tensor
 from ..polygons import polygon_area, polygon_boxes
-from ..precision import resolve_device
+from ..precision import resolve_compute
 from .predict import draw_overlay, load_model_for_inference, output_to_instances, same_size_batches
 
 # Metrics where lower is better; every other one is maximised.
@@ -116,7 +117,7 @@ def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> i
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device, *, max_dets: int,
              score_threshold: float = 0.5, iou_threshold: float = 0.5, batch_size: int = 2,
-             overlay_count: int = 0) -> EvalResult:
+             overlay_count: int = 0, autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> EvalResult:
     """Evaluate `model` on `samples`.
 
     Args:
@@ -125,6 +126,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
         batch_size: most pages per forward pass (only pages of one size share one).
         iou_threshold: mask IoU for a character to count as found.
         overlay_count: how many images to return with predicted outlines drawn.
+        autocast: the forward pass's autocast context (precision.Compute.autocast).
     Returns:
         EvalResult with METRICS and the overlays.
     """
@@ -139,7 +141,8 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     for batch in same_size_batches(samples, lambda s: (s.height, s.width), batch_size):
         arrays = [load_image_rgb(s.image_path) for s in batch]
         tensors = [image_to_tensor(a).to(device) for a in arrays]
-        outputs = model(tensors)
+        with autocast():
+            outputs = model(tensors)
         for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
             image_id = start + offset + 1
             for score, box in zip(output["scores"].tolist(), output["boxes"].tolist()):
@@ -177,9 +180,9 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: s
                         precision: str = "auto"):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
     `scale_test`: instead of the checkpoint's) at `precision`. Returns an EvalResult."""
-    torch_device = resolve_device(device)
-    model, spec, _ = load_model_for_inference(checkpoint_path, torch_device, detections_per_img, scale_test,
-                                              precision)
+    compute = resolve_compute(device, precision, training=False)
+    model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test)
     report = load_dataset_report(data_dir)
-    return evaluate(model, report.samples, torch_device, max_dets=spec.detections_per_img,
-                    score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count)
+    return evaluate(model, report.samples, compute.device, max_dets=spec.detections_per_img,
+                    score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count,
+                    autocast=compute.autocast)

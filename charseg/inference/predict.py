@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import ContextManager, TypeVar
 
 import numpy as np
 import torch
@@ -25,8 +25,6 @@ from ..data.loading import image_to_tensor
 from ..errors import CharsegError
 from ..model.build import NUM_CLASSES, ModelSpec, build_model
 from ..polygons import box_mask_to_polygon, mask_to_polygon
-from ..precision import PrecisionError
-from ..precision import resolve as resolve_precision
 
 log = logging.getLogger("charseg")
 
@@ -47,15 +45,10 @@ class Instance:
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, detections_per_img: int | None = None,
-                             scale_test: float | None = None,
-                             precision: str = "auto") -> tuple[torch.nn.Module, ModelSpec, dict]:
+                             scale_test: float | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
     """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img` and
-    `scale_test` instead of the checkpoint's when given, running at `precision` (auto: bf16
-    where the device computes it natively). Returns (model, its spec, the checkpoint)."""
-    try:
-        chosen, why = resolve_precision(precision, device, training=False)
-    except PrecisionError as exc:
-        raise CharsegError(str(exc)) from exc
+    `scale_test` instead of the checkpoint's when given (its precision is the caller's
+    autocast: precision.Compute). Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
     if detections_per_img:
@@ -70,8 +63,6 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         model = build_model(spec)
     model.to_empty(device="cpu").load_state_dict(state["model"])
     model.to(device).eval()
-    model.precision = chosen
-    log.info("inference precision %s (%s)", chosen, why)
     return model, spec, state
 
 
@@ -103,10 +94,12 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
 
 @torch.inference_mode()
 def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
-                   score_threshold: float = 0.5) -> list[list[Instance]]:
-    """Predict instances for HxWx3 uint8 RGB arrays (one list per image)."""
+                   score_threshold: float = 0.5,
+                   autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> list[list[Instance]]:
+    """Predict instances for HxWx3 uint8 RGB arrays (one list per image), the forward pass
+    under AUTOCAST (precision.Compute.autocast)."""
     tensors = [image_to_tensor(a).to(device) for a in images]
-    with boxes_scoring_at_least(model, score_threshold):
+    with boxes_scoring_at_least(model, score_threshold), autocast():
         outputs = model(tensors)
     return [output_to_instances(o, score_threshold, (a.shape[1], a.shape[0])) for o, a in zip(outputs, images)]
 
@@ -214,7 +207,8 @@ def write_predictions_csv(path: Path, instances: list[Instance]) -> None:
 
 def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, device: torch.device,
                   score_threshold: float, progress: bool = True, labels: str = "fit",
-                  coco_segmentation: str | None = None, batch_size: int = 1) -> dict[str, int]:
+                  coco_segmentation: str | None = None, batch_size: int = 1,
+                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, int]:
     """Predict every input image; write OUT/images (copies), OUT/annotations/*.csv and
     OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts;
     with `coco_segmentation` (polygon or rle) also OUT/predictions_coco.json.
@@ -235,7 +229,7 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
             tqdm(total=len(inputs), desc="predicting", unit="image", disable=None if progress else True) as bar:
         for batch in same_size_batches(decoded_images(decoder, inputs, skipped), lambda item: item[1].shape,
                                        batch_size):
-            results = predict_arrays(model, [rgb for _, rgb in batch], device, score_threshold)
+            results = predict_arrays(model, [rgb for _, rgb in batch], device, score_threshold, autocast)
             for (path, rgb), instances in zip(batch, results):
                 writing.append(writer.submit(write_prediction, out_dir, path.stem, rgb, instances, labels))
                 total += len(instances)

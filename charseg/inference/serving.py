@@ -15,11 +15,10 @@ import threading
 
 import numpy as np
 import pandas as pd
-import torch
 
 from ..data.images import load_image_rgb
 from ..errors import CharsegError
-from ..precision import resolve as resolve_precision
+from ..precision import resolve_compute
 from .predict import load_model_for_inference, predict_arrays
 
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
@@ -35,13 +34,12 @@ class CharsegPredictor:
     """Predicts character instances for a batch of encoded images."""
 
     def __init__(self, checkpoint_path: str, device: str | None = None, precision: str = "auto"):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, _, state = load_model_for_inference(checkpoint_path, self.device, precision=precision)
-        self.default_precision = self.model.precision
+        self.compute = resolve_compute(device or "auto", precision, training=False)  # a call may pass its own
+        self.model, _, state = load_model_for_inference(checkpoint_path, self.compute.device)
         # The run's --score-threshold, which picked its best checkpoint; a call may pass its own.
         self.score_threshold = float(state["config"]["score_threshold"])
-        # A call sets the model's precision and its box score threshold for its own pass: a
-        # scoring server answering from several threads must not mix two calls' settings.
+        # A call sets the model's box score threshold for its own pass: a scoring server
+        # answering from several threads must not mix two calls' thresholds.
         self._one_call_at_a_time = threading.Lock()
 
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -54,13 +52,12 @@ class CharsegPredictor:
             raise CharsegError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
         asked = str((params or {}).get("precision", "auto"))
-        precision = self.default_precision if asked == "auto" else \
-            resolve_precision(asked, self.device, training=False)[0]
+        compute = self.compute if asked == "auto" else resolve_compute(self.compute.device, asked, training=False)
         rows = []
         with self._one_call_at_a_time:
-            self.model.precision = precision
             for image_id, data in enumerate(model_input["image"]):
-                for inst in predict_arrays(self.model, [decode_image(data, image_id)], self.device, threshold)[0]:
+                image = decode_image(data, image_id)
+                for inst in predict_arrays(self.model, [image], compute.device, threshold, compute.autocast)[0]:
                     rows.append((image_id, inst.score, inst.box, inst.polygon))
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         return frame.astype({"image_id": "int64", "score": "float64"})

@@ -25,7 +25,6 @@ from torchvision.ops import roi_align
 
 from ..data.loading import POLYGON_KEYS
 from ..polygons import PIXEL_CENTRE, polygon_mask_targets, unpack_polygons
-from ..precision import autocast
 from .roi_pool import float32_features
 from .sampling import ROI_SALT, SeededSampler
 
@@ -229,21 +228,13 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
 
 class PolygonMaskRCNN(MaskRCNN):
     """charseg's Mask R-CNN: torchvision's, assembled from the polygon-native parts above
-    (model.build_model builds them), whose forward runs under autocast at `precision`
-    (precision.py: fp32, bf16, fp16). What must stay exact stays float32: anchors
-    (Float32Anchors), the RPN's and the box predictor's outputs before box decoding, mask
-    logits, every loss. Its state dict is stock torchvision's."""
-
-    precision = "fp32"
+    (model.build_model builds them). Under a caller's autocast (precision.Compute), what must
+    stay exact stays float32: anchors (Float32Anchors), the RPN's and the box predictor's
+    outputs before box decoding, mask logits, every loss. Its state dict is stock torchvision's."""
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
                  transform: GeneralizedRCNNTransform):
         # MaskRCNN's and FasterRCNN's constructors build torchvision's own parts from arguments;
         # these parts are built by the caller, so only GeneralizedRCNN's is run.
         GeneralizedRCNN.__init__(self, backbone, rpn, roi_heads, transform)
-
-    def forward(self, images, targets=None):
-        device_type = images[0].device.type if len(images) else "cpu"
-        with autocast(self.precision, device_type):
-            return super().forward(images, targets)
 

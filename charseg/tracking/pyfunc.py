@@ -9,7 +9,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from ..errors import CharsegError
 from ..inference.serving import CharsegPredictor
-from ..precision import PrecisionError
 
 LOADER_MODULE = "charseg.tracking"  # what registered models name; keep it importable
 
@@ -26,7 +25,7 @@ class ServedModel:
     def predict(self, model_input, params: dict | None = None):
         try:
             return self.predictor.predict(model_input, params)
-        except (CharsegError, PrecisionError) as exc:  # not any ValueError: a bug is no bad request
+        except CharsegError as exc:  # a precision the device lacks too; not any ValueError: a bug is no bad request
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
 
 

@@ -3,10 +3,11 @@ no tracking; loop.fit does those)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
-from typing import Callable, Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 from tqdm import tqdm
@@ -34,8 +35,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
                     device: torch.device, epoch: int, *, steps_per_epoch: int,
                     iteration_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, iteration_steps: int = 0,
                     clip_grad_norm: float = 0.0, log_every: int = 10,
-                    on_step: StepCallback | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                    on_step: StepCallback | None = None, scaler: torch.amp.GradScaler | None = None,
+                    autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, float]:
     """Train `model` for one pass over `loader`.
 
     Args:
@@ -45,6 +46,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
             stepped after each iteration while its last_epoch < iteration_steps.
         clip_grad_norm, scaler: see optimizer_step.
         on_step: called every `log_every` steps with (global step, losses, lr).
+        autocast: the forward pass's autocast context (precision.Compute.autocast).
     Under torchrun (a DistributedDataParallel `model`), each process's losses are weighted by
     its share of what the batch sampled (`weigh_by_share`), so the averaged gradients and the
     reported losses are those of one process over all processes' pages together.
@@ -64,7 +66,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         step = (epoch - 1) * steps_per_epoch + i
         images = [img.to(device, non_blocking=True) for img in images]
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        loss_dict = model(images, targets)
+        with autocast():
+            loss_dict = model(images, targets)
         if distributed.active():
             loss_dict = weigh_by_share(loss_dict, unwrap(model))
         loss = sum(loss_dict.values())

@@ -25,9 +25,7 @@ from ..data.loading import CharacterDataset, EpochShuffleSampler, collate
 from ..errors import CharsegError, DatasetError
 from ..inference.evaluate import METRICS, evaluate, is_better
 from ..model.build import ModelSpec
-from ..precision import PrecisionError
-from ..precision import resolve as resolve_precision
-from ..precision import resolve_device
+from ..precision import Compute, resolve_compute, resolve_device
 from . import distributed
 from .engine import train_one_epoch
 from .optimization import Optimization
@@ -101,15 +99,16 @@ class Splits:
 
 
 def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
-        tracker: Tracker, resume_state: dict | None = None) -> RunResult:
+        tracker: Tracker, resume_state: dict | None = None, compute: Compute | None = None) -> RunResult:
     """Train MODEL epoch by epoch (from RESUME_STATE's next epoch when given): after each, its
     checkpoint, then validation (best.pth), held-out pages, the tracker's records; after the
-    last, model_final.pth. Rank 0 holds the output folder for the whole run (one writer per
-    folder); under torchrun the other ranks only train."""
+    last, model_final.pth. COMPUTE: the device and precision (default: CONFIG's, resolved
+    once here; the run records the precision). Rank 0 holds the output folder for the whole
+    run (one writer per folder); under torchrun the other ranks only train."""
     config = dataclasses.replace(config, world_size=distributed.world().size)
     check_config(config)
     with _output_folder(config, tracker):
-        run = _Training.prepare(config, model, splits, resume_state)
+        run = _Training.prepare(config, model, splits, resume_state, compute)
         tracker.start(config, report, spec, splits)
         if not distributed.world().main:
             return _train_beside_rank0(run, config, model, tracker)
@@ -117,7 +116,7 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
         if resume_state is not None:
             _finish_resumed_epoch(run, config, spec, model, splits, tracker, resume_state)
         if result.start_epoch <= config.epochs:
-            log.info("training on %s%s: epochs %d-%d, %d steps per epoch, output %s", run.device,
+            log.info("training on %s%s: epochs %d-%d, %d steps per epoch, output %s", run.compute.device,
                      f" x {config.world_size} processes (global batch {config.batch_size * config.world_size})"
                      if config.world_size > 1 else "", result.start_epoch, config.epochs, len(run.loader),
                      config.output_dir)
@@ -133,10 +132,11 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
             written = _save_epoch(state, config, epoch, metrics, tracker)
             result.checkpoints.extend(written)
             if splits.val:
-                val_metrics = _validate(model, config, spec, splits.val, run.device, epoch, result.best, state, tracker)
+                val_metrics = _validate(model, config, spec, splits.val, run.compute, epoch, result.best, state,
+                                        tracker)
                 metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
             if splits.heldout:
-                result.heldout = _heldout(model, config, spec, splits.heldout, run.device, epoch, tracker)
+                result.heldout = _heldout(model, config, spec, splits.heldout, run.compute, epoch, tracker)
             if epoch == config.epochs:  # last: the file that says the run is complete
                 result.checkpoints.append(_save_final(state, config, tracker, written[0] if written else None))
             distributed.barrier()
@@ -161,10 +161,11 @@ def _output_folder(config: TrainConfig, tracker: Tracker):
 
 @dataclass
 class _Training:
-    """What the epochs run with: the device, the model they train (DDP under torchrun), the
-    loader and its sampler, the optimizer and schedules, float16's loss scaler, the result so far."""
+    """What the epochs run with: the device and precision, the model they train (DDP under
+    torchrun), the loader and its sampler, the optimizer and schedules, float16's loss scaler,
+    the result so far."""
 
-    device: torch.device
+    compute: Compute
     trained: torch.nn.Module
     loader: DataLoader
     sampler: EpochShuffleSampler
@@ -173,20 +174,15 @@ class _Training:
     result: RunResult
 
     @classmethod
-    def prepare(cls, config: TrainConfig, model: torch.nn.Module, splits: Splits,
-                resume_state: dict | None) -> "_Training":
-        """Move MODEL to the device at the run's precision (recorded in CONFIG), build the
-        loader and optimizer, and put a resumed run's state back."""
-        device = _training_device(config.device)
+    def prepare(cls, config: TrainConfig, model: torch.nn.Module, splits: Splits, resume_state: dict | None,
+                compute: Compute | None) -> "_Training":
+        """Move MODEL to the device (the run's precision recorded in CONFIG), build the loader
+        and optimizer, and put a resumed run's state back."""
+        compute = compute or resolve_compute(_training_device(config.device), config.precision, training=True)
+        device = compute.device
         model.to(device)
-        try:
-            precision, why = resolve_precision(config.precision, device, training=True)
-        except PrecisionError as exc:
-            raise CharsegError(str(exc)) from exc
-        config.precision = model.precision = precision  # the run records the precision it used
-        if precision != "fp32":
-            log.info("precision %s (%s)", precision, why)
-        scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None  # its state is in each checkpoint
+        config.precision = compute.precision  # the run records the precision it used
+        scaler = compute.loss_scaler()  # its state is in each checkpoint
         if not splits.train:
             raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
         loader, sampler = _loader(config, splits.train, device)
@@ -198,7 +194,7 @@ class _Training:
             if scaler is not None and resume_state.get("scaler"):
                 scaler.load_state_dict(resume_state["scaler"])
         trained = _parallel(model, config, device)  # what the epochs run; `model` stays the plain module
-        return cls(device, trained, loader, sampler, opt, scaler, result)
+        return cls(compute, trained, loader, sampler, opt, scaler, result)
 
     def train_epoch(self, epoch: int, config: TrainConfig, tracker: Tracker) -> dict[str, float]:
         """One epoch (engine.train_one_epoch) and its StepLR step; its metrics, logged."""
@@ -207,10 +203,11 @@ class _Training:
             if self.scaler is not None:  # the loss scaler skips steps by design while it backs off (PyTorch's AMP)
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             metrics = train_one_epoch(
-                self.trained, self.opt.optimizer, self.loader, self.device, epoch, steps_per_epoch=len(self.loader),
-                iteration_scheduler=self.opt.iteration_scheduler, iteration_steps=self.opt.iteration_steps,
-                clip_grad_norm=config.clip_grad_norm, log_every=config.log_every, on_step=tracker.log_step,
-                scaler=self.scaler)
+                self.trained, self.opt.optimizer, self.loader, self.compute.device, epoch,
+                steps_per_epoch=len(self.loader), iteration_scheduler=self.opt.iteration_scheduler,
+                iteration_steps=self.opt.iteration_steps, clip_grad_norm=config.clip_grad_norm,
+                log_every=config.log_every, on_step=tracker.log_step, scaler=self.scaler,
+                autocast=self.compute.autocast)
             if self.opt.scheduler is not None:
                 self.opt.scheduler.step()
         metrics["epoch"] = float(epoch)
@@ -245,10 +242,10 @@ def _finish_resumed_epoch(run: _Training, config: TrainConfig, spec: ModelSpec, 
     for a last epoch that stopped before model_final.pth, its held-out pages and that file."""
     result = run.result
     if splits.val and result.best["through_epoch"] < state["epoch"]:
-        _validate(model, config, spec, splits.val, run.device, state["epoch"], result.best, state, tracker)
+        _validate(model, config, spec, splits.val, run.compute, state["epoch"], result.best, state, tracker)
     if result.start_epoch > config.epochs:
         if splits.heldout:
-            result.heldout = _heldout(model, config, spec, splits.heldout, run.device, config.epochs, tracker)
+            result.heldout = _heldout(model, config, spec, splits.heldout, run.compute, config.epochs, tracker)
         source = Path(config.init_checkpoint)
         result.checkpoints.append(_save_final(state, config, tracker,
                                               source if source.parent == Path(config.output_dir) else None))
@@ -315,13 +312,14 @@ def _save_final(state: dict, config: TrainConfig, tracker: Tracker, written: Pat
 
 
 def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val: list[Sample],
-              device: torch.device, epoch: int, best: dict, state: dict, tracker: Tracker) -> dict[str, float]:
+              compute: Compute, epoch: int, best: dict, state: dict, tracker: Tracker) -> dict[str, float]:
     """Evaluate after `epoch`'s checkpoint is saved; write best.pth when the metric improves.
 
     Updates `best` in place and returns the validation metrics.
     """
-    result = evaluate(model, val, device, max_dets=spec.detections_per_img, score_threshold=config.score_threshold,
-                      batch_size=config.batch_size, overlay_count=config.val_images_logged)
+    result = evaluate(model, val, compute.device, max_dets=spec.detections_per_img,
+                      score_threshold=config.score_threshold, batch_size=config.batch_size,
+                      overlay_count=config.val_images_logged, autocast=compute.autocast)
     model.train()
     metrics = result.metrics
     log.info("epoch %d validation: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -341,13 +339,14 @@ def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val:
 
 
 def _heldout(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, pages: list[Sample],
-             device: torch.device, epoch: int, tracker: Tracker) -> dict[str, float]:
+             compute: Compute, epoch: int, tracker: Tracker) -> dict[str, float]:
     """Log the model's outlines on a few held-out pages; after the last epoch, evaluate it on
     all of them. Returns those metrics ({} before the last epoch)."""
     final = epoch == config.epochs
     shown = config.val_images_logged
-    result = evaluate(model, pages if final else pages[:shown], device, max_dets=spec.detections_per_img,
-                      score_threshold=config.score_threshold, batch_size=config.batch_size, overlay_count=shown)
+    result = evaluate(model, pages if final else pages[:shown], compute.device, max_dets=spec.detections_per_img,
+                      score_threshold=config.score_threshold, batch_size=config.batch_size, overlay_count=shown,
+                      autocast=compute.autocast)
     model.train()
     if final:
         log.info("held-out pages %s, final model: %s", config.heldout_dir,

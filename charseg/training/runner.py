@@ -21,6 +21,7 @@ from ..data.loading import split_samples
 from ..errors import CharsegError
 from ..model.architecture import FINETUNE_CHANGEABLE, FINETUNE_FIXED, resolve_spec
 from ..model.build import NUM_CLASSES, ModelSpec, build_model, create_model
+from ..precision import Compute
 from .loop import NullTracker, RunResult, Splits, Tracker, check_config, fit
 from .reproducibility import seed_everything
 
@@ -57,8 +58,9 @@ def default_output_dir(mode: str) -> str:
     return str(Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
 
 
-def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
-    """Train from the initial weights named by `config.weights`."""
+def train(config: TrainConfig, tracker: Tracker | None = None, compute: Compute | None = None) -> RunResult:
+    """Train from the initial weights named by `config.weights` (on COMPUTE: default, the
+    config's device and precision)."""
     config = dataclasses.replace(config, mode="train", output_dir=config.output_dir or default_output_dir("train"))
     check_config(config)
     seed_everything(config.seed)
@@ -67,7 +69,7 @@ def train(config: TrainConfig, tracker: Tracker | None = None) -> RunResult:
     spec = resolve_spec(config, splits.all, splits.train)
     model, how = create_model(spec, config.weights)
     log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
-    return fit(config, spec, model, report, splits, tracker or NullTracker())
+    return fit(config, spec, model, report, splits, tracker or NullTracker(), compute=compute)
 
 
 @dataclass
@@ -106,7 +108,7 @@ def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = 
 
 
 def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = None,
-           tracker: Tracker | None = None) -> RunResult:
+           tracker: Tracker | None = None, compute: Compute | None = None) -> RunResult:
     """Continue a run from its checkpoint: model, optimizer, schedulers, epoch, seed and RNG.
 
     A checkpoint of the last epoch whose run stopped before model_final.pth (killed while
@@ -128,11 +130,11 @@ def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = Non
     else:
         log.info("resuming %s: its run stopped before finishing epoch %d (no %s); finishing it", plan.checkpoint_path,
                  state["epoch"], ckpt.FINAL_NAME)
-    return fit(config, spec, model, report, splits, tracker or NullTracker(), resume_state=state)
+    return fit(config, spec, model, report, splits, tracker or NullTracker(), resume_state=state, compute=compute)
 
 
 def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
-             tracker: Tracker | None = None) -> RunResult:
+             tracker: Tracker | None = None, compute: Compute | None = None) -> RunResult:
     """Start a new schedule from a checkpoint's weights only, at FINETUNE_LR_FACTOR x the LR.
 
     Architecture and optimizer settings come from the source checkpoint unless overridden;
@@ -155,7 +157,7 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     model.load_state_dict(state["model"])
     log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
              config.effective_lr, config.lr_factor, config.lr)
-    return fit(config, spec, model, report, splits, tracker or NullTracker())
+    return fit(config, spec, model, report, splits, tracker or NullTracker(), compute=compute)
 
 
 def best_or_final(result: RunResult) -> Path:
