@@ -47,9 +47,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         clip_grad_norm, scaler: see optimizer_step.
         on_step: called every `log_every` steps with (global step, losses, lr).
         autocast: the forward pass's autocast context (precision.Compute.autocast).
-    Under torchrun (a DistributedDataParallel `model`), each process's losses are weighted by
-    its share of what the batch sampled (`weigh_by_share`), so the averaged gradients and the
-    reported losses are those of one process over all processes' pages together.
+    Under torchrun (a DistributedDataParallel `model`), losses are weighted by `weigh_by_share`.
     Returns:
         Mean of each loss component and of the total "loss" (over all processes), plus "lr"
         (at the end), "images" (all processes), "seconds" and "images_per_s".
