@@ -3,7 +3,7 @@
 
 Autocast runs convolutions and matrix products in the lower precision and keeps weights,
 optimizer state, normalisation, losses, anchors and box/mask decoding in float32
-(polygon_heads makes the model's outputs float32). Checkpoints are float32 whatever the
+(the model's parts in model/ keep its outputs float32). Checkpoints are float32 whatever the
 precision, so they load into any precision.
 """
 

@@ -30,7 +30,7 @@ def build_target(sample: Sample, index: int, full_masks: bool = False) -> dict[s
     """Mask R-CNN target dict for one sample: boxes, labels (1 = character), polygons, ...
 
     Masks stay polygons (`polygon_points`, `polygon_lengths`, `image_size`), rasterised per
-    proposal by polygon_heads; full_masks=True adds stock torchvision's N x H x W `masks`.
+    proposal by model/heads.py; full_masks=True adds stock torchvision's N x H x W `masks`.
     """
     boxes = polygons_to_boxes(sample.polygons)
     points, lengths = pack_polygons(sample.polygons)
@@ -81,7 +81,7 @@ class CharacterDataset(torch.utils.data.Dataset):
         target = build_target(sample, index, self.full_masks)
         if epoch is not None:
             # Seeds the model's anchor and proposal sampling for this page in this epoch
-            # (polygon_heads.SeededSampler): the same in any batch, process or resumed run.
+            # (model/sampling.SeededSampler): the same in any batch, process or resumed run.
             target[SAMPLE_SEED] = torch.tensor(sample_seed(self.seed, epoch, index))
         return image_to_tensor(rgb), target, sample.name
 

@@ -72,7 +72,7 @@ class ModelSpec:
     # FPN output channels, also the width of the mask head: 256 is torchvision's; 128 trains
     # a small model (few, simple classes) about 2.8x faster per step on a CPU.
     fpn_channels: int = 256
-    # The mask predictor also reads the input pixels inside each box at 28x28 (polygon_heads.
+    # The mask predictor also reads the input pixels inside each box at 28x28 (model/heads.
     # PixelMaskPredictor): small glyphs are a few cells of the stride-4 features.
     mask_pixels: bool = False
     # Dilations of the PixelMaskPredictor's refining blocks after its first convolution:
@@ -154,7 +154,7 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
     """A randomly initialised Mask R-CNN with this architecture: a PolygonMaskRCNN
-    (polygon_heads.py: polygon mask targets, banded anchor matching, box-sized mask outputs,
+    (model/heads.py and its neighbours: polygon mask targets, banded anchor matching, box-sized mask outputs,
     frozen norms folded into their convolutions, channels-last weights) whose state dict is
     torchvision's. polygon_native=False gives torchvision's own MaskRCNN with full-image masks
     (for comparisons). Built under `torch.device("meta")`, no fill is drawn (for a checkpoint

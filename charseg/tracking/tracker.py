@@ -244,7 +244,7 @@ class MlflowTracker:
 def log_datasets(entries: list[tuple[str | None, str, list]]) -> None:
     """Log each (folder, context, samples) with samples as an MLflow dataset input of the
     active run: name = the folder's name, source = the folder, digest over the samples' file
-    names and contents (data.samples_digest). The UI's Datasets panel and search_runs then
+    names and contents (data/dataset.samples_digest). The UI's Datasets panel and search_runs then
     answer which data trained a model."""
     import warnings
 

@@ -35,7 +35,7 @@ log = logging.getLogger("charseg")
 
 
 class Tracker(Protocol):
-    """What the loop reports to (MLflow in tracking.py); every method may be a no-op."""
+    """What the loop reports to (MLflow in tracking/tracker.py); every method may be a no-op."""
 
     run_id: str  # the tracking run's ID ("" when none), named in the output folder's lock
 
