@@ -59,6 +59,15 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def light_checkpoint(tiny_dataset, tmp_path_factory) -> Path:
+    """model_final.pth of one light epoch on tiny_dataset, trained once for the tests that only
+    need some trained checkpoint to predict or evaluate with (read-only)."""
+    from charseg.training import runner
+
+    return runner.train(light_config(tiny_dataset, tmp_path_factory.mktemp("light-run"), epochs=1)).final_checkpoint
+
+
 @pytest.fixture(autouse=True)
 def _charseg_logs(caplog):
     caplog.set_level(logging.INFO, logger="charseg")

@@ -213,20 +213,16 @@ def test_an_exif_rotated_page_is_read_upright(tmp_path):
     assert load_image_rgb(sample.image_path).shape == (40, 20, 3)
 
 
-def test_predict_skips_pages_it_cannot_use_and_names_them(tiny_dataset, tmp_path):
+def test_predict_skips_pages_it_cannot_use_and_names_them(light_checkpoint, tiny_dataset, tmp_path):
     import shutil
 
-    from conftest import light_config
 
-    from charseg.training import runner
-
-    trained = runner.train(light_config(tiny_dataset, tmp_path / "run", epochs=1))
     inputs = tmp_path / "in"
     inputs.mkdir()
     shutil.copy(tiny_dataset / "images" / "00001.png", inputs / "good.png")
     (inputs / "thin.png").write_bytes(_png_header(60000, 1))
     (inputs / "bomb.png").write_bytes(_png_header(30000, 30000))
-    result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(trained.final_checkpoint),
+    result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(light_checkpoint),
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "Traceback" not in result.output
     assert f"skipped {inputs / 'thin.png'}: image is 60000x1" in result.stderr

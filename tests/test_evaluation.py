@@ -297,12 +297,11 @@ def _assert_same_detections(csv_a, csv_b, size: tuple[int, int]) -> None:
         assert mask_utils.iou(rle_a, rle_b, [0])[0][0] >= 0.95, (csv_b, a, b)
 
 
-def test_predict_batches_same_size_pages_with_the_detections_of_one_at_a_time(tiny_dataset, tmp_path):
+def test_predict_batches_same_size_pages_with_the_detections_of_one_at_a_time(tiny_dataset, light_checkpoint, tmp_path):
     import shutil
     import subprocess
     import sys
 
-    trained = runner.train(light_config(tiny_dataset, tmp_path / "run", epochs=1))
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("00001", "00002", "00003"):
@@ -313,7 +312,7 @@ def test_predict_batches_same_size_pages_with_the_detections_of_one_at_a_time(ti
     shutil.copy(tiny_dataset / "images" / "00004.png", inputs / "d00004.png")
     outs = {}
     for batch in ("1", "2", "3"):
-        result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(trained.final_checkpoint),
+        result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(light_checkpoint),
                                           "--out", str(tmp_path / batch), "--score-threshold", "0.05",
                                           "--batch-size", batch, "--precision", "fp32"])
         assert result.exit_code == 0, result.output
@@ -333,7 +332,7 @@ def test_predict_batches_same_size_pages_with_the_detections_of_one_at_a_time(ti
     probe = ("import sys\nfrom charseg.cli import main\ntry:\n    main()\nexcept SystemExit as exc:\n"
              "    assert not exc.code, exc.code\nprint('mlflow imported:', 'mlflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe, "predict", str(inputs / "a00001.png"), "--model",
-                           str(trained.final_checkpoint), "--out", str(tmp_path / "probe")],
+                           str(light_checkpoint), "--out", str(tmp_path / "probe")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "mlflow imported: False" in done.stdout
