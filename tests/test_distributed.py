@@ -23,9 +23,6 @@ FIRST_EPOCH_RTOL = 1e-5
 LATER_EPOCH_RTOL = 2e-2
 
 
-pytestmark = [pytest.mark.server]
-
-
 def test_shards_of_all_processes_make_the_single_process_batches():
     for size, world, batch in ((8, 2, 2), (11, 2, 2), (7, 3, 1), (2, 4, 1)):
         single = [i for i, _ in EpochShuffleSampler(size, 5)]
@@ -48,6 +45,7 @@ def env(tmp_path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.server  # torchrun
 def test_two_gloo_processes_train_the_run_one_process_trains(tmp_path, env):
     data = tmp_path / "data"
     generate_dataset(data, num_images=10, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
@@ -84,6 +82,7 @@ def test_two_gloo_processes_train_the_run_one_process_trains(tmp_path, env):
     assert state["epoch"] == 2 and state["config"]["world_size"] == 1
 
 
+@pytest.mark.server  # torchrun
 def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
     data = tmp_path / "data"
     generate_dataset(data, num_images=8, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
@@ -113,6 +112,7 @@ def test_a_failing_rank_fails_the_job_with_its_error(tmp_path, env):
     assert (out / "model_epoch_001.pth").is_file() and not (out / "model_epoch_002.pth").exists()
 
 
+@pytest.mark.server  # torchrun
 def test_sync_batchnorm_on_cpu_processes_is_one_clear_error(tmp_path, env):
     data = tmp_path / "data"
     generate_dataset(data, num_images=4, width=64, height=64, chars_per_image=(2, 4), seed=3)
