@@ -82,8 +82,12 @@ def pick_checkpoint(names: list[str], *, prefer_best: bool = False, epoch: int |
     if prefer_best and BEST_NAME in names:
         return BEST_NAME
     epoch_of = epoch_of or _epoch_by_name
-    dated = [(e, name) for name in names if name in (LAST_NAME, FINAL_NAME) or epoch_of_filename(name) is not None
-             for e in [epoch_of(name)] if e is not None]
+    dated = []  # (epoch, name) of each checkpoint file that can be used
+    for name in names:
+        if name in (LAST_NAME, FINAL_NAME) or epoch_of_filename(name) is not None:
+            epoch = epoch_of(name)
+            if epoch is not None:
+                dated.append((epoch, name))
     return max(dated, key=lambda item: (item[0], item[1] == FINAL_NAME))[1] if dated else None
 
 
@@ -236,8 +240,8 @@ def load_checkpoint(path: str | Path, num_classes: int | None = None) -> dict[st
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if empty_file(path):
-        raise CheckpointError(f"{path}: not a charseg checkpoint: {empty_file(path)}")
+    if empty := empty_file(path):
+        raise CheckpointError(f"{path}: not a charseg checkpoint: {empty}")
     try:
         with warnings.catch_warnings():  # torch's notes on foreign pickles; the error below says it plainly
             warnings.simplefilter("ignore", UserWarning)
@@ -299,15 +303,6 @@ def find_latest(directory: str | Path) -> Path | None:
         return folder_checkpoint(Path(directory))
     except CheckpointError:
         return None
-
-
-def checkpoint_run_id(path: Path) -> str:
-    """The MLflow run that wrote a checkpoint file, read without loading its tensors ("" when
-    unknown)."""
-    try:
-        return str(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("run_id", "") or "")
-    except Exception:
-        return ""
 
 
 def this_process() -> str:

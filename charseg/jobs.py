@@ -101,15 +101,13 @@ def echo_run(run_id: str) -> None:
 
 
 @contextlib.contextmanager
-def resolve_source(source: str, *, prefer_best: bool, epoch: int | None = None, under: str | None = None,
-                   link_writer: bool = False) -> Iterator[tuple[Path, ckpt.Lineage]]:
+def resolve_source(source: str, *, prefer_best: bool, epoch: int | None = None,
+                   under: str | None = None) -> Iterator[tuple[Path, ckpt.Lineage]]:
     """The one answer to "which checkpoint file is SOURCE": a checkpoint file, an output folder
     (checkpoint.pick_checkpoint's choice), an MLflow run ID or an artifact URI (runs:/...,
     models:/..., downloaded). Yields (local path, lineage); a download lives until the block
     ends, in a temporary folder of UNDER (a training's output folder, whose next writer removes
-    it should this process be killed) or else of the system's temp folder. link_writer: the
-    lineage names the run that wrote the checkpoint when the source does not (a resume links
-    to the run it continues).
+    it should this process be killed) or else of the system's temp folder.
 
     Under torchrun, rank 0 alone downloads from MLflow and sends the file to the other ranks
     (other machines included); a path that exists for rank 0 is read by every rank."""
@@ -121,7 +119,7 @@ def resolve_source(source: str, *, prefer_best: bool, epoch: int | None = None, 
         return
     local = None if remote else ckpt.local_checkpoint(source, prefer_best=prefer_best, epoch=epoch)
     if local is not None:  # a file or folder: MLflow is not even imported (predict starts sooner)
-        yield local, _linked(ckpt.Lineage(source_uri=str(local.resolve())), local, link_writer)
+        yield local, ckpt.Lineage(source_uri=str(local.resolve()))
         return
     from . import tracking
 
@@ -132,13 +130,7 @@ def resolve_source(source: str, *, prefer_best: bool, epoch: int | None = None, 
         path, lineage = tracking.download_checkpoint(source, Path(download_dir), prefer_best=prefer_best, epoch=epoch)
         if world.distributed and remote:
             distributed.broadcast_file(path, Path(download_dir))
-        yield path, _linked(lineage, path, link_writer)
-
-
-def _linked(lineage: ckpt.Lineage, path: Path, link_writer: bool) -> ckpt.Lineage:
-    if link_writer and not lineage.source_run_id:  # the checkpoint names the run that wrote it
-        lineage.source_run_id = ckpt.checkpoint_run_id(path)
-    return lineage
+        yield path, lineage
 
 
 def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "TrackingChoices") -> None:
@@ -148,13 +140,15 @@ def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "Tra
         overrides.setdefault("output_dir", runner.default_output_dir("resume"))
     if "output_dir" in overrides:
         overrides["output_dir"] = distributed.broadcast_object(overrides["output_dir"])
-    with resolve_source(source, prefer_best=False, epoch=epoch or None, under=overrides.get("output_dir"),
-                        link_writer=True) as (path, lineage):
+    with resolve_source(source, prefer_best=False, epoch=epoch or None,
+                        under=overrides.get("output_dir")) as (path, lineage):
         try:
             plan = runner.plan_resume(path, overrides, shown_as=source)
         except runner.TrainingAlreadyComplete as exc:
             click.echo(str(exc))
             return
+        # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
+        lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
         tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
 
 

@@ -377,7 +377,7 @@ def test_import_coco_lists_garbage_rle_and_foreign_entries_as_skipped(tmp_path):
     for text in ("annotation 7 (image 1): unreadable RLE (compressed RLE counts are not COCO's encoding",
                  "annotation 8 (image 1): unreadable RLE (RLE counts hold something other than non-negative",
                  "annotation 9 (image 1): unreadable RLE (RLE counts cover 8 pixels, the image 30x40 has 1200)",
-                 "annotation 10 (image 1): polygon holds a non-number or a coordinate beyond",
+                 "annotation 10 (image 1): polygon holds a coordinate of 1e+300 px (beyond +-1e+06); check its units",
                  'annotations[6]: "not an annotation" is not a JSON object; not imported'):
         assert text in result.output, result.output
     assert coco.read_bytes() == before

@@ -12,7 +12,6 @@ pycocotools speak.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import DatasetError
 from ..polygons import edge_outlines, flat_polygon, polygon_area
-from .dataset import MAX_COORDINATE, scan_dataset, write_annotation
+from .dataset import coordinate_problem, scan_dataset, write_annotation
 from .images import IMAGE_SUFFIXES, ImageUnusable, open_image, upright_size
 
 CHAR_FROM_HELP = "category (its name), attribute:KEY (the annotation's attributes[KEY], as CVAT exports) or none ('?')"
@@ -83,12 +82,6 @@ def char_reader(char_from: str, categories: dict[int, str]):
     raise DatasetError(f"--char-from {char_from!r}: use {CHAR_FROM_HELP}")
 
 
-def _number(value: Any) -> bool:
-    """A finite JSON number within charseg's coordinate range (bool is no number)."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and abs(value) <= MAX_COORDINATE)
-
-
 def rle_counts(counts: Any, height: int, width: int) -> list[int]:
     """The run lengths of a COCO RLE, checked: pycocotools decodes counts that do not cover the
     mask from memory it never wrote (garbage masks), and raises on others. `counts` is a list of
@@ -145,8 +138,9 @@ def segmentation_to_polygon(segmentation: Any, height: int, width: int) -> tuple
             return None, "no ring with 3 or more x,y points", False
         if len(rings) < len(segmentation):
             note = f"{len(segmentation) - len(rings)} ring(s) without 3 x,y points ignored"
-        if not all(_number(v) for ring in rings for v in ring):
-            return None, f"polygon holds a non-number or a coordinate beyond +-{MAX_COORDINATE:g}", False
+        problem = next(filter(None, map(coordinate_problem, rings)), "")
+        if problem:
+            return None, problem, False
         if len(rings) == 1:
             return [float(v) for v in rings[0]], note, False
         mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(

@@ -166,14 +166,9 @@ def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None
         return None, f"polygon_json is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
     if not isinstance(values, list):
         return None, f"polygon_json must be a flat JSON list [x1,y1,x2,y2,...], got {type(values).__name__}"
-    for v in values:
-        # bool is an int subclass in Python; JSON true/false are not coordinates.
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return None, f"polygon holds a non-number {json.dumps(v)[:40]}"
-        if not math.isfinite(v):
-            return None, f"polygon holds a non-finite number ({v})"
-        if abs(v) > MAX_COORDINATE:
-            return None, f"polygon holds a coordinate of {v:g} px (beyond +-{MAX_COORDINATE:g}); check its units"
+    problem = coordinate_problem(values)
+    if problem:
+        return None, problem
     if len(values) % 2:
         return None, f"polygon has an odd number of values ({len(values)}); expected x,y pairs"
     if len(values) < 6:
@@ -191,6 +186,20 @@ def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None
     outside = (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
     note = f"clipped to the {width}x{height} image ({int(outside.sum())} points outside)" if outside.any() else ""
     return clipped.astype(np.float32), note
+
+
+def coordinate_problem(values: list) -> str:
+    """Why a polygon's flat list of values cannot be coordinates ("" when every one can): a
+    non-number, a non-finite number, or a coordinate past MAX_COORDINATE."""
+    for v in values:
+        # bool is an int subclass in Python; JSON true/false are not coordinates.
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"polygon holds a non-number {json.dumps(v)[:40]}"
+        if not math.isfinite(v):
+            return f"polygon holds a non-finite number ({v})"
+        if abs(v) > MAX_COORDINATE:
+            return f"polygon holds a coordinate of {v:g} px (beyond +-{MAX_COORDINATE:g}); check its units"
+    return ""
 
 
 def _edges(crossing: tuple[int, int]) -> str:

@@ -18,7 +18,8 @@ import pandas as pd
 
 from ..data.images import load_image_rgb
 from ..errors import CharsegError
-from ..precision import resolve_compute
+from ..precision import Compute, resolve_compute
+from ..precision import resolve as resolve_precision
 from .predict import load_model_for_inference, predict_arrays
 
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
@@ -52,7 +53,9 @@ class CharsegPredictor:
             raise CharsegError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
         asked = str((params or {}).get("precision", "auto"))
-        compute = self.compute if asked == "auto" else resolve_compute(self.compute.device, asked, training=False)
+        # A call's own precision, resolved without a log line per request (the load logged the default).
+        compute = self.compute if asked == "auto" else \
+            Compute(self.compute.device, *resolve_precision(asked, self.compute.device, training=False))
         rows = []
         with self._one_call_at_a_time:
             for image_id, data in enumerate(model_input["image"]):

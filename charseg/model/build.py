@@ -309,8 +309,8 @@ def load_weights_file(model: MaskRCNN, path: Path) -> str:
     """
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found; pass coco, imagenet, none or an existing file")
-    if empty_file(path):
-        raise WeightsError(f"{path}: not a PyTorch weights file: {empty_file(path)}")
+    if empty := empty_file(path):
+        raise WeightsError(f"{path}: not a PyTorch weights file: {empty}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for foreign files

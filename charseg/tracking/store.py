@@ -62,6 +62,7 @@ def current_tracking_uri() -> str:
     """The tracking URI in use (after `configure`)."""
     return mlflow.get_tracking_uri()
 
+
 SERVER_PROBE_TIMEOUT_S = 5
 
 
