@@ -72,11 +72,15 @@ def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, seconds: flo
         time.sleep(0.5)
 
 
-def stop_service(proc: subprocess.Popen) -> None:
-    """Stop the server and every process it started (mlflow spawns uvicorn and workers)."""
+def stop_service(proc: subprocess.Popen, grace: float = 20) -> None:
+    """Stop the server and every process it started (mlflow spawns uvicorn and workers): SIGTERM,
+    then SIGKILL after `grace` seconds (uvicorn waits that long for a client that holds a
+    connection open); grace 0 kills at once, as a machine that is lost."""
     try:
+        if not grace:
+            raise subprocess.TimeoutExpired(proc.args, 0)
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.wait(timeout=grace)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:

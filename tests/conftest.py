@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
 
+from charseg.cli import cli
 from charseg.config import TrainConfig
 from charseg.data.generate import generate_dataset
 
@@ -18,6 +23,12 @@ from local_stack import LOOPBACK as LOCAL  # noqa: E402,F401
 from local_stack import free_port as _free_port  # noqa: E402,F401
 from local_stack import start_service, stop_service  # noqa: E402
 from local_stack import wait_until_up as _wait_until_up  # noqa: E402
+
+# `make test` runs two pytest-xdist workers on a 2-core machine: each, and every process it
+# starts, computes on one thread, as two processes of two threads each slow both down many times.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Small enough that one step takes well under a second on a 2-core CPU.
 LIGHT = dict(weights="none", backbone="resnet18", min_size=64, max_size=64, num_workers=0, roi_samples=32,
@@ -92,6 +103,34 @@ def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, seconds: flo
     except RuntimeError:
         stop_service(proc)
         raise
+
+
+@pytest.fixture
+def server(mlflow_server, monkeypatch):
+    """An MlflowClient of the session's mlflow_server, which $MLFLOW_TRACKING_URI names for the test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return MlflowClient(mlflow_server)
+
+
+def run_cli(*args: str) -> str:
+    """`charseg ARGS` in this process (click's runner); its output, after asserting it succeeded."""
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def datasets(client: MlflowClient, run_id: str) -> dict[str, tuple[str, str]]:
+    """context -> (dataset name, digest) of a run's dataset inputs."""
+    return {t.value: (i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs
+            for t in i.tags if t.key == "mlflow.data.context"}
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def artifacts(client: MlflowClient, run_id: str, folder: str) -> list[str]:
+    return sorted(Path(f.path).name for f in client.list_artifacts(run_id, folder))
 
 
 @pytest.fixture(scope="session")
