@@ -45,15 +45,13 @@ demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 	@echo "Runs:        $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)"
 	@echo "Resume:      PATH=$(abspath $(BIN)):\$$PATH $(BIN)/mlflow run . -e resume --env-manager local -P run_id=<RUN_ID> -P epochs=6"
 
-# Every test, in two pytest-xdist workers of one thread each (a test module stays in one worker,
-# which starts its servers once); the slowest 15 are listed at the end so that slow tests stay visible.
-TEST_WORKERS ?= 2
+# Every test; the slowest 15 are listed at the end so that slow tests stay visible.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest --durations=15
 
 # The inner loop: everything but the tests marked slow or server (markers in pyproject.toml).
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow and not server" --durations=10
+	$(BIN)/python -m pytest -m "not slow and not server" --durations=10
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_HELDOUT) outputs mlflow.db mlruns

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -23,12 +21,6 @@ from local_stack import LOOPBACK as LOCAL  # noqa: E402,F401
 from local_stack import free_port as _free_port  # noqa: E402,F401
 from local_stack import start_service, stop_service  # noqa: E402
 from local_stack import wait_until_up as _wait_until_up  # noqa: E402
-
-# `make test` runs two pytest-xdist workers on a 2-core machine: each, and every process it
-# starts, computes on one thread, as two processes of two threads each slow both down many times.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
 
 # Small enough that one step takes well under a second on a 2-core CPU.
 LIGHT = dict(weights="none", backbone="resnet18", min_size=64, max_size=64, num_workers=0, roi_samples=32,
