@@ -36,6 +36,8 @@ KEYS = frozenset({
 OPTIONAL_KEYS = frozenset({
     "run_id",  # the MLflow run that wrote it ("" untracked): a resume from the file links to it
     "scaler",  # --precision fp16: the GradScaler's state ({} otherwise), so a resume stays exact
+    "train_seconds",  # the run's training time so far, every resume counted (--time-budget)
+    "stopped",  # model_final.pth of a run a stopping rule ended early: {"reason", "epoch", "message"}
 })
 FINAL_NAME = "model_final.pth"
 BEST_NAME = "best.pth"
@@ -101,16 +103,19 @@ def _epoch_by_name(name: str) -> float:
 
 def make_checkpoint(*, epoch: int, model: dict, optimizer: dict, scheduler: dict, warmup: dict, seed: int,
                     rng: dict, config: dict, model_spec: dict, num_classes: int, metrics: dict,
-                    best: dict, run_id: str = "", scaler: dict | None = None) -> dict[str, Any]:
-    """Assemble a checkpoint dict of the current schema (all arguments but run_id and scaler required).
+                    best: dict, run_id: str = "", scaler: dict | None = None,
+                    train_seconds: float = 0.0) -> dict[str, Any]:
+    """Assemble a checkpoint dict of the current schema (all arguments but run_id, scaler and
+    train_seconds required).
 
     best: {"metric", "value", "epoch", "through_epoch"}: the best validation result among
     epochs 1..through_epoch, so a resumed run compares against the true best so far.
+    train_seconds: the run's training time so far, every resume counted (--time-budget).
     """
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch, "model": model,
             "optimizer": optimizer, "scheduler": scheduler, "warmup": warmup, "seed": seed, "rng": rng,
             "config": config, "model_spec": model_spec, "num_classes": num_classes, "metrics": metrics,
-            "best": best, "run_id": run_id, "scaler": scaler or {}}
+            "best": best, "run_id": run_id, "scaler": scaler or {}, "train_seconds": train_seconds}
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:

@@ -74,6 +74,8 @@ BOUNDS = {
     "log_every": Bound(1, 10_000_000, "iterations between loss reports"),
     "world_size": Bound(1, 100_000, "torchrun's processes"),
     "seed": Bound(0, 2**32 - 1, "numpy's seeds"),
+    "early_stop_patience": Bound(0, 100_000, "at most the most epochs; 0 turns early stopping off"),
+    "time_budget": Bound(0, 525_600, "minutes: a year; 0 turns the budget off"),
 }
 
 
@@ -177,6 +179,10 @@ class TrainConfig:
     # global batch instead of each process's own pages. Frozen BatchNorm and GroupNorm need nothing.
     sync_batchnorm: bool = False
     init_checkpoint: str = ""  # fine-tune / resume: the checkpoint the run started from
+    # Stopping rules (training/stopping.py), checked after each epoch's validation; the run then
+    # writes its final model and ends FINISHED with the reason. Both count across resumes.
+    early_stop_patience: int = 0  # stop after this many epochs without a better best_metric; 0: off
+    time_budget: float = 0.0  # minutes of training (all resumes together); the epoch under way finishes; 0: off
 
     @property
     def effective_lr(self) -> float:
@@ -232,4 +238,7 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.early_stop_patience and not (self.val_dir or self.val_fraction):
+            raise ValueError("--early-stop-patience compares validation metrics, and this run has no validation "
+                             "pages: pass --val-fraction (above 0) or --val-dir")
 

@@ -119,3 +119,19 @@ def test_sync_batchnorm_on_cpu_processes_is_one_clear_error(tmp_path, env):
     assert job.returncode != 0
     assert "Error: --sync-batchnorm needs GPUs" in job.stderr
     assert "charseg/runner.py" not in job.stderr  # each rank says one line; the traceback is torchrun's own
+
+
+@pytest.mark.server  # torchrun
+def test_a_stopping_rule_ends_every_process_of_a_torchrun_job(tmp_path, env):
+    """Rank 0 decides (it alone validates); rank 1 stops with it instead of waiting for an epoch
+    that never comes. An LR that moves nothing keeps the best at epoch 1."""
+    data = tmp_path / "data"
+    generate_dataset(data, num_images=6, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
+    job = run_charseg("train", str(data), *DDP_ARGS, "--batch-size", "1", "--epochs", "4", "--lr", "1e-12",
+                      "--early-stop-patience", "1", "--output-dir", str(tmp_path / "out"), env=env,
+                      launcher=[*TORCHRUN, "-m", "charseg"], timeout=240)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "stopping after epoch 2 of 4: no better segm_AP for 1 epoch (" in job.stderr
+    assert "weights identical in all 2 processes" in job.stderr
+    state = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
+    assert state["epoch"] == 2 and state["stopped"]["reason"] == "early_stop"

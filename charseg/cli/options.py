@@ -214,8 +214,18 @@ SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchN
                                                     "normalises over the global batch instead of each process's pages")
 
 
-RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY, DEVICE,
-       PRECISION, SYNC_BATCHNORM)
+STOPPING = (
+    _opt("--early-stop-patience", type=bounded("early_stop_patience"), metavar="EPOCHS",
+         help="Stop after this many epochs without a better --best-metric on the validation pages, then write the "
+              "final model (0: off)."),
+    _opt("--time-budget", type=bounded("time_budget"), metavar="MINUTES",
+         help="Stop after the epoch during which the run's training time (every resume counted) reaches this, "
+              "then validate and write the final model (0: off)."),
+)
+
+
+RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, *STOPPING, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY,
+       DEVICE, PRECISION, SYNC_BATCHNORM)
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:

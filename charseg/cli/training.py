@@ -13,8 +13,8 @@ from ..jobs import TrackingChoices
 from ..model.build import BACKBONES, WEIGHT_CHOICES
 from ..precision import PRECISIONS
 from ..training import distributed, runner
-from .options import (DEVICE, LOG_EVERY, OUTPUT, RUN, TRACKING, VAL_DIR, WORKERS, _anchor_sizes, _bool_opt, _given,
-                      _opt, _options, bounded)
+from .options import (DEVICE, LOG_EVERY, OUTPUT, RUN, STOPPING, TRACKING, VAL_DIR, WORKERS, _anchor_sizes, _bool_opt,
+                      _given, _opt, _options, bounded)
 
 
 @click.command("train")
@@ -60,7 +60,7 @@ def train_command(data_dir: str, register_as: str, **options: Any) -> None:
                        help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
-          VAL_DIR, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
+          VAL_DIR, *STOPPING, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
           _opt("--precision", type=click.Choice(PRECISIONS),
                help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
           *TRACKING)

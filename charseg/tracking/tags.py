@@ -18,6 +18,8 @@ TAG_FAILURE = "charseg.failure_reason"
 TAG_BEST_METRIC = "charseg.best_metric"
 TAG_BEST_EPOCH = "charseg.best_epoch"
 TAG_BEST_VALUE = "charseg.best_value"
+TAG_STOP_REASON = "charseg.stop_reason"  # early_stop | time_budget: a run that ended before its last epoch
+TAG_STOP_MESSAGE = "charseg.stop_message"  # that reason in words
 
 # Lineage: where a resume, fine-tune or evaluation started, and who resumed a run.
 TAG_SOURCE_RUN = "charseg.source_run_id"  # also on a registered model version

@@ -22,7 +22,7 @@ from .store import SERVER_AWAY, local_experiment, offline_store, server_is_away,
 from .sync import sync_run
 from .tags import (CHECKPOINT_DIR, TAG_BEST_EPOCH, TAG_BEST_METRIC, TAG_BEST_VALUE, TAG_CAUGHT_UP, TAG_CONTINUES,
                    TAG_FAILURE, TAG_GIT_COMMIT, TAG_MODE, TAG_PRECISION, TAG_SOURCE_CHECKPOINT, TAG_SOURCE_RUN,
-                   TAG_WRITER)
+                   TAG_STOP_MESSAGE, TAG_STOP_REASON, TAG_WRITER)
 
 log = logging.getLogger("charseg")
 
@@ -239,6 +239,13 @@ class MlflowTracker:
         self._send(lambda client, run: client.log_batch(run, tags=tags))
         self._best = best
         self._describe(best)
+
+    def log_stop(self, stop) -> None:
+        """A run that a stopping rule (training/stopping.py) ended before its last epoch: the rule
+        and its message as tags, the epoch as the metric stopped_epoch."""
+        tags = [RunTag(TAG_STOP_REASON, stop.reason), RunTag(TAG_STOP_MESSAGE, stop.message)]
+        self._send(lambda client, run: client.log_batch(run, tags=tags))
+        self._metrics({"stopped_epoch": stop.epoch}, stop.epoch)
 
 
 def log_datasets(entries: list[tuple[str | None, str, list]]) -> None:

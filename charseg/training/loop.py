@@ -30,6 +30,7 @@ from . import distributed
 from .engine import train_one_epoch
 from .optimization import Optimization
 from .reproducibility import capture_rng_state, restore_rng_state, seed_worker
+from .stopping import Stop, TrainingClock, stop_after
 
 log = logging.getLogger("charseg")
 
@@ -46,6 +47,7 @@ class Tracker(Protocol):
     def log_validation(self, epoch: int, metrics: dict[str, float], overlays: list) -> None: ...
     def log_heldout(self, epoch: int, metrics: dict[str, float] | None, overlays: list) -> None: ...
     def log_best(self, path: Path, best: dict) -> None: ...
+    def log_stop(self, stop: Stop) -> None: ...
 
 class NullTracker:
     """Tracks nothing: the default when charseg runs without MLflow."""
@@ -71,6 +73,9 @@ class NullTracker:
         pass
 
     def log_best(self, path, best) -> None:
+        pass
+
+    def log_stop(self, stop) -> None:
         pass
 
 @dataclass
@@ -111,10 +116,15 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
         run = _Training.prepare(config, model, splits, resume_state, compute)
         tracker.start(config, report, spec, splits)
         if not distributed.world().main:
-            return _train_beside_rank0(run, config, model, tracker)
+            return _train_beside_rank0(run, config, model, tracker, resumed=resume_state is not None)
         result = run.result
         if resume_state is not None:
             _finish_resumed_epoch(run, config, spec, model, splits, tracker, resume_state)
+            stop = stop_after(config, resume_state["epoch"], result.best, run.clock.spent())
+            if stop is not None and result.start_epoch <= config.epochs:  # killed after the rule had ended it
+                _end(run, config, spec, model, splits, tracker, resume_state, None, stop)
+            if distributed.broadcast_object(stop is not None):
+                return _finished(result, model, config)
         if result.start_epoch <= config.epochs:
             log.info("training on %s%s: epochs %d-%d, %d steps per epoch, output %s", run.compute.device,
                      f" x {config.world_size} processes (global batch {config.batch_size * config.world_size})"
@@ -135,14 +145,37 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
                 val_metrics = _validate(model, config, spec, splits.val, run.compute, epoch, result.best, state,
                                         tracker)
                 metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
-            if splits.heldout:
-                result.heldout = _heldout(model, config, spec, splits.heldout, run.compute, epoch, tracker)
-            if epoch == config.epochs:  # last: the file that says the run is complete
-                result.checkpoints.append(_save_final(state, config, tracker, written[0] if written else None))
+            stop = stop_after(config, epoch, result.best, run.clock.spent())
+            if epoch == config.epochs or stop is not None:  # last: held-out pages, the final model
+                _end(run, config, spec, model, splits, tracker, state, written[0] if written else None, stop)
+            elif splits.heldout:
+                _heldout(model, config, spec, splits.heldout, run.compute, epoch, tracker, final=False)
             distributed.barrier()
-        _check_replicas(model)
-        result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
-        return result
+            if distributed.broadcast_object(stop is not None):  # the other ranks stop with rank 0
+                break
+        return _finished(result, model, config)
+
+
+def _finished(result: RunResult, model: torch.nn.Module, config: TrainConfig) -> RunResult:
+    _check_replicas(model)
+    result.final_checkpoint = Path(config.output_dir) / ckpt.FINAL_NAME
+    return result
+
+
+def _end(run: "_Training", config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, splits: Splits,
+         tracker: Tracker, state: dict, written: Path | None, stop: Stop | None) -> None:
+    """The run's last epoch (config.epochs, or the one a stopping rule ended it after): the
+    final model's held-out metrics, then model_final.pth (with the stop's reason in it)."""
+    if stop is not None:
+        log.info("stopping after epoch %d of %d: %s", stop.epoch, config.epochs, stop.message)
+    if splits.heldout:
+        run.result.heldout = _heldout(model, config, spec, splits.heldout, run.compute, state["epoch"], tracker,
+                                      final=True)
+    if stop is not None:
+        state, written = {**state, "stopped": stop.to_dict()}, None  # its own write: the epoch's file goes on
+    run.result.checkpoints.append(_save_final(state, config, tracker, written))
+    if stop is not None:
+        tracker.log_stop(stop)
 
 
 @contextlib.contextmanager
@@ -172,6 +205,7 @@ class _Training:
     opt: Optimization
     scaler: torch.amp.GradScaler | None
     result: RunResult
+    clock: TrainingClock
 
     @classmethod
     def prepare(cls, config: TrainConfig, model: torch.nn.Module, splits: Splits, resume_state: dict | None,
@@ -194,7 +228,8 @@ class _Training:
             if scaler is not None and resume_state.get("scaler"):
                 scaler.load_state_dict(resume_state["scaler"])
         trained = _parallel(model, config, device)  # what the epochs run; `model` stays the plain module
-        return cls(compute, trained, loader, sampler, opt, scaler, result)
+        clock = TrainingClock(earlier=float((resume_state or {}).get("train_seconds", 0.0)))
+        return cls(compute, trained, loader, sampler, opt, scaler, result, clock)
 
     def train_epoch(self, epoch: int, config: TrainConfig, tracker: Tracker) -> dict[str, float]:
         """One epoch (engine.train_one_epoch) and its StepLR step; its metrics, logged."""
@@ -223,14 +258,19 @@ class _Training:
             epoch=epoch, model=model.state_dict(), **self.opt.state_dicts(), seed=config.seed,
             rng=capture_rng_state(), config=config.to_dict(), model_spec=spec.to_dict(), num_classes=spec.num_classes,
             metrics={"history": self.result.history}, best=dict(self.result.best), run_id=tracker.run_id,
-            scaler=self.scaler.state_dict() if self.scaler is not None else None)
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, train_seconds=self.clock.spent())
 
 
-def _train_beside_rank0(run: _Training, config: TrainConfig, model: torch.nn.Module, tracker: Tracker) -> RunResult:
-    """A rank other than 0: train each epoch, then wait while rank 0 writes and validates."""
-    for epoch in range(run.result.start_epoch, config.epochs + 1):
+def _train_beside_rank0(run: _Training, config: TrainConfig, model: torch.nn.Module, tracker: Tracker,
+                        resumed: bool) -> RunResult:
+    """A rank other than 0: train each epoch, then wait while rank 0 writes and validates; stop
+    when rank 0 says a stopping rule ended the run."""
+    ended = resumed and distributed.broadcast_object(False)  # ended at once by a rule (fit)
+    for epoch in range(run.result.start_epoch, 0 if ended else config.epochs + 1):
         run.result.history.append(run.train_epoch(epoch, config, tracker))
         distributed.barrier()
+        if distributed.broadcast_object(False):  # rank 0 stopped the run (stopping.py)
+            break
     _check_replicas(model)
     return run.result
 
@@ -244,11 +284,9 @@ def _finish_resumed_epoch(run: _Training, config: TrainConfig, spec: ModelSpec, 
     if splits.val and result.best["through_epoch"] < state["epoch"]:
         _validate(model, config, spec, splits.val, run.compute, state["epoch"], result.best, state, tracker)
     if result.start_epoch > config.epochs:
-        if splits.heldout:
-            result.heldout = _heldout(model, config, spec, splits.heldout, run.compute, config.epochs, tracker)
         source = Path(config.init_checkpoint)
-        result.checkpoints.append(_save_final(state, config, tracker,
-                                              source if source.parent == Path(config.output_dir) else None))
+        _end(run, config, spec, model, splits, tracker, state,
+             source if source.parent == Path(config.output_dir) else None, None)
 
 
 def check_config(config: TrainConfig) -> None:
@@ -339,10 +377,9 @@ def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val:
 
 
 def _heldout(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, pages: list[Sample],
-             compute: Compute, epoch: int, tracker: Tracker) -> dict[str, float]:
-    """Log the model's outlines on a few held-out pages; after the last epoch, evaluate it on
-    all of them. Returns those metrics ({} before the last epoch)."""
-    final = epoch == config.epochs
+             compute: Compute, epoch: int, tracker: Tracker, final: bool) -> dict[str, float]:
+    """Log the model's outlines on a few held-out pages; after the last epoch (FINAL), evaluate
+    it on all of them. Returns those metrics ({} before the last epoch)."""
     shown = config.val_images_logged
     result = evaluate(model, pages if final else pages[:shown], compute.device, max_dets=spec.detections_per_img,
                       score_threshold=config.score_threshold, batch_size=config.batch_size, overlay_count=shown,

@@ -24,6 +24,7 @@ from ..model.build import NUM_CLASSES, ModelSpec, build_model, create_model
 from ..precision import Compute
 from .loop import NullTracker, RunResult, Splits, Tracker, check_config, fit
 from .reproducibility import seed_everything
+from .stopping import STOPPING_SETTINGS, stopped_message
 
 log = logging.getLogger("charseg")
 
@@ -33,7 +34,8 @@ FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_schedu
                       "warmup_iters", "warmup_factor", "clip_grad_norm", "augment")
 # Settings a resume may change: where things are and how fast they run, never the maths.
 RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "heldout_dir", "output_dir", "device", "num_workers",
-                      "log_every", "save_every_epoch", "save_versioned", "world_size", "sync_batchnorm", "precision")
+                      "log_every", "save_every_epoch", "save_versioned", "world_size", "sync_batchnorm", "precision",
+                      *STOPPING_SETTINGS)
 
 
 class TrainingAlreadyComplete(CharsegError):
@@ -99,6 +101,9 @@ def plan_resume(checkpoint_path: str | Path, overrides: dict[str, Any] | None = 
     if not overrides.get("output_dir"):
         config.output_dir = str(Path(checkpoint_path).parent)
     check_config(config)
+    stopped = stopped_message(state, shown_as or str(checkpoint_path))
+    if stopped and not set(STOPPING_SETTINGS) & set(overrides):
+        raise TrainingAlreadyComplete(stopped)
     if state["epoch"] > config.epochs or (
             state["epoch"] == config.epochs and ckpt.final_written(checkpoint_path, state["epoch"], config.output_dir)):
         raise TrainingAlreadyComplete(
