@@ -32,3 +32,16 @@ def empty_file(path) -> str | None:
         return None
     return "the file is empty (0 bytes): it was cut short while being written or copied; copy it again" \
         if size == 0 else None
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop by a signal other than Ctrl-C (SIGTERM: what `timeout`,
+    SLURM, Kubernetes and torchrun send). Like Ctrl-C it ends a run KILLED after the checkpoint
+    being written is complete; the process then exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")

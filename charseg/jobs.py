@@ -15,20 +15,22 @@ from typing import Any, Callable, Iterator
 import click
 
 from . import checkpoint as ckpt
-from .errors import CharsegError
+from .errors import CharsegError, Stopped
 from .precision import resolve_device
 from .training import distributed, runner
+from .training.interrupts import stop_on_sigterm
 
 
 @contextlib.contextmanager
 def training_job(device: str | None) -> Iterator[distributed.World]:
     """A training command's processes: one, or torchrun's (joined into one job here; ranks
-    other than 0 print warnings and errors only)."""
+    other than 0 print warnings and errors only). SIGTERM stops them as Ctrl-C does
+    (training/interrupts.py): the checkpoint being written completes, the run ends KILLED."""
     world = distributed.world()
     if world.distributed and not world.main:
         logging.getLogger().setLevel(logging.WARNING)
     device_type = resolve_device(device or "auto").type if world.distributed else "cpu"
-    with distributed.process_group(device_type) as joined:
+    with distributed.process_group(device_type) as joined, stop_on_sigterm():
         yield joined
 
 
@@ -41,6 +43,8 @@ def tracked(choices: TrackingChoices, output_dir: str, lineage: ckpt.Lineage,
     if not world.main:
         try:
             action(runner.NullTracker())
+        except (Stopped, KeyboardInterrupt):  # the job was stopped: no rank failed
+            raise
         except BaseException as exc:
             distributed.record_error(output_dir, world.rank, exc)
             raise
@@ -76,15 +80,17 @@ def _naming_failed_rank(output_dir: str, call: Callable[[], runner.RunResult]) -
     raise that rank's own error instead."""
     try:
         return call()
-    except Exception as exc:
+    except (Exception, Stopped) as exc:
         world = distributed.world()
         if not world.distributed:
             raise
         distributed.ignore_termination()  # torchrun's SIGTERM: finish recording the failure first
         errors = {}
-        for _ in range(50):  # the failed rank writes its error before its process ends
+        # The failed rank writes its error before its process ends, and torchrun sends SIGTERM
+        # to the others only after that: a SIGTERM with no error written is a stop, not a failure.
+        for _ in range(5 if isinstance(exc, Stopped) else 50):
             errors = distributed.peer_errors(output_dir, world.size)
-            if errors or not isinstance(exc, (distributed.Terminated, RuntimeError)):
+            if errors or not isinstance(exc, (Stopped, RuntimeError)):
                 break
             time.sleep(0.1)
         if not errors:

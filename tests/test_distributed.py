@@ -135,3 +135,37 @@ def test_a_stopping_rule_ends_every_process_of_a_torchrun_job(tmp_path, env):
     assert "weights identical in all 2 processes" in job.stderr
     state = torch.load(tmp_path / "out" / "model_final.pth", weights_only=True)
     assert state["epoch"] == 2 and state["stopped"]["reason"] == "early_stop"
+
+
+@pytest.mark.server  # torchrun
+def test_sigterm_to_the_launcher_stops_the_job_in_two_lines_with_the_run_killed(tmp_path, env):
+    """SIGTERM to the launcher MLproject runs (charseg.cli.torchrun: torchrun itself) reaches
+    every process: rank 0 ends the run KILLED at once, one line each from it and the launcher,
+    no traceback, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "data"
+    out = tmp_path / "out"
+    generate_dataset(data, num_images=6, width=64, height=64, chars_per_image=(2, 4), font_size=(14, 24), seed=3)
+    launcher = [sys.executable, "-m", "charseg.cli.torchrun", *TORCHRUN[3:], "-m", "charseg"]
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen([*launcher, "train", str(data), *DDP_ARGS, "--batch-size", "1", "--epochs", "50",
+                                "--output-dir", str(out), "--experiment-name", "stopped"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while not (out / "model_epoch_001.pth").exists():
+            assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 143, (tmp_path / "job.log").read_text()[-3000:]
+    output = (tmp_path / "job.log").read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert output.count("Stopped: stopped by SIGTERM") == 1
+    assert "torchrun: stopped by SIGTERM" in output
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    [run] = client.search_runs([client.get_experiment_by_name("stopped").experiment_id])
+    assert run.info.status == "KILLED"
+    assert run.data.tags["charseg.failure_reason"] == "stopped by SIGTERM; the last checkpoint is complete"

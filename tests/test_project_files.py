@@ -31,7 +31,7 @@ def test_mlproject_entry_point_maps_onto_its_command(entry):
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
     command = spec["command"]
     if entry in ("train", "resume", "finetune"):  # under torchrun, nproc_per_node processes
-        launcher = "python -m torch.distributed.run --standalone --nproc-per-node {nproc_per_node} "
+        launcher = "python -m charseg.cli.torchrun --standalone --nproc-per-node {nproc_per_node} "
         assert command.startswith(launcher)
         command = "python " + command[len(launcher):]
     assert command.startswith(f"python -m charseg {entry} ")

@@ -201,6 +201,27 @@ def test_ctrl_c_ends_the_run_killed_with_a_complete_checkpoint(mlflow_server, ti
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_sigterm_ends_the_run_killed_at_once_with_one_line_and_exit_143(mlflow_server, tiny_dataset, tmp_path):
+    """What `timeout`, SLURM and Kubernetes send: the checkpoint being written completes, the run
+    is KILLED with the reason right away (not left RUNNING for a later resume to close), one
+    line says so, and the exit status is 128 + 15."""
+    log_path = tmp_path.parent / f"{tmp_path.name}-train.log"
+    proc = stop_after_first_checkpoint(mlflow_server, tiny_dataset, tmp_path, "terminated", log_path, signal.SIGTERM)
+    output = log_path.read_text()
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output
+    assert [line for line in output.splitlines() if line.startswith("Stopped:")] == [
+        "Stopped: stopped by SIGTERM; a training run ends KILLED with its last checkpoint complete (`charseg resume` "
+        "continues it)"]
+    client = MlflowClient(mlflow_server)
+    run = client.search_runs([client.get_experiment_by_name("terminated").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["charseg.failure_reason"] == "stopped by SIGTERM; the last checkpoint is complete"
+    latest = ckpt.find_latest(tmp_path)
+    assert latest is not None and ckpt.load_checkpoint(latest)["epoch"] >= 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_a_full_disk_is_one_line_and_a_failed_run_with_earlier_checkpoints_intact(server, tiny_dataset, tmp_path,
                                                                                   monkeypatch):
     """Disk full during epoch 2's write (torch.save's own error) and before epoch 3 (too little

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 
 import click
 
-from ..errors import CharsegError
+from ..errors import CharsegError, Stopped
 from .data import export_coco_command, generate_command, import_coco_command, validate_data_command
 from .models import evaluate_command, predict_command, register_command, sync_command
 from .options import FiniteFloat  # noqa: F401  (charseg.cli.FiniteFloat: every float option's type)
@@ -27,13 +28,19 @@ from .training import finetune_command, resume_command, train_command
 
 class CharsegGroup(click.Group):
     """The one error boundary: a CharsegError from any command is printed as one line
-    (`Error: ...`, exit 1), never a traceback."""
+    (`Error: ...`, exit 1), never a traceback; a command stopped by SIGTERM says so in one line
+    and exits 143 (128 + 15), as a process that signal ends."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except CharsegError as exc:
             raise click.ClickException(str(exc)) from exc
+        except Stopped as exc:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+                click.echo(f"Stopped: {exc}; a training run ends KILLED with its last checkpoint complete "
+                           "(`charseg resume` continues it)", err=True)
+            ctx.exit(exc.exit_code)
 
 
 @click.group(cls=CharsegGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -17,6 +17,7 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ..errors import Stopped
 from .environment import environment
 from .store import (DEFAULT_TRACKING_URI, SERVER_AWAY, TrackingError, configure, offline_store, server_reachable,
                     use_offline_store)
@@ -124,8 +125,9 @@ def _run_lifecycle(system_metrics: bool, tracker: MlflowTracker | None = None) -
         random.setstate(state)
     try:
         yield run.info.run_id
-    except KeyboardInterrupt:
-        _end_run(RunStatus.KILLED, "interrupted (Ctrl-C); the last checkpoint is complete", tracker)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or errors.Stopped (SIGTERM)
+        how = str(exc) if isinstance(exc, Stopped) else "interrupted (Ctrl-C)"
+        _end_run(RunStatus.KILLED, f"{how}; the last checkpoint is complete", tracker)
         raise
     except BaseException as exc:
         _end_run(RunStatus.FAILED, (str(exc) or type(exc).__name__)[:5000], tracker)

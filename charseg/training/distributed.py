@@ -65,8 +65,8 @@ def backend_for(device_type: str) -> str:
 @contextlib.contextmanager
 def process_group(device_type: str) -> Iterator[World]:
     """Join the torchrun job for the block (a no-op in a world of one). SIGTERM, which torchrun
-    sends to the survivors when a rank fails, ends the block as an exception so the run is
-    recorded as failed rather than cut off."""
+    sends to the survivors when a rank fails or the job is stopped, is the training command's
+    to handle (jobs.training_job)."""
     current = world()
     if not current.distributed or dist.is_initialized():
         yield current
@@ -74,21 +74,10 @@ def process_group(device_type: str) -> Iterator[World]:
     if device_type == "cuda":
         torch.cuda.set_device(current.local_rank)
     dist.init_process_group(backend_for(device_type), timeout=COLLECTIVE_TIMEOUT)
-    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         yield current
     finally:
-        signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
-
-
-class Terminated(RuntimeError):
-    """torchrun stopped this process (another rank failed, or the job was stopped)."""
-
-
-def _terminated(signum, frame):
-    ignore_termination()  # once: the failure is being recorded
-    raise Terminated("stopped by torchrun (SIGTERM): another rank failed or the job was stopped")
 
 
 def ignore_termination() -> None:

@@ -7,8 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from . import distributed
 from .engine import train_one_epoch
 from .optimization import Optimization
 from .reproducibility import capture_rng_state, restore_rng_state, seed_worker
+from .interrupts import deferred_interrupt
 from .stopping import Stop, TrainingClock, stop_after
 
 log = logging.getLogger("charseg")
@@ -298,24 +297,6 @@ def check_config(config: TrainConfig) -> None:
     if config.best_metric not in METRICS:
         raise CharsegError(f"--best-metric {config.best_metric!r} is not a validation metric; "
                            f"choose one of {', '.join(METRICS)}")
-
-
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Hold back SIGINT inside the block and raise KeyboardInterrupt after it, so an
-    interrupted run always leaves its checkpoint complete. A no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        log.warning("interrupted: checkpoint saved, stopping")
-        raise KeyboardInterrupt
 
 
 def _save_epoch(state: dict, config: TrainConfig, epoch: int, metrics: dict[str, float],
