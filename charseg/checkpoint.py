@@ -201,11 +201,12 @@ def _current_umask() -> int:
 
 @dataclass
 class Lineage:
-    """Where a resume, fine-tune or evaluation started from: a run and/or a checkpoint URI
-    (tracking records it as tags)."""
+    """Where a resume, fine-tune or evaluation started from: a run and/or a checkpoint URI; and
+    where a train --config took its settings (tracking records them as tags)."""
 
     source_run_id: str = ""
     source_uri: str = ""
+    config_source: str = ""
 
 
 def folder_checkpoint(folder: Path, *, prefer_best: bool = False, epoch: int | None = None) -> Path:

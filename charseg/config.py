@@ -105,6 +105,54 @@ def check_anchor_sizes(sizes: tuple[int, ...], given: object) -> None:
                          f"{MAX_ANCHOR} px, one per FPN level (e.g. 32,64,128,256,512), got {given!r}")
 
 
+# Settings a replayed config (train --config) leaves to the new run: its data and folders, how
+# it started, torchrun's process count.
+NOT_REPLAYED = ("mode", "data_dir", "output_dir", "init_checkpoint", "world_size")
+
+
+def replayed_settings(values: object, source: str) -> dict[str, Any]:
+    """The TrainConfig settings of a replayed config: VALUES is the {"config": ...} a run logged
+    (config/config.json, `train --print-config`) or a plain mapping of settings (a YAML file,
+    keys spelled as options or fields); NOT_REPLAYED keys are dropped. Raises ValueError naming
+    SOURCE for anything else."""
+    settings = values.get("config", values) if isinstance(values, dict) else None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{source}: not a charseg config: expected a mapping of settings (lr: 0.01, ...) or the "
+                         "config/config.json a run logged")
+    settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ValueError(f"{source}: unknown settings {unknown}; `charseg train --help` lists them (as options)")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    return {k: _typed(k, v, types[k], source) for k, v in settings.items() if k not in NOT_REPLAYED}
+
+
+def _typed(name: str, value: Any, kind: str, source: str) -> Any:
+    """VALUE as the TrainConfig field NAME of type KIND holds it (YAML gives "1e-3" as text, a
+    JSON list for a tuple); ValueError naming SOURCE when it is not one."""
+    if value is None and "None" in kind:
+        return None
+    try:
+        if kind.startswith("tuple"):
+            return parse_anchor_sizes(value) if isinstance(value, str) else tuple(int(v) for v in value)
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, bool):
+                return value
+        elif kind.startswith("int") and not isinstance(value, bool):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        elif kind == "float" and not isinstance(value, bool):
+            return float(value)
+        elif kind == "str" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"{source}: {name} must be {kind.split(' |')[0]}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; stored in every checkpoint and logged to MLflow."""

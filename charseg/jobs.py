@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterator
 import click
 
 from . import checkpoint as ckpt
-from .errors import CharsegError, Stopped
+from .config import replayed_settings
+from .errors import CharsegError, Stopped, reason
 from .precision import resolve_device
 from .training import distributed, runner
 from .training.interrupts import stop_on_sigterm
@@ -137,6 +138,35 @@ def resolve_source(source: str, *, prefer_best: bool, epoch: int | None = None,
         if world.distributed and remote:
             distributed.broadcast_file(path, Path(download_dir))
         yield path, lineage
+
+
+def replayed_config(source: str) -> tuple[dict[str, Any], str]:
+    """`train --config SOURCE`: the settings of a YAML or JSON file (a run's config/config.json,
+    `train --print-config` output, or settings written by hand), of a checkpoint file, or that
+    an MLflow run logged (its ID, runs:/...). Returns them (config.replayed_settings) and what
+    the new run's charseg.config_source tag says: the file's absolute path or the run."""
+    path = Path(source)
+    if not path.exists():
+        from . import tracking
+
+        return _settings(tracking.run_config(source), source), source
+    if path.suffix == ".pth":
+        values = ckpt.load_checkpoint(path)["config"]
+    else:
+        import yaml  # YAML is a superset of JSON: one parser for both
+
+        try:
+            values = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise CharsegError(f"{path}: cannot read it as a YAML or JSON config: {reason(exc)}") from exc
+    return _settings(values, str(path)), str(path.resolve())
+
+
+def _settings(values: object, source: str) -> dict[str, Any]:
+    try:
+        return replayed_settings(values, source)
+    except ValueError as exc:
+        raise CharsegError(str(exc)) from exc
 
 
 def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "TrackingChoices") -> None:

@@ -36,7 +36,14 @@ from .options import (DEVICE, LOG_EVERY, OUTPUT, RUN, STOPPING, TRACKING, VAL_DI
 @_options(*TRACKING)
 @click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
                                                "model registry under this name (champion alias if it wins).")
-def train_command(data_dir: str, register_as: str, **options: Any) -> None:
+@click.option("--config", "config_source", default="", metavar="FILE|RUN",
+              help="Take every setting from a logged config: a YAML or JSON file (a run's config/config.json, "
+                   "--print-config's output, settings by hand), a checkpoint, or an MLflow run (ID or runs:/...). "
+                   "Options given here win; the run is tagged charseg.config_source.")
+@click.option("--print-config", "--dry-run", "print_config", is_flag=True,
+              help="Print the resolved settings and architecture (anchors and limits fitted to DATA_DIR) as YAML, "
+                   "which --config reads back, and exit without training or an MLflow run.")
+def train_command(data_dir: str, register_as: str, config_source: str, print_config: bool, **options: Any) -> None:
     """Train from pretrained (or random) initial weights on DATA_DIR.
 
     \b
@@ -46,11 +53,27 @@ def train_command(data_dir: str, register_as: str, **options: Any) -> None:
     validates and tracks one MLflow run. resume and finetune run under torchrun alike.
     """
     choices = TrackingChoices.pop(options)
-    config = TrainConfig(data_dir=data_dir, **_given(options))
+    settings, replayed_from = jobs.replayed_config(config_source) if config_source else ({}, "")
+    config = TrainConfig(data_dir=data_dir, **{**settings, **_given(options)})
+    if print_config:
+        _print_plan(config)
+        return
     with jobs.training_job(config.device):
         config.output_dir = distributed.broadcast_object(config.output_dir or runner.default_output_dir("train"))
-        jobs.tracked(choices, config.output_dir, ckpt.Lineage(), lambda tracker: runner.train(config, tracker),
-                 register_as=register_as or None)
+        jobs.tracked(choices, config.output_dir, ckpt.Lineage(config_source=replayed_from),
+                     lambda tracker: runner.train(config, tracker), register_as=register_as or None)
+
+
+def _print_plan(config: TrainConfig) -> None:
+    """`train --print-config`: the run's settings and ModelSpec as YAML, in the shape of the
+    config/config.json a run logs."""
+    import json
+
+    import yaml
+
+    plan = runner.plan_train(config)
+    resolved = json.loads(json.dumps({"config": plan.config.to_dict(), "model_spec": plan.spec.to_dict()}))
+    click.echo(yaml.safe_dump(resolved, sort_keys=False), nl=False)
 
 
 @click.command("resume")

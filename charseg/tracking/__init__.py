@@ -16,7 +16,7 @@ The CLI uses the names below; registered models name this package as their `load
 so `charseg.tracking._load_pyfunc` stays importable here.
 """
 
-from .artifacts import download_checkpoint, is_run_id
+from .artifacts import download_checkpoint, is_run_id, run_config
 from .pyfunc import _load_pyfunc
 from .registry import Registration, register_checkpoint
 from .run import close_abandoned_run, tracked_run
@@ -26,4 +26,4 @@ from .tracker import MlflowTracker, log_evaluation
 
 __all__ = ["MlflowTracker", "Registration", "TrackingError", "_load_pyfunc", "close_abandoned_run", "configure",
            "current_tracking_uri", "is_run_id", "log_evaluation", "offline_store", "register_checkpoint",
-           "download_checkpoint", "sync_offline_runs", "tracked_run"]
+           "download_checkpoint", "run_config", "sync_offline_runs", "tracked_run"]

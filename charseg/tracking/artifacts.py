@@ -3,6 +3,7 @@ downloaded to a local file."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from .. import checkpoint as ckpt
 from ..checkpoint import Lineage
 from .store import TrackingError, configure
-from .tags import CHECKPOINT_DIR
+from .tags import CHECKPOINT_DIR, CONFIG_ARTIFACT
 
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -30,6 +31,26 @@ def _checkpoint_artifacts(client: MlflowClient, run_id: str) -> list[str]:
         raise TrackingError(f"run {run_id} not found at {mlflow.get_tracking_uri()}; check the run ID and "
                             "MLFLOW_TRACKING_URI") from exc
     return [Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR) if not f.is_dir]
+
+
+def run_config(source: str) -> dict:
+    """The settings a training run logged (CONFIG_ARTIFACT): SOURCE is its run ID, runs:/RUN_ID,
+    or runs:/RUN_ID/PATH of a JSON artifact."""
+    if is_run_id(source):
+        uri = f"runs:/{source}/{CONFIG_ARTIFACT}"
+    elif source.startswith("runs:/"):
+        run, _, path = source.removeprefix("runs:/").strip("/").partition("/")
+        uri = f"runs:/{run}/{path or CONFIG_ARTIFACT}"
+    else:
+        raise TrackingError(f"{source}: no such file, and not a run ID or runs:/ URI whose config to replay")
+    configure()
+    try:
+        return json.loads(mlflow.artifacts.load_text(uri))
+    except MlflowException as exc:
+        raise TrackingError(f"cannot read {uri}: {exc.message} (a run logs its config as {CONFIG_ARTIFACT} when "
+                            "training starts)") from exc
+    except json.JSONDecodeError as exc:
+        raise TrackingError(f"{uri} is not JSON: {exc}") from exc
 
 
 def download_checkpoint(source: str, dst_dir: Path, *, prefer_best: bool = False,

@@ -7,6 +7,7 @@ them agree.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "charseg"
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of every checkpoint
+CONFIG_ARTIFACT = "config/config.json"  # {"config": TrainConfig, "model_spec": ModelSpec} of a training run
 OFFLINE_DIR = "offline-tracking"  # inside the output folder: mlflow.db and artifacts/ of runs made offline
 
 # On a training run.
@@ -25,6 +26,7 @@ TAG_STOP_MESSAGE = "charseg.stop_message"  # that reason in words
 TAG_SOURCE_RUN = "charseg.source_run_id"  # also on a registered model version
 TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
 TAG_RESUMED_BY = "charseg.resumed_by"
+TAG_CONFIG_SOURCE = "charseg.config_source"  # train --config: the file or run whose settings this run replays
 
 # Failover and sync.
 TAG_CONTINUES = "charseg.continues_run_id"  # on a local run: the server run whose rest it records (failover)

@@ -20,7 +20,7 @@ from ..checkpoint import Lineage
 from .run import close_abandoned_run, stop_system_metrics
 from .store import SERVER_AWAY, local_experiment, offline_store, server_is_away, server_reachable, store_uri
 from .sync import sync_run
-from .tags import (CHECKPOINT_DIR, TAG_BEST_EPOCH, TAG_BEST_METRIC, TAG_BEST_VALUE, TAG_CAUGHT_UP, TAG_CONTINUES,
+from .tags import (CHECKPOINT_DIR, CONFIG_ARTIFACT, TAG_BEST_EPOCH, TAG_CONFIG_SOURCE, TAG_BEST_METRIC, TAG_BEST_VALUE, TAG_CAUGHT_UP, TAG_CONTINUES,
                    TAG_FAILURE, TAG_GIT_COMMIT, TAG_MODE, TAG_PRECISION, TAG_SOURCE_CHECKPOINT, TAG_SOURCE_RUN,
                    TAG_STOP_MESSAGE, TAG_STOP_REASON, TAG_WRITER)
 
@@ -28,10 +28,13 @@ log = logging.getLogger("charseg")
 
 
 def lineage_tags(lineage: Lineage) -> dict[str, str]:
-    """The tags that record where a resume, fine-tune or evaluation started from."""
+    """The tags that record where a resume, fine-tune or evaluation started from, and where a
+    train --config took its settings."""
     tags = {TAG_SOURCE_CHECKPOINT: lineage.source_uri} if lineage.source_uri else {}
     if lineage.source_run_id:
         tags[TAG_SOURCE_RUN] = lineage.source_run_id
+    if lineage.config_source:
+        tags[TAG_CONFIG_SOURCE] = lineage.config_source
     return tags
 
 
@@ -91,7 +94,7 @@ class MlflowTracker:
                          **lineage_tags(self.lineage)})
         if config.mode == "resume" and self.lineage.source_run_id:
             close_abandoned_run(self.lineage.source_run_id, self.run_id)
-        mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, "config/config.json")
+        mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, CONFIG_ARTIFACT)
         mlflow.log_text(report.format(), "data/dataset_report.txt")
         mlflow.log_text("".join(f"{s.image_path}\n" for s in splits.val), "data/val_images.txt")
         log_datasets([(config.data_dir, "training", splits.train), (config.val_dir or config.data_dir, "validation",

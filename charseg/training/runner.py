@@ -60,15 +60,33 @@ def default_output_dir(mode: str) -> str:
     return str(Path("outputs") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
 
 
-def train(config: TrainConfig, tracker: Tracker | None = None, compute: Compute | None = None) -> RunResult:
-    """Train from the initial weights named by `config.weights` (on COMPUTE: default, the
-    config's device and precision)."""
-    config = dataclasses.replace(config, mode="train", output_dir=config.output_dir or default_output_dir("train"))
+@dataclass
+class TrainPlan:
+    """A train run before its model is built: the checked config, the data and its split, and
+    the ModelSpec the request resolves to (anchors and limits fitted to the data)."""
+
+    config: TrainConfig
+    report: DatasetReport
+    splits: Splits
+    spec: ModelSpec
+
+
+def plan_train(config: TrainConfig) -> TrainPlan:
+    """CONFIG checked, the data read and split, the architecture resolved (`train --print-config`
+    shows this; `train` goes on to build and fit the model)."""
+    config = dataclasses.replace(config, mode="train")
     check_config(config)
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    spec = resolve_spec(config, splits.all, splits.train)
+    return TrainPlan(config, report, splits, resolve_spec(config, splits.all, splits.train))
+
+
+def train(config: TrainConfig, tracker: Tracker | None = None, compute: Compute | None = None) -> RunResult:
+    """Train from the initial weights named by `config.weights` (on COMPUTE: default, the
+    config's device and precision)."""
+    plan = plan_train(dataclasses.replace(config, output_dir=config.output_dir or default_output_dir("train")))
+    config, report, splits, spec = plan.config, plan.report, plan.splits, plan.spec
     model, how = create_model(spec, config.weights)
     log.info("model: %s Mask R-CNN, %s", spec.backbone, how)
     return fit(config, spec, model, report, splits, tracker or NullTracker(), compute=compute)
