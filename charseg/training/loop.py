@@ -26,9 +26,9 @@ from ..model.build import ModelSpec
 from ..precision import Compute, resolve_compute, resolve_device
 from . import distributed
 from .engine import train_one_epoch
+from .interrupts import deferred_interrupt
 from .optimization import Optimization
 from .reproducibility import capture_rng_state, restore_rng_state, seed_worker
-from .interrupts import deferred_interrupt
 from .stopping import Stop, TrainingClock, stop_after
 
 log = logging.getLogger("charseg")
