@@ -169,7 +169,8 @@ def _settings(values: object, source: str) -> dict[str, Any]:
         raise CharsegError(str(exc)) from exc
 
 
-def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "TrackingChoices") -> None:
+def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "TrackingChoices",
+               register_as: str | None = None) -> None:
     """`charseg resume`: SOURCE's checkpoint (of EPOCH when given) continued with OVERRIDES, as
     one tracked run linked to the run it continues."""
     if not Path(source).exists():  # to be downloaded: write next to nothing temporary
@@ -185,16 +186,19 @@ def resume_job(source: str, epoch: int, overrides: dict[str, Any], choices: "Tra
             return
         # A checkpoint file names the run that wrote it: link to it as a resume by run ID does.
         lineage.source_run_id = lineage.source_run_id or plan.state.get("run_id", "")
-        tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker))
+        tracked(choices, plan.config.output_dir, lineage, lambda tracker: runner.resume(plan, tracker=tracker),
+                register_as=register_as)
 
 
-def finetune_job(source: str, overrides: dict[str, Any], choices: "TrackingChoices") -> None:
+def finetune_job(source: str, overrides: dict[str, Any], choices: "TrackingChoices",
+                 register_as: str | None = None) -> None:
     """`charseg finetune`: SOURCE's weights (its best checkpoint, else its latest) trained on
     with OVERRIDES (data_dir among them) as one tracked run."""
     overrides["output_dir"] = distributed.broadcast_object(overrides.get("output_dir")
                                                            or runner.default_output_dir("finetune"))
     with resolve_source(source, prefer_best=True, under=overrides["output_dir"]) as (path, lineage):
-        tracked(choices, overrides["output_dir"], lineage, lambda tracker: runner.finetune(path, overrides, tracker))
+        tracked(choices, overrides["output_dir"], lineage, lambda tracker: runner.finetune(path, overrides, tracker),
+                register_as=register_as)
 
 
 @dataclass

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -172,3 +175,44 @@ def test_a_second_training_on_a_busy_output_folder_is_one_clear_error(tiny_datas
     assert result.exit_code == 1 and f"{out} is being written by PID 4242 on box (MLflow run abc)" in result.output
     assert "Traceback" not in result.output
     assert [p.name for p in out.iterdir()] == [".charseg.lock"]  # nothing of the refused run
+
+
+def _on_a_terminal(args: list[str], cwd) -> str:
+    """stderr of `charseg ARGS` when it is a terminal (a pseudo-terminal here), as a user sees it."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    try:
+        done = subprocess.run([sys.executable, "-m", "charseg", *args], stderr=secondary, stdout=subprocess.DEVNULL,
+                              cwd=cwd, timeout=300)
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(main)
+    assert done.returncode == 0, b"".join(chunks)[-2000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.slow  # four charseg processes
+def test_long_commands_draw_a_progress_bar_on_a_terminal_only(tiny_dataset, light_checkpoint, tmp_path):
+    cases = [(["validate-data", str(tiny_dataset)], "reading the dataset"),
+             (["export-coco", str(tiny_dataset), str(tmp_path / "coco.json")], "reading the dataset"),
+             (["evaluate", str(tiny_dataset), "--model", str(light_checkpoint), "--out", str(tmp_path / "m.json")],
+              "evaluating")]
+    for args, bar in cases:
+        assert bar in _on_a_terminal(args, tmp_path), args
+    piped = subprocess.run([sys.executable, "-m", "charseg", *cases[1][0]], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300)
+    assert piped.returncode == 0 and cases[1][1] not in piped.stderr  # logs of batch jobs stay readable

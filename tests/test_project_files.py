@@ -25,8 +25,7 @@ def test_conda_env_pins_match_pyproject():
     assert sorted(pip_deps) == sorted(pyproject)
 
 
-@pytest.mark.parametrize("entry", ["train", "resume", "finetune", "evaluate", "register", "import-coco",
-                                   "export-coco"])
+@pytest.mark.parametrize("entry", sorted(cli.commands))
 def test_mlproject_entry_point_maps_onto_its_command(entry):
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
     command = spec["command"]
@@ -41,6 +40,23 @@ def test_mlproject_entry_point_maps_onto_its_command(entry):
     options = {opt for p in click_command.params for opt in getattr(p, "opts", [])}
     for flag in re.findall(r"(--[a-z-]+)", command):
         assert flag in options, f"{flag} is not an option of charseg {entry}"
+
+
+@pytest.mark.parametrize("entry", sorted(cli.commands))
+def test_mlproject_entry_point_defaults_parse(entry, tmp_path):
+    """Every entry point's command with its defaults (and this folder for each required
+    parameter) is accepted by the command's options: a default of "" means "not given"."""
+    import shlex
+
+    spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
+    (tmp_path / "file.json").write_text("{}")
+    required = {name: tmp_path / "file.json" if name.endswith("json") else tmp_path for name in spec["parameters"]}
+    values = {name: (p["default"] if isinstance(p, dict) and "default" in p else required[name])
+              for name, p in spec["parameters"].items()}
+    command = spec["command"].split(f" -m charseg {entry} ", 1)[1].format(
+        **{k: shlex.quote(str(v)) for k, v in values.items()})
+    context = cli.commands[entry].make_context(entry, shlex.split(command))
+    assert context.params  # parsed, every value converted by its option's type
 
 
 @pytest.mark.server

@@ -172,3 +172,16 @@ def test_mlflow_models_serve_answers_with_instances(registry, tiny_dataset, tmp_
     assert refused.value.code == 400 and answer["error_code"] == "INVALID_PARAMETER_VALUE"
     assert ("image of row 1: cannot read image (no image format Pillow reads); re-export it as PNG or JPEG"
             in answer["message"]), answer["message"]
+
+
+def test_resume_and_finetune_register_their_runs_too(registry, client, tiny_dataset, tmp_path):
+    out = registry["root"] / "out"
+    for args in (["resume", str(out / "model_epoch_001.pth"), "--output-dir", str(tmp_path / "resumed"),
+                  "--epochs", "2"],
+                 ["finetune", str(out / "model_final.pth"), str(tiny_dataset), "--epochs", "1", "--num-workers", "0",
+                  "--output-dir", str(tmp_path / "tuned")]):
+        result = CliRunner().invoke(cli, [*args, "--register-as", f"{NAME}-{args[0]}", "--no-system-metrics"])
+        assert result.exit_code == 0, result.output
+        run_id = result.output.split("MLflow run ")[1].split()[0]
+        [version] = client.search_model_versions(f"name='{NAME}-{args[0]}'")
+        assert version.run_id == run_id and f"registered {NAME}-{args[0]} version 1" in result.output

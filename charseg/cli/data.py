@@ -8,7 +8,7 @@ from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
 from ..data.dataset import scan_dataset
 from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
 from ..data.heldout import generate_heldout
-from .options import SEED
+from .options import SEED, BlankPath
 
 
 @click.command("import-coco")
@@ -77,14 +77,15 @@ def _range(text: str) -> tuple[int, int]:
               help=f"Characters per image, MIN-MAX or N, at most {MAX_CHARS} (scatter stops at a full page).")
 @click.option("--font-size", default="18-40", show_default=True,
               help=f"Glyph size in pixels, MIN-MAX or N, 4 to {MAX_FONT_SIZE}.")
-@click.option("--font", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--font", type=BlankPath(exists=True, dir_okay=False), default=None,
               help="A .ttf/.otf font [default: scatter: Pillow's bundled scalable font; lines: that and "
                    "DejaVu Sans/Serif and Computer Modern from matplotlib].")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="scatter", show_default=True,
               help="scatter: single glyphs of one font anywhere on a flat page, never touching; lines: lines "
                    "of words in several fonts, anti-aliased, ink from black to faint gray on unevenly lit, noisy paper "
                    "(at most --chars-per-image).")
-@click.option("--held-out", "held_out", is_flag=True,
+@click.option("--held-out", "held_out", type=click.BOOL, is_flag=False, flag_value=True, default=False,
+              metavar="[BOOL]",
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
                    "rotated up to 12 degrees, textured, blurred and noisy, sides 128-256 px, tight annotator "
                    "polygons. --size, --chars-per-image, --font-size, --font and --layout do not apply.")

@@ -121,7 +121,7 @@ def sync_command(output_dir: str, tracking_uri: str | None) -> None:
     only what is missing."""
     from .. import tracking
 
-    for line in tracking.sync_offline_runs(output_dir, tracking_uri):
+    for line in tracking.sync_offline_runs(output_dir, tracking_uri or None):  # "": MLproject's default
         click.echo(line)
 
 

@@ -32,6 +32,35 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class _BlankIsUnset:
+    """A type whose "" means "not given" (None), as `_given` reads "" of a text option: an
+    MLproject parameter left at its default "" keeps what the option's absence keeps (the
+    checkpoint's value on resume and fine-tune, TrainConfig's default on train)."""
+
+    def convert(self, value, param, ctx):
+        return None if value == "" else super().convert(value, param, ctx)
+
+
+class BlankIntRange(_BlankIsUnset, click.IntRange):
+    pass
+
+
+class BlankFiniteFloat(_BlankIsUnset, FiniteFloat):
+    pass
+
+
+class BlankChoice(_BlankIsUnset, click.Choice):
+    pass
+
+
+class BlankBool(_BlankIsUnset, click.types.BoolParamType):
+    pass
+
+
+class BlankPath(_BlankIsUnset, click.Path):
+    pass
+
+
 # --scale-train / --scale-test: 0 (the --min-size rule) or a factor up to MAX_PAGE_SCALE.
 PAGE_SCALE = FiniteFloat(min=0, max=MAX_PAGE_SCALE)
 
@@ -41,13 +70,14 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 def bounded(field: str, low: float | None = None) -> click.ParamType:
     """The option type of a TrainConfig setting: its BOUNDS range (shown by --help), an int or
-    a finite float as the field is; `low` replaces the lower end (0 meaning "keep")."""
+    a finite float as the field is, "" meaning not given (_BlankIsUnset); `low` replaces the
+    lower end (0 meaning "keep")."""
     bound = BOUNDS[field]
     low = bound.low if low is None else low
     if "float" in _FIELD_TYPES[field]:
-        return FiniteFloat(min=low, max=bound.high, min_open=bound.low_open and low == bound.low,
-                           max_open=bound.high_open)
-    return click.IntRange(min=int(low), max=int(bound.high))
+        return BlankFiniteFloat(min=low, max=bound.high, min_open=bound.low_open and low == bound.low,
+                                max_open=bound.high_open)
+    return BlankIntRange(min=int(low), max=int(bound.high))
 
 
 # Seeds numpy accepts (0 to 2**32 - 1); torch and python take them too.
@@ -63,8 +93,10 @@ WORKER_COUNT = click.IntRange(min=0, max=MAX_WORKERS_HERE)
 
 
 def _opt(*decls: str, help: str, field: str | None = None, **kwargs) -> Callable:
-    """An option whose default stays None (so only given values override) but whose help
-    shows the TrainConfig default."""
+    """An option whose default stays None (so only given values override; "" is not given
+    either) but whose help shows the TrainConfig default."""
+    if isinstance(kwargs.get("type"), click.Choice) and not isinstance(kwargs["type"], BlankChoice):
+        kwargs["type"] = BlankChoice(kwargs["type"].choices)
     name = field or decls[0].lstrip("-").split("/")[0].replace("-", "_")
     if getattr(_DEFAULTS, name, "") != "":
         default = getattr(_DEFAULTS, name)
@@ -85,7 +117,7 @@ def _options(*opts: Callable) -> Callable:
 
 def _bool_opt(*decls: str, help: str) -> Callable:
     """A boolean that works as a flag (--opt), with a value (--opt false) and from MLproject."""
-    return _opt(*decls, type=click.BOOL, is_flag=False, flag_value=True, help=f"{help} (true/false)",
+    return _opt(*decls, type=BlankBool(), is_flag=False, flag_value=True, help=f"{help} (true/false)",
                 metavar="[BOOL]")
 
 
@@ -259,6 +291,11 @@ TRACKING = (
 )
 
 
+REGISTER_AS = click.option(
+    "--register-as", default="", help="After training, register the run's best checkpoint (else its final model) in "
+                                      "the MLflow model registry under this name (champion alias if it wins).")
+
+
 MODEL_SOURCE = click.option(
     "--model", "model_source", required=True,
     help="A checkpoint file, an output folder or an MLflow run ID (its best, else its latest checkpoint), "
@@ -272,5 +309,5 @@ SCORE = click.option("--score-threshold", type=bounded("score_threshold"), defau
 DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 
 
-SCALE_TEST_OVERRIDE = click.option("--scale-test", type=PAGE_SCALE, default=None,
+SCALE_TEST_OVERRIDE = click.option("--scale-test", type=BlankFiniteFloat(min=0, max=MAX_PAGE_SCALE), default=None,
                                    help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")

@@ -13,8 +13,8 @@ from ..jobs import TrackingChoices
 from ..model.build import BACKBONES, WEIGHT_CHOICES
 from ..precision import PRECISIONS
 from ..training import distributed, runner
-from .options import (DEVICE, LOG_EVERY, OUTPUT, RUN, STOPPING, TRACKING, VAL_DIR, WORKERS, _anchor_sizes, _bool_opt,
-                      _given, _opt, _options, bounded)
+from .options import (DEVICE, LOG_EVERY, OUTPUT, REGISTER_AS, RUN, STOPPING, TRACKING, VAL_DIR, WORKERS, _anchor_sizes,
+                      _bool_opt, _given, _opt, _options, bounded)
 
 
 @click.command("train")
@@ -33,9 +33,7 @@ from .options import (DEVICE, LOG_EVERY, OUTPUT, RUN, STOPPING, TRACKING, VAL_DI
 @_opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5", callback=_anchor_sizes,
       help="RPN anchor size (px at the model's input) for each FPN level P2-P6; auto fits them to the "
            "training characters, e.g. 32,64,128,256,512 is torchvision's.")
-@_options(*TRACKING)
-@click.option("--register-as", default="", help="After training, register the best checkpoint in the MLflow "
-                                               "model registry under this name (champion alias if it wins).")
+@_options(*TRACKING, REGISTER_AS)
 @click.option("--config", "config_source", default="", metavar="FILE|RUN",
               help="Take every setting from a logged config: a YAML or JSON file (a run's config/config.json, "
                    "--print-config's output, settings by hand), a checkpoint, or an MLflow run (ID or runs:/...). "
@@ -86,8 +84,8 @@ def _print_plan(config: TrainConfig) -> None:
           VAL_DIR, *STOPPING, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
           _opt("--precision", type=click.Choice(PRECISIONS),
                help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
-          *TRACKING)
-def resume_command(source: str, epoch: int, **options: Any) -> None:
+          *TRACKING, REGISTER_AS)
+def resume_command(source: str, epoch: int, register_as: str, **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.
 
     SOURCE is a checkpoint file, an output folder (its latest checkpoint that loads), an MLflow
@@ -99,7 +97,7 @@ def resume_command(source: str, epoch: int, **options: Any) -> None:
     if overrides.get("epochs") == 0:
         del overrides["epochs"]
     with jobs.training_job(overrides.get("device")):
-        jobs.resume_job(source, epoch, overrides, choices)
+        jobs.resume_job(source, epoch, overrides, choices, register_as=register_as or None)
 
 
 @click.command("finetune")
@@ -110,8 +108,8 @@ def resume_command(source: str, epoch: int, **options: Any) -> None:
 @_options(*RUN)
 @click.option("--lr-factor", type=bounded("lr_factor"), default=None,
               help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
-@_options(*TRACKING)
-def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) -> None:
+@_options(*TRACKING, REGISTER_AS)
+def finetune_command(source: str, data_dir: str, run_id: str, register_as: str, **options: Any) -> None:
     """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
 
     SOURCE is a checkpoint file, an MLflow run ID (its best checkpoint, else its last) or an
@@ -123,4 +121,4 @@ def finetune_command(source: str, data_dir: str, run_id: str, **options: Any) ->
     choices = TrackingChoices.pop(options)
     overrides = {"data_dir": data_dir, **_given(options)}
     with jobs.training_job(overrides.get("device")):
-        jobs.finetune_job(source or run_id, overrides, choices)
+        jobs.finetune_job(source or run_id, overrides, choices, register_as=register_as or None)

@@ -196,7 +196,9 @@ def import_coco(coco_json: str | Path, images_dir: str | Path, out_dir: str | Pa
         report.problems.append(f"image_id {image_id}: {len(by_image[image_id])} annotation(s) of an image that is "
                                "not in 'images'")
     used_names: set[str] = set()
-    for image in images:
+    from tqdm import tqdm  # a bar on a terminal only
+
+    for image in tqdm(images, desc="importing", unit="image", disable=None, leave=False):
         _import_image(image, by_image.get(image.get("id"), []), images_dir, out, used_names, read_char, report)
     return report
 

@@ -296,7 +296,9 @@ def scan_dataset(data_dir: str | Path) -> DatasetReport:
             if csv_path.stem not in stems:
                 report.orphan_annotations.append(Problem(str(csv_path), None, "no image with this name in images/"))
     shared = _shared_names(images, ann_dir, report)
-    for image_path in images:
+    from tqdm import tqdm  # a bar on a terminal only: a dataset of thousands of pages takes minutes
+
+    for image_path in tqdm(images, desc="reading the dataset", unit="image", disable=None, leave=False):
         csv_path = ann_dir / f"{image_path.stem}.csv"
         if image_path.stem in shared:
             continue

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Callable, ContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
 from ..data.dataset import Sample, load_dataset_report
 from ..data.images import load_image_rgb
@@ -117,8 +118,9 @@ def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> i
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device, *, max_dets: int,
              score_threshold: float = 0.5, iou_threshold: float = 0.5, batch_size: int = 2,
-             overlay_count: int = 0, autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> EvalResult:
-    """Evaluate `model` on `samples`.
+             overlay_count: int = 0, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+             desc: str = "evaluating") -> EvalResult:
+    """Evaluate `model` on `samples` (a progress bar named DESC on a terminal).
 
     Args:
         max_dets: COCO maxDets for the AP summary (match the model's detections_per_img).
@@ -138,7 +140,8 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     count_errors: list[int] = []
     overlays: list[tuple[str, Image.Image]] = []
     start = 0
-    for batch in same_size_batches(samples, lambda s: (s.height, s.width), batch_size):
+    batches = list(same_size_batches(samples, lambda s: (s.height, s.width), batch_size))
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=None, dynamic_ncols=True, leave=False):
         arrays = [load_image_rgb(s.image_path) for s in batch]
         tensors = [image_to_tensor(a).to(device) for a in arrays]
         with autocast():

@@ -32,11 +32,14 @@ def sync_offline_runs(output_dir: str | Path, tracking_uri: str | None = None) -
     if not server_reachable(target_uri):
         raise TrackingError(f"tracking server {target_uri} does not answer; try again when it is up")
     source, target = MlflowClient(store_uri(store)), MlflowClient(target_uri)
+    from tqdm import tqdm  # a bar on a terminal only
+
+    runs = [(experiment.name, run) for experiment in source.search_experiments()
+            for run in source.search_runs([experiment.experiment_id], max_results=50000)]
     lines = []
-    for experiment in source.search_experiments():
-        for run in source.search_runs([experiment.experiment_id], max_results=50000):
-            copy = sync_run(source, target, run, experiment.name)
-            lines.append(f"offline run {run.info.run_id} -> run {copy} at {target_uri}")
+    for experiment_name, run in tqdm(runs, desc="syncing runs", unit="run", disable=None, leave=False):
+        copy = sync_run(source, target, run, experiment_name)
+        lines.append(f"offline run {run.info.run_id} -> run {copy} at {target_uri}")
     return lines
 
 

@@ -338,7 +338,8 @@ def _validate(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, val:
     """
     result = evaluate(model, val, compute.device, max_dets=spec.detections_per_img,
                       score_threshold=config.score_threshold, batch_size=config.batch_size,
-                      overlay_count=config.val_images_logged, autocast=compute.autocast)
+                      overlay_count=config.val_images_logged, autocast=compute.autocast,
+                      desc=f"epoch {epoch} validation")
     model.train()
     metrics = result.metrics
     log.info("epoch %d validation: %s", epoch, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -364,7 +365,7 @@ def _heldout(model: torch.nn.Module, config: TrainConfig, spec: ModelSpec, pages
     shown = config.val_images_logged
     result = evaluate(model, pages if final else pages[:shown], compute.device, max_dets=spec.detections_per_img,
                       score_threshold=config.score_threshold, batch_size=config.batch_size, overlay_count=shown,
-                      autocast=compute.autocast)
+                      autocast=compute.autocast, desc="held-out pages")
     model.train()
     if final:
         log.info("held-out pages %s, final model: %s", config.heldout_dir,
