@@ -336,3 +336,29 @@ def test_predict_batches_same_size_pages_with_the_detections_of_one_at_a_time(ti
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "mlflow imported: False" in done.stdout
+
+
+def test_a_page_at_the_detection_limit_is_named_with_the_option_that_raises_it(tiny_dataset, light_checkpoint,
+                                                                               tmp_path):
+    """A limit is what a model trained on sparse pages brings to a dense one: predict says which
+    pages reached it and how to raise it, and the served model takes it per call."""
+    import pandas as pd
+
+    from charseg.inference.serving import CharsegPredictor
+
+    result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint),
+                                      "--out", str(tmp_path / "out"), "--score-threshold", "0", "--detections-per-img",
+                                      "1"])
+    assert result.exit_code == 0, result.output
+    rows = {p.name: len(p.read_text().splitlines()) - 1 for p in (tmp_path / "out" / "annotations").glob("*.csv")}
+    assert rows and max(rows.values()) == 1
+    full = sorted(name.replace(".csv", ".png") for name, n in rows.items() if n == 1)
+    assert (f"warning: {len(full)} page(s) reached the model's limit of 1 detections, so characters past it are "
+            f"missing: {', '.join(full)}; pass --detections-per-img 2 (or more)") in result.output
+
+    predictor = CharsegPredictor(str(light_checkpoint), device="cpu", precision="fp32")
+    images = pd.DataFrame({"image": [p.read_bytes() for p in sorted((tiny_dataset / "images").glob("*.png"))]})
+    capped = predictor.predict(images, {"score_threshold": 0.0, "detections_per_img": 1})
+    free = predictor.predict(images, {"score_threshold": 0.0})
+    assert capped.groupby("image_id").size().max() == 1 < free.groupby("image_id").size().max()
+    assert predictor.model.roi_heads.detections_per_img > 1  # the call's limit ended with the call

@@ -14,13 +14,16 @@ from ..inference.predict import COCO_PREDICTIONS, LABELS
 from ..precision import resolve_compute
 from .options import DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
 
+DETECTIONS_OVERRIDE = click.option(
+    "--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
+    help="Most detections per image [default: the checkpoint's]; a page that reaches it is named with a warning.")
+
 
 @click.command("evaluate")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @MODEL_SOURCE
 @SCORE
-@click.option("--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
-              help="Detections per image and COCO maxDets [default: the checkpoint's].")
+@DETECTIONS_OVERRIDE
 @SCALE_TEST_OVERRIDE
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
               help="Where to write the metrics as JSON.")
@@ -54,6 +57,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
               help="Output folder: images/, annotations/*.csv (char,polygon_json,score) and overlays/*.png.")
 @SCORE
 @SCALE_TEST_OVERRIDE
+@DETECTIONS_OVERRIDE
 @DEVICE_OPT
 @click.option("--format", "output_format", type=click.Choice(("csv", "coco")), default="csv", show_default=True,
               help="csv: the dataset layout only; coco: also OUT/predictions_coco.json, COCO instances JSON with a "
@@ -68,8 +72,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                    "take other kernels). Worth raising on a GPU; a CPU gains little.")
 @INFERENCE_PRECISION
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
-                    scale_test: float | None, device: str, output_format: str, coco_segmentation: str,
-                    labels: str, batch_size: int, precision: str) -> None:
+                    scale_test: float | None, detections_per_img: int | None, device: str, output_format: str,
+                    coco_segmentation: str, labels: str, batch_size: int, precision: str) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -86,7 +90,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     _check_distinct_names(paths)
     with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
         compute = resolve_compute(device, precision, training=False)
-        model, _, _ = load_model_for_inference(path, compute.device, scale_test=scale_test)
+        model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test)
         summary = predict_files(model, paths, Path(out_dir), compute.device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None,
                                 batch_size=batch_size, autocast=compute.autocast)
@@ -96,6 +100,11 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
                + (f"; {len(summary['skipped'])} images skipped (above)" if summary["skipped"] else ""))
     if output_format == "coco":
         click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")
+    if summary["at_limit"]:
+        full = summary["at_limit"]
+        click.echo(f"warning: {len(full)} page(s) reached the model's limit of {spec.detections_per_img} detections, "
+                   f"so characters past it are missing: {', '.join(full[:10])}{' ...' if len(full) > 10 else ''}; "
+                   f"pass --detections-per-img {2 * spec.detections_per_img} (or more)", err=True)
 
 
 def _check_distinct_names(paths: list[Path]) -> None:

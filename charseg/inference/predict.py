@@ -23,6 +23,7 @@ from ..data.dataset import write_annotation
 from ..data.images import ImageUnusable, load_image_rgb
 from ..data.loading import image_to_tensor
 from ..errors import CharsegError
+from ..model.architecture import PROPOSALS_PER_DETECTION
 from ..model.build import NUM_CLASSES, ModelSpec, build_model
 from ..polygons import box_mask_to_polygon, mask_to_polygon
 
@@ -51,8 +52,9 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
     autocast: precision.Compute). Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
-    if detections_per_img:
-        spec = dataclasses.replace(spec, detections_per_img=detections_per_img)
+    if detections_per_img:  # the RPN keeps enough proposals for them, as a run's fitted limits do
+        spec = dataclasses.replace(spec, detections_per_img=detections_per_img, rpn_proposals_test=max(
+            spec.rpn_proposals_test, PROPOSALS_PER_DETECTION * detections_per_img))
     if scale_test is not None:
         try:
             check_page_scale("--scale-test", scale_test)
@@ -95,13 +97,38 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
 @torch.inference_mode()
 def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
                    score_threshold: float = 0.5,
-                   autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> list[list[Instance]]:
+                   autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                   at_limit: list[bool] | None = None) -> list[list[Instance]]:
     """Predict instances for HxWx3 uint8 RGB arrays (one list per image), the forward pass
-    under AUTOCAST (precision.Compute.autocast)."""
+    under AUTOCAST (precision.Compute.autocast). AT_LIMIT, when given, gets one flag per image:
+    its detections reached the model's limit (detections_per_img), so some may be missing."""
     tensors = [image_to_tensor(a).to(device) for a in images]
     with boxes_scoring_at_least(model, score_threshold), autocast():
         outputs = model(tensors)
+    if at_limit is not None:
+        at_limit.extend(len(o["scores"]) >= model.roi_heads.detections_per_img for o in outputs)
     return [output_to_instances(o, score_threshold, (a.shape[1], a.shape[0])) for o, a in zip(outputs, images)]
+
+
+@contextlib.contextmanager
+def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
+    """The model returns up to DETECTIONS per image inside the block (0: its own limit), its RPN
+    keeping enough proposals for them (load_model_for_inference's rule); for one call of a
+    served model."""
+    if not detections:
+        yield
+        return
+    heads, rpn = model.roi_heads, model.rpn
+    saved = heads.detections_per_img, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+    heads.detections_per_img = detections
+    for limits in (rpn._pre_nms_top_n, rpn._post_nms_top_n):
+        limits["testing"] = max(limits["testing"], PROPOSALS_PER_DETECTION * detections)
+    try:
+        yield
+    finally:
+        heads.detections_per_img, pre, post = saved
+        rpn._pre_nms_top_n.update(pre)
+        rpn._post_nms_top_n.update(post)
 
 
 @contextlib.contextmanager
@@ -217,19 +244,22 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     same size: no padding, so each image's instances do not depend on its neighbours). The next
     images are decoded and the last ones' files written in two threads while the model runs.
     An image that cannot be used (unreadable, over the size limits) is skipped and named.
-    Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...]}."""
+    Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...], "at_limit": [the
+    names of pages whose detections reached the model's limit]}."""
     from tqdm import tqdm
 
     from ..data.coco import predictions_to_coco
 
-    done, total, pages, skipped = 0, 0, [], []
+    done, total, pages, skipped, at_limit = 0, 0, [], [], []
     writing: list[Future] = []  # at most a batch waits to be written (a writer's error stops the run)
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
             tqdm(total=len(inputs), desc="predicting", unit="image", disable=None if progress else True) as bar:
         for batch in same_size_batches(decoded_images(decoder, inputs, skipped), lambda item: item[1].shape,
                                        batch_size):
-            results = predict_arrays(model, [rgb for _, rgb in batch], device, score_threshold, autocast)
+            reached: list[bool] = []
+            results = predict_arrays(model, [rgb for _, rgb in batch], device, score_threshold, autocast, reached)
+            at_limit += [path.name for (path, _), full in zip(batch, reached) if full]
             for (path, rgb), instances in zip(batch, results):
                 writing.append(writer.submit(write_prediction, out_dir, path.stem, rgb, instances, labels))
                 total += len(instances)
@@ -245,7 +275,7 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     if coco_segmentation:
         (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
                                                 encoding="utf-8")
-    return {"images": done, "instances": total, "skipped": skipped}
+    return {"images": done, "instances": total, "skipped": skipped, "at_limit": at_limit}
 
 
 def decoded_images(decoder: ThreadPoolExecutor, inputs: list[Path],

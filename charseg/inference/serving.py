@@ -11,6 +11,7 @@ and what to do.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 
 import numpy as np
@@ -18,10 +19,12 @@ import pandas as pd
 
 from ..data.images import load_image_rgb
 from ..errors import CharsegError
-from ..precision import Compute, resolve_compute
+from ..precision import Compute
 from ..precision import resolve as resolve_precision
-from .predict import load_model_for_inference, predict_arrays
+from ..precision import resolve_compute
+from .predict import detection_limit, load_model_for_inference, predict_arrays
 
+log = logging.getLogger("charseg")
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
 
 
@@ -46,22 +49,30 @@ class CharsegPredictor:
     def predict(self, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.
 
-        params may set `score_threshold` and `precision` (fp32, bf16, fp16 on CUDA; auto: the
-        loaded model's) for this call.
+        params may set `score_threshold`, `precision` (fp32, bf16, fp16 on CUDA; auto: the
+        loaded model's) and `detections_per_img` (most instances per image; 0: the model's) for
+        this call. An image whose detections reach that limit is logged with a warning.
         """
         if "image" not in model_input:
             raise CharsegError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
         threshold = float((params or {}).get("score_threshold", self.score_threshold))
+        limit = int((params or {}).get("detections_per_img", 0))
+        if limit < 0:
+            raise CharsegError(f"detections_per_img must be 0 (the model's limit) or more, got {limit}")
         asked = str((params or {}).get("precision", "auto"))
         # A call's own precision, resolved without a log line per request (the load logged the default).
         compute = self.compute if asked == "auto" else \
             Compute(self.compute.device, *resolve_precision(asked, self.compute.device, training=False))
-        rows = []
-        with self._one_call_at_a_time:
+        rows, full = [], []
+        with self._one_call_at_a_time, detection_limit(self.model, limit):
             for image_id, data in enumerate(model_input["image"]):
                 image = decode_image(data, image_id)
-                for inst in predict_arrays(self.model, [image], compute.device, threshold, compute.autocast)[0]:
+                for inst in predict_arrays(self.model, [image], compute.device, threshold, compute.autocast, full)[0]:
                     rows.append((image_id, inst.score, inst.box, inst.polygon))
+            if any(full):
+                log.warning("warning: images %s reached the model's limit of %d detections; pass the param "
+                            "detections_per_img (more) to find the rest", [i for i, f in enumerate(full) if f],
+                            self.model.roi_heads.detections_per_img)
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         return frame.astype({"image_id": "int64", "score": "float64"})
 

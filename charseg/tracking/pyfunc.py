@@ -44,7 +44,8 @@ def model_signature():
         outputs=Schema([ColSpec(DataType.long, "image_id"), ColSpec(DataType.double, "score"),
                         ColSpec(Array(DataType.double), "box"), ColSpec(Array(DataType.double), "polygon")]),
         params=ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5),
-                            ParamSpec("precision", DataType.string, "auto")]))
+                            ParamSpec("precision", DataType.string, "auto"),
+                            ParamSpec("detections_per_img", DataType.long, 0)]))
 
 
 def requirements() -> list[str]:
