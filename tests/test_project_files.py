@@ -9,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -50,7 +51,10 @@ def test_mlproject_entry_point_defaults_parse(entry, tmp_path):
 
     spec = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][entry]
     (tmp_path / "file.json").write_text("{}")
-    required = {name: tmp_path / "file.json" if name.endswith("json") else tmp_path for name in spec["parameters"]}
+    files = {opt.lstrip("-").replace("-", "_") for p in cli.commands[entry].params
+             if isinstance(p.type, click.Path) and not p.type.dir_okay for opt in [p.name, *p.opts]}
+    required = {name: tmp_path / "file.json" if name in files or name.endswith("json") else tmp_path
+                for name in spec["parameters"]}
     values = {name: (p["default"] if isinstance(p, dict) and "default" in p else required[name])
               for name, p in spec["parameters"].items()}
     command = spec["command"].split(f" -m charseg {entry} ", 1)[1].format(

@@ -23,7 +23,7 @@ from ..errors import CharsegError, Stopped
 from .data import export_coco_command, generate_command, import_coco_command, validate_data_command
 from .models import evaluate_command, predict_command, register_command, sync_command
 from .options import FiniteFloat  # noqa: F401  (charseg.cli.FiniteFloat: every float option's type)
-from .training import finetune_command, resume_command, train_command
+from .training import finetune_command, resume_command, sweep_command, train_command
 
 
 class CharsegGroup(click.Group):
@@ -59,7 +59,8 @@ def cli(quiet: bool) -> None:
 
 
 for command in (train_command, resume_command, finetune_command, evaluate_command, predict_command, sync_command,
-                register_command, import_coco_command, export_coco_command, validate_data_command, generate_command):
+                register_command, import_coco_command, export_coco_command, validate_data_command, generate_command,
+                sweep_command):
     cli.add_command(command)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,24 +17,27 @@ from ..training import distributed, runner
 from .options import (DEVICE, LOG_EVERY, OUTPUT, REGISTER_AS, RUN, STOPPING, TRACKING, VAL_DIR, WORKERS, _anchor_sizes,
                       _bool_opt, _given, _opt, _options, bounded)
 
+# The initial weights and architecture of a run from scratch or pretrained weights (train, sweep).
+MODEL = (
+    _opt("--weights", type=str, help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state "
+                                     "dict or charseg checkpoint."),
+    _opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs."),
+    _opt("--fpn-channels", type=bounded("fpn_channels"),
+         help="FPN output channels and mask head width; torchvision's 256, 128 trains about 2.8x faster on a CPU."),
+    _bool_opt("--mask-pixels", help="The mask predictor also reads the image's pixels inside each box at 28x28: "
+                                    "glyphs of 10-30 px are only a few cells of the stride-4 features"),
+    _opt("--norm", type=click.Choice(NORMS),
+         help="Normalisation of a model trained from scratch: batch (BatchNorm in the backbone) or group "
+              "(GroupNorm in the backbone, FPN and mask head; --weights none or a group checkpoint)."),
+    _opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5", callback=_anchor_sizes,
+         help="RPN anchor size (px at the model's input) for each FPN level P2-P6; auto fits them to the "
+              "training characters, e.g. 32,64,128,256,512 is torchvision's."),
+)
+
 
 @click.command("train")
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
-@_options(*RUN)
-@_opt("--weights", type=str,
-      help=f"Initial weights: {' | '.join(WEIGHT_CHOICES)} | PATH to a torchvision state dict or charseg checkpoint.")
-@_opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs.")
-@_opt("--fpn-channels", type=bounded("fpn_channels"),
-      help="FPN output channels and mask head width; torchvision's 256, 128 trains about 2.8x faster on a CPU.")
-@_bool_opt("--mask-pixels", help="The mask predictor also reads the image's pixels inside each box at 28x28: "
-                                 "glyphs of 10-30 px are only a few cells of the stride-4 features")
-@_opt("--norm", type=click.Choice(NORMS),
-      help="Normalisation of a model trained from scratch: batch (BatchNorm in the backbone) or group "
-           "(GroupNorm in the backbone, FPN and mask head; --weights none or a group checkpoint).")
-@_opt("--anchor-sizes", type=str, metavar="auto|S1,...,S5", callback=_anchor_sizes,
-      help="RPN anchor size (px at the model's input) for each FPN level P2-P6; auto fits them to the "
-           "training characters, e.g. 32,64,128,256,512 is torchvision's.")
-@_options(*TRACKING, REGISTER_AS)
+@_options(*RUN, *MODEL, *TRACKING, REGISTER_AS)
 @click.option("--config", "config_source", default="", metavar="FILE|RUN",
               help="Take every setting from a logged config: a YAML or JSON file (a run's config/config.json, "
                    "--print-config's output, settings by hand), a checkpoint, or an MLflow run (ID or runs:/...). "
@@ -122,3 +126,35 @@ def finetune_command(source: str, data_dir: str, run_id: str, register_as: str, 
     overrides = {"data_dir": data_dir, **_given(options)}
     with jobs.training_job(overrides.get("device")):
         jobs.finetune_job(source or run_id, overrides, choices, register_as=register_as or None)
+
+
+@click.command("sweep")
+@click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--space", "space_path", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="YAML search space: `SETTING: [choice, ...]` or `SETTING: {low: L, high: H, log: true}` for any "
+                   "training setting, e.g. lr, lr_schedule, augment, epochs.")
+@click.option("--trials", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="Trials to finish (completed or pruned); running the sweep again on its folder goes on to this.")
+@_options(*RUN, *MODEL, *TRACKING, REGISTER_AS)
+def sweep_command(data_dir: str, space_path: str, trials: int, register_as: str, **options: Any) -> None:
+    """Search training settings with optuna on DATA_DIR: each trial a training run from the
+    options given here with the settings the sampler picks from --space, an MLflow child run
+    of one parent run, stopped early by optuna's median pruner when its validation metric
+    (--best-metric) lags the other trials' after an epoch.
+
+    \b
+    OUTPUT_DIR holds optuna.db (the study) and each trial's folder: run the same command again
+    (same --output-dir) after a kill and the sweep goes on where it was. The parent run carries
+    the best trial's settings (tags best.*), its metric and its run; --register-as registers
+    that trial's best checkpoint.
+    """
+    from .. import sweep
+
+    choices = TrackingChoices.pop(options)
+    base = sweep.settings_of(_given(options), data_dir)
+    folder = Path(base.output_dir or runner.default_output_dir("sweep"))
+    plan = sweep.Sweep(base, sweep.load_space(space_path), trials, folder, seed=base.seed)
+    click.echo(f"sweep in {folder} (run this command again with --output-dir {folder} to go on after a stop)")
+    with jobs.training_job("cpu"):
+        for line in sweep.run_sweep(plan, choices, register_as=register_as or None):
+            click.echo(line)

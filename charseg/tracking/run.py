@@ -118,7 +118,8 @@ def _run_lifecycle(system_metrics: bool, tracker: MlflowTracker | None = None) -
     state = random.getstate()
     random.seed()
     try:
-        run = mlflow.start_run(log_system_metrics=system_metrics)
+        # Inside a run of this process (a sweep's parent), a child run.
+        run = mlflow.start_run(log_system_metrics=system_metrics, nested=mlflow.active_run() is not None)
     except MlflowException as exc:
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()}: {exc.message}") from exc
     finally:

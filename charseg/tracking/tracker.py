@@ -20,9 +20,9 @@ from ..checkpoint import Lineage
 from .run import close_abandoned_run, stop_system_metrics
 from .store import SERVER_AWAY, local_experiment, offline_store, server_is_away, server_reachable, store_uri
 from .sync import sync_run
-from .tags import (CHECKPOINT_DIR, CONFIG_ARTIFACT, TAG_BEST_EPOCH, TAG_CONFIG_SOURCE, TAG_BEST_METRIC, TAG_BEST_VALUE, TAG_CAUGHT_UP, TAG_CONTINUES,
-                   TAG_FAILURE, TAG_GIT_COMMIT, TAG_MODE, TAG_PRECISION, TAG_SOURCE_CHECKPOINT, TAG_SOURCE_RUN,
-                   TAG_STOP_MESSAGE, TAG_STOP_REASON, TAG_WRITER)
+from .tags import (CHECKPOINT_DIR, CONFIG_ARTIFACT, TAG_BEST_EPOCH, TAG_BEST_METRIC, TAG_BEST_VALUE, TAG_CAUGHT_UP,
+                   TAG_CONFIG_SOURCE, TAG_CONTINUES, TAG_FAILURE, TAG_GIT_COMMIT, TAG_MODE, TAG_PRECISION,
+                   TAG_SOURCE_CHECKPOINT, TAG_SOURCE_RUN, TAG_STOP_MESSAGE, TAG_STOP_REASON, TAG_WRITER)
 
 log = logging.getLogger("charseg")
 
@@ -54,6 +54,8 @@ class MlflowTracker:
 
     log_checkpoints: str = "last"  # all | last | none: which checkpoints become artifacts
     lineage: Lineage = field(default_factory=Lineage)
+    # A sweep's trial (sweep.PruningReporter): told each validation, its `stop` ends the run.
+    reporter: object = None
     _config: object = None
     _best: dict | None = None
     # Where the run's records go from start(): the run on its tracking store, or, after the
@@ -225,6 +227,8 @@ class MlflowTracker:
         """Validation metrics (step = epoch) and images with predicted outlines."""
         self._metrics({f"val/{k}": v for k, v in metrics.items()}, epoch)
         self._images("val_predictions", epoch, overlays)
+        if self.reporter is not None:
+            self.reporter.report(epoch, metrics)
 
     def log_heldout(self, epoch: int, metrics: dict[str, float] | None, overlays: list) -> None:
         """Held-out pages with predicted outlines (step = epoch); the final model's metrics."""
@@ -242,6 +246,10 @@ class MlflowTracker:
         self._send(lambda client, run: client.log_batch(run, tags=tags))
         self._best = best
         self._describe(best)
+
+    def stop_requested(self, epoch: int):
+        """The Stop a sweep's pruner asked for after this epoch's validation, else None."""
+        return getattr(self.reporter, "stop", None)
 
     def log_stop(self, stop) -> None:
         """A run that a stopping rule (training/stopping.py) ended before its last epoch: the rule

@@ -47,6 +47,7 @@ class Tracker(Protocol):
     def log_heldout(self, epoch: int, metrics: dict[str, float] | None, overlays: list) -> None: ...
     def log_best(self, path: Path, best: dict) -> None: ...
     def log_stop(self, stop: Stop) -> None: ...
+    def stop_requested(self, epoch: int) -> Stop | None: ...  # e.g. a sweep's pruner, after validation
 
 class NullTracker:
     """Tracks nothing: the default when charseg runs without MLflow."""
@@ -76,6 +77,9 @@ class NullTracker:
 
     def log_stop(self, stop) -> None:
         pass
+
+    def stop_requested(self, epoch) -> None:
+        return None
 
 @dataclass
 class RunResult:
@@ -144,7 +148,8 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
                 val_metrics = _validate(model, config, spec, splits.val, run.compute, epoch, result.best, state,
                                         tracker)
                 metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
-            stop = stop_after(config, epoch, result.best, run.clock.spent())
+            stop = stop_after(config, epoch, result.best, run.clock.spent()) or (
+                tracker.stop_requested(epoch) if epoch < config.epochs else None)
             if epoch == config.epochs or stop is not None:  # last: held-out pages, the final model
                 _end(run, config, spec, model, splits, tracker, state, written[0] if written else None, stop)
             elif splits.heldout:

@@ -16,6 +16,7 @@ from ..config import TrainConfig
 # The rules' names: a checkpoint's "stopped" record and the run's charseg.stop_reason tag.
 EARLY_STOP = "early_stop"
 TIME_BUDGET = "time_budget"
+PRUNED = "pruned"  # a sweep's pruner (sweep.py), through the run's tracker
 # Settings a resume may change to train on past a stopped run.
 STOPPING_SETTINGS = ("early_stop_patience", "time_budget")
 

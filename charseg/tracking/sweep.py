@@ -1,0 +1,53 @@
+"""A sweep's parent MLflow run: its trials are child runs (mlflow.parentRunId) under it, and it
+carries the best trial's params, metric and run as they change."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import mlflow
+from mlflow.entities import RunStatus
+
+from ..errors import Stopped
+from .store import configure
+from .tags import TAG_FAILURE
+
+TAG_SWEEP = "charseg.sweep"  # on the parent run: the folder of the sweep (its optuna study, its trials)
+TAG_BEST_TRIAL_RUN = "charseg.best_trial_run_id"
+BEST_PARAM_PREFIX = "best."  # tags best.<setting> on the parent: the best trial's sampled settings
+
+
+@contextlib.contextmanager
+def parent_run(experiment_name: str | None, folder: str, run_id: str | None = None,
+               params: dict | None = None) -> Iterator[str]:
+    """The sweep's parent run for the block, new (with PARAMS: the settings every trial starts
+    from, the space) or (RUN_ID, a sweep resumed after a kill) the one it had; ends FINISHED,
+    KILLED (Ctrl-C, SIGTERM) or FAILED with the reason."""
+    configure(experiment_name)
+    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(tags={TAG_SWEEP: folder})
+    if not run_id and params:
+        mlflow.log_params(params)
+    try:
+        yield run.info.run_id
+    except KeyboardInterrupt as exc:
+        mlflow.set_tag(TAG_FAILURE, str(exc) if isinstance(exc, Stopped) else "interrupted (Ctrl-C)")
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as exc:
+        mlflow.set_tag(TAG_FAILURE, (str(exc) or type(exc).__name__)[:5000])
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run()
+
+
+def log_best_trial(parent_run_id: str, trial_number: int, metric: str, value: float, params: dict,
+                   trial_run_id: str) -> None:
+    """Record on the parent run the best trial so far: metric best/METRIC at step = its trial
+    number, its sampled settings as best.* tags, its child run."""
+    client = mlflow.MlflowClient()
+    client.log_metric(parent_run_id, f"best/{metric}", value, step=trial_number)
+    client.set_tag(parent_run_id, TAG_BEST_TRIAL_RUN, trial_run_id)
+    client.set_tag(parent_run_id, "best.trial", str(trial_number))
+    for name, setting in params.items():
+        client.set_tag(parent_run_id, f"{BEST_PARAM_PREFIX}{name}", str(setting))
