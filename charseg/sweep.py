@@ -187,8 +187,9 @@ def run_sweep(sweep: Sweep, choices, register_as: str | None = None) -> list[str
               **{f"space.{d.name}": list(d.choices) if d.choices else f"[{d.low}, {d.high}]{' log' if d.log else ''}"
                  for d in sweep.space}}
     with parent_run(choices.experiment_name, str(sweep.output_dir.resolve()), study.user_attrs.get(PARENT_ATTR),
-                    params) as parent_id:
+                    params) as (parent_id, experiment):
         study.set_user_attr(PARENT_ATTR, parent_id)
+        choices = dataclasses.replace(choices, experiment_name=experiment)  # the trials beside their parent
         while finished(study) < sweep.trials:
             trial, result = run_trial(sweep, study, choices)
             best = _best(study)

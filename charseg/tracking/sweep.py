@@ -10,6 +10,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from ..errors import Stopped
+from .environment import environment
 from .store import configure
 from .tags import TAG_FAILURE
 
@@ -20,16 +21,20 @@ BEST_PARAM_PREFIX = "best."  # tags best.<setting> on the parent: the best trial
 
 @contextlib.contextmanager
 def parent_run(experiment_name: str | None, folder: str, run_id: str | None = None,
-               params: dict | None = None) -> Iterator[str]:
+               params: dict | None = None) -> Iterator[tuple[str, str]]:
     """The sweep's parent run for the block, new (with PARAMS: the settings every trial starts
-    from, the space) or (RUN_ID, a sweep resumed after a kill) the one it had; ends FINISHED,
-    KILLED (Ctrl-C, SIGTERM) or FAILED with the reason."""
+    from, the space) or (RUN_ID, a sweep resumed after a kill) the one it had; yields its ID and
+    its experiment's name (the trials' too). Ends FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED
+    with the reason."""
     configure(experiment_name)
     run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(tags={TAG_SWEEP: folder})
     if not run_id and params:
         mlflow.log_params(params)
     try:
-        yield run.info.run_id
+        # Under `mlflow run` the parent is the project's run ($MLFLOW_RUN_ID): the trials must
+        # start child runs of their own, not attach to it again.
+        with environment(MLFLOW_RUN_ID=None):
+            yield run.info.run_id, mlflow.get_experiment(run.info.experiment_id).name
     except KeyboardInterrupt as exc:
         mlflow.set_tag(TAG_FAILURE, str(exc) if isinstance(exc, Stopped) else "interrupted (Ctrl-C)")
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
