@@ -120,11 +120,10 @@ def replayed_settings(values: object, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: not a charseg config: expected a mapping of settings (lr: 0.01, ...) or the "
                          "config/config.json a run logged")
     settings = {str(k).replace("-", "_"): v for k, v in settings.items()}
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(TrainConfig)})
+    unknown = sorted(set(settings) - set(SETTING_TYPES))
     if unknown:
         raise ValueError(f"{source}: unknown settings {unknown}; `charseg train --help` lists them (as options)")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    return {k: _typed(k, v, types[k], source) for k, v in settings.items() if k not in NOT_REPLAYED}
+    return {k: _typed(k, v, SETTING_TYPES[k], source) for k, v in settings.items() if k not in NOT_REPLAYED}
 
 
 def _typed(name: str, value: Any, kind: str, source: str) -> Any:
@@ -290,3 +289,7 @@ class TrainConfig:
             raise ValueError("--early-stop-patience compares validation metrics, and this run has no validation "
                              "pages: pass --val-fraction (above 0) or --val-dir")
 
+
+# Every TrainConfig setting and its type as written in the class ("int | None", ...): what a
+# replayed config, a sweep's space and the command line's option types are checked against.
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}

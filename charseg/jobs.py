@@ -44,7 +44,7 @@ def tracked(choices: TrackingChoices, output_dir: str, lineage: ckpt.Lineage,
     if not world.main:
         try:
             action(runner.NullTracker())
-        except (Stopped, KeyboardInterrupt):  # the job was stopped: no rank failed
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.Stopped): the job was stopped, no rank failed
             raise
         except BaseException as exc:
             distributed.record_error(output_dir, world.rank, exc)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import NOT_REPLAYED, TrainConfig, replayed_settings
+from .config import NOT_REPLAYED, SETTING_TYPES, TrainConfig, replayed_settings
 from .errors import CharsegError
 from .inference.evaluate import LOWER_IS_BETTER
 from .training import runner
@@ -66,7 +66,7 @@ def load_space(path: str | Path) -> list[Dimension]:
     space = []
     for key, spec in entries.items():
         name = str(key).replace("-", "_")
-        if name in NOT_REPLAYED or name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        if name in NOT_REPLAYED or name not in SETTING_TYPES:
             raise CharsegError(f"{path}: {key!r} is not a setting a sweep can vary (`charseg train --help` lists them)")
         if isinstance(spec, list) and spec:
             space.append(Dimension(name, choices=tuple(spec)))

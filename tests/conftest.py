@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,21 @@ def run_charseg(*args: str, env: dict, launcher: list[str] | None = None, timeou
     """`python -m charseg ARGS` (or under LAUNCHER) in a fresh process; its CompletedProcess."""
     command = (launcher or [sys.executable, "-m", "charseg"])
     return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_run(entry: str, params: dict, experiment: str, tmp_path: Path) -> MlflowClient:
+    """`mlflow run` of this project's ENTRY with PARAMS (--env-manager local, the venv's
+    commands on PATH) into a sqlite store in TMP_PATH, asserted to succeed; a client of that store."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}, "MLFLOW_TRACKING_URI": uri,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(Path(__file__).resolve().parents[1]), "-e", entry,
+           "--env-manager", "local", "--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return MlflowClient(uri)
 
 
 def light_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
 import click
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
+from conftest import mlflow_run
 
 from charseg.cli import cli
 
@@ -65,19 +62,10 @@ def test_mlproject_entry_point_defaults_parse(entry, tmp_path):
 
 @pytest.mark.server
 def test_mlflow_run_train_entry_point(tiny_dataset, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     params = {"data_dir": tiny_dataset, "epochs": 1, "weights": "none", "backbone": "resnet18", "min_size": 64,
               "max_size": 64, "num_workers": 0, "roi_samples": 32, "rpn_proposals_train": 100, "warmup_iters": 2,
               "output_dir": tmp_path / "out", "nproc_per_node": 2}
-    cmd = [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "train", "--env-manager", "local",
-           "--experiment-name", "mlproject"]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    client = MlflowClient(uri)
+    client = mlflow_run("train", params, "mlproject", tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("mlproject").experiment_id])
     assert len(runs) == 1
     run = runs[0]

@@ -99,25 +99,14 @@ def test_the_pruner_stops_a_lagging_trial_through_the_epoch_loop(tiny_dataset, t
 def test_mlflow_run_sweep_makes_the_project_run_the_parent(tiny_dataset, tmp_path):
     """Under `mlflow run` the project's run is the parent: the trials are child runs beside it,
     not attached to it again ($MLFLOW_RUN_ID)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import mlflow_run
 
     (tmp_path / "space.yaml").write_text("lr: {low: 0.001, high: 0.02, log: true}\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_EXPERIMENT")}, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     params = {"data_dir": tiny_dataset, "space": tmp_path / "space.yaml", "trials": 1, "epochs": 1, "weights": "none",
               "backbone": "resnet18", "fpn_channels": 32, "min_size": 64, "max_size": 64, "roi_samples": 32,
               "rpn_proposals_train": 100, "detections_per_img": 20, "warmup_iters": 2, "val_fraction": 0.25,
               "num_workers": 0, "output_dir": tmp_path / "sweep"}
-    cmd = [sys.executable, "-m", "mlflow", "run", str(Path(__file__).resolve().parents[1]), "-e", "sweep",
-           "--env-manager", "local", "--experiment-name", "project-sweep"]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    client = MlflowClient(uri)
+    client = mlflow_run("sweep", params, "project-sweep", tmp_path)
     runs = client.search_runs([client.get_experiment_by_name("project-sweep").experiment_id])
     [parent] = [r for r in runs if "charseg.sweep" in r.data.tags]
     assert parent.data.tags.get("mlflow.project.entryPoint") == "sweep" and parent.info.status == "FINISHED"

@@ -3,13 +3,13 @@ command shares, and what a training command's tracking options hold."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Callable
 
 import click
 
-from ..config import BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, TrainConfig, parse_anchor_sizes
+from ..config import (BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, SETTING_TYPES, TrainConfig,
+                      parse_anchor_sizes)
 from ..inference.evaluate import METRICS
 from ..precision import PRECISIONS
 from ..precision import resolve as resolve_precision
@@ -65,16 +65,13 @@ class BlankPath(_BlankIsUnset, click.Path):
 PAGE_SCALE = FiniteFloat(min=0, max=MAX_PAGE_SCALE)
 
 
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-
-
 def bounded(field: str, low: float | None = None) -> click.ParamType:
     """The option type of a TrainConfig setting: its BOUNDS range (shown by --help), an int or
     a finite float as the field is, "" meaning not given (_BlankIsUnset); `low` replaces the
     lower end (0 meaning "keep")."""
     bound = BOUNDS[field]
     low = bound.low if low is None else low
-    if "float" in _FIELD_TYPES[field]:
+    if "float" in SETTING_TYPES[field]:
         return BlankFiniteFloat(min=low, max=bound.high, min_open=bound.low_open and low == bound.low,
                                 max_open=bound.high_open)
     return BlankIntRange(min=int(low), max=int(bound.high))

@@ -124,9 +124,17 @@ def _run_lifecycle(system_metrics: bool, tracker: MlflowTracker | None = None) -
         raise TrackingError(f"cannot start an MLflow run at {mlflow.get_tracking_uri()}: {exc.message}") from exc
     finally:
         random.setstate(state)
-    try:
+    with ending_active_run(tracker):
         yield run.info.run_id
-    except KeyboardInterrupt as exc:  # Ctrl-C, or errors.Stopped (SIGTERM)
+
+
+@contextlib.contextmanager
+def ending_active_run(tracker: MlflowTracker | None = None) -> Iterator[None]:
+    """End the active run when the block ends: FINISHED, KILLED on Ctrl-C or SIGTERM
+    (errors.Stopped) or FAILED, the reason in charseg.failure_reason (_end_run)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
         how = str(exc) if isinstance(exc, Stopped) else "interrupted (Ctrl-C)"
         _end_run(RunStatus.KILLED, f"{how}; the last checkpoint is complete", tracker)
         raise

@@ -7,16 +7,10 @@ import contextlib
 from typing import Iterator
 
 import mlflow
-from mlflow.entities import RunStatus
-
-from ..errors import Stopped
 from .environment import environment
+from .run import ending_active_run
 from .store import configure
-from .tags import TAG_FAILURE
-
-TAG_SWEEP = "charseg.sweep"  # on the parent run: the folder of the sweep (its optuna study, its trials)
-TAG_BEST_TRIAL_RUN = "charseg.best_trial_run_id"
-BEST_PARAM_PREFIX = "best."  # tags best.<setting> on the parent: the best trial's sampled settings
+from .tags import BEST_PARAM_PREFIX, TAG_BEST_TRIAL, TAG_BEST_TRIAL_RUN, TAG_SWEEP
 
 
 @contextlib.contextmanager
@@ -30,20 +24,10 @@ def parent_run(experiment_name: str | None, folder: str, run_id: str | None = No
     run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(tags={TAG_SWEEP: folder})
     if not run_id and params:
         mlflow.log_params(params)
-    try:
-        # Under `mlflow run` the parent is the project's run ($MLFLOW_RUN_ID): the trials must
-        # start child runs of their own, not attach to it again.
-        with environment(MLFLOW_RUN_ID=None):
-            yield run.info.run_id, mlflow.get_experiment(run.info.experiment_id).name
-    except KeyboardInterrupt as exc:
-        mlflow.set_tag(TAG_FAILURE, str(exc) if isinstance(exc, Stopped) else "interrupted (Ctrl-C)")
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException as exc:
-        mlflow.set_tag(TAG_FAILURE, (str(exc) or type(exc).__name__)[:5000])
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
-        raise
-    mlflow.end_run()
+    # Under `mlflow run` the parent is the project's run ($MLFLOW_RUN_ID): the trials must start
+    # child runs of their own, not attach to it again.
+    with ending_active_run(), environment(MLFLOW_RUN_ID=None):
+        yield run.info.run_id, mlflow.get_experiment(run.info.experiment_id).name
 
 
 def log_best_trial(parent_run_id: str, trial_number: int, metric: str, value: float, params: dict,
@@ -53,6 +37,6 @@ def log_best_trial(parent_run_id: str, trial_number: int, metric: str, value: fl
     client = mlflow.MlflowClient()
     client.log_metric(parent_run_id, f"best/{metric}", value, step=trial_number)
     client.set_tag(parent_run_id, TAG_BEST_TRIAL_RUN, trial_run_id)
-    client.set_tag(parent_run_id, "best.trial", str(trial_number))
+    client.set_tag(parent_run_id, TAG_BEST_TRIAL, str(trial_number))
     for name, setting in params.items():
         client.set_tag(parent_run_id, f"{BEST_PARAM_PREFIX}{name}", str(setting))

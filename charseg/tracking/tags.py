@@ -28,6 +28,12 @@ TAG_SOURCE_CHECKPOINT = "charseg.source_checkpoint"
 TAG_RESUMED_BY = "charseg.resumed_by"
 TAG_CONFIG_SOURCE = "charseg.config_source"  # train --config: the file or run whose settings this run replays
 
+# A sweep's parent run (sweep.py).
+TAG_SWEEP = "charseg.sweep"  # the sweep's folder: its optuna study and its trials
+TAG_BEST_TRIAL = "best.trial"  # the best trial so far: its number,
+TAG_BEST_TRIAL_RUN = "charseg.best_trial_run_id"  # its child run
+BEST_PARAM_PREFIX = "best."  # and its sampled settings, as best.<setting>
+
 # Failover and sync.
 TAG_CONTINUES = "charseg.continues_run_id"  # on a local run: the server run whose rest it records (failover)
 TAG_CAUGHT_UP = "charseg.caught_up"  # on such a run: copied into the server run already
