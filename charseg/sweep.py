@@ -30,6 +30,9 @@ RUN_ATTR = "mlflow_run_id"  # each trial's: its child run
 # epoch of a trial it may stop after (optuna's steps are epochs here; it prunes from step n_warmup_steps).
 PRUNER_STARTUP_TRIALS = 2
 PRUNE_FROM_EPOCH = 2
+# Trials that fail one after another before the sweep stops: failed trials do not count towards
+# --trials, so a space where every trial diverges would otherwise run forever.
+MAX_FAILED_IN_A_ROW = 3
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def run_trial(sweep: Sweep, study, choices) -> tuple[Any, runner.RunResult | Non
                                   output_dir=config.output_dir, tracker=tracker) as run_id:
             trial.set_user_attr(RUN_ATTR, run_id)
             result = runner.train(config, tracker)
-    except CharsegError as exc:  # a setting no run can use, a diverged loss: the next trial goes on
+    except CharsegError as exc:  # a diverged loss, a page that cannot be read: the next trial goes on
         log.warning("warning: trial %d failed: %s", trial.number, exc)
         study.tell(trial, state=TrialState.FAIL)
         return trial, None
@@ -190,8 +193,14 @@ def run_sweep(sweep: Sweep, choices, register_as: str | None = None) -> list[str
                     params) as (parent_id, experiment):
         study.set_user_attr(PARENT_ATTR, parent_id)
         choices = dataclasses.replace(choices, experiment_name=experiment)  # the trials beside their parent
+        failed_in_a_row = 0
         while finished(study) < sweep.trials:
             trial, result = run_trial(sweep, study, choices)
+            failed_in_a_row = failed_in_a_row + 1 if result is None else 0
+            if failed_in_a_row == MAX_FAILED_IN_A_ROW:
+                raise CharsegError(f"{sweep.output_dir}: {failed_in_a_row} trials failed one after another (the "
+                                   "warnings above say why); change the space or the settings the trials start "
+                                   "from, then run the sweep again")
             best = _best(study)
             if result is not None and best is not None and best.number == trial.number:
                 log_best_trial(parent_id, trial.number, metric, best.value, best.params, best.user_attrs[RUN_ATTR])

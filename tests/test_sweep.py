@@ -111,3 +111,17 @@ def test_mlflow_run_sweep_makes_the_project_run_the_parent(tiny_dataset, tmp_pat
     [parent] = [r for r in runs if "charseg.sweep" in r.data.tags]
     assert parent.data.tags.get("mlflow.project.entryPoint") == "sweep" and parent.info.status == "FINISHED"
     assert sorted(r.data.tags.get("mlflow.parentRunId") for r in runs if r is not parent) == [parent.info.run_id]
+
+
+def test_a_sweep_whose_trials_all_fail_stops_with_one_line(tiny_dataset, tmp_path):
+    """Failed trials do not count towards --trials: a space where every trial diverges must end."""
+    from charseg.sweep import MAX_FAILED_IN_A_ROW
+
+    (tmp_path / "space.yaml").write_text("lr: [1000000.0]\n")  # the loss is not finite at once (test_training)
+    result = CliRunner().invoke(cli, sweep_args(tiny_dataset, tmp_path / "space.yaml", tmp_path / "out", 2))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: {tmp_path / 'out'}: {MAX_FAILED_IN_A_ROW} trials failed one after another (the warnings above say "
+        "why); change the space or the settings the trials start from, then run the sweep again")
+    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{tmp_path / 'out' / STUDY_DB}")
+    assert [t.state.name for t in study.trials] == ["FAIL"] * MAX_FAILED_IN_A_ROW
