@@ -6,7 +6,7 @@ tracking/ through jobs.py).
 | --- | --- |
 | `options.py` | the option types (bounded by config.BOUNDS) and the option tables commands share |
 | `training.py` | train, resume, finetune |
-| `models.py` | evaluate, predict, register, sync |
+| `models.py` | evaluate, predict, export, register, sync |
 | `data.py` | validate-data, generate, import-coco, export-coco |
 """
 
@@ -21,7 +21,7 @@ import click
 
 from ..errors import CharsegError, Stopped
 from .data import export_coco_command, generate_command, import_coco_command, validate_data_command
-from .models import evaluate_command, predict_command, register_command, sync_command
+from .models import evaluate_command, export_command, predict_command, register_command, sync_command
 from .options import FiniteFloat  # noqa: F401  (charseg.cli.FiniteFloat: every float option's type)
 from .training import finetune_command, resume_command, sweep_command, train_command
 
@@ -60,7 +60,7 @@ def cli(quiet: bool) -> None:
 
 for command in (train_command, resume_command, finetune_command, evaluate_command, predict_command, sync_command,
                 register_command, import_coco_command, export_coco_command, validate_data_command, generate_command,
-                sweep_command):
+                sweep_command, export_command):
     cli.add_command(command)
 
 

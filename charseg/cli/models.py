@@ -1,4 +1,4 @@
-"""The commands on trained models and their runs: evaluate, predict, register, sync."""
+"""The commands on trained models and their runs: evaluate, predict, export, register, sync."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 from .. import jobs
 from ..data.coco import SEGMENTATIONS
 from ..inference.evaluate import evaluate_checkpoint
+from ..inference.export import FORMATS as EXPORT_FORMATS
 from ..inference.predict import COCO_PREDICTIONS, LABELS
 from ..precision import resolve_compute
 from .options import DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
@@ -117,6 +118,49 @@ def _check_distinct_names(paths: list[Path]) -> None:
                 f"{seen[path.stem]} and {path} would both be written as {path.stem}.csv and {path.stem}.png in "
                 "--out; rename one, or predict them into separate --out folders")
         seen[path.stem] = path
+
+
+@click.command("export")
+@MODEL_SOURCE
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="onnx: for onnxruntime (and any ONNX runtime), OUT ends in .onnx; torchscript: for torch.jit.load "
+                   "and C++ libtorch, OUT ends in .pt.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="The file to write (replaced whole once the export is checked).")
+@click.option("--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
+              help="Most detections per page, fixed in the exported graph [default: the checkpoint's].")
+@SCALE_TEST_OVERRIDE
+@click.option("--register-as", default=None,
+              help="With --format onnx: also register the logged onnx model as a new version of this registered "
+                   "model (the `champion` alias moves by `charseg register`'s rule).")
+@click.option("--experiment-name", default=None, help="MLflow experiment for the export run.")
+def export_command(model_source: str, fmt: str, out_path: str, detections_per_img: int | None,
+                   scale_test: float | None, register_as: str | None, experiment_name: str | None) -> None:
+    """Export a model for deployment without charseg: one RGB page (uint8 H x W x 3) and a score
+    threshold in; boxes, scores, 28x28 box masks and the page rectangle of each out
+    (docs/EXPORT.md). The file is run on an example page and a blank one before it is kept: it
+    must find the checkpoint's detections. Logged as an MLflow run (ONNX as an onnx model)."""
+    from .. import tracking
+    from ..inference.export import FORMATS, export_model
+
+    if Path(out_path).suffix != FORMATS[fmt]:
+        raise click.BadParameter(f"a {fmt} file ends in {FORMATS[fmt]}, got {out_path}", param_hint="--out")
+    if register_as and fmt != "onnx":
+        raise click.BadParameter("the registry holds exported models as MLflow onnx models: pass --format onnx "
+                                 "(a TorchScript file is logged as an artifact of the export run)",
+                                 param_hint="--register-as")
+    with jobs.resolve_source(model_source, prefer_best=True) as (path, lineage):
+        result = export_model(path, out_path, fmt, detections_per_img, scale_test)
+        with tracking.tracked_run(experiment_name) as run_id:
+            registration = tracking.log_export(result.path, result.metadata, lineage, path, register_as or None)
+    example = result.checks[0]
+    click.echo(f"exported to {out_path} ({fmt}, {result.path.stat().st_size / 2 ** 20:.1f} MiB) in "
+               f"{result.seconds:.1f} s; on an example page it finds {example.matched} of the checkpoint's {example.expected} "
+               f"detections "
+               f"(boxes within {example.box_error:.2g} px, mask IoU at least {example.mask_iou:.3f})")
+    if registration is not None:
+        click.echo(registration.message)
+    jobs.echo_run(run_id)
 
 
 @click.command("sync")

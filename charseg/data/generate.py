@@ -135,6 +135,15 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
     return GenerationSummary(out_dir=out, images=num_images, characters=total)
 
 
+def sample_page(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """One page of the `lines` layout (HxWx3 uint8), without files: an example input (export
+    traces the model on it)."""
+    fonts = _FontCache([None, *font_files(TRAINING_FONTS)])
+    page, _ = _render_lines(random.Random(seed), width, height, count=(40, 80), font_size=(12, 30), fonts=fonts,
+                            charset=DEFAULT_CHARSET)
+    return page
+
+
 class _FontCache:
     """Loaded fonts by (file, pixel size); `paths[0]` is the scatter layout's font (None:
     Pillow's bundled one), the lines layout chooses among all."""

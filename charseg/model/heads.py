@@ -14,13 +14,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _fake_cast_onnx, _get_shape_onnx,
+                                                    resize_boxes)
 from torchvision.ops import roi_align
 
 from ..data.loading import POLYGON_KEYS
@@ -112,11 +114,20 @@ class PolygonRoIHeads(RoIHeads):
 
     def _infer(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
         """Stock inference, but the mask head runs over MASK_CHUNK detections at a time: on a
-        dense page its activations for 2,000 detections at once take gigabytes."""
+        dense page its activations for 2,000 detections at once take gigabytes. Traced for
+        export, in one go: a trace would fix the number of chunks to its example's."""
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = (t.float() for t in self.box_predictor(box_features))
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         results = [{"boxes": b, "labels": lab, "scores": sc} for b, sc, lab in zip(boxes, scores, labels)]
+        if torchvision._is_tracing():
+            # One box more, dropped after: ONNX Runtime cannot run GroupNorm over no boxes (a page
+            # without characters), its reshape of zero elements fails.
+            spare = [*boxes[:-1], torch.cat([boxes[-1], boxes[-1].new_tensor([[0.0, 0.0, 1.0, 1.0]])])]
+            logits = self.mask_logits(features, spare, image_shapes)[:-1]
+            for result, masks in zip(results, maskrcnn_inference(logits, labels)):
+                result["masks"] = masks
+            return results
         for i, result in enumerate(results):
             chunks = []
             for start in range(0, len(result["boxes"]), MASK_CHUNK):
@@ -203,6 +214,8 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
         scale = self.page_scales[0] if self.training else self.page_scales[1]
         if not scale:
             return super().resize(image, target)
+        if torchvision._is_tracing() and target is None:
+            return self._traced_resize(image, scale), None
         # torchvision's resize with this image's own short side times `scale` as the target.
         min_size = self.min_size
         self.min_size = (max(1, round(min(image.shape[-2:]) * scale)),)
@@ -210,6 +223,15 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
             return super().resize(image, target)
         finally:
             self.min_size = min_size
+
+    def _traced_resize(self, image: torch.Tensor, scale: float) -> torch.Tensor:
+        """resize() in tensor operations for export (inference/export.py): the page's own size is
+        an input of the traced graph, not the example's (float64 as Python's arithmetic)."""
+        size = _get_shape_onnx(image).to(torch.float64)
+        short, long = size.min(), size.max()
+        factor = torch.minimum(torch.round(short * scale) / short, self.max_size / long)
+        return F.interpolate(image[None], scale_factor=_fake_cast_onnx(factor.float()), mode="bilinear",
+                             recompute_scale_factor=True, align_corners=False)[0]
 
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:

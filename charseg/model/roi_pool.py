@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 # MultiScaleRoIAlign's own steps, so GatherRoIAlign keeps its levels and scales exactly.
 from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
@@ -69,9 +70,13 @@ def gather_roi_align(features: torch.Tensor, rois: torch.Tensor, output_size: tu
 
 class GatherRoIAlign(MultiScaleRoIAlign):
     """MultiScaleRoIAlign whose per-level pooling is gather_roi_align: the same levels, scales
-    and outputs (channels-last, as the heads' convolutions read them)."""
+    and outputs (channels-last, as the heads' convolutions read them). Traced for export
+    (inference/export.py), it is torchvision's: roi_align is an ONNX and TorchScript op,
+    embedding_bag with per-sample weights is not."""
 
     def forward(self, x, boxes, image_shapes):
+        if torchvision._is_tracing():
+            return super().forward(x, boxes, image_shapes)
         features = _filter_input(x, self.featmap_names)
         if self.scales is None or self.map_levels is None:
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,

@@ -33,9 +33,6 @@ def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Regist
     and move the `champion` alias to it only when its validation metric beats the champion's."""
     from importlib.resources import files
 
-    state = ckpt.load_checkpoint(checkpoint_path)
-    best = state["best"] or {}
-    metric, value = best.get("metric"), best.get("value")
     active = mlflow.active_run()
     context = (contextlib.nullcontext() if active and active.info.run_id == run_id
                else mlflow.start_run(run_id=run_id))
@@ -43,15 +40,26 @@ def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Regist
         info = mlflow.pyfunc.log_model(
             name="model", loader_module=LOADER_MODULE, data_path=str(checkpoint_path),
             code_paths=[str(files("charseg"))], signature=model_signature(), pip_requirements=requirements())
-    version = mlflow.register_model(info.model_uri, name).version
+    return register_logged_model(info.model_uri, name, run_id, checkpoint_path)
+
+
+def register_logged_model(model_uri: str, name: str, run_id: str, checkpoint_path: Path,
+                          source_run_id: str | None = None) -> Registration:
+    """Register MODEL_URI (a model logged in run `run_id` from CHECKPOINT_PATH, itself written
+    by SOURCE_RUN_ID, by default the same run) as a new version of NAME, tagged with the
+    checkpoint's validation metric, and move the `champion` alias by the champion rule."""
+    state = ckpt.load_checkpoint(checkpoint_path)
+    best = state["best"] or {}
+    metric, value = best.get("metric"), best.get("value")
+    version = mlflow.register_model(model_uri, name).version
     client = MlflowClient()
-    tags = {TAG_SOURCE_RUN: run_id, TAG_VERSION_CHECKPOINT: Path(checkpoint_path).name}
+    tags = {TAG_SOURCE_RUN: source_run_id or run_id, TAG_VERSION_CHECKPOINT: Path(checkpoint_path).name}
     if value is not None:
         tags.update({TAG_VERSION_METRIC: metric, TAG_VERSION_VALUE: str(value)})
     for key, tag in tags.items():
         client.set_model_version_tag(name, version, key, tag)
-    client.update_model_version(name, version, description=_version_description(client, run_id, checkpoint_path,
-                                                                                 metric, value))
+    client.update_model_version(name, version, description=_version_description(
+        client, source_run_id or run_id, checkpoint_path, metric, value))
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -65,7 +73,10 @@ def register_checkpoint(checkpoint_path: Path, name: str, run_id: str) -> Regist
 def _version_description(client: MlflowClient, run_id: str, checkpoint_path: Path, metric: str | None,
                          value: float | None) -> str:
     """A registered version's description: its metric, its training data and where it came from."""
-    inputs = client.get_run(run_id).inputs.dataset_inputs
+    try:
+        inputs = client.get_run(run_id).inputs.dataset_inputs
+    except MlflowException:  # an exported checkpoint of a run in another store
+        inputs = []
     data = [f"{i.dataset.name} (digest {i.dataset.digest}, {t.value})" for i in inputs for t in i.tags
             if t.key == "mlflow.data.context"]
     score = (f"validation {metric} {value:.4f}" if value is not None

@@ -7,11 +7,12 @@ them agree.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "charseg"
 CHECKPOINT_DIR = "checkpoints"  # artifact folder of every checkpoint
+EXPORT_DIR = "export"  # artifact folder of an exported TorchScript file (ONNX is logged as an onnx model)
 CONFIG_ARTIFACT = "config/config.json"  # {"config": TrainConfig, "model_spec": ModelSpec} of a training run
 OFFLINE_DIR = "offline-tracking"  # inside the output folder: mlflow.db and artifacts/ of runs made offline
 
 # On a training run.
-TAG_MODE = "charseg.mode"  # train | resume | finetune | evaluate
+TAG_MODE = "charseg.mode"  # train | resume | finetune | evaluate | export
 TAG_PRECISION = "charseg.precision"  # fp32 | bf16 | fp16: what --precision resolved to
 TAG_WRITER = "charseg.writer"  # "PID n on HOST into FOLDER": the process that trains the run
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # as `mlflow run` sets it
@@ -44,3 +45,4 @@ CHAMPION = "champion"  # the alias of the version that serves
 TAG_VERSION_METRIC = "charseg.metric"  # on a model version: its validation metric and value
 TAG_VERSION_VALUE = "charseg.metric_value"
 TAG_VERSION_CHECKPOINT = "charseg.checkpoint"  # the checkpoint file's name
+TAG_VERSION_FORMAT = "charseg.format"  # on an exported version: onnx
