@@ -50,7 +50,26 @@ def configure(experiment_name: str | None = None) -> None:
     try:
         mlflow.set_experiment(name)
     except MlflowException as exc:
-        raise TrackingError(f"cannot use experiment {name!r} at {mlflow.get_tracking_uri()}: {exc.message}") from exc
+        raise TrackingError(f"cannot use experiment {name!r} at {mlflow.get_tracking_uri()}: "
+                            f"{access_refused(exc) or exc.message}") from exc
+
+
+def access_refused(exc: MlflowException) -> str | None:
+    """What to do when a server with authentication (mlflow server --app-name basic-auth)
+    refused a request: a sentence for 401 and 403, else None. Such a refusal is no server that
+    is away: charseg never fails over to the offline store for it (the server answers)."""
+    status = getattr(exc, "get_http_status_code", lambda: None)()
+    text = str(exc)
+    if status == 401 or "401 != 200" in text:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if not user:
+            return "the server needs a user: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        return (f"the server refused the credentials of user {user!r}: check MLFLOW_TRACKING_PASSWORD (an admin "
+                "creates users and resets passwords: deploy/README.md)")
+    if status == 403 or "403 != 200" in text:
+        return (f"user {os.environ.get('MLFLOW_TRACKING_USERNAME')!r} has no permission for this; ask an admin to "
+                "grant it on the experiment or registered model (deploy/README.md, Users and permissions)")
+    return None
 
 
 def chosen_experiment(given: str | None) -> str:
