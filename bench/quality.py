@@ -50,8 +50,8 @@ HELDOUT_PAGES, HELDOUT_SEED = 40, 2026  # the pages `make demo` evaluates on
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
 # (about 40 minutes on 2 cores).
 LONG = {"num_images": 400, "epochs": 10}
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "min_size", "max_size",
-              "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "mask_dice", "min_size",
+              "max_size", "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
               "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
 
 
@@ -187,8 +187,16 @@ def measure(model: torch.nn.Module, spec, heldout: list, own: list, config: Trai
     for name, pages in (("heldout", heldout), ("own", own)):
         metrics = evaluate(model, pages, torch.device("cpu"), max_dets=spec.detections_per_img,
                            score_threshold=config.score_threshold).metrics
-        out[name] = {k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP", "char_f1")}
+        out[name] = {k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP75", "segm_AP", "char_f1")}
     return out
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it computes bf16 natively (the figures depend on it)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    return f"{name} ({'avx512_bf16' if 'avx512_bf16' in info else 'AVX2, no native bf16'})"
 
 
 def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[str], num_images: int | None,
@@ -206,22 +214,22 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
         f"# Quality on held-out pages: recipe `{recipe_name}`",
         "",
         f"Measured {date.today().isoformat()} by `python bench/quality.py --recipe {recipe_name}` on "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, charseg {__version__}, CPU only.",
+        f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, charseg {__version__}, CPU only.",
         f"Training pages: `charseg generate {' '.join(generate_args)}`"
         + (f" with --num-images {num_images}" if num_images else "") + "; recipe: "
         + ", ".join(f"{k} {v}" for k, v in recipe.items()) + ".",
         f"Held-out pages: `charseg generate --held-out --num-images {HELDOUT_PAGES} --seed {HELDOUT_SEED}` "
         "(other fonts, lines of text, rotation up to 12 degrees, texture, blur, noise, annotator polygons).",
         "",
-        "| recipe | training | epochs | held-out segm_AP50 | held-out char_f1 | held-out bbox_AP50 | held-out segm_AP "
-        "| own pages segm_AP50 | own pages char_f1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | training | epochs | held-out segm_AP50 | held-out segm_AP75 | held-out segm_AP | held-out char_f1 "
+        "| held-out bbox_AP50 | own pages segm_AP50 | own pages char_f1 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         h, o = row["heldout"], row["own"]
         lines.append(f"| {name} | {row['seconds'] / 60:.1f} min | {row['epochs']} | {h['segm_AP50']:.3f} | "
-                     f"{h['char_f1']:.3f} | {h['bbox_AP50']:.3f} | {h['segm_AP']:.3f} | {o['segm_AP50']:.3f} | "
-                     f"{o['char_f1']:.3f} |")
+                     f"{h['segm_AP75']:.3f} | {h['segm_AP']:.3f} | {h['char_f1']:.3f} | {h['bbox_AP50']:.3f} | "
+                     f"{o['segm_AP50']:.3f} | {o['char_f1']:.3f} |")
     if "stock" in rows:
         ratio = rows["charseg"]["heldout"]["segm_AP50"] / max(rows["stock"]["heldout"]["segm_AP50"], 1e-3)
         lines += ["", f"charseg / stock, held-out segm_AP50 at equal time: {ratio:.1f}x"

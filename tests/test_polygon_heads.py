@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import light_config
 from pycocotools import mask as mask_utils
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.detection.roi_heads import maskrcnn_loss, project_masks_on_boxes
@@ -18,8 +19,9 @@ from torchvision.models.detection.transform import paste_masks_in_image
 
 from charseg.data.dataset import scan_dataset
 from charseg.data.loading import CharacterDataset, collate
-from charseg.model.build import build_model, spec_for_weights
-from charseg.model.heads import polygon_mask_loss
+from charseg.model.architecture import resolve_spec
+from charseg.model.build import ModelSpec, build_model, spec_for_weights
+from charseg.model.heads import dice_loss, polygon_mask_loss
 from charseg.polygons import PIXEL_CENTRE, box_mask_to_polygon, pack_polygons, polygon_mask_targets, polygons_to_masks
 
 
@@ -66,6 +68,39 @@ def test_mask_loss_matches_stock_on_a_sparse_page():
               "labels": labels}
     ours = polygon_mask_loss(logits, [boxes], [target], [torch.arange(12)], [(128, 128)])
     assert float(ours) == pytest.approx(float(stock), rel=0.03)
+
+
+def test_the_dice_term_scores_overlap_and_adds_to_bce_only_when_asked(tiny_dataset):
+    target = torch.zeros(2, 28, 28)
+    target[:, 8:20, 10:16] = 1.0
+    sure = (target * 2 - 1) * 20  # logits of the target itself
+    assert float(dice_loss(sure, target)) < 0.01
+    assert float(dice_loss(-sure, target)) > 0.99
+    half = target.clone()
+    half[:, 8:14] = 0  # half the character
+    assert 0.2 < float(dice_loss((half * 2 - 1) * 20, target)) < 0.5
+    rng = np.random.default_rng(2)
+    polygons = glyph_polygons(rng, 6, 96)
+    boxes = torch.from_numpy(jittered_boxes(polygons, rng))
+    points, lengths = pack_polygons(polygons)
+    labels = torch.ones(6, dtype=torch.int64)
+    page = {"polygon_points": points, "polygon_lengths": lengths, "image_size": torch.tensor([96, 96]),
+            "labels": labels}
+    logits = torch.randn(6, 2, 28, 28, generator=torch.Generator().manual_seed(1))
+    args = (logits, [boxes], [page], [torch.arange(6)], [(96, 96)], 0.0)
+    targets = torch.from_numpy(polygon_mask_targets(polygons, boxes.numpy(), 28, 0.0))
+    bce = polygon_mask_loss(*args)
+    assert float(polygon_mask_loss(*args, dice=0.5)) == pytest.approx(
+        float(bce) + 0.5 * float(dice_loss(logits[:, 1], targets)), rel=1e-5)
+    # The weight travels from the training options through the spec into the model's heads; a
+    # spec written before it existed means BCE alone.
+    config = light_config(tiny_dataset, "unused", mask_dice=0.5)
+    samples = scan_dataset(tiny_dataset).samples
+    spec = resolve_spec(config, samples, samples)
+    assert spec.mask_dice == 0.5 and build_model(spec).roi_heads.mask_dice == 0.5
+    assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "mask_dice"}).mask_dice == 0.0
+    tuned = resolve_spec(dataclasses.replace(config, mode="finetune", mask_dice=2.0), samples, samples, spec)
+    assert tuned.mask_dice == 2.0
 
 
 def test_whole_model_losses_match_stock(tiny_dataset):
@@ -329,7 +364,8 @@ DENSE_STEP = textwrap.dedent("""
     import sys, torch
     from charseg.data.dataset import scan_dataset
     from charseg.data.loading import CharacterDataset, collate
-    from charseg.model.build import build_model, spec_for_weights
+    from charseg.model.architecture import resolve_spec
+from charseg.model.build import ModelSpec, build_model, spec_for_weights
     stock = sys.argv[2] == "stock"
     torch.manual_seed(0)
     samples = scan_dataset(sys.argv[1]).samples

@@ -177,6 +177,9 @@ HYPER = (
     _opt("--rpn-proposals-test", type=bounded("rpn_proposals_test"),
          help="RPN proposals kept per image at inference (0: max(1000, 2 x detections per image))."),
     _opt("--roi-samples", type=bounded("roi_samples"), help="Proposals sampled per image for the head losses."),
+    _opt("--mask-dice", type=bounded("mask_dice"),
+         help="Weight of a Dice term added to the mask loss: it scores each mask by its overlap with the "
+              "character, as AP75 does (0: per-pixel BCE alone, torchvision's loss)."),
     _opt("--detections-per-img", type=bounded("detections_per_img"),
          help="Most detections returned per image, also COCO maxDets (0: max(500, 1.2 x the characters of "
               "the densest image))."),

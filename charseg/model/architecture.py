@@ -27,7 +27,7 @@ PROPOSALS_PER_DETECTION = 2
 MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 # Input size and sampler settings a fine-tune may change (given again); the rest of the
 # architecture is the source's, which its weights need. Limits are fitted to the new data.
-FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples")
+FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples", "mask_dice")
 # Requests a fine-tune takes from the source's spec, as its weights were built for them.
 FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels")
 
@@ -52,7 +52,8 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
     return spec_for_weights(config.backbone, config.weights, min_size=config.min_size, max_size=config.max_size,
                             scale_train=config.scale_train, scale_test=config.scale_test,
                             roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
-                            fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels, **limits)
+                            fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels,
+                            mask_dice=config.mask_dice, **limits)
 
 
 def fit_limits(config: TrainConfig, most_characters: int) -> dict[str, int]:

@@ -95,6 +95,9 @@ class ModelSpec:
     # frame half a pixel (of the resized page) past it, which cuts every character's left and
     # top half pixel off its mask. False: checkpoints written before this field.
     mask_in_box: bool = False
+    # Weight of the Dice term of the mask loss (TrainConfig.mask_dice); 0: BCE alone, as
+    # checkpoints without this field were trained.
+    mask_dice: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,7 +218,7 @@ def _polygon_mask_rcnn(backbone: BackboneWithFPN, spec: ModelSpec, num_classes: 
         tv["box_bg_iou_thresh"], spec.roi_samples, tv["box_positive_fraction"], tv["bbox_reg_weights"],
         tv["box_score_thresh"], tv["box_nms_thresh"], spec.detections_per_img,
         mask_roi_pool=GatherRoIAlign(["0", "1", "2", "3"], 14, 2), mask_head=mask_head,
-        mask_predictor=mask_predictor, mask_frame_offset=offset)
+        mask_predictor=mask_predictor, mask_frame_offset=offset, mask_dice=spec.mask_dice)
     transform = PasteFreeTransform(spec.min_size, spec.max_size, _IMAGE_MEAN, _IMAGE_STD,
                                    page_scales=(spec.scale_train, spec.scale_test), mask_frame_offset=offset)
     return PolygonMaskRCNN(backbone, rpn, roi_heads, transform)

@@ -40,9 +40,9 @@ REFINE_GROUPS = 8
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
                       matched_idxs: list[torch.Tensor], image_shapes: list[tuple[int, int]],
-                      frame_offset: float = PIXEL_CENTRE) -> torch.Tensor:
+                      frame_offset: float = PIXEL_CENTRE, dice: float = 0.0) -> torch.Tensor:
     """Mask R-CNN mask loss with targets rasterised from polygons inside each positive proposal
-    (moved by `frame_offset`: polygon_mask_targets)."""
+    (moved by `frame_offset`: polygon_mask_targets): per-pixel BCE, plus `dice` x dice_loss."""
     size = mask_logits.shape[-1]
     mask_targets, labels = [], []
     for props, target, idxs, shape in zip(proposals, targets, matched_idxs, image_shapes):
@@ -60,19 +60,32 @@ def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], 
     if targets_t.numel() == 0:
         return mask_logits.sum() * 0
     logits = mask_logits[torch.arange(labels_t.shape[0], device=labels_t.device), labels_t]
-    return F.binary_cross_entropy_with_logits(logits, targets_t)
+    loss = F.binary_cross_entropy_with_logits(logits, targets_t)
+    return loss + dice * dice_loss(logits, targets_t) if dice else loss
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - Dice coefficient of each mask's probabilities against its (soft) target, averaged
+    over masks (Milletari et al., V-Net; the mask loss of SOLO and CondInst); `smooth` keeps a
+    mask with an empty target defined."""
+    probs = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    overlap = (probs * targets).sum(1)
+    return (1 - (2 * overlap + smooth) / (probs.sum(1) + targets.sum(1) + smooth)).mean()
 
 
 class PolygonRoIHeads(RoIHeads):
     """RoIHeads whose mask loss reads polygon targets (`polygon_points`, `polygon_lengths`,
     `image_size`) instead of full-image masks. Targets with `masks` take the stock path.
-    `mask_frame_offset`: where each mask lies against its box (polygon_mask_targets)."""
+    `mask_frame_offset`: where each mask lies against its box (polygon_mask_targets);
+    `mask_dice`: the weight of the mask loss's Dice term (polygon_mask_loss)."""
 
-    def __init__(self, *args, mask_frame_offset: float = PIXEL_CENTRE, **kwargs):
+    def __init__(self, *args, mask_frame_offset: float = PIXEL_CENTRE, mask_dice: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.fg_bg_sampler = SeededSampler(self.fg_bg_sampler.batch_size_per_image,
                                            self.fg_bg_sampler.positive_fraction)
         self.mask_frame_offset = mask_frame_offset
+        self.mask_dice = mask_dice
 
     def check_targets(self, targets):
         if targets is None:
@@ -100,7 +113,7 @@ class PolygonRoIHeads(RoIHeads):
         pos_matched = [m[pos] for m, pos in zip(matched_idxs, positives)]
         mask_logits = self.mask_logits(features, mask_proposals, image_shapes)
         loss_mask = polygon_mask_loss(mask_logits, mask_proposals, targets, pos_matched, image_shapes,
-                                      self.mask_frame_offset)
+                                      self.mask_frame_offset, self.mask_dice)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
 
