@@ -42,6 +42,7 @@ from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.heldout import generate_heldout  # noqa: E402
 from charseg.data.loading import CharacterDataset, EpochShuffleSampler, collate  # noqa: E402
 from charseg.inference.evaluate import evaluate  # noqa: E402
+from charseg.inference.predict import load_model_for_inference  # noqa: E402
 from charseg.model.build import STOCK_ANCHOR_SIZES, build_model, spec_for_weights  # noqa: E402
 from charseg.training import runner  # noqa: E402
 from charseg.training.engine import train_one_epoch  # noqa: E402
@@ -162,13 +163,13 @@ def main() -> None:
         start = time.perf_counter()
         result = runner.train(config)
         seconds = time.perf_counter() - start
-        model, spec, _ = runner.load_model_for_inference(result.final_checkpoint, torch.device("cpu"))
+        model, spec, _ = load_model_for_inference(result.final_checkpoint, torch.device("cpu"))
         splits = runner.make_splits(config, load_dataset_report(config.data_dir))
         rows = {"charseg": {"seconds": seconds, "epochs": recipe["epochs"], **measure(model, spec, heldout,
                                                                                       splits.val, config)}}
         print(f"  charseg: {seconds:.0f} s, held-out {rows['charseg']['heldout']}", flush=True)
         if spec.scale_test:  # the same model with pages resized to min_size at inference, as stock does
-            plain, plain_spec, _ = runner.load_model_for_inference(result.final_checkpoint, torch.device("cpu"),
+            plain, plain_spec, _ = load_model_for_inference(result.final_checkpoint, torch.device("cpu"),
                                                                    scale_test=0.0)
             rows["charseg, --scale-test 0"] = {"seconds": seconds, "epochs": recipe["epochs"],
                                                **measure(plain, plain_spec, heldout, splits.val, config)}
