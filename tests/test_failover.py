@@ -288,3 +288,23 @@ def test_a_bug_while_recording_raises_instead_of_failing_over(error):
     with pytest.raises(type(error)):
         tracker._send(action)
     assert not tracker.continuing
+
+
+@pytest.mark.parametrize("json_body", [True, False])
+def test_a_refusal_mid_run_is_one_line_naming_the_resume_not_a_failover(json_body, monkeypatch):
+    from mlflow.exceptions import MlflowException, RestException
+
+    tracker = tracking.MlflowTracker()
+    tracker._server_uri, tracker._run = "http://127.0.0.1:9", "abc"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+
+    def action(client, run):  # what MLflow raises for a basic-auth server's 401 (a JSON body or text)
+        if json_body:
+            raise RestException({"error_code": "UNAUTHENTICATED", "message": "You are not authenticated."})
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code "
+                              "401 != 200. Response body: 'You are not authenticated.'")
+
+    with pytest.raises(tracking.TrackingError, match="refused run abc mid-run: the server refused the credentials "
+                                                     "of user 'alice'.*charseg resume"):
+        tracker._send(action)
+    assert not tracker.continuing

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .. import checkpoint as ckpt
 from ..checkpoint import Lineage
 from .run import close_abandoned_run, stop_system_metrics
-from .store import SERVER_AWAY, local_experiment, offline_store, server_is_away, server_reachable, store_uri
+from .store import (SERVER_AWAY, TrackingError, access_refused, local_experiment, offline_store, server_is_away,
+                    server_reachable, store_uri)
 from .sync import sync_run
 from .tags import (CHECKPOINT_DIR, CONFIG_ARTIFACT, TAG_BEST_EPOCH, TAG_BEST_METRIC, TAG_BEST_VALUE, TAG_CAUGHT_UP,
                    TAG_CONFIG_SOURCE, TAG_CONTINUES, TAG_FAILURE, TAG_GIT_COMMIT, TAG_MODE, TAG_PRECISION,
@@ -145,6 +147,11 @@ class MlflowTracker:
             action(self._client, self._target)
             return
         except SERVER_AWAY as exc:
+            refused = access_refused(exc) if isinstance(exc, MlflowException) else None
+            if refused:  # the password changed or the user was removed while the run trained
+                folder = getattr(getattr(self, "_config", None), "output_dir", "OUTPUT_DIR")
+                raise TrackingError(f"tracking server {self._server_uri} refused run {self._run} mid-run: {refused}; "
+                                    f"its checkpoints are in {folder}: `charseg resume {folder}` continues") from exc
             if not self._server_uri or self.continuing or not server_is_away(exc):
                 raise
             self._fail_over(exc)
