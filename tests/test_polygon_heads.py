@@ -364,8 +364,7 @@ DENSE_STEP = textwrap.dedent("""
     import sys, torch
     from charseg.data.dataset import scan_dataset
     from charseg.data.loading import CharacterDataset, collate
-    from charseg.model.architecture import resolve_spec
-from charseg.model.build import ModelSpec, build_model, spec_for_weights
+    from charseg.model.build import build_model, spec_for_weights
     stock = sys.argv[2] == "stock"
     torch.manual_seed(0)
     samples = scan_dataset(sys.argv[1]).samples
