@@ -141,10 +141,10 @@ def export_command(model_source: str, fmt: str, out_path: str, detections_per_im
     (docs/EXPORT.md). The file is run on an example page and a blank one before it is kept: it
     must find the checkpoint's detections. Logged as an MLflow run (ONNX as an onnx model)."""
     from .. import tracking
-    from ..inference.export import FORMATS, export_model
+    from ..inference.export import export_model
 
-    if Path(out_path).suffix != FORMATS[fmt]:
-        raise click.BadParameter(f"a {fmt} file ends in {FORMATS[fmt]}, got {out_path}", param_hint="--out")
+    if Path(out_path).suffix != EXPORT_FORMATS[fmt]:
+        raise click.BadParameter(f"a {fmt} file ends in {EXPORT_FORMATS[fmt]}, got {out_path}", param_hint="--out")
     if register_as and fmt != "onnx":
         raise click.BadParameter("the registry holds exported models as MLflow onnx models: pass --format onnx "
                                  "(a TorchScript file is logged as an artifact of the export run)",

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..data.generate import sample_page
 from ..errors import CharsegError, reason
-from .predict import Instance, load_model_for_inference, output_to_instances
+from .predict import Instance, just_below, load_model_for_inference, output_to_instances
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT_NAMES = ("image", "score_threshold")
@@ -77,7 +77,7 @@ class PageDetector(nn.Module):
 def above(score_threshold: float) -> np.ndarray:
     """The exported graph's input for "scoring at least SCORE_THRESHOLD" (predict's rule): the
     float32 just below it, as the graph keeps scores strictly above its input."""
-    return np.array(np.nextafter(np.float32(score_threshold), np.float32(-1)))
+    return np.array(just_below(score_threshold))
 
 
 @dataclass

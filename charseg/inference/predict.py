@@ -131,6 +131,12 @@ def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
         rpn._post_nms_top_n.update(post)
 
 
+def just_below(score_threshold: float) -> np.float32:
+    """The float32 just below SCORE_THRESHOLD: torchvision's box head keeps scores strictly
+    above its threshold, charseg keeps those at least its own."""
+    return np.nextafter(np.float32(score_threshold), np.float32(-1))
+
+
 @contextlib.contextmanager
 def boxes_scoring_at_least(model: torch.nn.Module, score_threshold: float) -> Iterator[None]:
     """Drop detections scoring under `score_threshold` before the mask head runs, not after:
@@ -140,7 +146,7 @@ def boxes_scoring_at_least(model: torch.nn.Module, score_threshold: float) -> It
     gets the float32 just below ours.)"""
     heads = model.roi_heads
     default = heads.score_thresh
-    heads.score_thresh = max(default, float(np.nextafter(np.float32(score_threshold), np.float32(-1))))
+    heads.score_thresh = max(default, float(just_below(score_threshold)))
     try:
         yield
     finally:
