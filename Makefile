@@ -45,13 +45,15 @@ demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 	@echo "Runs:        $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (then open http://127.0.0.1:5000)"
 	@echo "Resume:      PATH=$(abspath $(BIN)):\$$PATH $(BIN)/mlflow run . -e resume --env-manager local -P run_id=<RUN_ID> -P epochs=6"
 
-# Every test; the slowest 15 are listed at the end so that slow tests stay visible.
+# Every test, in one pytest-xdist worker per core (at most 4; tests/conftest.py shares the cores
+# out among them); the slowest 15 are listed at the end so that slow tests stay visible.
+PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest --durations=15
+	$(PYTEST) --durations=15
 
 # The inner loop: everything but the tests marked slow or server (markers in pyproject.toml).
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -m "not slow and not server" --durations=10
+	$(PYTEST) -m "not slow and not server" --durations=10
 
 clean:
 	rm -rf $(VENV) $(DEMO_DATA) $(DEMO_HELDOUT) outputs mlflow.db mlruns

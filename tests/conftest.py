@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
@@ -22,6 +23,14 @@ from local_stack import LOOPBACK as LOCAL  # noqa: E402,F401
 from local_stack import free_port as _free_port  # noqa: E402,F401
 from local_stack import start_service, stop_service  # noqa: E402
 from local_stack import wait_until_up as _wait_until_up  # noqa: E402
+
+# `make test` runs the tests in several pytest-xdist workers: each worker (and every process a
+# test starts, through OMP_NUM_THREADS) gets its share of the cores, since two processes that
+# each run a thread per core on a 2-core CPU slow each other down severalfold.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Small enough that one step takes well under a second on a 2-core CPU.
 LIGHT = dict(weights="none", backbone="resnet18", min_size=64, max_size=64, num_workers=0, roi_samples=32,
@@ -68,6 +77,14 @@ def mlflow_run(entry: str, params: dict, experiment: str, tmp_path: Path) -> Mlf
 def light_config(data_dir: Path, output_dir: Path, **overrides) -> TrainConfig:
     """A TrainConfig for fast CPU tests."""
     return TrainConfig(data_dir=str(data_dir), output_dir=str(output_dir), **{**LIGHT, **overrides})
+
+
+def pytest_collection_modifyitems(items):
+    """The slow and server tests first (pytest's order otherwise): `make test`'s workers take
+    tests as they free up, and a minute-long test that started last would keep one core busy
+    while the others have nothing left. The fixtures that train a run or start a server for
+    several tests are session-scoped: once per worker, however the tests are shared out."""
+    items.sort(key=lambda item: not (item.get_closest_marker("slow") or item.get_closest_marker("server")))
 
 
 @pytest.fixture(scope="session")

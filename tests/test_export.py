@@ -20,7 +20,7 @@ from charseg.polygons import polygons_to_masks
 THRESHOLD = 0.05
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest-xdist worker
 def demo_shaped_checkpoint(tiny_dataset, tmp_path_factory):
     """One light epoch of the demo's architecture: GroupNorm, the pixel mask head, page scales."""
     from charseg.training import runner
@@ -31,7 +31,7 @@ def demo_shaped_checkpoint(tiny_dataset, tmp_path_factory):
     return runner.train(config).final_checkpoint
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest-xdist worker
 def heldout_pages(tmp_path_factory):
     """Pages of the held-out generator (other fonts, sizes from 96 to 200 px, not square), a
     tiny one and one without characters."""

@@ -26,7 +26,7 @@ NAME = "charseg-test"
 pytestmark = [pytest.mark.server]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest-xdist worker
 def registry(tiny_dataset, tmp_path_factory):
     """A sqlite store holding one trained, validated run registered as NAME (the champion)."""
     root = tmp_path_factory.mktemp("registry")

@@ -47,7 +47,7 @@ def as_user(user: str, password: str | None = None):
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest-xdist worker
 def stack():
     # Not under pytest's tmp folders: they are private to this user and PostgreSQL runs as `postgres`.
     root = Path(tempfile.mkdtemp(prefix="charseg-team-stack-"))

@@ -26,7 +26,7 @@ def run_id_of(output: str) -> str:
     return output.split("MLflow run ")[1].split()[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per pytest-xdist worker
 def trained_run(mlflow_server, tiny_dataset, tmp_path_factory):
     """One 2-epoch training run over HTTP with every checkpoint logged; shared by the tests below."""
     out = tmp_path_factory.mktemp("trained")
