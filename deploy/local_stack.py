@@ -64,10 +64,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(args: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
-    """Start a server in its own process group, output to a file (a full pipe would block it)."""
+def start_service(args: list[str], log_path: Path, env: dict | None = None, **kwargs) -> subprocess.Popen:
+    """Start a server in its own process group, output to a file (a full pipe would block it).
+    An `mlflow server` starts without its job runner (MLflow's GenAI jobs; charseg has none),
+    which is otherwise eight more Python processes, each importing MLflow as the server starts."""
+    env = {**(os.environ if env is None else env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return subprocess.Popen(args, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            **kwargs)
+                            env=env, **kwargs)
 
 
 def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, seconds: float = 180) -> None:
