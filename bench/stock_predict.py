@@ -2,7 +2,13 @@
 torchvision user runs to get a page's character outlines, with the same outputs as `charseg
 predict` (CSV, overlay, page copy) written by the same functions.
 
-    python bench/stock_predict.py CHECKPOINT IMAGE OUT_DIR
+    python bench/stock_predict.py CHECKPOINT IMAGE|FOLDER OUT_DIR
+
+A folder's pages run one after the other in this process, the model loaded once. A checkpoint
+trained with `--mask-pixels` has no stock counterpart: stock then runs its own mask predictor
+(untrained) over the checkpoint's backbone, RPN and box head, so it finds the same characters
+and does the same work per detection, with other masks. A checkpoint with a page scale
+(`--scale-test`) has stock's transform sized to that scale for each page.
 
 Stock Mask R-CNN: torchvision's own RoI heads and transform (full-image masks pasted for
 every detection, traced to polygons), in float32, with the checkpoint's weights, limits and
@@ -11,6 +17,7 @@ anchors; detections under the score threshold are dropped before the mask head, 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,13 +37,27 @@ SCORE_THRESHOLD = 0.5  # charseg predict's default
 
 def main(checkpoint: str, image: str, out_dir: str) -> None:
     state = load_checkpoint(checkpoint)
-    model = build_model(ModelSpec.from_dict(state["model_spec"]), polygon_native=False)
-    model.load_state_dict(state["model"])
+    spec = ModelSpec.from_dict(state["model_spec"])
+    model = build_model(dataclasses.replace(spec, mask_pixels=False, scale_train=0.0, scale_test=0.0),
+                        polygon_native=False)
+    if spec.mask_pixels:  # the pixel branch's predictor weights have no place in stock's
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in state["model"].items() if k in own and own[k].shape == v.shape},
+                              strict=False)
+    else:
+        model.load_state_dict(state["model"])
     model.eval()
-    rgb = load_image_rgb(Path(image))
-    instances = predict_arrays(model, [rgb], torch.device("cpu"), SCORE_THRESHOLD)[0]
-    write_prediction(Path(out_dir), Path(image).stem, rgb, instances, "fit")
-    print(f"{len(instances)} characters")
+    pages = sorted(Path(image).glob("*.png")) if Path(image).is_dir() else [Path(image)]
+    found = 0
+    for page in pages:
+        rgb = load_image_rgb(page)
+        if spec.scale_test:  # stock resizes the shorter side to min_size, the longer at most to max_size
+            model.transform.min_size = (round(spec.scale_test * min(rgb.shape[:2])),)
+            model.transform.max_size = min(spec.max_size, round(spec.scale_test * max(rgb.shape[:2])))
+        instances = predict_arrays(model, [rgb], torch.device("cpu"), SCORE_THRESHOLD)[0]
+        write_prediction(Path(out_dir), page.stem, rgb, instances, "fit")
+        found += len(instances)
+    print(f"{found} characters")
 
 
 if __name__ == "__main__":

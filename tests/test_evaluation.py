@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,9 @@ def test_predict_round_trip(tiny_dataset, tmp_path):
                                       "--out", str(pred), "--score-threshold", "0.05", "--format", "coco",
                                       "--coco-segmentation", "rle"])
     assert result.exit_code == 0, result.output
+    seconds, rate = re.search(r"in 4 images in ([\d.]+) s \(([\d.]+) pages per minute\)", result.output).groups()
+    seconds, rate = float(seconds), float(rate)  # each printed to one decimal
+    assert seconds > 0 and 240 / (seconds + 0.05) - 0.05 <= rate <= 240 / max(seconds - 0.05, 1e-9) + 0.05
     from pycocotools.coco import COCO
 
     predicted = COCO(str(pred / "predictions_coco.json"))  # images, one category, RLE masks with scores

@@ -97,7 +97,9 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
                                 batch_size=batch_size, autocast=compute.autocast)
     for line in summary["skipped"]:
         click.echo(f"skipped {line}", err=True)
-    click.echo(f"{summary['instances']} characters in {summary['images']} images; written to {out_dir}"
+    seconds = summary["seconds"]
+    click.echo(f"{summary['instances']} characters in {summary['images']} images in {seconds:.1f} s "
+               f"({60 * summary['images'] / max(seconds, 1e-9):.1f} pages per minute); written to {out_dir}"
                + (f"; {len(summary['skipped'])} images skipped (above)" if summary["skipped"] else ""))
     if output_format == "coco":
         click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -251,12 +252,14 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     images are decoded and the last ones' files written in two threads while the model runs.
     An image that cannot be used (unreadable, over the size limits) is skipped and named.
     Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...], "at_limit": [the
-    names of pages whose detections reached the model's limit]}."""
+    names of pages whose detections reached the model's limit], "seconds": from the first
+    decode to the last file written}."""
     from tqdm import tqdm
 
     from ..data.coco import predictions_to_coco
 
     done, total, pages, skipped, at_limit = 0, 0, [], [], []
+    started = time.perf_counter()
     writing: list[Future] = []  # at most a batch waits to be written (a writer's error stops the run)
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer, \
@@ -281,7 +284,8 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     if coco_segmentation:
         (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
                                                 encoding="utf-8")
-    return {"images": done, "instances": total, "skipped": skipped, "at_limit": at_limit}
+    return {"images": done, "instances": total, "skipped": skipped, "at_limit": at_limit,
+            "seconds": time.perf_counter() - started}
 
 
 def decoded_images(decoder: ThreadPoolExecutor, inputs: list[Path],
