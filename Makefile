@@ -46,8 +46,9 @@ demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 	@echo "Resume:      PATH=$(abspath $(BIN)):\$$PATH $(BIN)/mlflow run . -e resume --env-manager local -P run_id=<RUN_ID> -P epochs=6"
 
 # Every test, in one pytest-xdist worker per core (at most 4; tests/conftest.py shares the cores
-# out among them); the slowest 15 are listed at the end so that slow tests stay visible.
-PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4
+# out among them and puts the slow tests first), each worker handed one test at a time as it
+# frees up; the slowest 15 are listed at the end so that slow tests stay visible.
+PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4 --maxschedchunk 1
 test: $(VENV)/.installed-test
 	$(PYTEST) --durations=15
 
