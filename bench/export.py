@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scaling import write_section  # noqa: E402
+from scaling import cpu_description, write_section  # noqa: E402
 
 RUNTIMES = ("charseg fp32", "charseg auto", "onnxruntime", "torchscript")
 DENSE_LIMIT = 3000  # detections per page of the dense export (the page holds fewer characters)
@@ -92,13 +91,10 @@ def report(rows: list[dict], seconds: dict, checkpoint: str, pages_dir: str, den
 
     from charseg import __version__
 
-    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in Path("/proc/cpuinfo").read_text()) or "AVX2 only"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     base = next(r for r in rows if r["runtime"] == "charseg fp32")
     lines = ["## Exported models vs charseg predict (bench/export.py)", "",
-             f"Measured {date.today()} by `python bench/export.py CHECKPOINT HELDOUT_DIR` on {cpu} ({flags}), "
-             f"{os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}, "
+             f"Measured {date.today()} by `python bench/export.py CHECKPOINT HELDOUT_DIR` on {cpu_description()}, "
+             f"Python {platform.python_version()}, torch {torch.__version__}, "
              f"charseg {__version__}; checkpoint `{checkpoint}`, held-out pages `{pages_dir}`. Each runtime in a "
              "fresh process, ending at the same polygons; per page: the median over the held-out pages, each run "
              f"once before it is timed; dense: a 1024² page of {dense_chars} characters (8-16 px) with a detection limit "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scaling import write_section  # noqa: E402
+from scaling import cpu_description, write_section  # noqa: E402
 
 from charseg.data.heldout import generate_heldout  # noqa: E402
 
@@ -47,14 +46,6 @@ def timed(command: list[str], log: Path) -> dict:
 
 def characters(out_dir: Path) -> int:
     return sum(len(p.read_text().splitlines()) - 1 for p in (out_dir / "annotations").glob("*.csv"))
-
-
-def cpu_description() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor())
-    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in info) or "AVX2 only"
-    return f"{name} ({flags}), {os.cpu_count()} CPU cores"
 
 
 def main() -> None:

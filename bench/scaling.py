@@ -67,6 +67,15 @@ def render(rows: list[dict], images: int, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_description() -> str:
+    """The CPU's model name, whether it computes bf16 natively, and its cores: the figures depend on them."""
+    info = Path("/proc/cpuinfo").read_text()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor())
+    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in info) or "AVX2 only"
+    return f"{name} ({flags}), {os.cpu_count()} CPU cores"
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace (or add) SECTION, named by its first line (its heading), in the benchmarks
     document, keeping the rest (the other scripts' sections)."""

@@ -149,7 +149,7 @@ class MlflowTracker:
         except SERVER_AWAY as exc:
             refused = access_refused(exc) if isinstance(exc, MlflowException) else None
             if refused:  # the password changed or the user was removed while the run trained
-                folder = getattr(getattr(self, "_config", None), "output_dir", "OUTPUT_DIR")
+                folder = getattr(self._config, "output_dir", "OUTPUT_DIR")  # None before the run's config is set
                 raise TrackingError(f"tracking server {self._server_uri} refused run {self._run} mid-run: {refused}; "
                                     f"its checkpoints are in {folder}: `charseg resume {folder}` continues") from exc
             if not self._server_uri or self.continuing or not server_is_away(exc):
