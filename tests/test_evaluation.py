@@ -366,3 +366,48 @@ def test_a_page_at_the_detection_limit_is_named_with_the_option_that_raises_it(t
     free = predictor.predict(images, {"score_threshold": 0.0})
     assert capped.groupby("image_id").size().max() == 1 < free.groupby("image_id").size().max()
     assert predictor.model.roi_heads.detections_per_img > 1  # the call's limit ended with the call
+
+
+def test_the_detection_limit_follows_a_page_that_reaches_it(tiny_dataset, light_checkpoint, tmp_path):
+    """Without --detections-per-img a page that reaches the model's limit is read again with it
+    doubled until it does not: the same instances as a call with that limit, and predict says so."""
+    from charseg.inference.predict import detection_limit, predict_arrays, predict_following_page
+    from charseg.model.build import build_model, spec_for_weights
+
+    torch.manual_seed(0)
+    model = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=128, fpn_channels=32,
+                                         detections_per_img=2)).eval()
+    rgb = load_image_rgb(tiny_dataset / "images" / "00001.png")
+    limits: list[int] = []
+    got = predict_following_page(model, [rgb], torch.device("cpu"), 0.0, limits=limits)[0]
+    assert limits[0] >= 8 and limits[0] & (limits[0] - 1) == 0 and limits[0] // 2 <= len(got) < limits[0]
+    with detection_limit(model, limits[0]):
+        assert got == predict_arrays(model, [rgb], torch.device("cpu"), 0.0)[0]
+    assert model.roi_heads.detections_per_img == 2
+
+
+def test_a_page_the_input_cap_shrinks_is_named_with_the_max_size_that_reads_it(tiny_dataset, light_checkpoint,
+                                                                               tmp_path):
+    """A page-scaled model reads a page at its scale; one that --max-size shrinks below it is
+    named, with the --max-size that would not."""
+    from charseg.inference.predict import shrink_warning
+    from charseg.model.build import build_model, spec_for_weights
+
+    model = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=128, fpn_channels=32,
+                                         norm="group", mask_pixels=True, scale_test=1.25)).eval()
+    assert shrink_warning(model, [("a.png", 64, 64), ("b.png", 3000, 1000)]) is None
+    model.transform.max_input_side = 100
+    assert shrink_warning(model, [("a.png", 64, 64), ("b.png", 100, 60), ("c.png", 70, 90)]) == (
+        "warning: 2 page(s) are larger than the model's input limit of 100 px and were shrunk, so their characters "
+        "are smaller than the model learned and some are missed: b.png, c.png; pass --max-size 125 to read them at "
+        "the model's scale (memory grows with the page)")
+    model.transform.page_scales = (0.0, 0.0)  # a model that resizes to min_size: max_size is its rule, no warning
+    assert shrink_warning(model, [("b.png", 100, 60)]) is None
+
+    page = str(tiny_dataset / "images" / "00001.png")  # 64 px: read at 80 px with --scale-test 1.25
+    for max_size, named in (("64", True), ("80", False)):
+        result = CliRunner().invoke(cli, ["predict", page, "--model", str(light_checkpoint), "--out",
+                                          str(tmp_path / max_size), "--scale-test", "1.25", "--max-size", max_size])
+        assert result.exit_code == 0, result.output
+        assert ("input limit of 64 px and were shrunk" in result.output and "00001.png; pass --max-size 80 "
+                in result.output) is named, result.output

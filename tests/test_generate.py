@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from charseg.cli import cli
 from charseg.data.dataset import scan_dataset
 from charseg.data.generate import TRAINING_FONTS, generate_dataset
 from charseg.data.heldout import HELDOUT_FONTS, generate_heldout
+from charseg.errors import CharsegError
 
 
 def test_lines_layout_sets_text_in_lines_and_is_fully_valid(tmp_path):
@@ -32,6 +38,23 @@ def test_heldout_pages_are_valid_rotated_text_in_fonts_training_never_uses(tmp_p
     # An annotator's few points (serifed glyphs at 30 px take more), not a pixel contour.
     assert min(counts) >= 3 and sorted(counts)[len(counts) // 2] <= 20 and max(counts) <= 80
     assert generate_heldout(tmp_path / "again", num_images=1, seed=1).characters == len(report.samples[0].polygons)
+
+
+def test_heldout_document_pages_take_the_size_and_font_sizes_given(tmp_path):
+    """`generate --held-out --size --font-size`: a document page of small type (held-out
+    pages' defaults otherwise: the same pages as before)."""
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "doc"), "--held-out", "--size", "400x300",
+                                      "--font-size", "8-10", "--num-images", "1"])
+    assert result.exit_code == 0, result.output
+    sample = scan_dataset(tmp_path / "doc").samples[0]
+    heights = [float(np.ptp(p[:, 1])) for p in sample.polygons]
+    assert (sample.width, sample.height) == (400, 300) and len(heights) >= 40
+    assert max(heights) <= 12 and np.median(heights) <= 8  # rotated up to 12 degrees, so a little over the type
+    CliRunner().invoke(cli, ["generate", str(tmp_path / "plain"), "--held-out", "--num-images", "1", "--seed", "5"])
+    generate_heldout(tmp_path / "same", num_images=1, seed=5)
+    assert (tmp_path / "plain/annotations/00001.csv").read_bytes() == (tmp_path / "same/annotations/00001.csv").read_bytes()
+    with pytest.raises(CharsegError, match="font size must be 4 <= min <= max"):
+        generate_heldout(tmp_path / "bad", num_images=1, font_sizes=(3, 10))
 
 
 def test_heldout_pages_are_reproducible(tmp_path):

@@ -8,6 +8,7 @@ import torchvision
 
 from charseg.errors import WeightsError
 from charseg.model.build import ModelSpec, build_model, create_model, spec_for_weights
+from charseg.model.heads import PAGE_MAX_SIDE
 
 
 @pytest.fixture
@@ -187,7 +188,8 @@ def test_a_mask_pixels_checkpoint_without_pixel_dilations_keeps_its_two_plain_co
 
 def test_page_scales_resize_by_a_factor_of_each_pages_own_size():
     """--scale-train / --scale-test: a page is resized by the factor of its own size (not its
-    short side to min_size), boxes with it; max_size still caps the long side."""
+    short side to min_size), boxes with it; max_size caps the long side in training, and at
+    inference PAGE_MAX_SIDE or max_size, whichever is larger (predict's --max-size instead)."""
     spec = spec_for_weights("resnet18", "none", min_size=64, max_size=400, norm="group", fpn_channels=64,
                             mask_pixels=True, scale_train=1.0, scale_test=1.5)
     transform = build_model(spec).transform
@@ -196,12 +198,22 @@ def test_page_scales_resize_by_a_factor_of_each_pages_own_size():
     transform.train()
     resized, moved = transform.resize(image, dict(target))
     assert resized.shape[-2:] == (100, 160) and torch.equal(moved["boxes"], target["boxes"])
+    assert transform.resize(torch.rand(3, 100, 500))[0].shape[-2:] == (80, 400)  # long side capped at 400
     transform.eval()
     assert transform.resize(image)[0].shape[-2:] == (150, 240)
-    assert transform.resize(torch.rand(3, 100, 300))[0].shape[-2:] == (133, 400)  # long side capped at 400
-    assert transform.min_size == (64,)  # the --min-size rule is left as it was
+    wide = torch.rand(3, 100, 300)
+    assert transform.resize(wide)[0].shape[-2:] == (150, 450) and transform.shrunk_by_cap(100, 300) is None
+    assert transform.inference_cap() == PAGE_MAX_SIDE > 400
+    long_side = PAGE_MAX_SIDE // 1.5 + 10  # a page the inference cap shrinks
+    assert transform.shrunk_by_cap(100, long_side) == pytest.approx(PAGE_MAX_SIDE / long_side)
+    transform.max_input_side = 300  # load_model_for_inference(max_size=300)
+    assert transform.resize(wide)[0].shape[-2:] == (100, 300) and transform.shrunk_by_cap(100, 300) == 1.0
+    assert transform.min_size == (64,) and transform.max_size == 400  # the training rule is left as it was
     plain = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=400)).transform.eval()
-    assert plain.resize(image)[0].shape[-2:] == (64, 102)
+    assert plain.resize(image)[0].shape[-2:] == (64, 102) and plain.inference_cap() == 400
+    assert plain.shrunk_by_cap(100, 1000) is None  # stock's resize: min_size, capped at max_size
+    plain.max_input_side = 80
+    assert plain.resize(image)[0].shape[-2:] == (50, 80)
     old = {k: v for k, v in spec.to_dict().items() if k not in ("scale_train", "scale_test")}
     assert (ModelSpec.from_dict(old).scale_train, ModelSpec.from_dict(old).scale_test) == (0.0, 0.0)
     with pytest.raises(ValueError, match="scale_train / scale_test need charseg's transform"):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
 from ..data.dataset import scan_dataset
 from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
-from ..data.heldout import generate_heldout
+from ..data.heldout import FONT_SIZES, generate_heldout
 from .options import SEED, BlankPath
 
 
@@ -87,22 +88,27 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--held-out", "held_out", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               metavar="[BOOL]",
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
-                   "rotated up to 12 degrees, textured, blurred and noisy, sides 128-256 px, tight annotator "
-                   "polygons. --size, --chars-per-image, --font-size, --font and --layout do not apply.")
+                   "rotated up to 12 degrees, textured, blurred and noisy, tight annotator polygons; sides 128-256 "
+                   "px and fonts of 12-30 px unless --size and --font-size are given (--size 2048 --font-size 10-18: "
+                   "document pages). --chars-per-image, --font and --layout do not apply.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
 def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
                      font: str | None, layout: str, held_out: bool, seed: int) -> None:
     """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
-    if held_out:
-        summary = generate_heldout(out_dir, num_images=num_images, seed=seed, progress=True)
-        click.echo(f"wrote {summary.images} held-out pages with {summary.characters} characters to {summary.out_dir}")
-        return
     try:
         w, _, h = size.lower().partition("x")
         width, height = int(w), int(h or w)
         chars, sizes = _range(chars_per_image), _range(font_size)
     except ValueError as exc:
         raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
+    if held_out:
+        given = click.get_current_context().get_parameter_source
+        summary = generate_heldout(
+            out_dir, num_images=num_images, seed=seed, progress=True,
+            size=(width, height) if given("size") is not ParameterSource.DEFAULT else None,
+            font_sizes=sizes if given("font_size") is not ParameterSource.DEFAULT else FONT_SIZES)
+        click.echo(f"wrote {summary.images} held-out pages with {summary.characters} characters to {summary.out_dir}")
+        return
     summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height, chars_per_image=chars,
                                font_size=sizes, font_path=font, seed=seed, layout=layout, progress=True)
     click.echo(f"wrote {summary.images} images with {summary.characters} characters to {summary.out_dir}")

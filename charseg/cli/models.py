@@ -12,12 +12,19 @@ from ..data.coco import SEGMENTATIONS
 from ..inference.evaluate import evaluate_checkpoint
 from ..inference.export import FORMATS as EXPORT_FORMATS
 from ..inference.predict import COCO_PREDICTIONS, LABELS
+from ..model.heads import PAGE_MAX_SIDE
 from ..precision import resolve_compute
 from .options import DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
 
 DETECTIONS_OVERRIDE = click.option(
     "--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
-    help="Most detections per image [default: the checkpoint's]; a page that reaches it is named with a warning.")
+    help="Most detections per image; a page that reaches it is named with a warning [default: the checkpoint's, "
+         "raised for a page that reaches it: the page is read again with twice the limit until it does not].")
+MAX_SIZE_OVERRIDE = click.option(
+    "--max-size", type=bounded("max_size"), default=None,
+    help="Longest side of a page at the model's input; a larger page is shrunk to it and named with a warning "
+         f"[default: the checkpoint's --max-size, raised to {PAGE_MAX_SIDE} px for a model with a page scale "
+         "(--scale-test): its training cap would shrink a large page's glyphs below any size it learned].")
 
 
 @click.command("evaluate")
@@ -26,13 +33,14 @@ DETECTIONS_OVERRIDE = click.option(
 @SCORE
 @DETECTIONS_OVERRIDE
 @SCALE_TEST_OVERRIDE
+@MAX_SIZE_OVERRIDE
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
               help="Where to write the metrics as JSON.")
 @DEVICE_OPT
 @INFERENCE_PRECISION
 @click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
 def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
-                     scale_test: float | None, out_path: str, device: str, precision: str,
+                     scale_test: float | None, max_size: int | None, out_path: str, device: str, precision: str,
                      experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
@@ -41,8 +49,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
     with jobs.resolve_source(model_source, prefer_best=True) as (path, lineage):
         with tracking.tracked_run(experiment_name) as run_id:
             result = evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
-                                                detections_per_img=detections_per_img, scale_test=scale_test,
-                                                precision=precision)
+                                         detections_per_img=detections_per_img, scale_test=scale_test,
+                                         max_size=max_size, precision=precision)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
             tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
     for key, value in result.metrics.items():
@@ -59,6 +67,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @SCORE
 @SCALE_TEST_OVERRIDE
 @DETECTIONS_OVERRIDE
+@MAX_SIZE_OVERRIDE
 @DEVICE_OPT
 @click.option("--format", "output_format", type=click.Choice(("csv", "coco")), default="csv", show_default=True,
               help="csv: the dataset layout only; coco: also OUT/predictions_coco.json, COCO instances JSON with a "
@@ -73,8 +82,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                    "take other kernels). Worth raising on a GPU; a CPU gains little.")
 @INFERENCE_PRECISION
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
-                    scale_test: float | None, detections_per_img: int | None, device: str, output_format: str,
-                    coco_segmentation: str, labels: str, batch_size: int, precision: str) -> None:
+                    scale_test: float | None, detections_per_img: int | None, max_size: int | None, device: str,
+                    output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -91,10 +100,11 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     _check_distinct_names(paths)
     with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
         compute = resolve_compute(device, precision, training=False)
-        model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test)
+        model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test, max_size)
         summary = predict_files(model, paths, Path(out_dir), compute.device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None,
-                                batch_size=batch_size, autocast=compute.autocast)
+                                batch_size=batch_size, autocast=compute.autocast,
+                                follow_page=detections_per_img is None)
     for line in summary["skipped"]:
         click.echo(f"skipped {line}", err=True)
     seconds = summary["seconds"]
@@ -103,11 +113,19 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
                + (f"; {len(summary['skipped'])} images skipped (above)" if summary["skipped"] else ""))
     if output_format == "coco":
         click.echo(f"COCO JSON: {Path(out_dir) / COCO_PREDICTIONS}")
+    if summary["raised"]:
+        raised = summary["raised"]
+        click.echo(f"{len(raised)} page(s) held more characters than the model's limit of {spec.detections_per_img} "
+                   f"detections and were read again with a higher one: "
+                   + ", ".join(f"{name} ({limit})" for name, limit in raised[:10]) + (" ..." if len(raised) > 10 else ""),
+                   err=True)
     if summary["at_limit"]:
         full = summary["at_limit"]
         click.echo(f"warning: {len(full)} page(s) reached the model's limit of {spec.detections_per_img} detections, "
                    f"so characters past it are missing: {', '.join(full[:10])}{' ...' if len(full) > 10 else ''}; "
                    f"pass --detections-per-img {2 * spec.detections_per_img} (or more)", err=True)
+    if summary["shrunk"]:
+        click.echo(summary["shrunk"], err=True)
 
 
 def _check_distinct_names(paths: list[Path]) -> None:

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CharsegError
 from ..polygons import edge_outlines, flat_polygon, polygon_area, warp_points
-from .generate import MAX_IMAGES, MAX_SIDE, GenerationSummary, font_files, write_page
+from .generate import MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, GenerationSummary, font_files, write_page
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
 HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBol.ttf",
@@ -30,15 +30,22 @@ HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf
 CHARSET = string.ascii_letters + string.digits
 MAX_ROTATION = 12.0  # degrees, either way
 ANNOTATION_TOLERANCE = 0.6  # px: how far an annotator's polygon strays from the glyph's edge
+FONT_SIZES = (12, 30)  # px, the default range of a line's font size
 
 
 def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int = 128, max_side: int = 256,
-                     seed: int = 0, progress: bool = False) -> GenerationSummary:
-    """Render `num_images` held-out pages (sides from min_side to max_side) into OUT_DIR in
-    the dataset format. Returns counts of what was written."""
-    if not 1 <= num_images <= MAX_IMAGES or not 64 <= min_side <= max_side <= MAX_SIDE:
-        raise CharsegError(f"need 1 to {MAX_IMAGES} pages with 64 <= min side <= max side <= {MAX_SIDE}, got "
-                           f"{num_images} of {min_side}-{max_side}")
+                     seed: int = 0, progress: bool = False, size: tuple[int, int] | None = None,
+                     font_sizes: tuple[int, int] = FONT_SIZES) -> GenerationSummary:
+    """Render `num_images` held-out pages (sides from min_side to max_side, or all of `size`
+    (width, height): a document page) in fonts of `font_sizes` px into OUT_DIR in the dataset
+    format. Returns counts of what was written."""
+    sides = size or (min_side, max_side)
+    if not 1 <= num_images <= MAX_IMAGES or not 64 <= min(sides) <= max(sides) <= MAX_SIDE \
+            or not (size or min_side <= max_side):
+        raise CharsegError(f"need 1 to {MAX_IMAGES} pages with sides from 64 to {MAX_SIDE} px, got "
+                           f"{num_images} of {'x'.join(map(str, sides)) if size else f'{min_side}-{max_side}'}")
+    if not 4 <= font_sizes[0] <= font_sizes[1] <= MAX_FONT_SIZE:
+        raise CharsegError(f"font size must be 4 <= min <= max <= {MAX_FONT_SIZE}, got {font_sizes[0]}-{font_sizes[1]}")
     fonts = font_files(HELDOUT_FONTS)
     if not fonts:
         raise CharsegError("held-out pages need the fonts that matplotlib ships (pip install matplotlib)")
@@ -50,8 +57,8 @@ def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int
         from tqdm import tqdm
         indices = tqdm(indices, desc="held-out pages", unit="image")
     for index in indices:
-        width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
-        page, polygons, chars = _typeset_page(rng, width, height, fonts)
+        width, height = size or (rng.randint(min_side, max_side), rng.randint(min_side, max_side))
+        page, polygons, chars = _typeset_page(rng, width, height, fonts, font_sizes)
         page, polygons = _rotate(page, polygons, rng.uniform(-MAX_ROTATION, MAX_ROTATION))
         page = _degrade(rng, page)
         rows = [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)]
@@ -72,14 +79,14 @@ def _background(rng: random.Random, width: int, height: int) -> np.ndarray:
     return np.clip((base + gradient + texture)[:, :, None] + tint, 0, 255)
 
 
-def _typeset_page(rng: random.Random, width: int, height: int, fonts: list[str]
+def _typeset_page(rng: random.Random, width: int, height: int, fonts: list[str], font_sizes: tuple[int, int]
                   ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
     """Lines of text on a background; each character's tight polygon in page coordinates."""
     page = _background(rng, width, height)
     polygons, chars = [], []
     y = rng.randint(2, 12)
     while True:
-        font = ImageFont.truetype(rng.choice(fonts), rng.randint(12, 30))
+        font = ImageFont.truetype(rng.choice(fonts), rng.randint(*font_sizes))
         ascent, descent = font.getmetrics()
         if y + ascent + descent > height - 2:
             break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -22,7 +23,10 @@ from ..data.images import load_image_rgb
 from ..data.loading import image_to_tensor
 from ..polygons import polygon_area, polygon_boxes
 from ..precision import resolve_compute
-from .predict import draw_overlay, load_model_for_inference, output_to_instances, same_size_batches
+from .predict import (draw_overlay, load_model_for_inference, output_to_instances, same_size_batches,
+                      shrink_warning)
+
+log = logging.getLogger("charseg")
 
 # Metrics where lower is better; every other one is maximised.
 LOWER_IS_BETTER = frozenset({"count_abs_error"})
@@ -180,12 +184,17 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
                         scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0,
-                        precision: str = "auto"):
+                        precision: str = "auto", max_size: int | None = None):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
-    `scale_test`: instead of the checkpoint's) at `precision`. Returns an EvalResult."""
+    `scale_test`, `max_size`: instead of the checkpoint's; load_model_for_inference) at
+    `precision`; pages shrunk by the input cap are named in a warning. Returns an EvalResult."""
     compute = resolve_compute(device, precision, training=False)
-    model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test)
+    model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test,
+                                              max_size)
     report = load_dataset_report(data_dir)
+    warning = shrink_warning(model, ((s.image_path.name, s.height, s.width) for s in report.samples))
+    if warning:
+        log.warning(warning)
     return evaluate(model, report.samples, compute.device, max_dets=spec.detections_per_img,
                     score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count,
                     autocast=compute.autocast)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .. import checkpoint as ckpt
-from ..config import check_page_scale
+from ..config import BOUNDS, check_page_scale
 from ..data.dataset import write_annotation
 from ..data.images import ImageUnusable, load_image_rgb
 from ..data.loading import image_to_tensor
@@ -31,6 +31,7 @@ from ..polygons import box_mask_to_polygon, mask_to_polygon
 log = logging.getLogger("charseg")
 
 MASK_THRESHOLD = 0.5  # mask probability that counts as inside the character
+MAX_DETECTIONS = int(BOUNDS["detections_per_img"].high)  # predict_following_page raises a page's limit up to this
 UNKNOWN_CHAR = "?"  # the model finds characters but does not read them
 COCO_PREDICTIONS = "predictions_coco.json"  # predict --format coco
 
@@ -47,10 +48,12 @@ class Instance:
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, detections_per_img: int | None = None,
-                             scale_test: float | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
+                             scale_test: float | None = None, max_size: int | None = None
+                             ) -> tuple[torch.nn.Module, ModelSpec, dict]:
     """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img` and
-    `scale_test` instead of the checkpoint's when given (its precision is the caller's
-    autocast: precision.Compute). Returns (model, its spec, the checkpoint)."""
+    `scale_test` instead of the checkpoint's when given, and `max_size` as the cap of its
+    input's long side (PasteFreeTransform.inference_cap otherwise). Its precision is the
+    caller's autocast (precision.Compute). Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
     if detections_per_img:  # the RPN keeps enough proposals for them, as a run's fitted limits do
@@ -66,7 +69,22 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         model = build_model(spec)
     model.to_empty(device="cpu").load_state_dict(state["model"])
     model.to(device).eval()
+    model.transform.max_input_side = max_size
     return model, spec, state
+
+
+def shrink_warning(model: torch.nn.Module, pages: Iterable[tuple[str, int, int]]) -> str | None:
+    """A warning naming the pages (name, height, width) that the model's input cap shrinks
+    below its page scale, and the --max-size that reads them at that scale; None if none is."""
+    transform = model.transform
+    shrunk = [(name, max(h, w)) for name, h, w in pages if transform.shrunk_by_cap(h, w)]
+    if not shrunk:
+        return None
+    needed = max(int(np.ceil(side * transform.page_scales[1])) for _, side in shrunk)
+    names = ", ".join(name for name, _ in shrunk[:10]) + (" ..." if len(shrunk) > 10 else "")
+    return (f"warning: {len(shrunk)} page(s) are larger than the model's input limit of {transform.inference_cap()} px "
+            f"and were shrunk, so their characters are smaller than the model learned and some are missed: {names}; "
+            f"pass --max-size {needed} to read them at the model's scale (memory grows with the page)")
 
 
 def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
@@ -111,6 +129,29 @@ def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: tor
     return [output_to_instances(o, score_threshold, (a.shape[1], a.shape[0])) for o, a in zip(outputs, images)]
 
 
+def predict_following_page(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
+                           score_threshold: float = 0.5,
+                           autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                           limits: list[int] | None = None) -> list[list[Instance]]:
+    """predict_arrays with a detection limit that follows the page: a page whose detections
+    reach the model's limit is read again with the limit doubled until they stay under it
+    (or reach MAX_DETECTIONS). LIMITS, when given, gets each page's final limit (the model's
+    when it was not raised); a page at MAX_DETECTIONS there may still miss characters."""
+    reached: list[bool] = []
+    results = predict_arrays(model, images, device, score_threshold, autocast, reached)
+    for index, full in enumerate(reached):
+        limit = model.roi_heads.detections_per_img
+        while full and limit < MAX_DETECTIONS:
+            limit = min(2 * limit, MAX_DETECTIONS)
+            again: list[bool] = []
+            with detection_limit(model, limit):
+                results[index] = predict_arrays(model, [images[index]], device, score_threshold, autocast, again)[0]
+            full = again[0]
+        if limits is not None:
+            limits.append(limit)
+    return results
+
+
 @contextlib.contextmanager
 def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
     """The model returns up to DETECTIONS per image inside the block (0: its own limit), its RPN
@@ -130,6 +171,18 @@ def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
         heads.detections_per_img, pre, post = saved
         rpn._pre_nms_top_n.update(pre)
         rpn._post_nms_top_n.update(post)
+
+
+@contextlib.contextmanager
+def input_limit(model: torch.nn.Module, max_side: int) -> Iterator[None]:
+    """The model's input cap (load_model_for_inference's max_size) is MAX_SIDE inside the
+    block (0: its own); for one call of a served model."""
+    saved = model.transform.max_input_side
+    model.transform.max_input_side = max_side or saved
+    try:
+        yield
+    finally:
+        model.transform.max_input_side = saved
 
 
 def just_below(score_threshold: float) -> np.float32:
@@ -242,7 +295,8 @@ def write_predictions_csv(path: Path, instances: list[Instance]) -> None:
 def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, device: torch.device,
                   score_threshold: float, progress: bool = True, labels: str = "fit",
                   coco_segmentation: str | None = None, batch_size: int = 1,
-                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> dict[str, int]:
+                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                  follow_page: bool = False) -> dict[str, int]:
     """Predict every input image; write OUT/images (copies), OUT/annotations/*.csv and
     OUT/overlays/*.png, so OUT is a dataset that `charseg validate-data` (and training) accepts;
     with `coco_segmentation` (polygon or rle) also OUT/predictions_coco.json.
@@ -251,14 +305,17 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     same size: no padding, so each image's instances do not depend on its neighbours). The next
     images are decoded and the last ones' files written in two threads while the model runs.
     An image that cannot be used (unreadable, over the size limits) is skipped and named.
+    With `follow_page` each page's detection limit follows the page (predict_following_page).
     Returns {"images": n, "instances": m, "skipped": ["PATH: reason", ...], "at_limit": [the
-    names of pages whose detections reached the model's limit], "seconds": from the first
-    decode to the last file written}."""
+    names of pages whose detections reached the limit], "raised": [(name, limit) of pages read
+    again with a higher limit], "shrunk": shrink_warning's line or None, "seconds": from the
+    first decode to the last file written}."""
     from tqdm import tqdm
 
     from ..data.coco import predictions_to_coco
 
-    done, total, pages, skipped, at_limit = 0, 0, [], [], []
+    done, total, pages, skipped, at_limit, sizes, raised = 0, 0, [], [], [], [], []
+    own_limit = model.roi_heads.detections_per_img
     started = time.perf_counter()
     writing: list[Future] = []  # at most a batch waits to be written (a writer's error stops the run)
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder, \
@@ -266,9 +323,15 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
             tqdm(total=len(inputs), desc="predicting", unit="image", disable=None if progress else True) as bar:
         for batch in same_size_batches(decoded_images(decoder, inputs, skipped), lambda item: item[1].shape,
                                        batch_size):
-            reached: list[bool] = []
-            results = predict_arrays(model, [rgb for _, rgb in batch], device, score_threshold, autocast, reached)
+            rgbs, reached, limits = [rgb for _, rgb in batch], [], []
+            if follow_page:
+                results = predict_following_page(model, rgbs, device, score_threshold, autocast, limits)
+                raised += [(path.name, limit) for (path, _), limit in zip(batch, limits) if limit > own_limit]
+                reached = [limit >= MAX_DETECTIONS for limit in limits]
+            else:
+                results = predict_arrays(model, rgbs, device, score_threshold, autocast, reached)
             at_limit += [path.name for (path, _), full in zip(batch, reached) if full]
+            sizes += [(path.name, *rgb.shape[:2]) for path, rgb in batch]
             for (path, rgb), instances in zip(batch, results):
                 writing.append(writer.submit(write_prediction, out_dir, path.stem, rgb, instances, labels))
                 total += len(instances)
@@ -284,8 +347,8 @@ def predict_files(model: torch.nn.Module, inputs: list[Path], out_dir: Path, dev
     if coco_segmentation:
         (out_dir / COCO_PREDICTIONS).write_text(json.dumps(predictions_to_coco(pages, coco_segmentation)),
                                                 encoding="utf-8")
-    return {"images": done, "instances": total, "skipped": skipped, "at_limit": at_limit,
-            "seconds": time.perf_counter() - started}
+    return {"images": done, "instances": total, "skipped": skipped, "at_limit": at_limit, "raised": raised,
+            "shrunk": shrink_warning(model, sizes), "seconds": time.perf_counter() - started}
 
 
 def decoded_images(decoder: ThreadPoolExecutor, inputs: list[Path],

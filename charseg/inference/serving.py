@@ -22,7 +22,8 @@ from ..errors import CharsegError
 from ..precision import Compute
 from ..precision import resolve as resolve_precision
 from ..precision import resolve_compute
-from .predict import detection_limit, load_model_for_inference, predict_arrays
+from .predict import (MAX_DETECTIONS, detection_limit, input_limit, load_model_for_inference, predict_arrays,
+                      predict_following_page, shrink_warning)
 
 log = logging.getLogger("charseg")
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
@@ -50,8 +51,11 @@ class CharsegPredictor:
         """Rows of (image_id, score, box [x1,y1,x2,y2], polygon [x1,y1,...]) for every instance.
 
         params may set `score_threshold`, `precision` (fp32, bf16, fp16 on CUDA; auto: the
-        loaded model's) and `detections_per_img` (most instances per image; 0: the model's) for
-        this call. An image whose detections reach that limit is logged with a warning.
+        loaded model's), `detections_per_img` (most instances per image; 0: the model's, raised
+        for an image that reaches it: predict_following_page) and
+        `max_size` (the longest page side at the model's input; 0: the model's) for this call.
+        An image whose detections reach that limit, or that the input cap shrinks below the
+        model's page scale, is logged with a warning.
         """
         if "image" not in model_input:
             raise CharsegError("input needs an 'image' column of encoded image bytes (PNG or JPEG)")
@@ -59,20 +63,32 @@ class CharsegPredictor:
         limit = int((params or {}).get("detections_per_img", 0))
         if limit < 0:
             raise CharsegError(f"detections_per_img must be 0 (the model's limit) or more, got {limit}")
+        max_side = int((params or {}).get("max_size", 0))
+        if max_side < 0:
+            raise CharsegError(f"max_size must be 0 (the model's input limit) or more, got {max_side}")
         asked = str((params or {}).get("precision", "auto"))
         # A call's own precision, resolved without a log line per request (the load logged the default).
         compute = self.compute if asked == "auto" else \
             Compute(self.compute.device, *resolve_precision(asked, self.compute.device, training=False))
-        rows, full = [], []
-        with self._one_call_at_a_time, detection_limit(self.model, limit):
+        rows, full, sizes, limits = [], [], [], []
+        with self._one_call_at_a_time, detection_limit(self.model, limit), input_limit(self.model, max_side):
             for image_id, data in enumerate(model_input["image"]):
                 image = decode_image(data, image_id)
-                for inst in predict_arrays(self.model, [image], compute.device, threshold, compute.autocast, full)[0]:
-                    rows.append((image_id, inst.score, inst.box, inst.polygon))
+                sizes.append((f"image {image_id}", *image.shape[:2]))
+                if limit:
+                    found = predict_arrays(self.model, [image], compute.device, threshold, compute.autocast, full)[0]
+                else:
+                    found = predict_following_page(self.model, [image], compute.device, threshold, compute.autocast,
+                                                   limits)[0]
+                    full.append(limits[-1] >= MAX_DETECTIONS)
+                rows += [(image_id, inst.score, inst.box, inst.polygon) for inst in found]
             if any(full):
                 log.warning("warning: images %s reached the model's limit of %d detections; pass the param "
                             "detections_per_img (more) to find the rest", [i for i, f in enumerate(full) if f],
                             self.model.roi_heads.detections_per_img)
+            shrunk = shrink_warning(self.model, sizes)
+            if shrunk:
+                log.warning("%s", shrunk.replace("pass --max-size", "pass the param max_size"))
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         return frame.astype({"image_id": "int64", "score": "float64"})
 

@@ -11,6 +11,9 @@ polygons directly. Memory grows with instances x 28^2, not instances x H x W.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,6 +39,9 @@ MASK_CHUNK = 64
 PIXELS = "pixels"
 # GroupNorm groups of a PixelMaskPredictor's refining blocks (32 channels: 4 per group).
 REFINE_GROUPS = 8
+# px: at inference, a page-scaled model (ModelSpec.scale_test) caps the long side of its input at
+# this or its training max_size, whichever is larger (PasteFreeTransform.inference_cap).
+PAGE_MAX_SIDE = 4096
 
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
@@ -214,7 +220,9 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
     full-image tensor (build_model(polygon_native=False) pastes).
 
     `page_scales` (training, inference): a factor > 0 resizes each image by that factor of its
-    own size, not its short side to min_size; max_size still caps the long side.
+    own size, not its short side to min_size; the long side is still capped (inference_cap).
+    `max_input_side`: that cap at inference, instead of inference_cap's rule (predict and
+    evaluate's --max-size).
     """
 
     def __init__(self, *args, page_scales: tuple[float, float] = (0.0, 0.0),
@@ -222,27 +230,49 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
         super().__init__(*args, **kwargs)
         self.page_scales = page_scales
         self.mask_frame_offset = mask_frame_offset
+        self.max_input_side: int | None = None
+
+    def inference_cap(self) -> int:
+        """The long side's cap at inference. max_size (the training cap) for a model that
+        resizes to min_size, as torchvision's. A page-scaled model learned glyphs at the
+        page's own size times its scale: its training cap only bounded the memory of its
+        training pages, and shrinking a larger page (a 2048 px document) by it would make
+        every glyph smaller than any it learned; at inference it caps at PAGE_MAX_SIDE or
+        max_size, whichever is larger."""
+        if self.max_input_side:
+            return self.max_input_side
+        return max(self.max_size, PAGE_MAX_SIDE) if self.page_scales[1] else self.max_size
+
+    def shrunk_by_cap(self, height: int, width: int) -> float | None:
+        """At inference, the factor a page-scaled model resizes an image of this size by when
+        the cap made it smaller than the page scale asks; None otherwise."""
+        scale = self.page_scales[1]
+        if not scale:
+            return None
+        wanted = max(1, round(min(height, width) * scale)) / min(height, width)
+        applied = min(wanted, self.inference_cap() / max(height, width))
+        return applied if applied < wanted else None
 
     def resize(self, image, target=None):
         scale = self.page_scales[0] if self.training else self.page_scales[1]
         if not scale:
-            return super().resize(image, target)
+            if self.training or not self.max_input_side:
+                return super().resize(image, target)
+            with _swapped(self, max_size=self.max_input_side):
+                return super().resize(image, target)
         if torchvision._is_tracing() and target is None:
             return self._traced_resize(image, scale), None
         # torchvision's resize with this image's own short side times `scale` as the target.
-        min_size = self.min_size
-        self.min_size = (max(1, round(min(image.shape[-2:]) * scale)),)
-        try:
+        short = (max(1, round(min(image.shape[-2:]) * scale)),)
+        with _swapped(self, min_size=short, max_size=self.max_size if self.training else self.inference_cap()):
             return super().resize(image, target)
-        finally:
-            self.min_size = min_size
 
     def _traced_resize(self, image: torch.Tensor, scale: float) -> torch.Tensor:
         """resize() in tensor operations for export (inference/export.py): the page's own size is
         an input of the traced graph, not the example's (float64 as Python's arithmetic)."""
         size = _get_shape_onnx(image).to(torch.float64)
         short, long = size.min(), size.max()
-        factor = torch.minimum(torch.round(short * scale) / short, self.max_size / long)
+        factor = torch.minimum(torch.round(short * scale) / short, self.inference_cap() / long)
         return F.interpolate(image[None], scale_factor=_fake_cast_onnx(factor.float()), mode="bilinear",
                              recompute_scale_factor=True, align_corners=False)[0]
 
@@ -259,6 +289,19 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
                 # trained with (polygon_mask_targets).
                 pred["mask_frames"] = resize_boxes(boxes + self.mask_frame_offset, im_s, o_im_s)
         return result
+
+
+@contextlib.contextmanager
+def _swapped(obj: object, **values) -> Iterator[None]:
+    """OBJ's attributes set to VALUES inside the block, restored after."""
+    saved = {name: getattr(obj, name) for name in values}
+    for name, value in values.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(obj, name, value)
 
 
 class PolygonMaskRCNN(MaskRCNN):

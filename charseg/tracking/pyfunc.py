@@ -45,7 +45,8 @@ def model_signature():
                         ColSpec(Array(DataType.double), "box"), ColSpec(Array(DataType.double), "polygon")]),
         params=ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5),
                             ParamSpec("precision", DataType.string, "auto"),
-                            ParamSpec("detections_per_img", DataType.long, 0)]))
+                            ParamSpec("detections_per_img", DataType.long, 0),
+                            ParamSpec("max_size", DataType.long, 0)]))
 
 
 def requirements() -> list[str]:
