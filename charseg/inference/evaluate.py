@@ -86,6 +86,9 @@ def _coco_stats(gt: COCO, detections: list[dict], iou_type: str, max_dets: int) 
         coco_eval = COCOeval(gt, dt, iou_type)
         # Pages hold hundreds of characters: the AP must see every detection.
         coco_eval.params.maxDets = [1, 10, max_dets]
+        # Only the AP over all areas is read: matching each page again for COCO's small, medium and
+        # large ranges (pure Python, detections x characters each) took 3/4 of a dense page's time.
+        coco_eval.params.areaRng, coco_eval.params.areaRngLbl = [[0, 1e10]], ["all"]
         coco_eval.evaluate()
         coco_eval.accumulate()
     return {name: _average_precision(coco_eval, iou) for name, iou in zip(names, (None, 0.5, 0.75))}
