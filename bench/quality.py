@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import load_dataset_report, scan_dataset  # noqa: E402
 from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.heldout import generate_heldout  # noqa: E402
+from charseg.data.unseen import generate_unseen  # noqa: E402
 from charseg.data.loading import CharacterDataset, EpochShuffleSampler, collate  # noqa: E402
 from charseg.inference.evaluate import evaluate  # noqa: E402
 from charseg.inference.predict import detection_limit, load_model_for_inference  # noqa: E402
@@ -48,6 +50,7 @@ from charseg.training import runner  # noqa: E402
 from charseg.training.engine import train_one_epoch  # noqa: E402
 
 HELDOUT_PAGES, HELDOUT_SEED = 40, 2026  # the pages `make demo` evaluates on
+UNSEEN_SEED = 2027  # as many pages in unseen fonts, on unseen backgrounds (`generate --held-out --unseen`)
 # A document page (issue 29 part 4): `charseg generate --held-out` at this size and type, evaluated
 # with a detection limit above its characters (predict raises the limit itself: predict_following_page).
 DOCUMENT = {"size": (2048, 2048), "font_sizes": (10, 18), "seed": 7}
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--no-stock", action="store_true", help="Skip stock torchvision (the long recipe skips it).")
     parser.add_argument("--epochs", type=int, help="Override the recipe's epochs (a quick check; the report says so).")
     parser.add_argument("--num-images", type=int, help="Override the recipe's number of training pages.")
+    parser.add_argument("--keep-model", help="Copy the charseg model's final checkpoint here (bench/finetune.py "
+                                             "starts from it).")
     args = parser.parse_args()
     args.out = args.out or str(ROOT / "docs" / ("QUALITY_LONG.md" if args.recipe == "long" else "QUALITY.md"))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -162,28 +167,32 @@ def main() -> None:
         generate_training_pages(generate_args, tmp / "train", num_images)
         generate_heldout(tmp / "heldout", num_images=HELDOUT_PAGES, seed=HELDOUT_SEED)
         heldout = scan_dataset(tmp / "heldout").samples
+        generate_unseen(tmp / "unseen", num_images=HELDOUT_PAGES, seed=UNSEEN_SEED)  # needs charseg[fonts]
+        unseen = scan_dataset(tmp / "unseen").samples
         config = TrainConfig(data_dir=str(tmp / "train"), output_dir=str(tmp / "charseg"), **recipe)
         print(f"charseg recipe ({args.recipe}): {recipe}", flush=True)
         start = time.perf_counter()
         result = runner.train(config)
         seconds = time.perf_counter() - start
+        if args.keep_model:
+            shutil.copyfile(result.final_checkpoint, args.keep_model)
         model, spec, _ = load_model_for_inference(result.final_checkpoint, torch.device("cpu"))
         splits = runner.make_splits(config, load_dataset_report(config.data_dir))
         rows = {"charseg": {"seconds": seconds, "epochs": recipe["epochs"], **measure(model, spec, heldout,
-                                                                                      splits.val, config)}}
+                                                                                      splits.val, config, unseen)}}
         print(f"  charseg: {seconds:.0f} s, held-out {rows['charseg']['heldout']}", flush=True)
         if spec.scale_test:  # the same model with pages resized to min_size at inference, as stock does
             plain, plain_spec, _ = load_model_for_inference(result.final_checkpoint, torch.device("cpu"),
                                                                    scale_test=0.0)
             rows["charseg, --scale-test 0"] = {"seconds": seconds, "epochs": recipe["epochs"],
-                                               **measure(plain, plain_spec, heldout, splits.val, config)}
+                                               **measure(plain, plain_spec, heldout, splits.val, config, unseen)}
         document = measure_document(model, tmp / "document")
         print(f"  charseg on a document page: {document}", flush=True)
         pages = per_page(model, heldout, spec.detections_per_img, config.score_threshold)
         if not args.no_stock and args.recipe == "demo":
             stock, facts = train_stock(recipe, splits.train, seconds, tmp / "stock")
             rows["stock"] = {"seconds": facts["seconds"], "epochs": facts["epochs"],
-                             **measure(stock, facts["spec"], heldout, splits.val, config)}
+                             **measure(stock, facts["spec"], heldout, splits.val, config, unseen)}
             print(f"  stock: {facts['seconds']:.0f} s, held-out {rows['stock']['heldout']}", flush=True)
         write_report(Path(args.out), args.recipe, recipe, generate_args, num_images, rows, pages, document)
 
@@ -199,10 +208,10 @@ def measure_document(model: torch.nn.Module, out: Path) -> dict:
             **{k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP75", "segm_AP", "char_f1")}}
 
 
-def measure(model: torch.nn.Module, spec, heldout: list, own: list, config: TrainConfig) -> dict:
-    """Held-out and own-generator metrics of a model."""
+def measure(model: torch.nn.Module, spec, heldout: list, own: list, config: TrainConfig, unseen: list) -> dict:
+    """Held-out, own-generator and unseen-font metrics of a model."""
     out = {}
-    for name, pages in (("heldout", heldout), ("own", own)):
+    for name, pages in (("heldout", heldout), ("own", own), ("unseen", unseen)):
         metrics = evaluate(model, pages, torch.device("cpu"), max_dets=spec.detections_per_img,
                            score_threshold=config.score_threshold).metrics
         out[name] = {k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP75", "segm_AP", "char_f1")}
@@ -252,6 +261,15 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
         ratio = rows["charseg"]["heldout"]["segm_AP50"] / max(rows["stock"]["heldout"]["segm_AP50"], 1e-3)
         lines += ["", f"charseg / stock, held-out segm_AP50 at equal time: {ratio:.1f}x"
                   + (" (stock's below 0.001 counted as 0.001)" if rows["stock"]["heldout"]["segm_AP50"] < 1e-3 else "")]
+    lines += ["", f"Pages in fonts and on backgrounds no generator here uses: `charseg generate --held-out --unseen "
+              f"--num-images {HELDOUT_PAGES} --seed {UNSEEN_SEED}` (nine font families from PyPI: sans, serif, rounded, "
+              "handwriting-like; lines condensed, stencil-cut or worn, coloured inks; printed patterns and faded "
+              "photographs; rotation up to 6 degrees, blur, noise, JPEG):", "",
+              "| recipe | segm_AP50 | segm_AP75 | segm_AP | char_f1 | bbox_AP50 |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, row in rows.items():
+        u = row["unseen"]
+        lines.append(f"| {name} | {u['segm_AP50']:.3f} | {u['segm_AP75']:.3f} | {u['segm_AP']:.3f} | "
+                     f"{u['char_f1']:.3f} | {u['bbox_AP50']:.3f} |")
     size, fonts = "x".join(map(str, DOCUMENT["size"])), "-".join(map(str, DOCUMENT["font_sizes"]))
     lines += ["", f"A document page: `charseg generate --held-out --num-images 1 --size {size} --font-size {fonts} "
               f"--seed {DOCUMENT['seed']}` ({document['characters']} characters), the charseg model with "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -90,3 +92,27 @@ def test_lines_pages_have_uneven_paper_and_legible_ink(tmp_path):
                 inks.append(float(np.median(around)) - float(np.percentile(gray[y1:y2 + 1, x1:x2 + 1], 5)))
     assert max(spreads) > 8  # not a flat page plus noise
     assert min(inks) > MIN_INK_CONTRAST / 2 and np.percentile(inks, 10) < 100  # faint lines exist
+
+
+def test_unseen_font_pages_use_font_families_no_other_generator_uses(tmp_path, monkeypatch):
+    from charseg.data import unseen
+
+    families = unseen.font_families()
+    assert sorted(families) == sorted(unseen.FONT_PACKAGES)  # the `fonts` extra, installed with `test`
+    names = {Path(f).name for files in families.values() for f in files}
+    assert len(names) >= 40 and not names & set(TRAINING_FONTS + HELDOUT_FONTS)
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "a"), "--held-out", "--unseen", "--num-images", "6",
+                                      "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    report = scan_dataset(tmp_path / "a")
+    assert report.summary()["images_used"] == 6 and report.num_instances >= 60
+    for sample in report.samples:
+        assert 128 <= sample.width <= 256 and 128 <= sample.height <= 256
+        for points in sample.polygons:
+            assert points[:, 0].min() >= 0 and points[:, 0].max() <= sample.width
+    unseen.generate_unseen(tmp_path / "b", num_images=6, seed=4)
+    for name in ("images/00006.png", "annotations/00003.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    monkeypatch.setattr(unseen, "font_families", lambda: {})
+    with pytest.raises(CharsegError, match=r"need the font packages font-roboto, .*: pip install 'charseg\[fonts\]'"):
+        unseen.generate_unseen(tmp_path / "c", num_images=1)

@@ -9,6 +9,7 @@ from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
 from ..data.dataset import scan_dataset
 from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
 from ..data.heldout import FONT_SIZES, generate_heldout
+from ..data.unseen import INSTALL_FONTS, generate_unseen
 from .options import SEED, BlankPath
 
 
@@ -91,9 +92,13 @@ def _range(text: str) -> tuple[int, int]:
                    "rotated up to 12 degrees, textured, blurred and noisy, tight annotator polygons; sides 128-256 "
                    "px and fonts of 12-30 px unless --size and --font-size are given (--size 2048 --font-size 10-18: "
                    "document pages). --chars-per-image, --font and --layout do not apply.")
+@click.option("--unseen", is_flag=True,
+              help="With --held-out: pages in font families nothing else here renders (sans, serif, rounded, "
+                   "handwriting-like; some lines condensed, stencil-cut or worn, in coloured ink) on paper, printed "
+                   f"patterns or faded photographs, sides 128-256 px; needs `{INSTALL_FONTS}`.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
 def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
-                     font: str | None, layout: str, held_out: bool, seed: int) -> None:
+                     font: str | None, layout: str, held_out: bool, unseen: bool, seed: int) -> None:
     """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
     try:
         w, _, h = size.lower().partition("x")
@@ -101,6 +106,13 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
         chars, sizes = _range(chars_per_image), _range(font_size)
     except ValueError as exc:
         raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
+    if unseen and not held_out:
+        raise click.BadParameter("--unseen makes held-out pages: pass --held-out too", param_hint="--unseen")
+    if unseen:
+        summary = generate_unseen(out_dir, num_images=num_images, seed=seed, progress=True)
+        click.echo(f"wrote {summary.images} unseen-font pages with {summary.characters} characters to "
+                   f"{summary.out_dir}")
+        return
     if held_out:
         given = click.get_current_context().get_parameter_source
         summary = generate_heldout(

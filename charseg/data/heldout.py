@@ -14,6 +14,7 @@ import json
 import math
 import random
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -58,7 +59,8 @@ def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int
         indices = tqdm(indices, desc="held-out pages", unit="image")
     for index in indices:
         width, height = size or (rng.randint(min_side, max_side), rng.randint(min_side, max_side))
-        page, polygons, chars = _typeset_page(rng, width, height, fonts, font_sizes)
+        page, polygons, chars = typeset_page(rng, _background(rng, width, height),
+                                             lambda r: ImageFont.truetype(r.choice(fonts), r.randint(*font_sizes)))
         page, polygons = _rotate(page, polygons, rng.uniform(-MAX_ROTATION, MAX_ROTATION))
         page = _degrade(rng, page)
         rows = [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)]
@@ -79,14 +81,19 @@ def _background(rng: random.Random, width: int, height: int) -> np.ndarray:
     return np.clip((base + gradient + texture)[:, :, None] + tint, 0, 255)
 
 
-def _typeset_page(rng: random.Random, width: int, height: int, fonts: list[str], font_sizes: tuple[int, int]
-                  ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-    """Lines of text on a background; each character's tight polygon in page coordinates."""
-    page = _background(rng, width, height)
+LineStyle = Callable[[random.Random, np.ndarray, list, np.ndarray], tuple[np.ndarray, list, np.ndarray]]
+
+
+def typeset_page(rng: random.Random, page: np.ndarray, line_font: Callable[[random.Random], ImageFont.FreeTypeFont],
+                 style: LineStyle | None = None) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Lines of text on PAGE (H x W x 3 float, drawn on), each in line_font(rng); STYLE, when
+    given, changes a line's coverage, its glyphs' masks and its ink before they are drawn and
+    annotated. Returns the page, each character's tight polygon in page coordinates, the chars."""
+    height, width = page.shape[:2]
     polygons, chars = [], []
     y = rng.randint(2, 12)
     while True:
-        font = ImageFont.truetype(rng.choice(fonts), rng.randint(*font_sizes))
+        font = line_font(rng)
         ascent, descent = font.getmetrics()
         if y + ascent + descent > height - 2:
             break
@@ -95,6 +102,8 @@ def _typeset_page(rng: random.Random, width: int, height: int, fonts: list[str],
         # Lower contrast on some lines: text color anywhere from black to mid gray.
         ink = np.array([rng.uniform(0, 120)] * 3, dtype=np.float32) + rng.uniform(-15, 15)
         line, placed = _typeset_line(text, font, x0, width)
+        if style is not None:
+            line, placed, ink = style(rng, line, placed, ink)
         coverage = line.astype(np.float32)[:, :, None] / 255.0
         band = page[y:y + line.shape[0]]
         band[:] = band * (1 - coverage) + ink * coverage
