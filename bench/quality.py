@@ -11,8 +11,10 @@ augmentation (its only one, a horizontal flip, mirrors characters into non-chara
 until the same time is spent (ending mid-epoch if need be).
 Both are evaluated on held-out pages made by another process (`charseg generate --held-out`:
 other fonts, rotation, texture, blur, noise, annotator polygons) and on the training
-generator's own held-back pages. Prints the figures and writes docs/QUALITY.md with overlays
-of the pages where charseg does best and worst. A script, not a test: run it alone.
+generator's own held-back pages, and on pages in fonts and backgrounds no generator here uses
+(`generate --held-out --unseen`: needs `pip install 'charseg[fonts]'`); charseg's model also on a
+2048 px document page. Prints the figures and writes docs/QUALITY.md with overlays of the pages
+where charseg does best and worst. A script, not a test: run it alone.
 """
 
 from __future__ import annotations
