@@ -7,8 +7,9 @@ outputs/demo/model_final.pth). The new domain is `charseg generate --held-out --
 fonts, inks and backgrounds the demo never trained on. Each path gets the same PAGES pages of
 it (seed 11) and the same epochs, at most MINUTES of training (`--time-budget`: the epoch under
 way finishes; its schedule is spread over EPOCHS, so pick as many as fit):
-`charseg finetune` at its defaults, `charseg finetune --lr-factor 1`, and `charseg train` from
-random initialisation with the demo's recipe. Each model is then evaluated on 40 other pages of
+`charseg finetune` at its defaults, the same with REPLAY_PAGES of the demo's own training pages
+mixed into its data (rehearsal, against forgetting), `charseg finetune --lr-factor 1`, and
+`charseg train` from random initialisation with the demo's recipe. Each model is then evaluated on 40 other pages of
 the new domain (seed 2027, bench/quality.py's unseen set) and on the demo's own held-out pages
 (`--held-out --seed 2026`: the old domain), as COCO segm AP50, AP75, AP and char F1. Writes
 the table to OUT. A script, not a test: run it alone.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,9 +41,11 @@ from charseg.inference.predict import load_model_for_inference  # noqa: E402
 from charseg.training import runner  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from quality import HELDOUT_PAGES, HELDOUT_SEED, UNSEEN_SEED, cpu_name, demo_recipe  # noqa: E402
+from quality import (HELDOUT_PAGES, HELDOUT_SEED, UNSEEN_SEED, cpu_name, demo_recipe,  # noqa: E402
+                     generate_training_pages)
 
 TRAIN_SEED = 11  # the new domain's training pages
+REPLAY_PAGES = 20  # the demo's own training pages mixed into one fine-tune's data
 KEYS = ("segm_AP50", "segm_AP75", "segm_AP", "char_f1", "bbox_AP50")
 
 
@@ -51,17 +55,29 @@ def measure(checkpoint: Path, new: list, old: list) -> dict:
                                      ).metrics[k], 3) for k in KEYS} for name, pages in (("new", new), ("old", old))}
 
 
-def paths(model: Path, data: Path, out: Path, epochs: int, minutes: float) -> dict:
-    """The three ways to spend EPOCHS (at most MINUTES) on DATA: name -> a callable returning its RunResult."""
+def paths(model: Path, data: Path, mixed: Path, out: Path, epochs: int, minutes: float) -> dict:
+    """The ways to spend EPOCHS (at most MINUTES) on DATA (MIXED: with old pages): name -> a
+    callable returning its RunResult."""
     budget = {"data_dir": str(data), "epochs": epochs, "time_budget": minutes}
     recipe, _ = demo_recipe()
     scratch = {**recipe, **budget, "output_dir": str(out / "scratch")}
     return {
         "finetune (defaults)": lambda: runner.finetune(model, {**budget, "output_dir": str(out / "ft")}),
+        f"finetune (defaults), {REPLAY_PAGES} old pages mixed in": lambda: runner.finetune(
+            model, {**budget, "data_dir": str(mixed), "output_dir": str(out / "ft-mixed")}),
         "finetune --lr-factor 1": lambda: runner.finetune(model, {**budget, "lr_factor": 1.0,
                                                                    "output_dir": str(out / "ft1")}),
         "train from scratch": lambda: runner.train(TrainConfig(**scratch)),
     }
+
+
+def mix(out: Path, sources: dict[str, Path]) -> None:
+    """One dataset at OUT holding every page of SOURCES, each name prefixed with its key."""
+    for key, source in sources.items():
+        for kind in ("images", "annotations"):
+            (out / kind).mkdir(parents=True, exist_ok=True)
+            for path in (source / kind).iterdir():
+                shutil.copyfile(path, out / kind / f"{key}_{path.name}")
 
 
 def main() -> None:
@@ -79,9 +95,11 @@ def main() -> None:
         generate_unseen(tmp / "new", num_images=HELDOUT_PAGES, seed=UNSEEN_SEED)
         generate_heldout(tmp / "old", num_images=HELDOUT_PAGES, seed=HELDOUT_SEED)
         new, old = scan_dataset(tmp / "new").samples, scan_dataset(tmp / "old").samples
+        generate_training_pages(demo_recipe()[1], tmp / "replay", REPLAY_PAGES)
+        mix(tmp / "mixed", {"new": tmp / "train", "old": tmp / "replay"})
         rows = {"demo's model, before": {"seconds": 0.0, "epochs": 0, **measure(args.model, new, old)}}
         print(rows, flush=True)
-        for name, run in paths(args.model, tmp / "train", tmp, args.epochs, args.minutes).items():
+        for name, run in paths(args.model, tmp / "train", tmp / "mixed", tmp, args.epochs, args.minutes).items():
             start = time.perf_counter()
             result = run()
             seconds = time.perf_counter() - start
@@ -99,7 +117,8 @@ def write_report(out: Path, args: argparse.Namespace, rows: dict) -> None:
         f"{args.epochs} --minutes {args.minutes:g}` on {cpu_name()}, {os.cpu_count()} CPU cores, CPU only; MODEL: the demo's final model.",
         f"New domain: `charseg generate --held-out --unseen`, {args.pages} training pages (seed {TRAIN_SEED}), "
         f"evaluated on {HELDOUT_PAGES} others (seed {UNSEEN_SEED}); old domain: the demo's held-out pages "
-        f"(`--held-out --seed {HELDOUT_SEED}`). Each path trains {args.epochs} epochs or until {args.minutes:g} "
+        f"(`--held-out --seed {HELDOUT_SEED}`); the old pages mixed into one fine-tune are the first "
+        f"{REPLAY_PAGES} of the demo's training pages. Each path trains {args.epochs} epochs or until {args.minutes:g} "
         "minutes are spent (the epoch under way finishes, validation included); final models, fp32.",
         "",
         "| path | training | epochs | new segm_AP50 | new segm_AP75 | new segm_AP | new char_f1 | old segm_AP50 "
