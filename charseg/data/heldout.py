@@ -40,11 +40,7 @@ def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int
     """Render `num_images` held-out pages (sides from min_side to max_side, or all of `size`
     (width, height): a document page) in fonts of `font_sizes` px into OUT_DIR in the dataset
     format. Returns counts of what was written."""
-    sides = size or (min_side, max_side)
-    if not 1 <= num_images <= MAX_IMAGES or not 64 <= min(sides) <= max(sides) <= MAX_SIDE \
-            or not (size or min_side <= max_side):
-        raise CharsegError(f"need 1 to {MAX_IMAGES} pages with sides from 64 to {MAX_SIDE} px, got "
-                           f"{num_images} of {'x'.join(map(str, sides)) if size else f'{min_side}-{max_side}'}")
+    check_pages(num_images, min_side, max_side, size)
     if not 4 <= font_sizes[0] <= font_sizes[1] <= MAX_FONT_SIZE:
         raise CharsegError(f"font size must be 4 <= min <= max <= {MAX_FONT_SIZE}, got {font_sizes[0]}-{font_sizes[1]}")
     fonts = font_files(HELDOUT_FONTS)
@@ -67,6 +63,15 @@ def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int
         write_page(out, f"{index:05d}", page, rows)
         total += len(rows)
     return GenerationSummary(out_dir=out, images=num_images, characters=total)
+
+
+def check_pages(num_images: int, min_side: int, max_side: int, size: tuple[int, int] | None = None) -> None:
+    """Refuse a page count or sides (min_side-max_side, or `size`) no generator here makes."""
+    sides = size or (min_side, max_side)
+    if not 1 <= num_images <= MAX_IMAGES or not 64 <= min(sides) <= max(sides) <= MAX_SIDE \
+            or not (size or min_side <= max_side):
+        raise CharsegError(f"need 1 to {MAX_IMAGES} pages with sides from 64 to {MAX_SIDE} px, got "
+                           f"{num_images} of {'x'.join(map(str, sides)) if size else f'{min_side}-{max_side}'}")
 
 
 def _background(rng: random.Random, width: int, height: int) -> np.ndarray:

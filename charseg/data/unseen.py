@@ -27,8 +27,8 @@ from PIL import ImageFont
 
 from ..errors import CharsegError
 from ..polygons import flat_polygon
-from .generate import MAX_IMAGES, MAX_SIDE, GenerationSummary, write_page
-from .heldout import FONT_SIZES, _background, _degrade, _rotate, typeset_page
+from .generate import GenerationSummary, write_page
+from .heldout import FONT_SIZES, _background, _degrade, _rotate, check_pages, typeset_page
 
 # Font packages (import names) of the `fonts` extra; each ships its faces in PACKAGE/files/.
 FONT_PACKAGES = ("font_roboto", "font_source_sans_pro", "font_hanken_grotesk", "font_manrope", "font_source_serif_pro",
@@ -59,9 +59,7 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
                     seed: int = 0, progress: bool = False) -> GenerationSummary:
     """Render `num_images` pages (sides from min_side to max_side) in the font packages' faces
     into OUT_DIR in the dataset format. Returns counts of what was written."""
-    if not 1 <= num_images <= MAX_IMAGES or not 64 <= min_side <= max_side <= MAX_SIDE:
-        raise CharsegError(f"need 1 to {MAX_IMAGES} pages with 64 <= min side <= max side <= {MAX_SIDE}, got "
-                           f"{num_images} of {min_side}-{max_side}")
+    check_pages(num_images, min_side, max_side)
     families = font_families()
     if len(families) < len(FONT_PACKAGES):
         missing = ", ".join(p.replace("_", "-") for p in FONT_PACKAGES if p not in families)
