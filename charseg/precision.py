@@ -1,5 +1,6 @@
 """Where and how the model computes: the device, and the precision of its forward pass
-(float32, or autocast to bfloat16 / float16).
+(float32, autocast to bfloat16 / float16, or at inference on the CPU int8 heads:
+inference/int8.py).
 
 Autocast runs convolutions and matrix products in the lower precision and keeps weights,
 optimizer state, normalisation, losses, anchors and box/mask decoding in float32
@@ -20,6 +21,7 @@ import torch
 from .errors import CharsegError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")  # int8: the RoI heads quantised after calibration (inference/int8.py)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU flags of native bfloat16 arithmetic (Intel AMX, AVX-512 BF16; Linux /proc/cpuinfo).
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -66,10 +68,14 @@ def resolve(requested: str, device: torch.device, *, training: bool) -> tuple[st
     matched it on average over seed pairs, but their spread leaves a loss of about 0.01 possible:
     docs/BENCHMARKS.md, "bf16 training vs fp32"; pass --precision bf16 to choose it).
     bf16 where the device only emulates it is run as asked, with a warning (once per process).
-    fp16 needs CUDA. Raises PrecisionError.
+    fp16 needs CUDA; int8 (inference only) the CPU. Raises PrecisionError.
     """
-    if requested not in PRECISIONS:
-        raise PrecisionError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    choices = PRECISIONS if training else INFERENCE_PRECISIONS
+    if requested not in choices:
+        raise PrecisionError(f"precision must be one of {', '.join(choices)}, got {requested!r}"
+                             + ("; int8 is for inference (predict, evaluate)" if requested == "int8" else ""))
+    if requested == "int8" and device.type != "cpu":
+        raise PrecisionError("--precision int8 runs on the CPU (PyTorch's x86 int8 kernels); on CUDA use bf16 or fp16")
     if requested == "fp16" and device.type != "cuda":
         raise PrecisionError("--precision fp16 needs a CUDA device (CPUs have no fast float16); use auto, fp32, or "
                              "bf16 on a CPU with amx_bf16 / avx512_bf16")
@@ -117,7 +123,7 @@ class Compute:
     passed down, as timm's `amp_autocast`: the device and the forward pass's precision."""
 
     device: torch.device
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 (the heads quantised: no autocast)
     why: str = field(default="", compare=False)  # how auto chose, for the log
 
     def autocast(self):

@@ -24,7 +24,8 @@ from charseg.training import runner
 @pytest.mark.parametrize("command", ["train", "resume", "finetune", "evaluate", "predict"])
 def test_every_command_takes_precision(command):
     text = CliRunner().invoke(cli, [command, "--help"]).output
-    assert "--precision [auto|fp32|bf16|fp16]" in text
+    inference = command in ("evaluate", "predict")  # int8: inference on the CPU (tests/test_int8.py)
+    assert ("--precision [auto|fp32|bf16|fp16|int8]" if inference else "--precision [auto|fp32|bf16|fp16]") in text
 
 
 def test_fp16_on_a_cpu_is_one_clear_line(tiny_dataset, tmp_path):

@@ -14,7 +14,7 @@ from ..inference.export import FORMATS as EXPORT_FORMATS
 from ..inference.predict import COCO_PREDICTIONS, LABELS
 from ..model.heads import PAGE_MAX_SIDE
 from ..precision import resolve_compute
-from .options import DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
+from .options import CALIBRATION_DIR, DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
 
 DETECTIONS_OVERRIDE = click.option(
     "--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
@@ -38,10 +38,11 @@ MAX_SIZE_OVERRIDE = click.option(
               help="Where to write the metrics as JSON.")
 @DEVICE_OPT
 @INFERENCE_PRECISION
+@CALIBRATION_DIR
 @click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
 def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
                      scale_test: float | None, max_size: int | None, out_path: str, device: str, precision: str,
-                     experiment_name: str | None) -> None:
+                     calibration_dir: str | None, experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
     from .. import tracking
@@ -50,7 +51,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
         with tracking.tracked_run(experiment_name) as run_id:
             result = evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
                                          detections_per_img=detections_per_img, scale_test=scale_test,
-                                         max_size=max_size, precision=precision)
+                                         max_size=max_size, precision=precision, calibration_dir=calibration_dir)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
             tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
     for key, value in result.metrics.items():
@@ -81,15 +82,18 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                    "order). The same detections as one at a time, up to float rounding (batched convolutions may "
                    "take other kernels). Worth raising on a GPU; a CPU gains little.")
 @INFERENCE_PRECISION
+@CALIBRATION_DIR
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, detections_per_img: int | None, max_size: int | None, device: str,
-                    output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str) -> None:
+                    output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str,
+                    calibration_dir: str | None) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
     fine-tuned on after review. The char column is '?' (the model does not read characters).
     """
     from ..data.images import IMAGE_SUFFIXES
+    from ..inference.int8 import quantize_on_pages
     from ..inference.predict import load_model_for_inference, predict_files
 
     paths: list[Path] = []
@@ -101,6 +105,8 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
         compute = resolve_compute(device, precision, training=False)
         model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test, max_size)
+        if compute.precision == "int8":
+            quantize_on_pages(model, calibration_dir, paths)
         summary = predict_files(model, paths, Path(out_dir), compute.device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None,
                                 batch_size=batch_size, autocast=compute.autocast,

@@ -11,7 +11,7 @@ import click
 from ..config import (BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, SETTING_TYPES, TrainConfig,
                       parse_anchor_sizes)
 from ..inference.evaluate import METRICS
-from ..precision import PRECISIONS
+from ..precision import INFERENCE_PRECISIONS, PRECISIONS
 from ..precision import resolve as resolve_precision
 from ..precision import resolve_device
 
@@ -237,9 +237,19 @@ class AutoPrecisionOption(click.Option):
 
 
 INFERENCE_PRECISION = click.option(
-    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, cls=AutoPrecisionOption,
+    "--precision", type=click.Choice(INFERENCE_PRECISIONS), default="auto", show_default=True,
+    cls=AutoPrecisionOption,
     help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (a CUDA GPU of compute capability "
-                                    "8.0 or later; a CPU with amx_bf16 or avx512_bf16 in /proc/cpuinfo), else fp32"))
+                                    "8.0 or later; a CPU with amx_bf16 or avx512_bf16 in /proc/cpuinfo), else fp32")
+    + " int8 (CPU): the box and mask heads quantised to int8 after a calibration pass over a few pages "
+      "(--calibration-dir), the rest float32; for CPUs without native bf16 on pages of many characters "
+      "(docs/PRECISION.md).")
+
+
+CALIBRATION_DIR = click.option(
+    "--calibration-dir", type=click.Path(exists=True, file_okay=False), default=None,
+    help="With --precision int8: a folder of pages like yours whose first few images set the int8 value ranges. "
+         "Default: the first few input pages.")
 
 
 SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchNorm (--norm batch from scratch) "

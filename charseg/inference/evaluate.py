@@ -23,6 +23,7 @@ from ..data.images import load_image_rgb
 from ..data.loading import image_to_tensor
 from ..polygons import polygon_area, polygon_boxes
 from ..precision import resolve_compute
+from .int8 import quantize_on_pages
 from .predict import (draw_overlay, load_model_for_inference, output_to_instances, same_size_batches,
                       shrink_warning)
 
@@ -187,14 +188,18 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
                         scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0,
-                        precision: str = "auto", max_size: int | None = None):
+                        precision: str = "auto", max_size: int | None = None,
+                        calibration_dir: str | None = None):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
     `scale_test`, `max_size`: instead of the checkpoint's; load_model_for_inference) at
-    `precision`; pages shrunk by the input cap are named in a warning. Returns an EvalResult."""
+    `precision` (int8: calibrated on `calibration_dir`'s first pages, else DATA_DIR's); pages
+    shrunk by the input cap are named in a warning. Returns an EvalResult."""
     compute = resolve_compute(device, precision, training=False)
     model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test,
                                               max_size)
     report = load_dataset_report(data_dir)
+    if compute.precision == "int8":
+        quantize_on_pages(model, calibration_dir, [sample.image_path for sample in report.samples])
     warning = shrink_warning(model, ((s.image_path.name, s.height, s.width) for s in report.samples))
     if warning:
         log.warning(warning)

@@ -39,6 +39,7 @@ class CharsegPredictor:
     """Predicts character instances for a batch of encoded images."""
 
     def __init__(self, checkpoint_path: str, device: str | None = None, precision: str = "auto"):
+        _served_precision(precision)
         self.compute = resolve_compute(device or "auto", precision, training=False)  # a call may pass its own
         self.model, _, state = load_model_for_inference(checkpoint_path, self.compute.device)
         # The run's --score-threshold, which picked its best checkpoint; a call may pass its own.
@@ -66,7 +67,7 @@ class CharsegPredictor:
         max_side = int((params or {}).get("max_size", 0))
         if max_side < 0:
             raise CharsegError(f"max_size must be 0 (the model's input limit) or more, got {max_side}")
-        asked = str((params or {}).get("precision", "auto"))
+        asked = _served_precision(str((params or {}).get("precision", "auto")))
         # A call's own precision, resolved without a log line per request (the load logged the default).
         compute = self.compute if asked == "auto" else \
             Compute(self.compute.device, *resolve_precision(asked, self.compute.device, training=False))
@@ -91,6 +92,15 @@ class CharsegPredictor:
                 log.warning("%s", shrunk.replace("pass --max-size", "pass the param max_size"))
         frame = pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
         return frame.astype({"image_id": "int64", "score": "float64"})
+
+
+def _served_precision(precision: str) -> str:
+    """PRECISION, unless int8: its heads are quantised after a calibration pass over pages,
+    which a served model does not have when it loads."""
+    if precision == "int8":
+        raise CharsegError("precision int8 is for `charseg predict` and `evaluate`, which calibrate it on pages "
+                           "first; a served model runs auto, fp32, bf16 or fp16")
+    return precision
 
 
 def _load_pyfunc(data_path: str) -> CharsegPredictor:

@@ -30,13 +30,17 @@ class FrozenBNConv2d(nn.Conv2d):
         folded.frozen_norm = (norm,)  # a tuple: not registered as a child, so no second state-dict entry
         return folded
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The norm as a factor of the weight (out x 1 x 1 x 1) and the bias it makes."""
         norm = self.frozen_norm[0]
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         shift = norm.bias - norm.running_mean * scale
         if self.bias is not None:
             shift = shift + self.bias * scale
-        scale = scale.reshape(-1, 1, 1, 1)
+        return scale.reshape(-1, 1, 1, 1), shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.scale_and_shift()
         if not (torch.is_grad_enabled() and self.weight.requires_grad):
             return self._conv_forward(x, self.weight * scale, shift)
         # Training: the convolution's backward needs its (scaled) weight; recompute it then
@@ -93,4 +97,24 @@ def fold_frozen_norms(module: nn.Module) -> nn.Module:
         norm = FoldedFrozenBatchNorm2d.taking_over(getattr(parent, norm_name))
         setattr(parent, norm_name, norm)
         setattr(parent, conv_name, FrozenBNConv2d.folding(getattr(parent, conv_name), norm))
+    return module
+
+
+def plain_convolutions(module: nn.Module) -> nn.Module:
+    """MODULE, in place, with each FrozenBNConv2d a plain nn.Conv2d holding the weight and bias
+    it computes and each FoldedFrozenBatchNorm2d an Identity: the same function in modules a
+    tracer knows (torch.fx, for int8 inference). The norms' buffers are gone, so the state dict
+    differs: for a copy used at inference only."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, FrozenBNConv2d):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                                  child.dilation, child.groups, True, child.padding_mode)
+                with torch.no_grad():
+                    scale, shift = child.scale_and_shift()
+                    plain.weight.copy_(child.weight * scale)
+                    plain.bias.copy_(shift)
+                setattr(parent, name, plain)
+            elif isinstance(child, FoldedFrozenBatchNorm2d):
+                setattr(parent, name, nn.Identity())
     return module

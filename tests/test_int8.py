@@ -1,0 +1,118 @@
+"""--precision int8: the CPU's quantised backbone and heads, calibrated on pages, close to float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import light_config
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from charseg.cli import cli
+from charseg.data.dataset import scan_dataset
+from charseg.data.images import load_image_rgb
+from charseg.data.loading import image_to_tensor
+from charseg.errors import CharsegError
+from charseg.inference.int8 import page_calibration, quantizable_parts, quantize_heads
+from charseg.inference.predict import load_model_for_inference
+from charseg.inference.serving import CharsegPredictor
+from charseg.model.architecture import resolve_spec
+from charseg.model.build import build_model
+from charseg.model.frozen_norm import fold_frozen_norms, plain_convolutions
+from charseg.precision import PrecisionError, resolve
+
+# Three layouts whose layers quantise differently: live BatchNorm (fused into the convolutions),
+# frozen BatchNorm (already folded into FrozenBNConv2d), GroupNorm with the pixel mask predictor.
+LAYOUTS = {"from scratch": {}, "pretrained": {"weights": "imagenet"},
+           "demo": {"norm": "group", "fpn_channels": 64, "mask_pixels": True}}
+
+
+def _model(tiny_dataset, layout: str):
+    samples = scan_dataset(tiny_dataset).samples
+    spec = resolve_spec(light_config(tiny_dataset, "unused", **LAYOUTS[layout]), samples, samples)
+    torch.manual_seed(0)
+    return build_model(spec).eval(), samples
+
+
+def _mask_logits(model, images, boxes):
+    with torch.inference_mode():
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        return model.roi_heads.mask_logits(features, boxes, batch.image_sizes)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_int8_quantises_backbone_and_heads_and_stays_close_to_fp32(tiny_dataset, layout):
+    model, samples = _model(tiny_dataset, layout)
+    images = [image_to_tensor(load_image_rgb(s.image_path)) for s in samples]
+    boxes = []
+    for sample in samples:
+        points = torch.as_tensor(sample.polygons[0]).float()
+        boxes.append(torch.cat([points.min(0).values, points.max(0).values])[None])
+    float32 = _mask_logits(model, images, boxes)
+    parts = quantizable_parts(model)
+    what = quantize_heads(model, page_calibration([s.image_path for s in samples]))
+    assert what.startswith("int8 backbone.body, backbone.fpn, roi_heads.box_head, roi_heads.mask_head")
+    assert "calibrated on 4 pages" in what
+    for name in parts:  # each part now computes with int8 kernels
+        ops = {type(m).__module__ for m in model.get_submodule(name).modules()}
+        assert any(module.startswith("torch.ao.nn.") and ".quantized." in module for module in ops), name
+    int8 = _mask_logits(model, images, boxes)
+    # Random weights, logits of +-20 and more: int8 moves some pixels near the boundary a lot, the
+    # mask as a whole little. Measured: logit correlation 0.97-0.99, mean change 0.04-0.06 in
+    # probability (a trained model's scores: docs/PRECISION.md).
+    correlation = torch.corrcoef(torch.stack([float32.flatten(), int8.flatten()]))[0, 1]
+    change = (int8.sigmoid() - float32.sigmoid()).abs().mean()
+    assert correlation > 0.95 and change < 0.1
+    with torch.inference_mode():
+        outputs = model(images)
+    assert all(o["boxes"].dtype == o["box_masks"].dtype == torch.float32 for o in outputs)
+
+
+def test_plain_convolutions_compute_what_the_folded_frozen_norms_do():
+    torch.manual_seed(0)
+    conv, norm = nn.Conv2d(3, 8, 3, bias=False), FrozenBatchNorm2d(8)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(norm, name).normal_()
+    norm.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = norm(conv(x))
+        module = plain_convolutions(fold_frozen_norms(nn.Sequential(conv, norm)))
+        assert [type(m) for m in module] == [nn.Conv2d, nn.Identity]
+        torch.testing.assert_close(module(x), expected)
+
+
+def test_predict_and_evaluate_run_int8_calibrated_on_the_pages_or_a_folder(light_checkpoint, tiny_dataset, tmp_path):
+    result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint),
+                                      "--out", str(tmp_path / "out"), "--precision", "int8"])
+    assert result.exit_code == 0, result.output
+    assert "in 4 images" in result.output
+    assert "inference precision int8 backbone.body" in result.output and "(calibrated on 4 pages)" in result.output
+    assert len(list((tmp_path / "out" / "annotations").glob("*.csv"))) == 4
+    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(light_checkpoint), "--precision",
+                                      "int8", "--calibration-dir", str(tiny_dataset / "images"),
+                                      "--out", str(tmp_path / "metrics.json")])
+    assert result.exit_code == 0, result.output
+    assert "segm_AP50" in result.output and "(calibrated on 4 pages)" in result.output
+
+
+def test_int8_is_refused_where_it_cannot_run(light_checkpoint, tiny_dataset, tmp_path):
+    with pytest.raises(PrecisionError, match="int8 is for inference"):
+        resolve("int8", torch.device("cpu"), training=True)
+    with pytest.raises(PrecisionError, match="runs on the CPU"):
+        resolve("int8", torch.device("cuda"), training=False)
+    result = CliRunner().invoke(cli, ["train", str(tiny_dataset), "--precision", "int8"])
+    assert result.exit_code == 2 and "'int8' is not one of" in result.output
+    with pytest.raises(CharsegError, match="a served model runs auto, fp32, bf16 or fp16"):
+        CharsegPredictor(str(light_checkpoint), "cpu", precision="int8")
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint),
+                                      "--out", str(tmp_path / "out"), "--precision", "int8",
+                                      "--calibration-dir", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "--calibration-dir" in result.output and "no .png/.jpg/.jpeg image" in result.output
+    model, _, _ = load_model_for_inference(light_checkpoint, torch.device("cpu"))
+    with pytest.raises(CharsegError, match="no calibration page could be read"):
+        quantize_heads(model, page_calibration([tmp_path / "missing.png"]))
+    assert not any(type(m).__module__.startswith("torch.ao") for m in model.modules())  # left as it was
