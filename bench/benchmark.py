@@ -1,7 +1,6 @@
-"""charseg vs stock torchvision Mask R-CNN on sparse and dense pages: prints figures and
-writes docs/BENCHMARKS.md. A script, not a test: run it alone on an idle machine.
-
-    python bench/benchmark.py [--out docs/BENCHMARKS.md] [--dense-chars 1700]
+"""charseg vs stock torchvision Mask R-CNN on sparse and dense pages, float32: the first table
+of docs/BENCHMARKS.md, measured and written by `python bench/speed.py` (`measure`, `render`).
+Run as `python bench/benchmark.py --worker ...` it is one measurement's fresh process.
 
 Every measurement of a model runs in a fresh process (peak RSS is per process), on the same
 random-init ResNet-50 FPN weights, the same inputs, and the limits and anchor sizes charseg
@@ -13,7 +12,6 @@ BatchNorm, 3 stages trained); the weights' values do not change time or memory.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,11 +29,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scaling import cpu_description  # noqa: E402  (bench/ is this script's folder)
+
 from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import scan_dataset
 from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.loading import CharacterDataset, collate
+from charseg.inference.int8 import page_calibration, quantize_heads  # noqa: E402
 from charseg.inference.predict import output_to_instances  # noqa: E402
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
@@ -70,7 +71,7 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     stock = path == "stock"
     model = build_model(spec_for(page, layout, data_dir), polygon_native=not stock)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    # charseg-bf16: the same model under autocast (bench/precision.py)
+    # charseg-bf16: the same model under autocast; charseg-int8: quantised (bench/precision.py)
     autocast = Compute(torch.device("cpu"), path.split("-", 1)[1] if path.startswith("charseg-") else "fp32").autocast
     samples = scan_dataset(data_dir).samples
     dataset = CharacterDataset(samples, full_masks=stock)
@@ -93,6 +94,11 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
         return {"seconds": timed[len(timed) // 2], "peak_rss_mb": peak_rss_mb(),
                 "instances": int(len(samples[0].polygons)), "steps": len(timed)}
     model.eval()
+    calibration = 0.0
+    if path == "charseg-int8":  # calibrated on the page it then reads (predict's default), timed apart
+        start = time.perf_counter()
+        quantize_heads(model, page_calibration([samples[0].image_path]))
+        calibration = time.perf_counter() - start
     image = dataset[0][0]
     with torch.inference_mode():
         start = time.perf_counter()
@@ -102,7 +108,7 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
         instances = output_to_instances(output, 0.0, size)  # polygons: from pasted masks (stock) or box masks
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "detections": len(output["boxes"]),
-            "polygons": len(instances)}
+            "polygons": len(instances), "calibration_seconds": calibration}
 
 
 def run_worker(task: str, path: str, page: str, layout: str, data_dir: Path, weights: Path, steps: int) -> dict:
@@ -150,13 +156,9 @@ def loader_figures(data_dir: Path, workers: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"), help="Markdown report to write.")
-    parser.add_argument("--dense-chars", type=int, default=1700, help="Characters asked for on the dense page.")
-    parser.add_argument("--dense-steps", type=int, default=3, help="Dense training steps; the first warms up.")
-    parser.add_argument("--sparse-steps", type=int, default=6, help="Sparse training steps; the first warms up.")
-    args = parser.parse_args()
+def measure(dense_chars: int = 1700, dense_steps: int = 3, sparse_steps: int = 6) -> tuple:
+    """Stock vs charseg float32, both backbone layouts: training steps on the dense and sparse
+    pages, inference on the dense page, and data loading. Returns render's arguments."""
     workers = TrainConfig().num_workers
     logging.getLogger("charseg").setLevel(logging.ERROR)  # the fitted limits and anchors are in the report
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,14 +166,14 @@ def main() -> None:
         print("generating pages ...", flush=True)
         generate_dataset(tmp / "sparse", num_images=8, width=256, height=256, chars_per_image=(5, 15), seed=1)
         generate_dataset(tmp / "dense", num_images=1, width=1024, height=1024,
-                         chars_per_image=(args.dense_chars, args.dense_chars), font_size=(10, 16), seed=2)
+                         chars_per_image=(dense_chars, dense_chars), font_size=(10, 16), seed=2)
         specs = {page: spec_for(page, "pretrained", str(tmp / page)) for page in SIZES}
         rows = {}
         for layout in LAYOUTS:
             torch.manual_seed(0)
             weights = tmp / f"{layout}.pth"
             torch.save(build_model(spec_for("dense", layout, str(tmp / "dense"))).state_dict(), weights)
-            runs = [("train", "dense", args.dense_steps), ("train", "sparse", args.sparse_steps)]
+            runs = [("train", "dense", dense_steps), ("train", "sparse", sparse_steps)]
             if layout == "pretrained":  # at inference both layouts are the same network
                 runs.insert(1, ("inference", "dense", 1))
             for task, page, steps in runs:
@@ -179,14 +181,16 @@ def main() -> None:
                     rows[(task, page, layout, path)] = run_worker(task, path, page, layout, tmp / page, weights,
                                                                   steps)
         loading = loader_figures(tmp / "sparse", workers)
-    report = render(rows, loading, workers, specs)
-    print(report)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    existing = Path(args.out).read_text() if Path(args.out).exists() else ""
-    if "\n## " in existing:  # the sections of bench/scaling.py and bench/precision.py: kept
+    return rows, loading, workers, specs
+
+
+def write_top(out: Path, report: str) -> None:
+    """REPORT as the document's top part (its title and first table), the sections after it kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existing = out.read_text() if out.exists() else ""
+    if "\n## " in existing:
         report = report.rstrip("\n") + "\n" + existing[existing.index("\n## "):]
-    Path(args.out).write_text(report)
-    print(f"written to {args.out}")
+    out.write_text(report)
 
 
 def render(rows: dict, loading: dict, workers: int, specs: dict) -> str:
@@ -195,8 +199,8 @@ def render(rows: dict, loading: dict, workers: int, specs: dict) -> str:
     lines = [
         "# Benchmarks: charseg vs stock torchvision Mask R-CNN",
         "",
-        f"Measured {date.today().isoformat()} by `python bench/benchmark.py` on {platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+        f"Measured {date.today().isoformat()} by `python bench/speed.py` on {cpu_description()}, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
         f"Python {platform.python_version()}, torch {torch.__version__}, charseg {__version__}, CPU only.",
         "Same random-init ResNet-50 FPN weights, inputs, limits and anchors for both paths (charseg's fitted "
         "ones: " + "; ".join(f"{page} " + ", ".join(f"{k} {getattr(spec, k)}" for k in limits)
@@ -232,9 +236,6 @@ def render(rows: dict, loading: dict, workers: int, specs: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        task, path, page, layout, data_dir, weights, steps = sys.argv[2:9]
-        print(json.dumps(worker(task, path, page, layout, data_dir, weights, int(steps))))
-    else:
-        main()
+if __name__ == "__main__":  # one measurement in a fresh process, for run_worker
+    task, path, page, layout, data_dir, weights, steps = sys.argv[2:9]
+    print(json.dumps(worker(task, path, page, layout, data_dir, weights, int(steps))))

@@ -1,20 +1,18 @@
 """Pages per minute on a folder of pages: `charseg predict DIR` against stock torchvision called
-page by page, whole processes, on the CPU at hand; writes its section of docs/BENCHMARKS.md.
-A script, not a test; run it alone on an idle machine.
-
-    python bench/folder_throughput.py CHECKPOINT [--pages 200] [--out docs/BENCHMARKS.md]
+page by page, whole processes, on the CPU at hand. Its section of docs/BENCHMARKS.md is
+measured and written by `python bench/speed.py` (`measure`, `report`).
 
 CHECKPOINT: a trained model (the demo's outputs/demo/best.pth), so that pages have the
 detections a user gets. The pages are the held-out generator's (other fonts than training),
 sides from 256 to 1024 px. Stock is bench/stock_predict.py over the same folder in one process
 (the model loaded once, then each page read, run through torchvision's own heads in float32
-and written by the same functions). charseg runs at float32 and at its default precision.
+and written by the same functions). charseg runs at float32, at its default precision and in
+int8 (calibrated on the folder's first pages, as `predict` does by default).
 "Cores busy" is the process's CPU seconds over its wall seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -27,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from scaling import cpu_description, write_section  # noqa: E402
+from scaling import cpu_description  # noqa: E402
 
 from charseg.data.heldout import generate_heldout  # noqa: E402
 
@@ -48,46 +46,41 @@ def characters(out_dir: Path) -> int:
     return sum(len(p.read_text().splitlines()) - 1 for p in (out_dir / "annotations").glob("*.csv"))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="A trained checkpoint (.pth).")
-    parser.add_argument("--pages", type=int, default=200, help="Pages generated (sides 256-1024 px).")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md", help="Document to write.")
-    args = parser.parse_args()
+def measure(checkpoint: str, pages: int) -> list[dict]:
+    """Each process's figures over one folder of PAGES generated held-out pages."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        pages = Path(tmp) / "pages"
-        generate_heldout(pages, num_images=args.pages, min_side=256, max_side=1024, seed=31)
-        charseg = [sys.executable, "-m", "charseg", "predict", str(pages / "images"), "--model", args.checkpoint]
+        folder = Path(tmp) / "pages"
+        generate_heldout(folder, num_images=pages, min_side=256, max_side=1024, seed=31)
+        charseg = [sys.executable, "-m", "charseg", "predict", str(folder / "images"), "--model", checkpoint]
         runs = {"stock torchvision, page by page (fp32)":
-                [sys.executable, str(ROOT / "bench" / "stock_predict.py"), args.checkpoint, str(pages / "images")],
+                [sys.executable, str(ROOT / "bench" / "stock_predict.py"), checkpoint, str(folder / "images")],
                 "charseg predict DIR --precision fp32": [*charseg, "--precision", "fp32"],
-                "charseg predict DIR (default precision)": charseg}
+                "charseg predict DIR (default precision)": charseg,
+                "charseg predict DIR --precision int8": [*charseg, "--precision", "int8"]}
         for name, command in runs.items():
             out = Path(tmp) / f"out{len(rows)}"
             figures = timed([*command, str(out)] if name.startswith("stock") else [*command, "--out", str(out)],
                             Path(tmp) / f"log{len(rows)}.txt")
             rows.append({"name": name, **figures, "characters": characters(out)})
             print(f"{name}: {figures['wall']:.1f} s, {rows[-1]['characters']} characters", flush=True)
-    write_section(args.out, report(rows, args))
+    return rows
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> str:
+def report(rows: list[dict], checkpoint: str, pages: int) -> str:
     import torch
 
     stock = rows[0]
-    lines = ["## Folders of pages (bench/folder_throughput.py)", "",
-             f"Measured {date.today()} by `python bench/folder_throughput.py CHECKPOINT --pages {args.pages}` on "
-             f"{cpu_description()}, torch {torch.__version__}; checkpoint `{args.checkpoint}`; {args.pages} held-out "
-             "pages of 256-1024 px. Whole processes from start to exit (start-up and model loading included).", "",
+    lines = ["## Folders of pages (bench/speed.py)", "",
+             f"Measured {date.today()} by `python bench/speed.py --checkpoint CHECKPOINT --pages {pages}` on "
+             f"{cpu_description()}, torch {torch.__version__}; checkpoint `{checkpoint}`; {pages} held-out "
+             "pages of 256-1024 px. Whole processes from start to exit (start-up, model loading and int8's "
+             "calibration included).", "",
              "| process | whole process | pages per minute | speed-up over stock | cores busy (CPU s / wall s) | peak RSS | characters |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['name']} | {row['wall']:.1f} s | {60 * args.pages / row['wall']:.1f} | "
+        lines.append(f"| {row['name']} | {row['wall']:.1f} s | {60 * pages / row['wall']:.1f} | "
                      f"{stock['wall'] / row['wall']:.2f}x | {row['cpu'] / row['wall']:.2f} | {row['rss']:.0f} MB | "
                      f"{row['characters']} |")
     return "\n".join(lines) + "\n"
 
-
-if __name__ == "__main__":
-    main()

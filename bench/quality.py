@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import load_dataset_report, scan_dataset  # noqa: E402
-from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.heldout import generate_heldout  # noqa: E402
 from charseg.data.unseen import generate_unseen  # noqa: E402
 from charseg.data.loading import CharacterDataset, EpochShuffleSampler, collate  # noqa: E402

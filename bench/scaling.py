@@ -67,13 +67,22 @@ def render(rows: list[dict], images: int, epochs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")  # what the kernels use
+
+
+def cpu_flags() -> list[str]:
+    """Which of CPU_FLAGS this CPU reports (vector width, int8 and bf16 instructions)."""
+    info = Path("/proc/cpuinfo").read_text()
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def cpu_description() -> str:
-    """The CPU's model name, whether it computes bf16 natively, and its cores: the figures depend on them."""
+    """The CPU's model name, its vector / int8 / bf16 flags and its cores: the figures depend on them."""
     info = Path("/proc/cpuinfo").read_text()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor())
-    flags = " ".join(f for f in ("avx512_bf16", "amx_bf16") if f in info) or "AVX2 only"
-    return f"{name} ({flags}), {os.cpu_count()} CPU cores"
+    return f"{name} ({' '.join(cpu_flags()) or 'no AVX2'}), {os.cpu_count()} CPU cores"
 
 
 def write_section(path: Path, section: str) -> None:

@@ -1,4 +1,4 @@
-"""A stock torchvision inference process, for bench/precision.py to time whole: what a
+"""A stock torchvision inference process, for bench/speed.py to time whole: what a
 torchvision user runs to get a page's character outlines, with the same outputs as `charseg
 predict` (CSV, overlay, page copy) written by the same functions.
 

@@ -31,9 +31,14 @@ from ..data.loading import image_to_tensor
 from ..errors import CharsegError
 from ..model.frozen_norm import plain_convolutions
 from ..model.heads import PixelMaskPredictor
+from .predict import detection_limit
 
 ENGINE = "x86"  # PyTorch's default quantised engine on x86: fbgemm's kernels, onednn's where they win
 CALIBRATION_PAGES = 4  # pages whose activations set the int8 ranges (the first of the input by default)
+# Detections per calibration page whose mask-head activations are observed: the best-scoring
+# ones show the heads' value ranges; every detection of a dense page would make the calibration
+# cost more than the float32 pass it is meant to shorten.
+CALIBRATION_DETECTIONS = 256
 
 log = logging.getLogger("charseg")
 
@@ -145,18 +150,20 @@ def _summary(parts: dict) -> str:
 
 def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES) -> Callable[[nn.Module], int]:
     """A calibration for quantize_heads: the model run once over each of the first PAGES
-    readable images of PATHS (unreadable ones are passed over; predict names them)."""
+    readable images of PATHS (unreadable ones are passed over; predict names them), keeping
+    at most CALIBRATION_DETECTIONS per page."""
     def calibrate(model: nn.Module) -> int:
         read = 0
-        for path in paths:
-            if read == pages:
-                break
-            try:
-                rgb = load_image_rgb(path)
-            except ImageUnusable:
-                continue
-            model([image_to_tensor(rgb)])
-            read += 1
+        with detection_limit(model, min(CALIBRATION_DETECTIONS, model.roi_heads.detections_per_img)):
+            for path in paths:
+                if read == pages:
+                    break
+                try:
+                    rgb = load_image_rgb(path)
+                except ImageUnusable:
+                    continue
+                model([image_to_tensor(rgb)])
+                read += 1
         return read
     return calibrate
 

@@ -1,0 +1,100 @@
+"""Every CPU speed comparison of docs/BENCHMARKS.md in one run on the machine at hand: charseg
+against stock torchvision (training and inference, dense and sparse pages, float32), float32 vs
+bf16 vs int8 (speed and what a trained checkpoint scores in each), and folders of pages. Prints
+the CPU and its flags, then writes the tables. A script, not a test: run it alone on an idle
+machine (one other process on 2 cores changes the figures severalfold).
+
+    python bench/speed.py --checkpoint outputs/demo/best.pth --heldout demo_heldout \\
+        [--calibration-dir demo_data/images] [--pages 200] [--only stock precision folder]
+
+CHECKPOINT: a trained model (the demo's), for the scores and the folder's detections; the
+dense-page comparisons use random-init ResNet-50 FPN weights of charseg's default layout
+(bench/benchmark.py). HELDOUT: pages the checkpoint never trained on. CALIBRATION_DIR: the pages
+int8 is calibrated on when scored (default: HELDOUT's first pages). Takes about 40 minutes on
+2 cores with --pages 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import benchmark  # noqa: E402
+import folder_throughput  # noqa: E402
+import precision  # noqa: E402
+from scaling import CPU_FLAGS, cpu_description, cpu_flags, write_section  # noqa: E402
+
+PARTS = ("stock", "precision", "folder")
+GOALS_HEADING = "## Against issue 31's goals (bench/speed.py)"
+DENSE_GOAL = {"seconds": 0.2, "peak_rss_mb": 0.1}  # of stock's whole dense predict process
+INT8_RULE = (1.5, 0.01)  # ship int8 if at least this much faster than fp32 at no more AP50 loss
+
+
+def goals(rows: dict, scores: dict, folder: list[dict] | None) -> str:
+    """The dense-page ratios against their goals and the int8 rule, from this run's figures."""
+    stock = rows[("process", "dense", "stock")]
+    lines = [GOALS_HEADING, "", f"From the tables above ({date.today()}, {cpu_description()}).", "",
+             "| measure | charseg fp32 | charseg bf16 | charseg int8 | goal |", "| --- | --- | --- | --- | --- |"]
+    for key, label in (("seconds", "dense predict process, time / stock's"),
+                       ("peak_rss_mb", "dense predict process, peak RSS / stock's")):
+        cells = [f"{rows[('process', 'dense', p)][key] / stock[key]:.2f}x" for p in precision.PATHS[1:]]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | <= {DENSE_GOAL[key]}x |")
+    inference = {p: rows[("inference", "dense", p)]["seconds"] for p in precision.PATHS}
+    speedups = {"dense page, inference": inference["charseg"] / inference["charseg-int8"]}
+    if folder:
+        wall = {row["name"]: row["wall"] for row in folder}
+        fp32 = next(v for k, v in wall.items() if k.endswith("--precision fp32"))
+        speedups["folder, whole process"] = fp32 / next(v for k, v in wall.items() if k.endswith("int8"))
+    loss = scores["fp32"]["segm_AP50"] - scores["int8"]["segm_AP50"]
+    ships = all(v >= INT8_RULE[0] for v in speedups.values()) and loss <= INT8_RULE[1]
+    lines += ["", "int8 against fp32: " + ", ".join(f"{k} {v:.2f}x faster" for k, v in speedups.items())
+              + f"; held-out segm AP50 {scores['fp32']['segm_AP50']:.4f} -> {scores['int8']['segm_AP50']:.4f} "
+              f"(loss {loss:+.4f}). The rule (at least {INT8_RULE[0]}x faster, at most {INT8_RULE[1]} AP50 lost): "
+              + ("met on this CPU." if ships else "not met on this CPU.")]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="A trained checkpoint (e.g. make demo's best.pth).")
+    parser.add_argument("--heldout", required=True, help="Pages it never trained on (e.g. demo_heldout).")
+    parser.add_argument("--calibration-dir", default=None, help="int8's calibration pages when scored.")
+    parser.add_argument("--pages", type=int, default=200, help="Pages of the folder comparison (256-1024 px).")
+    parser.add_argument("--dense-chars", type=int, default=1700, help="Characters asked for on the dense page.")
+    parser.add_argument("--steps", type=int, default=3, help="Dense training steps; the first warms up.")
+    parser.add_argument("--sparse-steps", type=int, default=6, help="Sparse training steps; the first warms up.")
+    parser.add_argument("--process-runs", type=int, default=3,
+                        help="Whole dense predict processes of each kind, run in turns; the table gives the median.")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="stock: charseg vs stock in float32; precision: fp32 / bf16 / int8 and their scores "
+                             "(and the goals table); folder: pages per minute.")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = parser.parse_args()
+    print(f"CPU: {cpu_description()}; of {', '.join(CPU_FLAGS)} it has: {', '.join(cpu_flags()) or 'none'}",
+          flush=True)
+    if "stock" in args.only:
+        report = benchmark.render(*benchmark.measure(args.dense_chars, args.steps, args.sparse_steps))
+        print(report)
+        benchmark.write_top(args.out, report)
+    folder = None
+    if "folder" in args.only:
+        folder = folder_throughput.measure(args.checkpoint, args.pages)
+        write_section(args.out, folder_throughput.report(folder, args.checkpoint, args.pages))
+    if "precision" in args.only:
+        scores = precision.quality(args.checkpoint, args.heldout, args.calibration_dir)
+        rows = precision.speed(args.dense_chars, args.steps, args.sparse_steps, args.process_runs)
+        section = precision.render(rows, scores, args.checkpoint, args.heldout, args.calibration_dir)
+        print(section)
+        write_section(args.out, section)
+        write_section(args.out, goals(rows, scores, folder))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
