@@ -159,8 +159,8 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str, calibration_dir
     inference = {p: rows[("inference", "dense", p)] for p in PATHS}
     lines += ["", "Detections on the dense page (limit " + str(inference["stock"]["detections"]) + "): "
               + ", ".join(f"{p} {inference[p]['detections']}" for p in PATHS)
-              + f"; int8's calibration took {inference['charseg-int8']['calibration_seconds']:.1f} s (two float32 "
-              "passes with observers: it pays over a folder, not on one page; docs/PRECISION.md)."]
+              + f"; int8's calibration took {inference['charseg-int8']['calibration_seconds']:.1f} s (a float32 pass "
+              "with observers over the page's 256 best detections, then the layers converted; docs/PRECISION.md)."]
     lines += ["", "Whole predict processes: the median of " + str(len(rows[("process", "dense", "stock")]["all_seconds"]))
               + " run in turns, each just after an untimed `python -c 'import torch, torchvision'` (so each starts "
               "with those libraries in the page cache); each one's seconds: " + "; ".join(

@@ -36,27 +36,27 @@ DENSE_GOAL = {"seconds": 0.2, "peak_rss_mb": 0.1}  # of stock's whole dense pred
 INT8_RULE = (1.5, 0.01)  # ship int8 if at least this much faster than fp32 at no more AP50 loss
 
 
-def goals(rows: dict, scores: dict, folder: list[dict] | None) -> str:
-    """The dense-page ratios against their goals and the int8 rule, from this run's figures."""
+def goals(rows: dict, scores: dict) -> str:
+    """The dense-page ratios against their goals and the int8 rule, from this run's figures (the
+    folder's int8 speed-up is in its own table, measured in its own part)."""
     stock = rows[("process", "dense", "stock")]
-    lines = [GOALS_HEADING, "", f"From the tables above ({date.today()}, {cpu_description()}).", "",
+    lines = [GOALS_HEADING, "", f"From the table above ({date.today()}, {cpu_description()}).", "",
              "| measure | charseg fp32 | charseg bf16 | charseg int8 | goal |", "| --- | --- | --- | --- | --- |"]
     for key, label in (("seconds", "dense predict process, time / stock's"),
                        ("peak_rss_mb", "dense predict process, peak RSS / stock's")):
         cells = [f"{rows[('process', 'dense', p)][key] / stock[key]:.2f}x" for p in precision.PATHS[1:]]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | <= {DENSE_GOAL[key]}x |")
     inference = {p: rows[("inference", "dense", p)]["seconds"] for p in precision.PATHS}
-    speedups = {"dense page, inference": inference["charseg"] / inference["charseg-int8"]}
-    if folder:
-        wall = {row["name"]: row["wall"] for row in folder}
-        fp32 = next(v for k, v in wall.items() if k.endswith("--precision fp32"))
-        speedups["folder, whole process"] = fp32 / next(v for k, v in wall.items() if k.endswith("int8"))
+    process = {p: rows[("process", "dense", p)]["seconds"] for p in precision.PATHS}
+    speedups = {"dense page, inference": inference["charseg"] / inference["charseg-int8"],
+                "dense page, whole process (calibration included)": process["charseg"] / process["charseg-int8"]}
     loss = scores["fp32"]["segm_AP50"] - scores["int8"]["segm_AP50"]
-    ships = all(v >= INT8_RULE[0] for v in speedups.values()) and loss <= INT8_RULE[1]
     lines += ["", "int8 against fp32: " + ", ".join(f"{k} {v:.2f}x faster" for k, v in speedups.items())
               + f"; held-out segm AP50 {scores['fp32']['segm_AP50']:.4f} -> {scores['int8']['segm_AP50']:.4f} "
-              f"(loss {loss:+.4f}). The rule (at least {INT8_RULE[0]}x faster, at most {INT8_RULE[1]} AP50 lost): "
-              + ("met on this CPU." if ships else "not met on this CPU.")]
+              f"(loss {loss:+.4f}); a folder of pages: its table above. The rule (at least {INT8_RULE[0]}x faster, "
+              f"at most {INT8_RULE[1]} AP50 lost) holds "
+              + ", ".join(f"for the {k}" if v >= INT8_RULE[0] and loss <= INT8_RULE[1] else f"not for the {k}"
+                          for k, v in speedups.items()) + " on this CPU."]
     return "\n".join(lines) + "\n"
 
 
@@ -82,7 +82,6 @@ def main() -> None:
         report = benchmark.render(*benchmark.measure(args.dense_chars, args.steps, args.sparse_steps))
         print(report)
         benchmark.write_top(args.out, report)
-    folder = None
     if "folder" in args.only:
         folder = folder_throughput.measure(args.checkpoint, args.pages)
         write_section(args.out, folder_throughput.report(folder, args.checkpoint, args.pages))
@@ -92,7 +91,7 @@ def main() -> None:
         section = precision.render(rows, scores, args.checkpoint, args.heldout, args.calibration_dir)
         print(section)
         write_section(args.out, section)
-        write_section(args.out, goals(rows, scores, folder))
+        write_section(args.out, goals(rows, scores))
     print(f"written to {args.out}")
 
 
