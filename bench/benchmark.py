@@ -36,7 +36,7 @@ from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import scan_dataset
 from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.loading import CharacterDataset, collate
-from charseg.inference.int8 import page_calibration, quantize_heads  # noqa: E402
+from charseg.inference.int8 import page_calibration, quantize_model  # noqa: E402
 from charseg.inference.predict import output_to_instances  # noqa: E402
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
@@ -97,7 +97,7 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     calibration = 0.0
     if path == "charseg-int8":  # calibrated on the page it then reads (predict's default), timed apart
         start = time.perf_counter()
-        quantize_heads(model, page_calibration([samples[0].image_path]))
+        quantize_model(model, page_calibration([samples[0].image_path]))
         calibration = time.perf_counter() - start
     image = dataset[0][0]
     with torch.inference_mode():

@@ -14,7 +14,7 @@ from charseg.data.dataset import scan_dataset
 from charseg.data.images import load_image_rgb
 from charseg.data.loading import image_to_tensor
 from charseg.errors import CharsegError
-from charseg.inference.int8 import page_calibration, quantizable_parts, quantize_heads
+from charseg.inference.int8 import page_calibration, quantizable_parts, quantize_model
 from charseg.inference.predict import load_model_for_inference
 from charseg.inference.serving import CharsegPredictor
 from charseg.model.architecture import resolve_spec
@@ -52,7 +52,7 @@ def test_int8_quantises_backbone_and_heads_and_stays_close_to_fp32(tiny_dataset,
         boxes.append(torch.cat([points.min(0).values, points.max(0).values])[None])
     float32 = _mask_logits(model, images, boxes)
     parts = quantizable_parts(model)
-    what = quantize_heads(model, page_calibration([s.image_path for s in samples]))
+    what = quantize_model(model, page_calibration([s.image_path for s in samples]))
     assert what.startswith("int8 backbone.body, backbone.fpn, roi_heads.box_head, roi_heads.mask_head")
     assert "calibrated on 4 pages" in what
     for name in parts:  # each part now computes with int8 kernels
@@ -114,5 +114,5 @@ def test_int8_is_refused_where_it_cannot_run(light_checkpoint, tiny_dataset, tmp
     assert result.exit_code == 1 and "--calibration-dir" in result.output and "no .png/.jpg/.jpeg image" in result.output
     model, _, _ = load_model_for_inference(light_checkpoint, torch.device("cpu"))
     with pytest.raises(CharsegError, match="no calibration page could be read"):
-        quantize_heads(model, page_calibration([tmp_path / "missing.png"]))
+        quantize_model(model, page_calibration([tmp_path / "missing.png"]))
     assert not any(type(m).__module__.startswith("torch.ao") for m in model.modules())  # left as it was

@@ -241,9 +241,9 @@ INFERENCE_PRECISION = click.option(
     cls=AutoPrecisionOption,
     help=PRECISION_HELP.format(auto="bf16 where the device computes it natively (a CUDA GPU of compute capability "
                                     "8.0 or later; a CPU with amx_bf16 or avx512_bf16 in /proc/cpuinfo), else fp32")
-    + " int8 (CPU): the box and mask heads quantised to int8 after a calibration pass over a few pages "
-      "(--calibration-dir), the rest float32; for CPUs without native bf16 on pages of many characters "
-      "(docs/PRECISION.md).")
+    + " int8 (CPU): the backbone, FPN, box and mask heads quantised to int8 after a calibration pass over a few "
+      "pages (--calibration-dir), the rest float32; for CPUs without native bf16, on folders or pages of many "
+      "characters (docs/PRECISION.md).")
 
 
 CALIBRATION_DIR = click.option(

@@ -98,10 +98,11 @@ def _quiet_deprecation():
         yield
 
 
-def quantize_heads(model: nn.Module, calibrate: Callable[[nn.Module], int]) -> str:
-    """Replace MODEL's per-detection heads (quantizable_parts) by int8 ones, in place.
+def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], int]) -> str:
+    """Replace MODEL's quantizable_parts (backbone body, FPN convolutions, RoI heads) by int8
+    ones, in place.
 
-    CALIBRATE(model) runs the model (float32, observers in the heads) over the calibration
+    CALIBRATE(model) runs the model (float32, observers in those parts) over the calibration
     pages and returns how many it read. MODEL must be a CPU model in eval mode. Returns a line
     saying what was quantised. Raises CharsegError where PyTorch has no x86 int8 engine, MODEL
     is not on the CPU or no calibration page could be read."""
@@ -149,7 +150,7 @@ def _summary(parts: dict) -> str:
 
 
 def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES) -> Callable[[nn.Module], int]:
-    """A calibration for quantize_heads: the model run once over each of the first PAGES
+    """A calibration for quantize_model: the model run once over each of the first PAGES
     readable images of PATHS (unreadable ones are passed over; predict names them), keeping
     at most CALIBRATION_DETECTIONS per page."""
     def calibrate(model: nn.Module) -> int:
@@ -182,6 +183,6 @@ def calibration_pages(calibration_dir: str | None, inputs: Sequence[Path]) -> li
 
 
 def quantize_on_pages(model: nn.Module, calibration_dir: str | None, inputs: Sequence[Path]) -> str:
-    """quantize_heads calibrated on the first pages of CALIBRATION_DIR, else of INPUTS (the
+    """quantize_model calibrated on the first pages of CALIBRATION_DIR, else of INPUTS (the
     pages the command reads): `--precision int8` of predict and evaluate."""
-    return quantize_heads(model, page_calibration(calibration_pages(calibration_dir, inputs)))
+    return quantize_model(model, page_calibration(calibration_pages(calibration_dir, inputs)))
