@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,8 @@ from charseg.inference.predict import load_model_for_inference  # noqa: E402
 from charseg.training import runner  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
-from quality import (HELDOUT_PAGES, HELDOUT_SEED, UNSEEN_SEED, cpu_name, demo_recipe,  # noqa: E402
+from scaling import cpu_description  # noqa: E402
+from quality import (HELDOUT_PAGES, HELDOUT_SEED, UNSEEN_SEED, demo_recipe, metrics_table,  # noqa: E402
                      generate_training_pages)
 
 TRAIN_SEED = 11  # the new domain's training pages
@@ -114,22 +114,17 @@ def write_report(out: Path, args: argparse.Namespace, rows: dict) -> None:
         "# Fine-tuning to a new domain vs training from scratch",
         "",
         f"Measured {date.today().isoformat()} by `python bench/finetune.py MODEL --pages {args.pages} --epochs "
-        f"{args.epochs} --minutes {args.minutes:g}` on {cpu_name()}, {os.cpu_count()} CPU cores, CPU only; MODEL: the demo's final model.",
+        f"{args.epochs} --minutes {args.minutes:g}` on {cpu_description()}, CPU only; MODEL: the demo's final model.",
         f"New domain: `charseg generate --held-out --unseen`, {args.pages} training pages (seed {TRAIN_SEED}), "
         f"evaluated on {HELDOUT_PAGES} others (seed {UNSEEN_SEED}); old domain: the demo's held-out pages "
         f"(`--held-out --seed {HELDOUT_SEED}`); the old pages mixed into one fine-tune are the first "
         f"{REPLAY_PAGES} of the demo's training pages. Each path trains {args.epochs} epochs or until {args.minutes:g} "
         "minutes are spent (the epoch under way finishes, validation included); final models, fp32.",
         "",
-        "| path | training | epochs | new segm_AP50 | new segm_AP75 | new segm_AP | new char_f1 | old segm_AP50 "
-        "| old segm_AP75 | old char_f1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *metrics_table("path", rows, [
+            *((f"new {m}", "new", m) for m in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1")),
+            *((f"old {m}", "old", m) for m in ("segm_AP50", "segm_AP75", "char_f1"))]),
     ]
-    for name, row in rows.items():
-        n, o = row["new"], row["old"]
-        lines.append(f"| {name} | {row['seconds'] / 60:.1f} min | {row['epochs']} | {n['segm_AP50']:.3f} | "
-                     f"{n['segm_AP75']:.3f} | {n['segm_AP']:.3f} | {n['char_f1']:.3f} | {o['segm_AP50']:.3f} | "
-                     f"{o['segm_AP75']:.3f} | {o['char_f1']:.3f} |")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import re
 import shlex
 import shutil
@@ -37,6 +35,8 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from scaling import cpu_description  # noqa: E402  (bench/ is this script's folder)
 
 from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
@@ -219,12 +219,16 @@ def measure(model: torch.nn.Module, spec, heldout: list, own: list, config: Trai
     return out
 
 
-def cpu_name() -> str:
-    """The CPU's model name and whether it computes bf16 natively (the figures depend on it)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    return f"{name} ({'avx512_bf16' if 'avx512_bf16' in info else 'AVX2, no native bf16'})"
+def metrics_table(first: str, rows: dict, columns: list[tuple[str, str, str]], trained: bool = True) -> list[str]:
+    """A markdown table's lines: a row per NAME -> ROW of ROWS, NAME under the heading FIRST; when
+    TRAINED, the row's training minutes and epochs; then a column per (heading, group, metric) of
+    COLUMNS: ROW[group][metric]."""
+    headings = [first, *(("training", "epochs") if trained else ()), *(heading for heading, _, _ in columns)]
+    lines = ["| " + " | ".join(headings) + " |", "| " + " | ".join("---" for _ in headings) + " |"]
+    for name, row in rows.items():
+        cells = [name, *((f"{row['seconds'] / 60:.1f} min", str(row["epochs"])) if trained else ())]
+        lines.append("| " + " | ".join(cells + [f"{row[group][metric]:.3f}" for _, group, metric in columns]) + " |")
+    return lines
 
 
 def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[str], num_images: int | None,
@@ -242,22 +246,17 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
         f"# Quality on held-out pages: recipe `{recipe_name}`",
         "",
         f"Measured {date.today().isoformat()} by `python bench/quality.py --recipe {recipe_name}` on "
-        f"{cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, charseg {__version__}, CPU only.",
+        f"{cpu_description()}, torch {torch.__version__}, charseg {__version__}, CPU only.",
         f"Training pages: `charseg generate {' '.join(generate_args)}`"
         + (f" with --num-images {num_images}" if num_images else "") + "; recipe: "
         + ", ".join(f"{k} {v}" for k, v in recipe.items()) + ".",
         f"Held-out pages: `charseg generate --held-out --num-images {HELDOUT_PAGES} --seed {HELDOUT_SEED}` "
         "(other fonts, lines of text, rotation up to 12 degrees, texture, blur, noise, annotator polygons).",
         "",
-        "| recipe | training | epochs | held-out segm_AP50 | held-out segm_AP75 | held-out segm_AP | held-out char_f1 "
-        "| held-out bbox_AP50 | own pages segm_AP50 | own pages char_f1 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *metrics_table("recipe", rows, [
+            *((f"held-out {m}", "heldout", m) for m in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1", "bbox_AP50")),
+            ("own pages segm_AP50", "own", "segm_AP50"), ("own pages char_f1", "own", "char_f1")]),
     ]
-    for name, row in rows.items():
-        h, o = row["heldout"], row["own"]
-        lines.append(f"| {name} | {row['seconds'] / 60:.1f} min | {row['epochs']} | {h['segm_AP50']:.3f} | "
-                     f"{h['segm_AP75']:.3f} | {h['segm_AP']:.3f} | {h['char_f1']:.3f} | {h['bbox_AP50']:.3f} | "
-                     f"{o['segm_AP50']:.3f} | {o['char_f1']:.3f} |")
     if "stock" in rows:
         ratio = rows["charseg"]["heldout"]["segm_AP50"] / max(rows["stock"]["heldout"]["segm_AP50"], 1e-3)
         lines += ["", f"charseg / stock, held-out segm_AP50 at equal time: {ratio:.1f}x"
@@ -266,11 +265,8 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
               f"--num-images {HELDOUT_PAGES} --seed {UNSEEN_SEED}` (nine font families from PyPI: sans, serif, rounded, "
               "handwriting-like; lines condensed, stencil-cut or worn, coloured inks; printed patterns and faded "
               "photographs; rotation up to 6 degrees, blur, noise, JPEG):", "",
-              "| recipe | segm_AP50 | segm_AP75 | segm_AP | char_f1 | bbox_AP50 |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, row in rows.items():
-        u = row["unseen"]
-        lines.append(f"| {name} | {u['segm_AP50']:.3f} | {u['segm_AP75']:.3f} | {u['segm_AP']:.3f} | "
-                     f"{u['char_f1']:.3f} | {u['bbox_AP50']:.3f} |")
+              *metrics_table("recipe", rows, [(m, "unseen", m) for m in ("segm_AP50", "segm_AP75", "segm_AP",
+                                                                         "char_f1", "bbox_AP50")], trained=False)]
     size, fonts = "x".join(map(str, DOCUMENT["size"])), "-".join(map(str, DOCUMENT["font_sizes"]))
     lines += ["", f"A document page: `charseg generate --held-out --num-images 1 --size {size} --font-size {fonts} "
               f"--seed {DOCUMENT['seed']}` ({document['characters']} characters), the charseg model with "
