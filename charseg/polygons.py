@@ -21,6 +21,11 @@ SUPERSAMPLE = 2
 PIXEL_CENTRE = 0.5
 # Box-sized masks are traced on a grid this much finer than the image's pixels.
 TRACE_SCALE = 4
+# A glyph's pixels are those its anti-aliased drawing covers at least this much (glyph_mask)...
+INK_COVERAGE = 0.5
+# ...down to this coverage where half coverage splits a stroke the font draws joined.
+JOINED_COVERAGE = 0.15
+COVERAGE_STEP = 0.05
 
 
 def pack_polygons(polygons: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +221,27 @@ def edge_outlines(binary: np.ndarray) -> list[np.ndarray]:
     contours = sorted(contours, key=cv2.contourArea, reverse=True)
     simplified = (cv2.approxPolyDP(c, 1.0, True).reshape(-1, 2) for c in contours)
     return [((c.astype(np.float32) + 0.5) / TRACE_SCALE) for c in simplified if len(c) >= 3]
+
+
+def glyph_mask(coverage: np.ndarray) -> np.ndarray:
+    """The pixels whose outline is a glyph's polygon, from its anti-aliased coverage (H x W in
+    [0, 1]): those covered at least INK_COVERAGE. Thin strokes of a small glyph (an m, an X or
+    a W at 12 px) cover some pixels less than half, and those pixels alone would split it into
+    pieces whose convex hull, a blob, would become its annotation. Then the coverage level is
+    lowered in COVERAGE_STEP steps, down to JOINED_COVERAGE, until the glyph has no more parts
+    than it has at JOINED_COVERAGE: an annotator outlines the glyph they see, joined where the
+    font joins it; glyphs drawn in several parts (i, j, %) keep them."""
+    drawn = _parts(coverage >= JOINED_COVERAGE)
+    for level in np.arange(INK_COVERAGE, JOINED_COVERAGE, -COVERAGE_STEP):
+        mask = coverage >= level
+        if _parts(mask) <= drawn:
+            return mask
+    return coverage >= JOINED_COVERAGE
+
+
+def _parts(mask: np.ndarray) -> int:
+    """Connected parts (8-connected) of a binary mask."""
+    return cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)[0] - 1
 
 
 def flat_polygon(points: np.ndarray) -> list[float]:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from charseg.data.generate import _render_glyph, glyph_outline, load_font
-from charseg.polygons import edge_outlines, mask_to_polygon, polygon_area, polygons_to_masks
+from charseg.polygons import _parts, edge_outlines, glyph_mask, mask_to_polygon, polygon_area, polygons_to_masks
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -44,3 +45,28 @@ def test_a_generated_glyph_polygon_covers_the_glyphs_pixels(char):
     outline = glyph_outline(glyph)
     drawn = polygons_to_masks([outline], *glyph.shape)[0].numpy().astype(bool)
     assert iou(drawn, glyph) >= 0.85
+
+
+def test_glyph_mask_joins_a_stroke_that_half_coverage_splits_and_keeps_parts_the_font_draws_apart():
+    coverage = np.zeros((5, 12), dtype=np.float32)
+    coverage[2, 0:3] = coverage[2, 4:7] = 0.9
+    coverage[2, 3] = 0.3  # a thin diagonal's pixel, under half covered: it joins the two strokes
+    coverage[2, 9:11] = 0.9  # the dot of an i: nothing drawn between it and the rest
+    mask = glyph_mask(coverage)
+    assert mask[2].tolist() == [True] * 7 + [False, False, True, True, False]
+    assert _parts(coverage >= 0.5) == 3 and _parts(mask) == 2
+    assert glyph_mask(np.where(coverage == 0.3, 0, coverage)).tolist() == (coverage >= 0.5).tolist()
+
+
+def test_a_small_glyph_that_half_coverage_splits_is_outlined_not_hulled():
+    font = load_font(None, 12)  # Pillow's font at 12 px: its W has thin diagonals
+    left, top, right, bottom = font.getbbox("W")
+    canvas = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+    ImageDraw.Draw(canvas).text((1 - left, 1 - top), "W", fill=255, font=font)
+    coverage = np.asarray(canvas, dtype=np.float32) / 255.0
+    assert _parts(coverage >= 0.5) > 1  # the case: half coverage alone breaks the W into pieces
+    glyph = _render_glyph("W", font)
+    outline = glyph_outline(glyph)
+    drawn = polygons_to_masks([outline], *glyph.shape)[0].numpy().astype(bool)
+    assert iou(drawn, glyph) >= 0.85  # its outline, not the hull of its pieces (a blob)
+    assert drawn.sum() < 0.8 * glyph.size

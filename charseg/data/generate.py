@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CharsegError
-from ..polygons import edge_outlines, flat_polygon, polygon_area
+from ..polygons import edge_outlines, flat_polygon, glyph_mask, polygon_area
 from .dataset import write_annotation
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
@@ -91,7 +91,7 @@ def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
         return None
     canvas = Image.new("L", (right - left + 2, bottom - top + 2), 0)
     ImageDraw.Draw(canvas).text((1 - left, 1 - top), char, fill=255, font=font)
-    mask = np.asarray(canvas) >= 128
+    mask = glyph_mask(np.asarray(canvas, dtype=np.float32) / 255.0)
     if not mask.any():
         return None
     ys, xs = np.nonzero(mask)
@@ -207,7 +207,7 @@ def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[i
                   font_size: tuple[int, int], fonts: _FontCache, charset: str) -> tuple[np.ndarray, list[tuple]]:
     """Lines of words, each line in one font, size and ink (from black to faint gray), glyph
     by glyph with anti-aliased edges on an unevenly lit, tinted, noisy paper; a glyph's
-    polygon outlines its pixels of at least half coverage. Stops at the drawn number of
+    polygon outlines its pixels (polygons.glyph_mask). Stops at the drawn number of
     characters or the page's end."""
     paper = rng.uniform(150, 255)
     page = _paper(rng, width, height, paper)
@@ -250,7 +250,8 @@ def _paper(rng: random.Random, width: int, height: int, level: float) -> np.ndar
 def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: float, y: int,
                 ink: np.ndarray) -> np.ndarray | None:
     """Blend one anti-aliased glyph into `page` with its origin at (x, y); returns its polygon
-    in page coordinates, or None when it has no pixel of at least half coverage."""
+    in page coordinates, or None when it has no pixel of at least half coverage
+    (polygons.glyph_mask: its pixels)."""
     left, top, right, bottom = font.getbbox(char)
     if right <= left or bottom <= top:
         return None
@@ -264,7 +265,7 @@ def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: fl
         return None
     coverage = coverage[:h, :w, None]
     page[oy:oy + h, ox:ox + w] = page[oy:oy + h, ox:ox + w] * (1 - coverage) + ink * coverage
-    outline = glyph_outline(coverage[:, :, 0] >= 0.5)
+    outline = glyph_outline(glyph_mask(coverage[:, :, 0]))
     if outline is None or polygon_area(outline) < MIN_GLYPH_AREA:
         return None
     return outline + np.array([ox, oy], dtype=np.float32)

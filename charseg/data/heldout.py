@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CharsegError
-from ..polygons import edge_outlines, flat_polygon, polygon_area, warp_points
+from ..polygons import edge_outlines, flat_polygon, glyph_mask, polygon_area, warp_points
 from .generate import MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, GenerationSummary, font_files, write_page
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
@@ -92,7 +92,7 @@ LineStyle = Callable[[random.Random, np.ndarray, list, np.ndarray], tuple[np.nda
 def typeset_page(rng: random.Random, page: np.ndarray, line_font: Callable[[random.Random], ImageFont.FreeTypeFont],
                  style: LineStyle | None = None) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
     """Lines of text on PAGE (H x W x 3 float, drawn on), each in line_font(rng); STYLE, when
-    given, changes a line's coverage, its glyphs' masks and its ink before they are drawn and
+    given, changes a line's coverage, its glyphs' coverages and its ink before they are drawn and
     annotated. Returns the page, each character's tight polygon in page coordinates, the chars."""
     height, width = page.shape[:2]
     polygons, chars = [], []
@@ -112,8 +112,8 @@ def typeset_page(rng: random.Random, page: np.ndarray, line_font: Callable[[rand
         coverage = line.astype(np.float32)[:, :, None] / 255.0
         band = page[y:y + line.shape[0]]
         band[:] = band * (1 - coverage) + ink * coverage
-        for char, mask in placed:
-            outline = _annotate(mask)
+        for char, glyph in placed:
+            outline = _annotate(glyph)
             if outline is not None:
                 polygons.append(outline + np.array([0, y], dtype=np.float32))
                 chars.append(char)
@@ -124,7 +124,7 @@ def typeset_page(rng: random.Random, page: np.ndarray, line_font: Callable[[rand
 def _typeset_line(text: str, font: ImageFont.FreeTypeFont, x0: int, width: int
                   ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
     """The line's anti-aliased coverage (H x width uint8), drawn in one call as a typesetter
-    would, and each visible character's own coverage mask at its place on the line."""
+    would, and each visible character's own coverage (H x width uint8) at its place on the line."""
     ascent, descent = font.getmetrics()
     size = (width, ascent + descent)
     canvas = Image.new("L", size, 0)
@@ -136,17 +136,18 @@ def _typeset_line(text: str, font: ImageFont.FreeTypeFont, x0: int, width: int
             continue
         glyph = Image.new("L", size, 0)
         ImageDraw.Draw(glyph).text((x, 0), char, fill=255, font=font)
-        mask = np.asarray(glyph) >= 128
-        if mask.sum() >= 4:
-            placed.append((char, mask))
+        coverage = np.asarray(glyph)
+        if (coverage >= 128).sum() >= 4:
+            placed.append((char, coverage))
     # A character cut by the page's right edge keeps its pixels but gets no polygon.
     return np.asarray(canvas), placed
 
 
-def _annotate(mask: np.ndarray) -> np.ndarray | None:
-    """A tight polygon around a glyph, as an annotator draws it: the outer outline on the
-    ink's edges (the hull of all parts for glyphs such as i and j), simplified to a few points."""
-    outlines = edge_outlines(mask)
+def _annotate(coverage: np.ndarray) -> np.ndarray | None:
+    """A tight polygon around a glyph (its coverage, uint8), as an annotator draws it: the outer
+    outline on the ink's edges (polygons.glyph_mask; the hull of all parts for glyphs such as i
+    and j), simplified to a few points."""
+    outlines = edge_outlines(glyph_mask(coverage / 255.0))
     if not outlines:
         return None
     outline = outlines[0] if len(outlines) == 1 else cv2.convexHull(np.concatenate(outlines)).reshape(-1, 2)

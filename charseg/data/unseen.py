@@ -84,17 +84,17 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
 def _line_style(rng: random.Random, line: np.ndarray, placed: list, ink: np.ndarray
                 ) -> tuple[np.ndarray, list, np.ndarray]:
     """Condensed (a third of the lines), stencil-cut (a fifth) or worn (a fifth), in a dark
-    colour (half) or the gray ink typeset_page chose: the line's coverage and each glyph's mask
-    change together, so the outlines follow what is drawn."""
-    masks = [mask for _, mask in placed]
+    colour (half) or the gray ink typeset_page chose: the line's coverage and each glyph's
+    coverage change together, so the outlines follow what is drawn."""
+    glyphs = [coverage for _, coverage in placed]
     if rng.random() < 1 / 3:  # condensed to 60-85 % of its width
         factor = rng.uniform(0.6, 0.85)
-        line, masks = _squeeze(line, factor), [_squeeze(m.astype(np.uint8) * 255, factor) >= 128 for m in masks]
+        line, glyphs = _squeeze(line, factor), [_squeeze(glyph, factor) for glyph in glyphs]
     kept = np.ones(line.shape, dtype=bool)
     if rng.random() < 0.2:  # stencil: vertical cuts through each glyph's middle
         cut = max(1, round(line.shape[0] / 14))
-        for mask in masks:
-            columns = np.flatnonzero(mask.any(axis=0))
+        for glyph in glyphs:
+            columns = np.flatnonzero((glyph >= 128).any(axis=0))
             if columns.size > 2 * cut:
                 middle = (columns[0] + columns[-1]) // 2
                 kept[:, middle:middle + cut] = False
@@ -102,8 +102,8 @@ def _line_style(rng: random.Random, line: np.ndarray, placed: list, ink: np.ndar
         noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, line.shape).astype(np.float32)
         kept &= cv2.GaussianBlur(noise, (0, 0), 1.2) < rng.uniform(0.15, 0.3)
     line = np.where(kept, line, 0).astype(np.uint8)
-    placed = [(char, mask & kept) for (char, _), mask in zip(placed, masks)]
-    placed = [(char, mask) for char, mask in placed if mask.sum() >= 4]
+    placed = [(char, np.where(kept, glyph, 0).astype(np.uint8)) for (char, _), glyph in zip(placed, glyphs)]
+    placed = [(char, glyph) for char, glyph in placed if (glyph >= 128).sum() >= 4]
     if rng.random() < 0.5:
         ink = np.array([rng.uniform(0, 140) for _ in range(3)], dtype=np.float32)
     return line, placed, ink
