@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image, ImageDraw
 
 from charseg.cli import cli
 from charseg.data.dataset import scan_dataset
-from charseg.data.generate import TRAINING_FONTS, generate_dataset
+from charseg.data.generate import TRAINING_FONTS, Glyph, generate_dataset, glyph_polygon, load_font, rotate_page
 from charseg.data.heldout import HELDOUT_FONTS, generate_heldout
+from charseg.polygons import polygons_to_masks, warp_points
 from charseg.errors import CharsegError
 
 
@@ -24,6 +26,33 @@ def test_lines_layout_sets_text_in_lines_and_is_fully_valid(tmp_path):
     for sample in report.samples:
         tops = sorted(float(p[:, 1].min()) for p in sample.polygons)
         assert len({round(t / 8) for t in tops}) < len(tops)  # characters share lines
+
+
+def test_a_rotated_glyph_is_outlined_on_the_rotated_page_not_by_rotating_its_upright_outline():
+    canvas = Image.new("L", (40, 40), 0)
+    ImageDraw.Draw(canvas).text((12, 10), "W", fill=255, font=load_font(None, 14))  # strokes 1-2 px wide
+    page = np.asarray(canvas, dtype=np.float32) / 255.0
+    upright = Glyph("W", page, 0, 0)
+    rotated, matrix = rotate_page(page, 10.0)
+    ink = rotated >= 0.5  # the rotated page's pixels the W covers at least half
+
+    def overlap(polygon):
+        drawn = polygons_to_masks([polygon], 40, 40)[0].numpy().astype(bool)
+        return (drawn & ink).sum() / (drawn | ink).sum()
+
+    outlined = overlap(glyph_polygon(upright.moved(matrix)))
+    assert outlined >= 0.85
+    assert outlined > overlap(warp_points(glyph_polygon(upright), matrix)) + 0.05  # the upright staircase, turned
+
+
+def test_lines_pages_rotated_keep_their_glyphs_outlined_and_on_the_page(tmp_path):
+    generate_dataset(tmp_path, num_images=2, width=160, height=160, chars_per_image=(20, 60), font_size=(12, 24),
+                     layout="lines", seed=0, rotation=12)
+    report = scan_dataset(tmp_path)
+    assert report.summary()["polygons_skipped"] == 0 and report.summary()["polygons_clipped"] == 0
+    assert report.num_instances >= 2 * 15
+    with pytest.raises(CharsegError, match="rotation"):
+        generate_dataset(tmp_path / "x", layout="scatter", rotation=5)
 
 
 def test_heldout_pages_are_valid_rotated_text_in_fonts_training_never_uses(tmp_path):

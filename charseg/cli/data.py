@@ -7,7 +7,7 @@ from click.core import ParameterSource
 
 from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
 from ..data.dataset import scan_dataset
-from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, generate_dataset
+from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_ROTATION, MAX_SIDE, generate_dataset
 from ..data.heldout import FONT_SIZES, generate_heldout
 from ..data.unseen import INSTALL_FONTS, generate_unseen
 from .options import SEED, BlankPath
@@ -86,6 +86,11 @@ def _range(text: str) -> tuple[int, int]:
               help="scatter: single glyphs of one font anywhere on a flat page, never touching; lines: lines "
                    "of words in several fonts, anti-aliased, ink from black to faint gray on unevenly lit, noisy paper "
                    "(at most --chars-per-image).")
+@click.option("--rotation", type=click.FloatRange(0, MAX_ROTATION), default=0.0, show_default=True,
+              metavar="DEGREES",
+              help="lines: rotate each page by up to this many degrees either way and outline each glyph where it "
+                   "lands, on the rotated page's pixels (training's --augment rotates polygons drawn on the upright "
+                   "page instead, up to half a pixel off the rotated ink).")
 @click.option("--held-out", "held_out", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               metavar="[BOOL]",
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
@@ -98,7 +103,7 @@ def _range(text: str) -> tuple[int, int]:
                    f"patterns or faded photographs, sides 128-256 px; needs `{INSTALL_FONTS}`.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
 def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
-                     font: str | None, layout: str, held_out: bool, unseen: bool, seed: int) -> None:
+                     font: str | None, layout: str, rotation: float, held_out: bool, unseen: bool, seed: int) -> None:
     """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
     try:
         w, _, h = size.lower().partition("x")
@@ -108,6 +113,9 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
         raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
     if unseen and not held_out:
         raise click.BadParameter("--unseen makes held-out pages: pass --held-out too", param_hint="--unseen")
+    if rotation and (held_out or layout != "lines"):
+        raise click.BadParameter("rotates --layout lines pages (held-out pages are rotated by their own process)",
+                                 param_hint="--rotation")
     if unseen:
         summary = generate_unseen(out_dir, num_images=num_images, seed=seed, progress=True)
         click.echo(f"wrote {summary.images} unseen-font pages with {summary.characters} characters to "
@@ -122,5 +130,6 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
         click.echo(f"wrote {summary.images} held-out pages with {summary.characters} characters to {summary.out_dir}")
         return
     summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height, chars_per_image=chars,
-                               font_size=sizes, font_path=font, seed=seed, layout=layout, progress=True)
+                               font_size=sizes, font_path=font, seed=seed, layout=layout, rotation=rotation,
+                               progress=True)
     click.echo(f"wrote {summary.images} images with {summary.characters} characters to {summary.out_dir}")

@@ -39,6 +39,48 @@ MAX_FONT_SIZE = 1024  # px: FreeType refuses larger pixel sizes
 MAX_MISSES = 100
 # `lines` ink is at least this much darker than the paper (0-255): faint, but legible.
 MIN_INK_CONTRAST = 45.0
+MAX_ROTATION = 45.0  # degrees, either way: `lines --rotation` (past this, lines run down the page)
+
+
+@dataclass(frozen=True)
+class Glyph:
+    """A drawn character: its anti-aliased coverage (H x W float in [0, 1], a crop of the
+    page) and where the crop's top-left pixel lies on the page."""
+
+    char: str
+    coverage: np.ndarray
+    x: int
+    y: int
+
+    def moved(self, matrix: np.ndarray) -> "Glyph":
+        """The glyph after its page is warped by the 2x3 `matrix` (pixel indices, as cv2's
+        warpAffine): its coverage warped (bilinear) into a crop around where it lands, so
+        that it is outlined on the warped page's own pixels."""
+        h, w = self.coverage.shape
+        corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], dtype=np.float64) + (self.x, self.y)
+        moved = corners @ matrix[:, :2].T + matrix[:, 2]
+        x0, y0 = (int(v) - 1 for v in np.floor(moved.min(axis=0)))
+        x1, y1 = (int(v) + 1 for v in np.ceil(moved.max(axis=0)))
+        local = matrix.astype(np.float64).copy()
+        local[:, 2] = matrix[:, :2] @ (self.x, self.y) + matrix[:, 2] - (x0, y0)
+        coverage = cv2.warpAffine(self.coverage.astype(np.float32), local, (x1 - x0 + 1, y1 - y0 + 1),
+                                  flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        return Glyph(self.char, coverage, x0, y0)
+
+
+def rotate_page(page: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """The page rotated about its centre (same size, edges replicated) and the 2x3 matrix
+    that did it (pixel indices), for Glyph.moved."""
+    height, width = page.shape[:2]
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
+    return cv2.warpAffine(page, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE), matrix
+
+
+def on_page(points: np.ndarray, width: int, height: int) -> bool:
+    """Whether a (K, 2) polygon lies within a page of WIDTH x HEIGHT."""
+    return bool(points[:, 0].min() >= 0 and points[:, 1].min() >= 0 and points[:, 0].max() <= width
+                and points[:, 1].max() <= height)
 
 
 def font_files(names: tuple[str, ...]) -> list[str]:
@@ -101,12 +143,13 @@ def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
 def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 128, height: int = 128,
                      chars_per_image: tuple[int, int] = (3, 8), font_size: tuple[int, int] = (18, 40),
                      font_path: str | None = None, charset: str = DEFAULT_CHARSET, seed: int = 0,
-                     layout: str = "scatter", progress: bool = False) -> GenerationSummary:
+                     layout: str = "scatter", rotation: float = 0.0, progress: bool = False) -> GenerationSummary:
     """Render `num_images` pages of characters and their polygons.
 
     layout: "scatter" (single glyphs anywhere, never touching) or "lines" (lines of words in
     TRAINING_FONTS and Pillow's font, or only `font_path` when given; at most the drawn
-    number of characters). Writes OUT_DIR/images/00001.png ... and
+    number of characters; each page rotated by up to `rotation` degrees either way, its glyphs
+    outlined where they land). Writes OUT_DIR/images/00001.png ... and
     OUT_DIR/annotations/00001.csv (char,polygon_json). Returns counts of what was written.
     """
     if not (1 <= num_images <= MAX_IMAGES and 8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
@@ -119,10 +162,17 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
         raise CharsegError(f"font size must be 4 <= min <= max <= {MAX_FONT_SIZE}, got {font_size[0]}-{font_size[1]}")
     if layout not in LAYOUTS:
         raise CharsegError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if not 0 <= rotation <= MAX_ROTATION or (rotation and layout != "lines"):
+        raise CharsegError(f"rotation must be 0 to {MAX_ROTATION:g} degrees, and only with --layout lines; "
+                           f"got {rotation:g} with {layout}")
     out = Path(out_dir)
     rng = random.Random(seed)
     fonts = _FontCache([font_path] if font_path else [None, *font_files(TRAINING_FONTS)])
-    render = _render_page if layout == "scatter" else _render_lines
+    if layout == "scatter":
+        render = _render_page
+    else:
+        def render(rng, width, height, **kwargs):
+            return _render_lines(rng, width, height, rotation=rotation, **kwargs)
     total = 0
     indices = range(1, num_images + 1)
     if progress:
@@ -204,34 +254,49 @@ def _free_place(rng: random.Random, occupied: np.ndarray, shape: tuple[int, int]
 
 
 def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[int, int],
-                  font_size: tuple[int, int], fonts: _FontCache, charset: str) -> tuple[np.ndarray, list[tuple]]:
+                  font_size: tuple[int, int], fonts: _FontCache, charset: str, rotation: float = 0.0
+                  ) -> tuple[np.ndarray, list[tuple]]:
     """Lines of words, each line in one font, size and ink (from black to faint gray), glyph
-    by glyph with anti-aliased edges on an unevenly lit, tinted, noisy paper; a glyph's
-    polygon outlines its pixels (polygons.glyph_mask). Stops at the drawn number of
-    characters or the page's end."""
+    by glyph with anti-aliased edges on an unevenly lit, tinted, noisy paper, the page rotated
+    by up to `rotation` degrees; a glyph's polygon outlines its pixels (glyph_polygon) where
+    it lands. Stops at the drawn number of characters or the page's end."""
     paper = rng.uniform(150, 255)
     page = _paper(rng, width, height, paper)
-    budget, rows = rng.randint(*count), []
+    budget, glyphs = rng.randint(*count), []
     y = rng.randint(0, 8)
-    while len(rows) < budget:
+    while len(glyphs) < budget:
         font = fonts(rng.randint(*font_size), rng.choice(fonts.paths))
         ascent, descent = font.getmetrics()
         if y + ascent + descent > height:
             break
         ink = np.array([rng.uniform(0, paper - MIN_INK_CONTRAST)] * 3, dtype=np.float32)
         x = rng.uniform(0, font.size)
-        while len(rows) < budget:
+        while len(glyphs) < budget:
             char = " " if rng.random() < 0.15 else rng.choice(charset)
             advance = font.getlength(char) + rng.uniform(0, 2)
             if x + advance > width:
                 break
             placed = _draw_glyph(page, char, font, x, y, ink)
-            if placed is not None:
-                rows.append((char, json.dumps(flat_polygon(placed))))
+            if placed is not None and glyph_polygon(placed) is not None:
+                glyphs.append(placed)
             x += advance
         y += ascent + descent + rng.randint(0, 6)
+    if rotation:
+        page, matrix = rotate_page(page, rng.uniform(-rotation, rotation))
+        glyphs = [glyph.moved(matrix) for glyph in glyphs]
+    rows = [(glyph.char, json.dumps(flat_polygon(polygon))) for glyph in glyphs
+            if (polygon := glyph_polygon(glyph)) is not None and on_page(polygon, width, height)]
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 6), page.shape)
     return np.clip(page + noise, 0, 255).round().astype(np.uint8), rows
+
+
+def glyph_polygon(glyph: Glyph) -> np.ndarray | None:
+    """A glyph's polygon in page coordinates: the outline of its pixels (polygons.glyph_mask),
+    or None for a speck under MIN_GLYPH_AREA."""
+    outline = glyph_outline(glyph_mask(glyph.coverage))
+    if outline is None or polygon_area(outline) < MIN_GLYPH_AREA:
+        return None
+    return outline + np.array([glyph.x, glyph.y], dtype=np.float32)
 
 
 def _paper(rng: random.Random, width: int, height: int, level: float) -> np.ndarray:
@@ -248,10 +313,9 @@ def _paper(rng: random.Random, width: int, height: int, level: float) -> np.ndar
 
 
 def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: float, y: int,
-                ink: np.ndarray) -> np.ndarray | None:
-    """Blend one anti-aliased glyph into `page` with its origin at (x, y); returns its polygon
-    in page coordinates, or None when it has no pixel of at least half coverage
-    (polygons.glyph_mask: its pixels)."""
+                ink: np.ndarray) -> Glyph | None:
+    """Blend one anti-aliased glyph into `page` with its origin at (x, y); returns it (its
+    coverage where it was drawn), or None when it falls off the page."""
     left, top, right, bottom = font.getbbox(char)
     if right <= left or bottom <= top:
         return None
@@ -263,12 +327,9 @@ def _draw_glyph(page: np.ndarray, char: str, font: ImageFont.FreeTypeFont, x: fl
     h, w = min(coverage.shape[0], height - oy), min(coverage.shape[1], width - ox)
     if h <= 0 or w <= 0 or ox < 0 or oy < 0:
         return None
-    coverage = coverage[:h, :w, None]
-    page[oy:oy + h, ox:ox + w] = page[oy:oy + h, ox:ox + w] * (1 - coverage) + ink * coverage
-    outline = glyph_outline(glyph_mask(coverage[:, :, 0]))
-    if outline is None or polygon_area(outline) < MIN_GLYPH_AREA:
-        return None
-    return outline + np.array([ox, oy], dtype=np.float32)
+    coverage = coverage[:h, :w]
+    page[oy:oy + h, ox:ox + w] = page[oy:oy + h, ox:ox + w] * (1 - coverage[:, :, None]) + ink * coverage[:, :, None]
+    return Glyph(char, coverage, ox, oy)
 
 
 def write_page(out: Path, name: str, page: np.ndarray, rows: list[tuple]) -> None:

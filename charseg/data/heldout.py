@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CharsegError
-from ..polygons import edge_outlines, flat_polygon, glyph_mask, polygon_area, warp_points
-from .generate import MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, GenerationSummary, font_files, write_page
+from ..polygons import edge_outlines, flat_polygon, glyph_mask, polygon_area
+from .generate import (MAX_FONT_SIZE, MAX_IMAGES, MAX_SIDE, GenerationSummary, Glyph, font_files, on_page,
+                       rotate_page, write_page)
 
 # Fonts the training generator never uses (matplotlib ships them; see generate.TRAINING_FONTS).
 HELDOUT_FONTS = ("DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBol.ttf",
@@ -55,9 +56,9 @@ def generate_heldout(out_dir: str | Path, *, num_images: int = 40, min_side: int
         indices = tqdm(indices, desc="held-out pages", unit="image")
     for index in indices:
         width, height = size or (rng.randint(min_side, max_side), rng.randint(min_side, max_side))
-        page, polygons, chars = typeset_page(rng, _background(rng, width, height),
-                                             lambda r: ImageFont.truetype(r.choice(fonts), r.randint(*font_sizes)))
-        page, polygons = _rotate(page, polygons, rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+        page, glyphs = typeset_page(rng, _background(rng, width, height),
+                                    lambda r: ImageFont.truetype(r.choice(fonts), r.randint(*font_sizes)))
+        page, polygons, chars = rotate_and_annotate(page, glyphs, rng.uniform(-MAX_ROTATION, MAX_ROTATION))
         page = _degrade(rng, page)
         rows = [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)]
         write_page(out, f"{index:05d}", page, rows)
@@ -90,12 +91,12 @@ LineStyle = Callable[[random.Random, np.ndarray, list, np.ndarray], tuple[np.nda
 
 
 def typeset_page(rng: random.Random, page: np.ndarray, line_font: Callable[[random.Random], ImageFont.FreeTypeFont],
-                 style: LineStyle | None = None) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+                 style: LineStyle | None = None) -> tuple[np.ndarray, list[Glyph]]:
     """Lines of text on PAGE (H x W x 3 float, drawn on), each in line_font(rng); STYLE, when
-    given, changes a line's coverage, its glyphs' coverages and its ink before they are drawn and
-    annotated. Returns the page, each character's tight polygon in page coordinates, the chars."""
+    given, changes a line's coverage, its glyphs' coverages and its ink before they are drawn.
+    Returns the page and its glyphs, to be annotated where they end up (rotate_and_annotate)."""
     height, width = page.shape[:2]
-    polygons, chars = [], []
+    glyphs = []
     y = rng.randint(2, 12)
     while True:
         font = line_font(rng)
@@ -113,12 +114,31 @@ def typeset_page(rng: random.Random, page: np.ndarray, line_font: Callable[[rand
         band = page[y:y + line.shape[0]]
         band[:] = band * (1 - coverage) + ink * coverage
         for char, glyph in placed:
-            outline = _annotate(glyph)
-            if outline is not None:
-                polygons.append(outline + np.array([0, y], dtype=np.float32))
-                chars.append(char)
+            ys, xs = np.nonzero(glyph)
+            crop = glyph[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32) / 255.0
+            glyphs.append(Glyph(char, crop, int(xs.min()), y + int(ys.min())))
         y += ascent + descent + rng.randint(0, 10)
-    return page, polygons, chars
+    return page, glyphs
+
+
+def rotate_and_annotate(page: np.ndarray, glyphs: list[Glyph], degrees: float
+                        ) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Rotate the page about its centre and annotate each glyph where it now lies, on the
+    rotated page's pixel edges (Glyph.moved, _annotate), as an annotator outlines the ink they
+    see. (Rotating an outline traced on the upright page's pixels instead keeps that page's
+    staircase, up to half a pixel off the rotated ink.) Characters that leave the page are
+    dropped. Returns the page, the polygons, their chars."""
+    height, width = page.shape[:2]
+    rotated, matrix = rotate_page(page, degrees)
+    polygons, chars = [], []
+    for glyph in glyphs:
+        moved = glyph.moved(matrix)
+        outline = _annotate(moved.coverage)
+        if outline is not None and on_page(outline := outline + np.array([moved.x, moved.y], dtype=np.float32),
+                                           width, height):
+            polygons.append(outline)
+            chars.append(glyph.char)
+    return rotated, polygons, chars
 
 
 def _typeset_line(text: str, font: ImageFont.FreeTypeFont, x0: int, width: int
@@ -144,10 +164,10 @@ def _typeset_line(text: str, font: ImageFont.FreeTypeFont, x0: int, width: int
 
 
 def _annotate(coverage: np.ndarray) -> np.ndarray | None:
-    """A tight polygon around a glyph (its coverage, uint8), as an annotator draws it: the outer
-    outline on the ink's edges (polygons.glyph_mask; the hull of all parts for glyphs such as i
-    and j), simplified to a few points."""
-    outlines = edge_outlines(glyph_mask(coverage / 255.0))
+    """A tight polygon around a glyph (its coverage in [0, 1]), as an annotator draws it: the
+    outer outline on the ink's edges (polygons.glyph_mask; the hull of all parts for glyphs such
+    as i and j), simplified to a few points."""
+    outlines = edge_outlines(glyph_mask(coverage))
     if not outlines:
         return None
     outline = outlines[0] if len(outlines) == 1 else cv2.convexHull(np.concatenate(outlines)).reshape(-1, 2)
@@ -155,22 +175,6 @@ def _annotate(coverage: np.ndarray) -> np.ndarray | None:
     if len(simplified) < 3 or polygon_area(simplified) < 2.0:
         return None
     return simplified
-
-
-def _rotate(page: np.ndarray, polygons: list[np.ndarray], degrees: float
-            ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rotate the page about its centre (same size, edges replicated) and the polygons with it,
-    dropping characters that leave the page."""
-    height, width = page.shape[:2]
-    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), degrees, 1.0)
-    rotated = cv2.warpAffine(page, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    kept = []
-    for points in polygons:
-        moved = warp_points(points, matrix)
-        if moved[:, 0].min() >= 0 and moved[:, 1].min() >= 0 and moved[:, 0].max() <= width \
-                and moved[:, 1].max() <= height:
-            kept.append(moved)
-    return rotated, kept
 
 
 def _degrade(rng: random.Random, page: np.ndarray) -> np.ndarray:

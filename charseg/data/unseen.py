@@ -28,7 +28,7 @@ from PIL import ImageFont
 from ..errors import CharsegError
 from ..polygons import flat_polygon
 from .generate import GenerationSummary, write_page
-from .heldout import FONT_SIZES, _background, _degrade, _rotate, check_pages, typeset_page
+from .heldout import FONT_SIZES, _background, _degrade, check_pages, rotate_and_annotate, typeset_page
 
 # Font packages (import names) of the `fonts` extra; each ships its faces in PACKAGE/files/.
 FONT_PACKAGES = ("font_roboto", "font_source_sans_pro", "font_hanken_grotesk", "font_manrope", "font_source_serif_pro",
@@ -72,9 +72,9 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
     for index in indices:
         width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
         page = rng.choice((_background, _pattern, _photo))(rng, width, height)
-        page, polygons, chars = typeset_page(rng, page, lambda r: ImageFont.truetype(
+        page, glyphs = typeset_page(rng, page, lambda r: ImageFont.truetype(
             r.choice(families[r.choice(sorted(families))]), r.randint(*FONT_SIZES)), _line_style)
-        page, polygons = _rotate(page, polygons, rng.uniform(-6, 6))
+        page, polygons, chars = rotate_and_annotate(page, glyphs, rng.uniform(-6, 6))
         page = _compress(rng, _degrade(rng, page))
         write_page(out, f"{index:05d}", page, [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)])
         total += len(polygons)
