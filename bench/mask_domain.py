@@ -9,7 +9,9 @@ scored against the annotation with pycocotools' mask IoU. The held-out pages
 steps switched off at a time (rotation; blur and noise; the annotator's Douglas-Peucker
 simplification; textured paper), all of them, and all of them in the training generator's
 fonts; next to them, the training generator's own pages (`--layout lines`, seed 77), plain
-and rotated as `--augment` rotates. Prints, per variant, the characters, the median mask IoU
+and rotated as `--augment` rotates. Also: how far the two ways of annotating a rotated glyph
+part (its upright outline turned, or its outline on the rotated page), and how many glyphs
+half coverage alone splits into pieces. Prints, per variant, the characters, the median mask IoU
 and the shares at IoU >= 0.75 and >= 0.5, and on the held-out pages the same by character
 height and for annotations that are convex (hulls of glyphs in parts, and round glyphs).
 Used in docs/FROM_SCRATCH.md to find what separates held-out masks from the model's own
@@ -138,6 +140,29 @@ def staircase_ious(sizes=(12, 16, 22, 30), glyphs: str = "aemWXkS5B", seed: int 
     return medians
 
 
+def split_shares(fonts: tuple[str, ...], sizes: tuple[int, int], glyphs: str) -> float:
+    """Share of GLYPHS in FONTS at SIZES px that half coverage alone splits into more parts than
+    the glyph has drawn at 4x (whose convex hull, a blob, was their polygon until 2026-12-06)."""
+    from PIL import Image, ImageDraw
+
+    def parts(coverage: np.ndarray) -> int:
+        return cv2.connectedComponents((coverage >= 128).astype(np.uint8), connectivity=8)[0] - 1
+
+    split = total = 0
+    for path in font_files(fonts):
+        for size in range(*sizes):
+            small, large = ImageFont.truetype(path, size), ImageFont.truetype(path, 4 * size)
+            for char in glyphs:
+                drawn = []
+                for font, scale in ((small, 1), (large, 4)):
+                    canvas = Image.new("L", (3 * size * scale, 3 * size * scale), 0)
+                    ImageDraw.Draw(canvas).text((size * scale, size * scale), char, fill=255, font=font)
+                    drawn.append(parts(np.asarray(canvas)))
+                split += drawn[0] > drawn[1]
+                total += 1
+    return split / total
+
+
 def row(name: str, ious: np.ndarray) -> str:
     return (f"| {name} | {len(ious)} | {np.median(ious):.3f} | {np.mean(ious >= 0.75):.3f} | "
             f"{np.mean(ious >= 0.5):.3f} |")
@@ -169,6 +194,12 @@ def main() -> None:
           "turned glyph\n\n| font size (px) | median IoU |\n| --- | --- |")
     for size, median in staircase_ious().items():
         print(f"| {size} | {median:.3f} |")
+    letters = "".join(c for c in heldout.CHARSET if c not in "ij")
+    print("\nGlyphs that half coverage splits (their polygon was the hull of the pieces until 2026-12-06)\n\n"
+          "| fonts | 12-15 px | 16-21 px | 22-30 px |\n| --- | --- | --- | --- |")
+    for name, fonts in (("training", TRAINING_FONTS), ("held-out", heldout.HELDOUT_FONTS)):
+        shares = [split_shares(fonts, sizes, letters) for sizes in ((12, 16), (16, 22), (22, 31))]
+        print(f"| {name} | " + " | ".join(f"{share:.1%}" for share in shares) + " |")
     ious, heights, convex = measured["held-out pages"]
     print("\nHeld-out pages by character height and annotation\n")
     print("| characters | characters | median mask IoU | IoU >= 0.75 | IoU >= 0.5 |\n| --- | --- | --- | --- | --- |")
