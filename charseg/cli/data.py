@@ -10,7 +10,7 @@ from ..data.dataset import scan_dataset
 from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_ROTATION, MAX_SIDE, generate_dataset
 from ..data.heldout import FONT_SIZES, generate_heldout
 from ..data.unseen import INSTALL_FONTS, generate_unseen
-from .options import SEED, BlankPath
+from .options import SEED, BlankPath, FiniteFloat
 
 
 @click.command("import-coco")
@@ -86,7 +86,7 @@ def _range(text: str) -> tuple[int, int]:
               help="scatter: single glyphs of one font anywhere on a flat page, never touching; lines: lines "
                    "of words in several fonts, anti-aliased, ink from black to faint gray on unevenly lit, noisy paper "
                    "(at most --chars-per-image).")
-@click.option("--rotation", type=click.FloatRange(0, MAX_ROTATION), default=0.0, show_default=True,
+@click.option("--rotation", type=FiniteFloat(min=0, max=MAX_ROTATION), default=0.0, show_default=True,
               metavar="DEGREES",
               help="lines: rotate each page by up to this many degrees either way and outline each glyph where it "
                    "lands, on the rotated page's pixels (training's --augment rotates polygons drawn on the upright "

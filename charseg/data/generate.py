@@ -8,6 +8,7 @@ process (heldout.py), in other fonts.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import string
@@ -168,11 +169,7 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
     out = Path(out_dir)
     rng = random.Random(seed)
     fonts = _FontCache([font_path] if font_path else [None, *font_files(TRAINING_FONTS)])
-    if layout == "scatter":
-        render = _render_page
-    else:
-        def render(rng, width, height, **kwargs):
-            return _render_lines(rng, width, height, rotation=rotation, **kwargs)
+    render = _render_page if layout == "scatter" else functools.partial(_render_lines, rotation=rotation)
     total = 0
     indices = range(1, num_images + 1)
     if progress:

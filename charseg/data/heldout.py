@@ -134,8 +134,10 @@ def rotate_and_annotate(page: np.ndarray, glyphs: list[Glyph], degrees: float
     for glyph in glyphs:
         moved = glyph.moved(matrix)
         outline = _annotate(moved.coverage)
-        if outline is not None and on_page(outline := outline + np.array([moved.x, moved.y], dtype=np.float32),
-                                           width, height):
+        if outline is None:
+            continue
+        outline = outline + np.array([moved.x, moved.y], dtype=np.float32)
+        if on_page(outline, width, height):
             polygons.append(outline)
             chars.append(glyph.char)
     return rotated, polygons, chars
