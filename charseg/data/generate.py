@@ -62,7 +62,7 @@ class Glyph:
         moved = corners @ matrix[:, :2].T + matrix[:, 2]
         x0, y0 = (int(v) - 1 for v in np.floor(moved.min(axis=0)))
         x1, y1 = (int(v) + 1 for v in np.ceil(moved.max(axis=0)))
-        local = matrix.astype(np.float64).copy()
+        local = matrix.astype(np.float64)  # a copy
         local[:, 2] = matrix[:, :2] @ (self.x, self.y) + matrix[:, 2] - (x0, y0)
         coverage = cv2.warpAffine(self.coverage.astype(np.float32), local, (x1 - x0 + 1, y1 - y0 + 1),
                                   flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
@@ -259,30 +259,31 @@ def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[i
     it lands. Stops at the drawn number of characters or the page's end."""
     paper = rng.uniform(150, 255)
     page = _paper(rng, width, height, paper)
-    budget, glyphs = rng.randint(*count), []
+    budget, drawn = rng.randint(*count), []  # (glyph, its polygon on the upright page)
     y = rng.randint(0, 8)
-    while len(glyphs) < budget:
+    while len(drawn) < budget:
         font = fonts(rng.randint(*font_size), rng.choice(fonts.paths))
         ascent, descent = font.getmetrics()
         if y + ascent + descent > height:
             break
         ink = np.array([rng.uniform(0, paper - MIN_INK_CONTRAST)] * 3, dtype=np.float32)
         x = rng.uniform(0, font.size)
-        while len(glyphs) < budget:
+        while len(drawn) < budget:
             char = " " if rng.random() < 0.15 else rng.choice(charset)
             advance = font.getlength(char) + rng.uniform(0, 2)
             if x + advance > width:
                 break
             placed = _draw_glyph(page, char, font, x, y, ink)
-            if placed is not None and glyph_polygon(placed) is not None:
-                glyphs.append(placed)
+            polygon = glyph_polygon(placed) if placed is not None else None
+            if polygon is not None:
+                drawn.append((placed, polygon))
             x += advance
         y += ascent + descent + rng.randint(0, 6)
-    if rotation:
+    if rotation:  # each glyph outlined again where it lands
         page, matrix = rotate_page(page, rng.uniform(-rotation, rotation))
-        glyphs = [glyph.moved(matrix) for glyph in glyphs]
-    rows = [(glyph.char, json.dumps(flat_polygon(polygon))) for glyph in glyphs
-            if (polygon := glyph_polygon(glyph)) is not None and on_page(polygon, width, height)]
+        drawn = [(glyph, glyph_polygon(glyph.moved(matrix))) for glyph, _ in drawn]
+    rows = [(glyph.char, json.dumps(flat_polygon(polygon))) for glyph, polygon in drawn
+            if polygon is not None and on_page(polygon, width, height)]
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, rng.uniform(0, 6), page.shape)
     return np.clip(page + noise, 0, 255).round().astype(np.uint8), rows
 
