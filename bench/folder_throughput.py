@@ -21,6 +21,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -59,8 +61,11 @@ def measure(checkpoint: str, pages: int, detections: int = FOLDER_DETECTIONS) ->
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pages"
         generate_heldout(folder, num_images=pages, min_side=256, max_side=1024, seed=31)
+        # The checkpoint's own page scale given: each page read once, as stock reads it (no second
+        # reading of a page of small characters).
+        scale = torch.load(checkpoint, map_location="cpu", weights_only=False)["model_spec"]["scale_test"]
         charseg = [sys.executable, "-m", "charseg", "predict", str(folder / "images"), "--model", checkpoint,
-                   "--detections-per-img", str(detections)]
+                   "--detections-per-img", str(detections), "--scale-test", str(scale)]
         runs = {"stock torchvision, page by page (fp32)":
                 [sys.executable, str(ROOT / "bench" / "stock_predict.py"), checkpoint, str(folder / "images")],
                 "charseg predict DIR --precision fp32": [*charseg, "--precision", "fp32"],

@@ -158,6 +158,8 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
                                     "--scale-test", "0.75", "--output-dir", str(out)]).exit_code == 0
     spec = torch.load(out / "model_final.pth", weights_only=True)["model_spec"]
     assert (spec["scale_train"], spec["scale_test"]) == (0.5, 0.75)
+    heights = [float(np.ptp(p[:, 1])) for s in scan_dataset(tiny_dataset).samples for p in s.polygons]
+    assert spec["glyph_height"] == round(float(np.median(heights)), 2) > 0  # every page trains (val_fraction 0)
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
                                       "--out", str(tmp_path / "m.json"), "--scale-test", "1"])
     assert result.exit_code == 0, result.output
@@ -176,6 +178,10 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
 
     with pytest.raises(CharsegError, match=r"--scale-test must be 0 \(resize to min_size\) or a factor"):
         load_model_for_inference(out / "model_final.pth", torch.device("cpu"), scale_test=-1.0)
+    # The checkpoint's scale follows a page of small characters; a given one reads every page at it.
+    follows = load_model_for_inference(out / "model_final.pth", torch.device("cpu"))[0]
+    fixed, fixed_spec, _ = load_model_for_inference(out / "model_final.pth", torch.device("cpu"), scale_test=0.75)
+    assert follows.glyph_height == spec["glyph_height"] and fixed.glyph_height == fixed_spec.glyph_height == 0.0
 
 
 def test_each_page_scores_as_it_would_alone_whatever_the_batch(tmp_path):

@@ -8,7 +8,8 @@ import torchvision
 
 from charseg.errors import WeightsError
 from charseg.model.build import ModelSpec, build_model, create_model, spec_for_weights
-from charseg.model.heads import PAGE_MAX_SIDE
+from charseg.config import MAX_PAGE_SCALE
+from charseg.model.heads import FOLLOW_MAX_RATIO, PAGE_MAX_SIDE, page_scale_for
 
 
 @pytest.fixture
@@ -218,3 +219,41 @@ def test_page_scales_resize_by_a_factor_of_each_pages_own_size():
     assert (ModelSpec.from_dict(old).scale_train, ModelSpec.from_dict(old).scale_test) == (0.0, 0.0)
     with pytest.raises(ValueError, match="scale_train / scale_test need charseg's transform"):
         build_model(spec_for_weights("resnet18", "none", scale_test=1.5), polygon_native=False)
+
+
+def test_a_page_of_small_characters_is_read_again_enlarged_to_the_training_height():
+    """The page scale follows the page: boxes whose median height is more than FOLLOW_BAND
+    under the training pages' median ask for a reading at the scale that brings them up to it
+    (at most FOLLOW_MAX_RATIO times larger, and MAX_PAGE_SCALE); characters near or above it,
+    or too few boxes to measure, keep the first reading."""
+    def boxes(*heights):
+        return torch.tensor([[0.0, 0.0, 5.0, h] for h in heights])
+
+    assert page_scale_for(boxes(8, 8, 8, 9, 7), glyph_height=12.0, scale=1.25) == pytest.approx(1.875)
+    assert page_scale_for(boxes(11, 11, 11, 11, 11), glyph_height=12.0, scale=1.25) is None  # within the band
+    assert page_scale_for(boxes(30, 30, 30, 30, 30), glyph_height=12.0, scale=1.25) is None  # never shrinks
+    assert page_scale_for(boxes(8, 8, 8, 8), glyph_height=12.0, scale=1.25) is None  # too few to measure
+    assert page_scale_for(boxes(3, 3, 3, 3, 3), glyph_height=12.0, scale=1.25) == 1.25 * FOLLOW_MAX_RATIO
+    assert page_scale_for(boxes(3, 3, 3, 3, 3), glyph_height=12.0, scale=6.0) == MAX_PAGE_SCALE
+
+
+def test_the_second_reading_is_the_model_at_the_followed_scale():
+    """PolygonMaskRCNN reads a page again at page_scale_for's scale when it asks for one: the
+    result is the model's own reading at that scale. glyph_height 0 (checkpoints without the
+    field, a --scale-test given, an export) reads once."""
+    torch.manual_seed(0)
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=400, norm="group", fpn_channels=64,
+                            mask_pixels=True, scale_train=1.0, scale_test=1.0, glyph_height=1000.0)
+    model = build_model(spec).eval()
+    model.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 96, 128)
+    with torch.no_grad():
+        followed = model([image])[0]
+        model.glyph_height = 0.0
+        first = model([image])[0]
+        scale = page_scale_for(first["boxes"][first["scores"] >= 0.5], 1000.0, 1.0)
+        assert scale == FOLLOW_MAX_RATIO  # the untrained model's boxes are far below 1000 px
+        model.transform.page_scales = (1.0, scale)
+        again = model([image])[0]
+    assert torch.equal(followed["boxes"], again["boxes"]) and not torch.equal(followed["boxes"], first["boxes"])
+    assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "glyph_height"}).glyph_height == 0.0

@@ -150,7 +150,9 @@ SCALE_TRAIN_HELP = ("Resize each training page by this factor of its own size in
 
 
 SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the registered model); a little above "
-                   "the training scale, small glyphs are found more often. 0: the --min-size rule.")
+                   "the training scale, small glyphs are found more often. A page whose characters come out smaller "
+                   "than the training pages' median is read again, enlarged to it (up to twice). 0: the --min-size "
+                   "rule.")
 
 
 HYPER = (
@@ -320,4 +322,4 @@ DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="a
 
 
 SCALE_TEST_OVERRIDE = click.option("--scale-test", type=BlankFiniteFloat(min=0, max=MAX_PAGE_SCALE), default=None,
-                                   help=f"{SCALE_TEST_HELP} [default: the checkpoint's]")
+                                   help=f"{SCALE_TEST_HELP} [default: the checkpoint's; given, every page is read at this one scale]")

@@ -146,7 +146,9 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str, detections_p
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     start = time.perf_counter()
-    model, spec, state = load_model_for_inference(checkpoint, torch.device("cpu"), detections_per_img, scale_test)
+    # A traced graph reads every page at one scale: no second reading of small characters.
+    model, spec, state = load_model_for_inference(checkpoint, torch.device("cpu"), detections_per_img, scale_test,
+                                                  fixed_scale=True)
     detector = PageDetector(model).eval()
     metadata = {"format": fmt, "score_threshold": float(state["config"]["score_threshold"]),
                 "detections_per_img": spec.detections_per_img, "model_spec": spec.to_dict(),

@@ -48,12 +48,14 @@ class Instance:
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, detections_per_img: int | None = None,
-                             scale_test: float | None = None, max_size: int | None = None
+                             scale_test: float | None = None, max_size: int | None = None, fixed_scale: bool = False
                              ) -> tuple[torch.nn.Module, ModelSpec, dict]:
     """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img` and
     `scale_test` instead of the checkpoint's when given, and `max_size` as the cap of its
-    input's long side (PasteFreeTransform.inference_cap otherwise). Its precision is the
-    caller's autocast (precision.Compute). Returns (model, its spec, the checkpoint)."""
+    input's long side (PasteFreeTransform.inference_cap otherwise). A given `scale_test`, or
+    `fixed_scale`, reads every page at that one scale (no second reading of a page of small
+    characters: spec.glyph_height 0). Its precision is the caller's autocast
+    (precision.Compute). Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
     if detections_per_img:  # the RPN keeps enough proposals for them, as a run's fitted limits do
@@ -65,6 +67,8 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         except ValueError as exc:
             raise CharsegError(str(exc)) from exc
         spec = dataclasses.replace(spec, scale_test=scale_test)
+    if scale_test is not None or fixed_scale:
+        spec = dataclasses.replace(spec, glyph_height=0.0)
     with torch.device("meta"):  # no random fills: the strict load sets every parameter and buffer
         model = build_model(spec)
     model.to_empty(device="cpu").load_state_dict(state["model"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
+
 from ..config import LIMITS, TrainConfig
 from ..data.dataset import Sample
 from .anchors import POSITIVE_IOU, SMALL_CHARACTER_PX, fit_anchor_sizes
@@ -45,7 +47,7 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
     if config.mode == "resume":
         return source
     most = max((len(s.polygons) for s in samples), default=0)
-    limits = fit_limits(config, most)
+    limits = {**fit_limits(config, most), "glyph_height": median_glyph_height(train)}
     if config.mode == "finetune":
         return dataclasses.replace(source, **{k: getattr(config, k) for k in FINETUNE_CHANGEABLE}, **limits)
     sizes = config.anchor_sizes or choose_anchor_sizes(train, config.min_size, config.max_size, config.scale_train)
@@ -54,6 +56,12 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
                             roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
                             fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels,
                             mask_dice=config.mask_dice, **limits)
+
+
+def median_glyph_height(train: list[Sample]) -> float:
+    """The median height of the training characters, px, at their pages' own size (0.0: none)."""
+    heights = [float(np.ptp(polygon[:, 1])) for sample in train for polygon in sample.polygons]
+    return round(float(np.median(heights)), 2) if heights else 0.0
 
 
 def fit_limits(config: TrainConfig, most_characters: int) -> dict[str, int]:

@@ -98,6 +98,10 @@ class ModelSpec:
     # Weight of the Dice term of the mask loss (TrainConfig.mask_dice); 0: BCE alone, as
     # checkpoints without this field were trained.
     mask_dice: float = 0.0
+    # Median character height of the training pages, px, at their own size (0: unknown, as in
+    # checkpoints without this field). A page-scaled model reads a page whose characters are
+    # smaller than this again, enlarged (PolygonMaskRCNN.glyph_height).
+    glyph_height: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,7 +225,7 @@ def _polygon_mask_rcnn(backbone: BackboneWithFPN, spec: ModelSpec, num_classes: 
         mask_predictor=mask_predictor, mask_frame_offset=offset, mask_dice=spec.mask_dice)
     transform = PasteFreeTransform(spec.min_size, spec.max_size, _IMAGE_MEAN, _IMAGE_STD,
                                    page_scales=(spec.scale_train, spec.scale_test), mask_frame_offset=offset)
-    return PolygonMaskRCNN(backbone, rpn, roi_heads, transform)
+    return PolygonMaskRCNN(backbone, rpn, roi_heads, transform, spec.glyph_height)
 
 
 def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_layer=None,

@@ -12,6 +12,7 @@ polygons directly. Memory grows with instances x 28^2, not instances x H x W.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -28,10 +29,13 @@ from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _f
                                                     resize_boxes)
 from torchvision.ops import roi_align
 
+from ..config import MAX_PAGE_SCALE
 from ..data.loading import POLYGON_KEYS
 from ..polygons import PIXEL_CENTRE, polygon_mask_targets, unpack_polygons
 from .roi_pool import float32_features
 from .sampling import ROI_SALT, SeededSampler
+
+log = logging.getLogger("charseg")
 
 # Detections sent through the mask head at once at inference (memory: MASK_CHUNK x 256 x 28^2).
 MASK_CHUNK = 64
@@ -42,6 +46,13 @@ REFINE_GROUPS = 8
 # px: at inference, a page-scaled model (ModelSpec.scale_test) caps the long side of its input at
 # this or its training max_size, whichever is larger (PasteFreeTransform.inference_cap).
 PAGE_MAX_SIDE = 4096
+# PolygonMaskRCNN's second reading of a page of small characters (page_scale_for): detections
+# of at least this score measure the page, at least this many of them, and their median height
+# must be this factor below the training median. Measured on the demo's model, docs/QUALITY.md.
+FOLLOW_SCORE = 0.5
+FOLLOW_MIN_BOXES = 5
+FOLLOW_BAND = 1.15
+FOLLOW_MAX_RATIO = 2.0  # at most this much larger than the first reading (measured up to 1.4)
 
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
@@ -311,8 +322,38 @@ class PolygonMaskRCNN(MaskRCNN):
     outputs before box decoding, mask logits, every loss. Its state dict is stock torchvision's."""
 
     def __init__(self, backbone: nn.Module, rpn: RegionProposalNetwork, roi_heads: RoIHeads,
-                 transform: GeneralizedRCNNTransform):
+                 transform: PasteFreeTransform, glyph_height: float = 0.0):
         # MaskRCNN's and FasterRCNN's constructors build torchvision's own parts from arguments;
         # these parts are built by the caller, so only GeneralizedRCNN's is run.
         GeneralizedRCNN.__init__(self, backbone, rpn, roi_heads, transform)
+        # The scale follows the page: at inference a page-scaled model reads a page whose
+        # characters come out smaller than its training pages' median (ModelSpec.glyph_height)
+        # again, enlarged by the ratio (page_scale_for). 0: every page at the model's scale.
+        self.glyph_height = glyph_height
+
+    def forward(self, images, targets=None):
+        outputs = super().forward(images, targets)
+        base = self.transform.page_scales[1]
+        if self.training or not (self.glyph_height and base) or torchvision._is_tracing():
+            return outputs
+        for index, output in enumerate(outputs):
+            scale = page_scale_for(output["boxes"][output["scores"] >= FOLLOW_SCORE], self.glyph_height, base)
+            if scale is not None:
+                log.debug("characters smaller than the training pages' %.1f px: page read again at scale %.2f",
+                         self.glyph_height, scale)
+                with _swapped(self.transform, page_scales=(self.transform.page_scales[0], scale)):
+                    outputs[index] = super().forward([images[index]])[0]
+        return outputs
+
+
+def page_scale_for(boxes: torch.Tensor, glyph_height: float, scale: float) -> float | None:
+    """The page scale to read a page at again, given the BOXES found on it at SCALE: the scale
+    that brings their median height up to GLYPH_HEIGHT (the training pages' median), at most
+    FOLLOW_MAX_RATIO times SCALE and MAX_PAGE_SCALE; None to keep the first reading (too few boxes to measure, characters no
+    more than FOLLOW_BAND smaller). Only enlarges: on a page of characters much larger than
+    any in training the boxes are strokes and parts, not characters, and measure nothing."""
+    if len(boxes) < FOLLOW_MIN_BOXES:
+        return None
+    ratio = min(glyph_height / float((boxes[:, 3] - boxes[:, 1]).median()), FOLLOW_MAX_RATIO)
+    return min(scale * ratio, MAX_PAGE_SCALE) if ratio > FOLLOW_BAND and scale < MAX_PAGE_SCALE else None
 
