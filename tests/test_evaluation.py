@@ -20,6 +20,7 @@ from charseg.data.dataset import Sample, scan_dataset
 from charseg.data.images import load_image_rgb
 from charseg.data.loading import image_to_tensor, split_samples
 from charseg.inference.evaluate import evaluate, is_better
+from charseg.model.architecture import MASK_BOX_MARGIN
 from charseg.polygons import PIXEL_CENTRE, polygon_mask_targets, polygons_to_boxes
 from charseg.training import runner
 
@@ -160,6 +161,7 @@ def test_evaluate_command_writes_json_and_logs(tiny_dataset, tmp_path):
     assert (spec["scale_train"], spec["scale_test"]) == (0.5, 0.75)
     heights = [float(np.ptp(p[:, 1])) for s in scan_dataset(tiny_dataset).samples for p in s.polygons]
     assert spec["glyph_height"] == round(float(np.median(heights)), 2) > 0  # every page trains (val_fraction 0)
+    assert spec["mask_box_margin"] == MASK_BOX_MARGIN > 0
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(out / "model_final.pth"),
                                       "--out", str(tmp_path / "m.json"), "--scale-test", "1"])
     assert result.exit_code == 0, result.output

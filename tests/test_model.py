@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
 
+from charseg.config import MAX_PAGE_SCALE
 from charseg.errors import WeightsError
 from charseg.model.build import ModelSpec, build_model, create_model, spec_for_weights
-from charseg.config import MAX_PAGE_SCALE
 from charseg.model.heads import FOLLOW_MAX_RATIO, PAGE_MAX_SIDE, page_scale_for
 
 
@@ -257,3 +259,28 @@ def test_the_second_reading_is_the_model_at_the_followed_scale():
         again = model([image])[0]
     assert torch.equal(followed["boxes"], again["boxes"]) and not torch.equal(followed["boxes"], first["boxes"])
     assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "glyph_height"}).glyph_height == 0.0
+
+
+def test_masks_are_outlined_in_their_box_grown_by_the_margin_and_the_box_stays():
+    """ModelSpec.mask_box_margin: the mask head reads each detected box grown by the margin (px
+    at the model's input, inside the image); the reported box is the detector's, the mask's
+    frame the grown box on the page. Checkpoints without the field (0) outline in the box."""
+    torch.manual_seed(0)
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=400, norm="group", fpn_channels=64,
+                            mask_pixels=True, scale_train=1.0, scale_test=2.0)
+    plain = build_model(spec).eval()
+    grown = build_model(dataclasses.replace(spec, mask_box_margin=1.0)).eval()
+    grown.load_state_dict(plain.state_dict())
+    for model in (plain, grown):
+        model.roi_heads.score_thresh = 0.0
+    image = torch.rand(3, 48, 64)
+    with torch.no_grad():
+        before, after = plain([image])[0], grown([image])[0]
+    assert len(before["boxes"]) > 0 and torch.equal(before["boxes"], after["boxes"])
+    assert torch.allclose(before["mask_frames"], before["boxes"])  # mask_in_box: the frame is the box
+    # 1 px at the input is 0.5 px of this page (scale 2), clipped to the page.
+    expected = (before["boxes"] + torch.tensor([-0.5, -0.5, 0.5, 0.5])).clamp(min=0)
+    expected[:, 0::2], expected[:, 1::2] = expected[:, 0::2].clamp(max=64), expected[:, 1::2].clamp(max=48)
+    assert torch.allclose(after["mask_frames"], expected, atol=1e-4)
+    assert not torch.equal(before["box_masks"], after["box_masks"])
+    assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "mask_box_margin"}).mask_box_margin == 0

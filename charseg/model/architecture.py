@@ -32,6 +32,9 @@ MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples", "mask_dice")
 # Requests a fine-tune takes from the source's spec, as its weights were built for them.
 FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels")
+# px at the model's input: new runs outline each mask in its box grown by this
+# (ModelSpec.mask_box_margin); measured on the demo's pages in docs/FROM_SCRATCH.md.
+MASK_BOX_MARGIN = 1.0
 
 
 def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample],
@@ -47,7 +50,8 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
     if config.mode == "resume":
         return source
     most = max((len(s.polygons) for s in samples), default=0)
-    limits = {**fit_limits(config, most), "glyph_height": median_glyph_height(train)}
+    limits = {**fit_limits(config, most), "glyph_height": median_glyph_height(train),
+              "mask_box_margin": MASK_BOX_MARGIN}
     if config.mode == "finetune":
         return dataclasses.replace(source, **{k: getattr(config, k) for k in FINETUNE_CHANGEABLE}, **limits)
     sizes = config.anchor_sizes or choose_anchor_sizes(train, config.min_size, config.max_size, config.scale_train)

@@ -102,6 +102,10 @@ class ModelSpec:
     # checkpoints without this field). A page-scaled model reads a page whose characters are
     # smaller than this again, enlarged (PolygonMaskRCNN.glyph_height).
     glyph_height: float = 0.0
+    # px at the model's input: at inference each mask is outlined in its box grown by this on
+    # every side (PolygonRoIHeads.grown_for_masks); the reported box is not grown. 0: in the box
+    # itself, as checkpoints without this field do.
+    mask_box_margin: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,7 +226,8 @@ def _polygon_mask_rcnn(backbone: BackboneWithFPN, spec: ModelSpec, num_classes: 
         tv["box_bg_iou_thresh"], spec.roi_samples, tv["box_positive_fraction"], tv["bbox_reg_weights"],
         tv["box_score_thresh"], tv["box_nms_thresh"], spec.detections_per_img,
         mask_roi_pool=GatherRoIAlign(["0", "1", "2", "3"], 14, 2), mask_head=mask_head,
-        mask_predictor=mask_predictor, mask_frame_offset=offset, mask_dice=spec.mask_dice)
+        mask_predictor=mask_predictor, mask_frame_offset=offset, mask_dice=spec.mask_dice,
+        mask_box_margin=spec.mask_box_margin)
     transform = PasteFreeTransform(spec.min_size, spec.max_size, _IMAGE_MEAN, _IMAGE_STD,
                                    page_scales=(spec.scale_train, spec.scale_test), mask_frame_offset=offset)
     return PolygonMaskRCNN(backbone, rpn, roi_heads, transform, spec.glyph_height)

@@ -27,6 +27,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, mask
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import (GeneralizedRCNNTransform, _fake_cast_onnx, _get_shape_onnx,
                                                     resize_boxes)
+from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 
 from ..config import MAX_PAGE_SCALE
@@ -97,12 +98,14 @@ class PolygonRoIHeads(RoIHeads):
     `mask_frame_offset`: where each mask lies against its box (polygon_mask_targets);
     `mask_dice`: the weight of the mask loss's Dice term (polygon_mask_loss)."""
 
-    def __init__(self, *args, mask_frame_offset: float = PIXEL_CENTRE, mask_dice: float = 0.0, **kwargs):
+    def __init__(self, *args, mask_frame_offset: float = PIXEL_CENTRE, mask_dice: float = 0.0,
+                 mask_box_margin: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.fg_bg_sampler = SeededSampler(self.fg_bg_sampler.batch_size_per_image,
                                            self.fg_bg_sampler.positive_fraction)
         self.mask_frame_offset = mask_frame_offset
         self.mask_dice = mask_dice
+        self.mask_box_margin = mask_box_margin
 
     def check_targets(self, targets):
         if targets is None:
@@ -150,10 +153,14 @@ class PolygonRoIHeads(RoIHeads):
         class_logits, box_regression = (t.float() for t in self.box_predictor(box_features))
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
         results = [{"boxes": b, "labels": lab, "scores": sc} for b, sc, lab in zip(boxes, scores, labels)]
+        mask_boxes = [self.grown_for_masks(b, shape) for b, shape in zip(boxes, image_shapes)]
+        if self.mask_box_margin:
+            for result, grown in zip(results, mask_boxes):
+                result["mask_boxes"] = grown  # PasteFreeTransform.postprocess: the masks' frames
         if torchvision._is_tracing():
             # One box more, dropped after: ONNX Runtime cannot run GroupNorm over no boxes (a page
             # without characters), its reshape of zero elements fails.
-            spare = [*boxes[:-1], torch.cat([boxes[-1], boxes[-1].new_tensor([[0.0, 0.0, 1.0, 1.0]])])]
+            spare = [*mask_boxes[:-1], torch.cat([mask_boxes[-1], mask_boxes[-1].new_tensor([[0.0, 0.0, 1.0, 1.0]])])]
             logits = self.mask_logits(features, spare, image_shapes)[:-1]
             for result, masks in zip(results, maskrcnn_inference(logits, labels)):
                 result["masks"] = masks
@@ -161,7 +168,7 @@ class PolygonRoIHeads(RoIHeads):
         for i, result in enumerate(results):
             chunks = []
             for start in range(0, len(result["boxes"]), MASK_CHUNK):
-                chunk = result["boxes"][start:start + MASK_CHUNK]
+                chunk = mask_boxes[i][start:start + MASK_CHUNK]
                 # MultiScaleRoIAlign reads the image index from the list position.
                 per_image = [chunk if j == i else chunk[:0] for j in range(len(results))]
                 logits = self.mask_logits(features, per_image, image_shapes)
@@ -169,6 +176,16 @@ class PolygonRoIHeads(RoIHeads):
             size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
             result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
         return results
+
+
+    def grown_for_masks(self, boxes: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
+        """BOXES grown by mask_box_margin px on every side (inside the image): the boxes the mask
+        head outlines in at inference. A detected box is as often a little inside the character's
+        edge as outside it, and a mask ends at its box: the margin keeps the edge's pixels."""
+        if not self.mask_box_margin:
+            return boxes
+        margin = self.mask_box_margin
+        return box_ops.clip_boxes_to_image(boxes + boxes.new_tensor([-margin, -margin, margin, margin]), image_shape)
 
 
 class PixelMaskPredictor(nn.Module):
@@ -296,9 +313,10 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
             if "masks" in pred:
                 pred["box_masks"] = pred.pop("masks")[:, 0]
                 # The rectangle of the page each box mask covers, in the polygons' convention:
-                # the box moved by the frame offset (of the resized page) its masks were
-                # trained with (polygon_mask_targets).
-                pred["mask_frames"] = resize_boxes(boxes + self.mask_frame_offset, im_s, o_im_s)
+                # the box (grown by the heads' mask margin) moved by the frame offset (of the
+                # resized page) its masks were trained with (polygon_mask_targets).
+                frames = pred.pop("mask_boxes", boxes)
+                pred["mask_frames"] = resize_boxes(frames + self.mask_frame_offset, im_s, o_im_s)
         return result
 
 
