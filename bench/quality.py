@@ -13,8 +13,10 @@ Both are evaluated on held-out pages made by another process (`charseg generate 
 other fonts, rotation, texture, blur, noise, annotator polygons) and on the training
 generator's own held-back pages, and on pages in fonts and backgrounds no generator here uses
 (`generate --held-out --unseen`: needs `pip install 'charseg[fonts]'`); charseg's model also on a
-2048 px document page. Prints the figures and writes docs/QUALITY.md with overlays of the pages
-where charseg does best and worst. A script, not a test: run it alone.
+2048 px document page. The same trained model is also read each page once at its scale, with
+masks outlined in the detected box itself, and at --scale-test 0 (VARIANTS, a row each). Prints
+the figures and writes docs/QUALITY.md with the outlines of the pages where charseg does best
+and worst, drawn over the annotations. A script, not a test: run it alone.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import time
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,12 +44,13 @@ from scaling import cpu_description  # noqa: E402  (bench/ is this script's fold
 
 from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
-from charseg.data.dataset import load_dataset_report, scan_dataset  # noqa: E402
+from charseg.data.dataset import Sample, load_dataset_report, scan_dataset  # noqa: E402
+from charseg.data.images import load_image_rgb  # noqa: E402
 from charseg.data.heldout import generate_heldout  # noqa: E402
 from charseg.data.unseen import generate_unseen  # noqa: E402
 from charseg.data.loading import CharacterDataset, EpochShuffleSampler, collate  # noqa: E402
 from charseg.inference.evaluate import evaluate  # noqa: E402
-from charseg.inference.predict import detection_limit, load_model_for_inference  # noqa: E402
+from charseg.inference.predict import detection_limit, load_model_for_inference, predict_arrays  # noqa: E402
 from charseg.model.build import STOCK_ANCHOR_SIZES, build_model, spec_for_weights  # noqa: E402
 from charseg.training import runner  # noqa: E402
 from charseg.training.engine import train_one_epoch  # noqa: E402
@@ -59,6 +64,15 @@ DOCUMENT_DETECTIONS = 2500
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
 # (about 40 minutes on 2 cores).
 LONG = {"num_images": 400, "epochs": 10}
+# The same trained model read another way (one row each): what each inference rule adds.
+# fixed_scale: no second, enlarged reading of a page of small characters; mask_box_margin 0:
+# masks outlined in the detected box itself, as checkpoints before the margin; scale_test 0:
+# pages resized to --min-size, as stock resizes them.
+VARIANTS = {"charseg, each page once at the checkpoint's scale": {"fixed_scale": True},
+            "charseg, masks in the detected box itself": {"mask_box_margin": 0.0},
+            "charseg, --scale-test 0": {"scale_test": 0.0}}
+# Held-out pages shown, outlines drawn at this zoom (nearest neighbour) to be judged.
+OVERLAY_ZOOM = 3
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "mask_dice", "min_size",
               "max_size", "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
               "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
@@ -134,14 +148,26 @@ def train_stock(recipe: dict, train: list, seconds: float, out: Path) -> tuple[t
     return model, {"epochs": round(steps / len(loader), 2), "seconds": time.perf_counter() - start, "spec": spec}
 
 
-def per_page(model: torch.nn.Module, pages: list, max_dets: int, threshold: float) -> list[tuple[float, str, object]]:
-    """(char_f1, name, overlay) of every page, worst first."""
-    scored = []
-    for page in pages:
-        result = evaluate(model, [page], torch.device("cpu"), max_dets=max_dets, score_threshold=threshold,
-                          overlay_count=1)
-        scored.append((result.metrics["char_f1"], page.name, result.overlays[0][1]))
+def per_page(model: torch.nn.Module, pages: list, max_dets: int, threshold: float) -> list[tuple[float, Sample]]:
+    """(char_f1, page) of every page, worst first."""
+    scored = [(evaluate(model, [page], torch.device("cpu"), max_dets=max_dets, score_threshold=threshold
+                        ).metrics["char_f1"], page) for page in pages]
     return sorted(scored, key=lambda item: item[0])
+
+
+def outlines_drawn(model: torch.nn.Module, page: Sample, threshold: float) -> Image.Image:
+    """PAGE at OVERLAY_ZOOM x its size (nearest neighbour), its annotations outlined in green and
+    the model's outlines (score >= THRESHOLD) in red, 1 px wide, each on its pixel edges."""
+    rgb = load_image_rgb(page.image_path)
+    found = predict_arrays(model, [rgb], torch.device("cpu"), threshold)[0]
+    image = Image.fromarray(rgb).resize((page.width * OVERLAY_ZOOM, page.height * OVERLAY_ZOOM), Image.NEAREST)
+    draw = ImageDraw.Draw(image)
+    outlines = [(np.asarray(p).reshape(-1, 2), (0, 170, 0)) for p in page.polygons]
+    outlines += [(np.asarray(i.polygon).reshape(-1, 2), (230, 0, 0)) for i in found]
+    for points, colour in outlines:
+        corners = [(x * OVERLAY_ZOOM, y * OVERLAY_ZOOM) for x, y in points]
+        draw.line(corners + corners[:1], fill=colour, width=1)
+    return image
 
 
 def main() -> None:
@@ -177,19 +203,24 @@ def main() -> None:
         seconds = time.perf_counter() - start
         if args.keep_model:
             shutil.copyfile(result.final_checkpoint, args.keep_model)
-        model, spec, _ = load_model_for_inference(result.final_checkpoint, torch.device("cpu"))
         splits = runner.make_splits(config, load_dataset_report(config.data_dir))
-        rows = {"charseg": {"seconds": seconds, "epochs": recipe["epochs"], **measure(model, spec, heldout,
-                                                                                      splits.val, config, unseen)}}
-        print(f"  charseg: {seconds:.0f} s, held-out {rows['charseg']['heldout']}", flush=True)
-        if spec.scale_test:  # the same model with pages resized to min_size at inference, as stock does
-            plain, plain_spec, _ = load_model_for_inference(result.final_checkpoint, torch.device("cpu"),
-                                                                   scale_test=0.0)
-            rows["charseg, --scale-test 0"] = {"seconds": seconds, "epochs": recipe["epochs"],
-                                               **measure(plain, plain_spec, heldout, splits.val, config, unseen)}
-        document = measure_document(model, tmp / "document")
-        print(f"  charseg on a document page: {document}", flush=True)
-        pages = per_page(model, heldout, spec.detections_per_img, config.score_threshold)
+        rows, document = {}, {}
+        generate_heldout(tmp / "document", num_images=1, size=DOCUMENT["size"], font_sizes=DOCUMENT["font_sizes"],
+                         seed=DOCUMENT["seed"])
+        page_scaled = read_as(result.final_checkpoint, {})[1].scale_test > 0
+        # A model without a page scale reads every page once, at --min-size: no variant to compare.
+        for name, how in {"charseg": {}, **(VARIANTS if page_scaled else {})}.items():
+            model, spec = read_as(result.final_checkpoint, how)
+            rows[name] = {"seconds": seconds, "epochs": recipe["epochs"],
+                          **measure(model, spec, heldout, splits.val, config, unseen)}
+            if "scale_test" not in how:
+                document[name] = measure_document(model, tmp / "document")
+            print(f"  {name}: {seconds:.0f} s, held-out {rows[name]['heldout']}, document {document.get(name)}",
+                  flush=True)
+        model, spec = read_as(result.final_checkpoint, {})
+        ranked = per_page(model, heldout, spec.detections_per_img, config.score_threshold)
+        pages = [(kind, f1, page.name, outlines_drawn(model, page, config.score_threshold))
+                 for kind, items in (("best", ranked[-2:][::-1]), ("worst", ranked[:2])) for f1, page in items]
         if not args.no_stock and args.recipe == "demo":
             stock, facts = train_stock(recipe, splits.train, seconds, tmp / "stock")
             rows["stock"] = {"seconds": facts["seconds"], "epochs": facts["epochs"],
@@ -198,10 +229,17 @@ def main() -> None:
         write_report(Path(args.out), args.recipe, recipe, generate_args, num_images, rows, pages, document)
 
 
+def read_as(checkpoint: Path, how: dict) -> tuple[torch.nn.Module, object]:
+    """The checkpoint's model and spec for inference, read as HOW (a VARIANTS value) says."""
+    model, spec, _ = load_model_for_inference(checkpoint, torch.device("cpu"), scale_test=how.get("scale_test"),
+                                              fixed_scale=how.get("fixed_scale", False))
+    if "mask_box_margin" in how:
+        model.roi_heads.mask_box_margin = how["mask_box_margin"]
+    return model, spec
+
+
 def measure_document(model: torch.nn.Module, out: Path) -> dict:
-    """The model's metrics on one DOCUMENT page, with its characters."""
-    generate_heldout(out, num_images=1, size=DOCUMENT["size"], font_sizes=DOCUMENT["font_sizes"],
-                     seed=DOCUMENT["seed"])
+    """The model's metrics on the DOCUMENT page generated at OUT, with its characters."""
     page = scan_dataset(out).samples
     with detection_limit(model, DOCUMENT_DETECTIONS):
         metrics = evaluate(model, page, torch.device("cpu"), max_dets=DOCUMENT_DETECTIONS).metrics
@@ -235,13 +273,13 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
                  rows: dict, pages: list, document: dict) -> None:
     images = out.parent / "quality"
     images.mkdir(parents=True, exist_ok=True)
-    shown = {"best": pages[-2:][::-1], "worst": pages[:2]}
+    for stale in images.glob(f"{recipe_name}_*.png"):  # the pages shown last time
+        stale.unlink()
     names = []
-    for kind, items in shown.items():
-        for f1, name, overlay in items:
-            path = images / f"{recipe_name}_{kind}_{name}.png"
-            overlay.resize((overlay.width * 2, overlay.height * 2)).save(path)
-            names.append(f"![{kind} held-out page {name}, char F1 {f1:.2f}](quality/{path.name})")
+    for kind, f1, name, overlay in pages:
+        path = images / f"{recipe_name}_{kind}_{name}.png"
+        overlay.save(path)
+        names.append(f"![{kind} held-out page {name}, char F1 {f1:.2f}](quality/{path.name})")
     lines = [
         f"# Quality on held-out pages: recipe `{recipe_name}`",
         "",
@@ -269,13 +307,13 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
                                                                          "char_f1", "bbox_AP50")], trained=False)]
     size, fonts = "x".join(map(str, DOCUMENT["size"])), "-".join(map(str, DOCUMENT["font_sizes"]))
     lines += ["", f"A document page: `charseg generate --held-out --num-images 1 --size {size} --font-size {fonts} "
-              f"--seed {DOCUMENT['seed']}` ({document['characters']} characters), the charseg model with "
-              f"--detections-per-img {DOCUMENT_DETECTIONS}:", "",
-              "| segm_AP50 | segm_AP75 | segm_AP | char_f1 | bbox_AP50 |", "| --- | --- | --- | --- | --- |",
-              f"| {document['segm_AP50']:.3f} | {document['segm_AP75']:.3f} | {document['segm_AP']:.3f} | "
-              f"{document['char_f1']:.3f} | {document['bbox_AP50']:.3f} |"]
-    lines += ["", "Best and worst held-out pages of the charseg model (char F1 per page; outlines at score >= 0.5):",
-              "", *names, ""]
+              f"--seed {DOCUMENT['seed']}` ({document['charseg']['characters']} characters), the charseg model "
+              f"with --detections-per-img {DOCUMENT_DETECTIONS}:", "",
+              *metrics_table("recipe", {name: {"document": metrics} for name, metrics in document.items()},
+                             [(m, "document", m) for m in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1",
+                                                           "bbox_AP50")], trained=False)]
+    lines += ["", f"Best and worst held-out pages of the charseg model (char F1 per page), at {OVERLAY_ZOOM}x: "
+              "annotations in green, the model's outlines (score >= 0.5) in red:", "", *names, ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines[:12 + len(rows)]))
 
