@@ -53,7 +53,7 @@ PAGE_MAX_SIDE = 4096
 FOLLOW_SCORE = 0.5
 FOLLOW_MIN_BOXES = 5
 FOLLOW_BAND = 1.15
-FOLLOW_MAX_RATIO = 2.0  # at most this much larger than the first reading (measured up to 1.4)
+FOLLOW_MAX_RATIO = 2.0  # at most this much larger than the first reading
 
 
 def polygon_mask_loss(mask_logits: torch.Tensor, proposals: list[torch.Tensor], targets: list[dict],
@@ -176,7 +176,6 @@ class PolygonRoIHeads(RoIHeads):
             size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
             result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
         return results
-
 
     def grown_for_masks(self, boxes: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
         """BOXES grown by mask_box_margin px on every side (inside the image): the boxes the mask
@@ -358,7 +357,7 @@ class PolygonMaskRCNN(MaskRCNN):
             scale = page_scale_for(output["boxes"][output["scores"] >= FOLLOW_SCORE], self.glyph_height, base)
             if scale is not None:
                 log.debug("characters smaller than the training pages' %.1f px: page read again at scale %.2f",
-                         self.glyph_height, scale)
+                          self.glyph_height, scale)
                 with _swapped(self.transform, page_scales=(self.transform.page_scales[0], scale)):
                     outputs[index] = super().forward([images[index]])[0]
         return outputs
@@ -367,9 +366,10 @@ class PolygonMaskRCNN(MaskRCNN):
 def page_scale_for(boxes: torch.Tensor, glyph_height: float, scale: float) -> float | None:
     """The page scale to read a page at again, given the BOXES found on it at SCALE: the scale
     that brings their median height up to GLYPH_HEIGHT (the training pages' median), at most
-    FOLLOW_MAX_RATIO times SCALE and MAX_PAGE_SCALE; None to keep the first reading (too few boxes to measure, characters no
-    more than FOLLOW_BAND smaller). Only enlarges: on a page of characters much larger than
-    any in training the boxes are strokes and parts, not characters, and measure nothing."""
+    FOLLOW_MAX_RATIO times SCALE and MAX_PAGE_SCALE; None to keep the first reading (too few
+    boxes to measure, characters no more than FOLLOW_BAND smaller). Only enlarges: on a page of
+    characters much larger than any in training the boxes are strokes and parts, not
+    characters, and measure nothing."""
     if len(boxes) < FOLLOW_MIN_BOXES:
         return None
     ratio = min(glyph_height / float((boxes[:, 3] - boxes[:, 1]).median()), FOLLOW_MAX_RATIO)
