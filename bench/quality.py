@@ -207,17 +207,16 @@ def main() -> None:
         rows, document = {}, {}
         generate_heldout(tmp / "document", num_images=1, size=DOCUMENT["size"], font_sizes=DOCUMENT["font_sizes"],
                          seed=DOCUMENT["seed"])
-        page_scaled = read_as(result.final_checkpoint, {})[1].scale_test > 0
+        model, spec = read_as(result.final_checkpoint, {})
         # A model without a page scale reads every page once, at --min-size: no variant to compare.
-        for name, how in {"charseg": {}, **(VARIANTS if page_scaled else {})}.items():
-            model, spec = read_as(result.final_checkpoint, how)
+        for name, how in {"charseg": {}, **(VARIANTS if spec.scale_test else {})}.items():
+            reader, reader_spec = read_as(result.final_checkpoint, how) if how else (model, spec)
             rows[name] = {"seconds": seconds, "epochs": recipe["epochs"],
-                          **measure(model, spec, heldout, splits.val, config, unseen)}
+                          **measure(reader, reader_spec, heldout, splits.val, config, unseen)}
             if "scale_test" not in how:
-                document[name] = measure_document(model, tmp / "document")
+                document[name] = measure_document(reader, tmp / "document")
             print(f"  {name}: {seconds:.0f} s, held-out {rows[name]['heldout']}, document {document.get(name)}",
                   flush=True)
-        model, spec = read_as(result.final_checkpoint, {})
         ranked = per_page(model, heldout, spec.detections_per_img, config.score_threshold)
         pages = [(kind, f1, page.name, outlines_drawn(model, page, config.score_threshold))
                  for kind, items in (("best", ranked[-2:][::-1]), ("worst", ranked[:2])) for f1, page in items]

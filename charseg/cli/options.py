@@ -322,4 +322,5 @@ DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="a
 
 
 SCALE_TEST_OVERRIDE = click.option("--scale-test", type=BlankFiniteFloat(min=0, max=MAX_PAGE_SCALE), default=None,
-                                   help=f"{SCALE_TEST_HELP} [default: the checkpoint's; given, every page is read at this one scale]")
+                                   help=f"{SCALE_TEST_HELP} [default: the checkpoint's; given, every page is read "
+                                        "at this one scale]")

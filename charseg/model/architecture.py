@@ -50,16 +50,16 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
     if config.mode == "resume":
         return source
     most = max((len(s.polygons) for s in samples), default=0)
-    limits = {**fit_limits(config, most), "glyph_height": median_glyph_height(train),
+    fitted = {**fit_limits(config, most), "glyph_height": median_glyph_height(train),
               "mask_box_margin": MASK_BOX_MARGIN}
     if config.mode == "finetune":
-        return dataclasses.replace(source, **{k: getattr(config, k) for k in FINETUNE_CHANGEABLE}, **limits)
+        return dataclasses.replace(source, **{k: getattr(config, k) for k in FINETUNE_CHANGEABLE}, **fitted)
     sizes = config.anchor_sizes or choose_anchor_sizes(train, config.min_size, config.max_size, config.scale_train)
     return spec_for_weights(config.backbone, config.weights, min_size=config.min_size, max_size=config.max_size,
                             scale_train=config.scale_train, scale_test=config.scale_test,
                             roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
                             fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels,
-                            mask_dice=config.mask_dice, **limits)
+                            mask_dice=config.mask_dice, **fitted)
 
 
 def median_glyph_height(train: list[Sample]) -> float:
