@@ -47,8 +47,10 @@ demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 
 # Every test, in one pytest-xdist worker per core (at most 4; tests/conftest.py shares the cores
 # out among them and puts the slow tests first), each worker handed one test at a time as it
-# frees up; the slowest 15 are listed at the end so that slow tests stay visible.
-PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4 --maxschedchunk 1
+# frees up, except that the tests of one xdist_group (a module whose session fixture trains a run
+# or starts a server) go to one worker; the slowest 15 are listed at the end so that slow tests
+# stay visible.
+PYTEST := $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadgroup
 test: $(VENV)/.installed-test
 	$(PYTEST) --durations=15
 

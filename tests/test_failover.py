@@ -233,8 +233,7 @@ def test_a_server_still_away_when_training_ends_is_synced_into_the_same_run(tiny
         with open(log_path, "w") as log:
             trainer = subprocess.Popen([sys.executable, "-m", "charseg", "train", str(tiny_dataset), *LIGHT_ARGS,
                                         "--epochs", "2", "--output-dir", str(out), "--log-checkpoints", "all",
-                                        "--experiment-name", "away", "--register-as", "away-model",
-                                        "--fpn-channels", "32"],  # smaller checkpoints to upload
+                                        "--experiment-name", "away", "--register-as", "away-model"],
                                        env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while not (out / "model_epoch_001.pth").exists():

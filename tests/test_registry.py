@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import subprocess
@@ -19,11 +20,13 @@ from mlflow.tracking import MlflowClient
 from charseg import checkpoint as ckpt
 from charseg import tracking
 from charseg.cli import cli
+from charseg.tracking.environment import environment
 
 NAME = "charseg-test"
 
 
-pytestmark = [pytest.mark.server]
+# One worker runs this module: its registry fixture trains once, not once per worker.
+pytestmark = [pytest.mark.server, pytest.mark.xdist_group("registry")]
 
 
 @pytest.fixture(scope="session")  # once per pytest-xdist worker
@@ -31,19 +34,11 @@ def registry(tiny_dataset, tmp_path_factory):
     """A sqlite store holding one trained, validated run registered as NAME (the champion)."""
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with environment("MLFLOW_EXPERIMENT_ID", MLFLOW_TRACKING_URI=uri), contextlib.chdir(root):
         # The last --val-fraction wins over the one in LIGHT_ARGS.
         result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "2", "--val-fraction",
                                           "0.25", "--output-dir", str(root / "out"), "--register-as", NAME])
-        assert result.exit_code == 0, result.output
-    finally:
-        os.chdir(cwd)
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert result.exit_code == 0, result.output
     run_id = result.output.split("MLflow run ")[1].split()[0]
     return {"uri": uri, "root": root, "run_id": run_id, "output": result.output}
 

@@ -5,7 +5,6 @@ from the backups; the stack starts again on its own data."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from charseg.tracking.environment import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "deploy"))
 import local_stack  # noqa: E402  (deploy/ is a folder of recipes, not a package)
@@ -26,25 +27,19 @@ from conftest import LIGHT, cli_args  # noqa: E402
 
 USERS = {"alice": "alice-pw-7341-x", "bob": "bob-pw-2210-xyz"}  # MLflow wants 12 characters or more
 
-# LIGHT, validated, with checkpoints of 0.1 GB, not 0.25, through S3.
+# LIGHT, validated.
 ARGS = [*cli_args({**{k: v for k, v in LIGHT.items() if k not in ("batch_size", "rpn_proposals_test")},
-                   "val_fraction": 0.25, "fpn_channels": 32}), "--no-system-metrics", "--experiment-name", "team"]
+                   "val_fraction": 0.25}), "--no-system-metrics", "--experiment-name", "team"]
 
-pytestmark = [pytest.mark.server, pytest.mark.slow,
+# One worker runs this module: the stack (PostgreSQL, S3, mlflow server) starts once, not once per worker.
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("team-stack"),
               pytest.mark.skipif(local_stack.postgres_bin() is None,
                                  reason="PostgreSQL is not installed (apt-get install postgresql): no initdb/pg_ctl")]
 
 
-@contextlib.contextmanager
 def as_user(user: str, password: str | None = None):
     """MLFLOW_TRACKING_USERNAME/PASSWORD of USER in this process for the block."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
-    os.environ.update({"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password or USERS[user]})
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return environment(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password or USERS[user])
 
 
 @pytest.fixture(scope="session")  # once per pytest-xdist worker

@@ -18,8 +18,10 @@ from mlflow.tracking import MlflowClient
 from charseg import checkpoint as ckpt
 from charseg import tracking
 from charseg.cli import cli
+from charseg.tracking.environment import environment
 
-pytestmark = [pytest.mark.server]
+# One worker runs this module: its trained_run fixture trains once, not once per worker.
+pytestmark = [pytest.mark.server, pytest.mark.xdist_group("tracking")]
 
 
 def run_id_of(output: str) -> str:
@@ -30,15 +32,10 @@ def run_id_of(output: str) -> str:
 def trained_run(mlflow_server, tiny_dataset, tmp_path_factory):
     """One 2-epoch training run over HTTP with every checkpoint logged; shared by the tests below."""
     out = tmp_path_factory.mktemp("trained")
-    env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
-    old = {k: os.environ.get(k) for k in (*env, "MLFLOW_EXPERIMENT_ID")}
-    os.environ.update(env)
-    try:
+    with environment("MLFLOW_EXPERIMENT_ID", MLFLOW_TRACKING_URI=mlflow_server,
+                     MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"):
         output = run_cli("train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "2", "--output-dir", str(out),
                          "--log-checkpoints", "all", "--experiment-name", "tracking-tests")
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     return run_id_of(output)
 
 
