@@ -303,7 +303,9 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
               "handwriting-like; lines condensed, stencil-cut or worn, coloured inks; printed patterns and faded "
               "photographs; rotation up to 6 degrees, blur, noise, JPEG):", "",
               *metrics_table("recipe", rows, [(m, "unseen", m) for m in ("segm_AP50", "segm_AP75", "segm_AP",
-                                                                         "char_f1", "bbox_AP50")], trained=False)]
+                                                                         "char_f1", "bbox_AP50")], trained=False),
+              "", "By font family and line style: [QUALITY_UNSEEN.md](QUALITY_UNSEEN.md) (`bench/unseen_breakdown.py "
+              "MODEL`, MODEL this report's model, `--keep-model`)."]
     size, fonts = "x".join(map(str, DOCUMENT["size"])), "-".join(map(str, DOCUMENT["font_sizes"]))
     lines += ["", f"A document page: `charseg generate --held-out --num-images 1 --size {size} --font-size {fonts} "
               f"--seed {DOCUMENT['seed']}` ({document['charseg']['characters']} characters), the charseg model "

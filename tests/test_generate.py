@@ -145,3 +145,19 @@ def test_unseen_font_pages_use_font_families_no_other_generator_uses(tmp_path, m
     monkeypatch.setattr(unseen, "font_families", lambda: {})
     with pytest.raises(CharsegError, match=r"need the font packages font-roboto, .*: pip install 'charseg\[fonts\]'"):
         unseen.generate_unseen(tmp_path / "c", num_images=1)
+
+
+def test_unseen_pages_of_some_families_with_every_line_in_one_style(tmp_path):
+    from charseg.data import unseen
+
+    def mean_aspect(out):  # width over height of the annotated characters
+        sample_polygons = [p for s in scan_dataset(out).samples for p in s.polygons]
+        return np.mean([np.ptp(p[:, 0]) / np.ptp(p[:, 1]) for p in sample_polygons])
+
+    for style in ("plain", "condensed"):
+        unseen.generate_unseen(tmp_path / style, num_images=3, seed=5, families=("font_roboto",), line_style=style)
+    assert mean_aspect(tmp_path / "condensed") < 0.9 * mean_aspect(tmp_path / "plain")  # every line 60-85 % wide
+    with pytest.raises(CharsegError, match="families must be some of font_roboto"):
+        unseen.generate_unseen(tmp_path / "x", num_images=1, families=("font_comic",))
+    with pytest.raises(CharsegError, match="got .* and 'bold'"):
+        unseen.generate_unseen(tmp_path / "x", num_images=1, line_style="bold")

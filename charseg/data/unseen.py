@@ -15,6 +15,7 @@ hull of its parts when a cut or wear splits it), simplified as an annotator woul
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -34,6 +35,7 @@ from .heldout import FONT_SIZES, _background, _degrade, check_pages, rotate_and_
 FONT_PACKAGES = ("font_roboto", "font_source_sans_pro", "font_hanken_grotesk", "font_manrope", "font_source_serif_pro",
                  "font_caladea", "font_fredoka_one", "font_amatic_sc", "font_intuitive")
 INSTALL_FONTS = "pip install 'charseg[fonts]'"
+LINE_STYLES = ("plain", "condensed", "stencil", "worn", "colour")  # what _line_style may do to a line
 # Pictures matplotlib ships (mpl-data/sample_data): photographs, and terrain drawn as hill shading.
 PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 TERRAIN = ("topobathy.npz", "jacksboro_fault_dem.npz")
@@ -56,14 +58,22 @@ def font_families() -> dict[str, list[str]]:
 
 
 def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int = 128, max_side: int = 256,
-                    seed: int = 0, progress: bool = False) -> GenerationSummary:
+                    seed: int = 0, progress: bool = False, families: tuple[str, ...] = FONT_PACKAGES,
+                    line_style: str | None = None) -> GenerationSummary:
     """Render `num_images` pages (sides from min_side to max_side) in the font packages' faces
-    into OUT_DIR in the dataset format. Returns counts of what was written."""
+    into OUT_DIR in the dataset format. Returns counts of what was written. To see what a model
+    misses (bench/unseen_breakdown.py): FAMILIES, some of FONT_PACKAGES only; LINE_STYLE, every
+    line drawn in one of LINE_STYLES instead of the random mix."""
     check_pages(num_images, min_side, max_side)
-    families = font_families()
-    if len(families) < len(FONT_PACKAGES):
-        missing = ", ".join(p.replace("_", "-") for p in FONT_PACKAGES if p not in families)
+    if not set(families) <= set(FONT_PACKAGES) or not families or line_style not in (None, *LINE_STYLES):
+        raise CharsegError(f"families must be some of {', '.join(FONT_PACKAGES)} and the line style one of "
+                           f"{', '.join(LINE_STYLES)}; got {families} and {line_style!r}")
+    installed = font_families()
+    if len(installed) < len(FONT_PACKAGES):
+        missing = ", ".join(p.replace("_", "-") for p in FONT_PACKAGES if p not in installed)
         raise CharsegError(f"pages in unseen fonts need the font packages {missing}: {INSTALL_FONTS}")
+    families = {name: installed[name] for name in families}
+    style = functools.partial(_line_style, forced=line_style)
     rng, out, total = random.Random(seed), Path(out_dir), 0
     indices = range(1, num_images + 1)
     if progress:
@@ -73,7 +83,7 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
         width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
         page = rng.choice((_background, _pattern, _photo))(rng, width, height)
         page, glyphs = typeset_page(rng, page, lambda r: ImageFont.truetype(
-            r.choice(families[r.choice(sorted(families))]), r.randint(*FONT_SIZES)), _line_style)
+            r.choice(families[r.choice(sorted(families))]), r.randint(*FONT_SIZES)), style)
         page, polygons, chars = rotate_and_annotate(page, glyphs, rng.uniform(-6, 6))
         page = _compress(rng, _degrade(rng, page))
         write_page(out, f"{index:05d}", page, [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)])
@@ -81,30 +91,36 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
     return GenerationSummary(out_dir=out, images=num_images, characters=total)
 
 
-def _line_style(rng: random.Random, line: np.ndarray, placed: list, ink: np.ndarray
+def _line_style(rng: random.Random, line: np.ndarray, placed: list, ink: np.ndarray, forced: str | None = None
                 ) -> tuple[np.ndarray, list, np.ndarray]:
     """Condensed (a third of the lines), stencil-cut (a fifth) or worn (a fifth), in a dark
     colour (half) or the gray ink typeset_page chose: the line's coverage and each glyph's
-    coverage change together, so the outlines follow what is drawn."""
+    coverage change together, so the outlines follow what is drawn. FORCED (one of
+    LINE_STYLES): that style only, on every line (the dice are drawn all the same)."""
+
+    def drawn(style: str, chance: float) -> bool:
+        roll = rng.random()
+        return forced == style if forced else roll < chance
+
     glyphs = [coverage for _, coverage in placed]
-    if rng.random() < 1 / 3:  # condensed to 60-85 % of its width
+    if drawn("condensed", 1 / 3):  # condensed to 60-85 % of its width
         factor = rng.uniform(0.6, 0.85)
         line, glyphs = _squeeze(line, factor), [_squeeze(glyph, factor) for glyph in glyphs]
     kept = np.ones(line.shape, dtype=bool)
-    if rng.random() < 0.2:  # stencil: vertical cuts through each glyph's middle
+    if drawn("stencil", 0.2):  # vertical cuts through each glyph's middle
         cut = max(1, round(line.shape[0] / 14))
         for glyph in glyphs:
             columns = np.flatnonzero((glyph >= 128).any(axis=0))
             if columns.size > 2 * cut:
                 middle = (columns[0] + columns[-1]) // 2
                 kept[:, middle:middle + cut] = False
-    if rng.random() < 0.2:  # worn: blobs of ink about a stroke wide gone
+    if drawn("worn", 0.2):  # blobs of ink about a stroke wide gone
         noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 1, line.shape).astype(np.float32)
         kept &= cv2.GaussianBlur(noise, (0, 0), 1.2) < rng.uniform(0.15, 0.3)
     line = np.where(kept, line, 0).astype(np.uint8)
     placed = [(char, np.where(kept, glyph, 0).astype(np.uint8)) for (char, _), glyph in zip(placed, glyphs)]
     placed = [(char, glyph) for char, glyph in placed if (glyph >= 128).sum() >= 4]
-    if rng.random() < 0.5:
+    if drawn("colour", 0.5):
         ink = np.array([rng.uniform(0, 140) for _ in range(3)], dtype=np.float32)
     return line, placed, ink
 
