@@ -77,12 +77,20 @@ def cpu_flags() -> list[str]:
     return [flag for flag in CPU_FLAGS if flag in flags]
 
 
+# Variables that keep PyTorch's and oneDNN's kernels below what the CPU has (e.g. AVX2 only on
+# an AVX-512 CPU, to approach an AVX2 machine's figures): a figure taken under them says so.
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
 def cpu_description() -> str:
-    """The CPU's model name, its vector / int8 / bf16 flags and its cores: the figures depend on them."""
+    """The CPU's model name, its vector / int8 / bf16 flags and its cores, and any limit set on
+    the kernels (KERNEL_LIMITS): the figures depend on them."""
     info = Path("/proc/cpuinfo").read_text()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor())
-    return f"{name} ({' '.join(cpu_flags()) or 'no AVX2'}), {os.cpu_count()} CPU cores"
+    limits = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_LIMITS if os.environ.get(k))
+    return (f"{name} ({' '.join(cpu_flags()) or 'no AVX2'}), {os.cpu_count()} CPU cores"
+            + (f", kernels limited by {limits}" if limits else ""))
 
 
 def write_section(path: Path, section: str) -> None:
