@@ -33,10 +33,9 @@ HEADING = "# What the unseen-font pages lose"
 KEYS = ("bbox_AP50", "segm_AP50", "segm_AP75", "char_f1")
 
 
-def scores(model, spec, out: Path, score_threshold: float = 0.5) -> dict:
-    """The model's metrics on the pages generated at OUT."""
-    metrics = evaluate(model, scan_dataset(out).samples, torch.device("cpu"), max_dets=spec.detections_per_img,
-                       score_threshold=score_threshold).metrics
+def scores(model, spec, out: Path) -> dict:
+    """The model's metrics on the pages generated at OUT (evaluate's default score threshold)."""
+    metrics = evaluate(model, scan_dataset(out).samples, torch.device("cpu"), max_dets=spec.detections_per_img).metrics
     return {k: metrics[k] for k in KEYS}
 
 
@@ -49,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="A trained charseg checkpoint.")
     parser.add_argument("--pages", type=int, default=12, help="Pages per family and per style.")
-    parser.add_argument("--seed", type=int, default=77, help="Seed of every set (each set the same page layouts).")
+    parser.add_argument("--seed", type=int, default=77, help="Seed of every set (the same for each row).")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "QUALITY_UNSEEN.md", help="Markdown report to write.")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -58,12 +57,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in FONT_PACKAGES:
             generate_unseen(Path(tmp, name), num_images=args.pages, seed=args.seed, families=(name,), line_style="plain")
-            families[name.removeprefix("font_")] = scores(model, spec, Path(tmp, name))
-            print(name, families[name.removeprefix("font_")], flush=True)
+            row = families[name.removeprefix("font_")] = scores(model, spec, Path(tmp, name))
+            print(name, row, flush=True)
         for style in (None, *LINE_STYLES):
             generate_unseen(Path(tmp, str(style)), num_images=args.pages, seed=args.seed, line_style=style)
-            styles[style or "the random mix (as the unseen set)"] = scores(model, spec, Path(tmp, str(style)))
-            print(style, styles[style or "the random mix (as the unseen set)"], flush=True)
+            row = styles[style or "the random mix (as the unseen set)"] = scores(model, spec, Path(tmp, str(style)))
+            print(style, row, flush=True)
     args.out.write_text("\n".join([
         HEADING, "",
         "Written by `bench/unseen_breakdown.py`; the unseen set itself and the demo's figures are in "

@@ -72,7 +72,7 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
     if len(installed) < len(FONT_PACKAGES):
         missing = ", ".join(p.replace("_", "-") for p in FONT_PACKAGES if p not in installed)
         raise CharsegError(f"pages in unseen fonts need the font packages {missing}: {INSTALL_FONTS}")
-    families = {name: installed[name] for name in families}
+    faces = {name: installed[name] for name in families}
     style = functools.partial(_line_style, forced=line_style)
     rng, out, total = random.Random(seed), Path(out_dir), 0
     indices = range(1, num_images + 1)
@@ -83,7 +83,7 @@ def generate_unseen(out_dir: str | Path, *, num_images: int = 40, min_side: int 
         width, height = rng.randint(min_side, max_side), rng.randint(min_side, max_side)
         page = rng.choice((_background, _pattern, _photo))(rng, width, height)
         page, glyphs = typeset_page(rng, page, lambda r: ImageFont.truetype(
-            r.choice(families[r.choice(sorted(families))]), r.randint(*FONT_SIZES)), style)
+            r.choice(faces[r.choice(sorted(faces))]), r.randint(*FONT_SIZES)), style)
         page, polygons, chars = rotate_and_annotate(page, glyphs, rng.uniform(-6, 6))
         page = _compress(rng, _degrade(rng, page))
         write_page(out, f"{index:05d}", page, [(c, json.dumps(flat_polygon(p))) for c, p in zip(chars, polygons)])
