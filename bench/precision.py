@@ -10,7 +10,9 @@ charseg: `charseg predict`), from start to exit (median of --process-runs, the t
 turns, each just after an untimed import of torch and torchvision, so its libraries are in the
 page cache), and training steps (median after a warm-up).
 int8 (`--precision int8`) is calibrated on the page it reads, as `predict` does by default;
-its inference time leaves the calibration out (given apart), its whole process includes it.
+its inference time leaves the calibration out (given apart), its whole process includes it;
+a further whole process reads the calibration from a `--calibration-cache` file that an
+untimed run wrote (CACHED), as every run after the first does.
 Quality: `charseg evaluate`'s metrics of CHECKPOINT on DATA at fp32, bf16 and int8 (calibrated
 on CALIBRATION_DIR's first pages: pages other than the ones scored), and under the CPU's
 float16 autocast (fp16's numerics; charseg runs fp16 on CUDA).
@@ -47,6 +49,7 @@ from charseg.precision import Compute  # noqa: E402
 HEADING = "## Mixed precision and int8 (bench/speed.py)"
 PATHS = ("stock", "charseg", "charseg-bf16", "charseg-int8")
 TRAINED = PATHS[:3]  # int8 is inference only
+CACHED = "charseg-int8-cached"  # a whole predict process with --calibration-cache (written before it)
 FP16_ON_CPU = "fp16 (CPU autocast)"
 METRICS = ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP50", "char_f1")
 
@@ -92,20 +95,26 @@ def speed(dense_chars: int, steps: int, sparse_steps: int, process_runs: int) ->
             rng={}, config=TrainConfig(min_size=1024, max_size=1024).to_dict(), model_spec=spec.to_dict(),
             num_classes=spec.num_classes, metrics={}, best={}), checkpoint)
         page = str(next((tmp / "dense" / "images").iterdir()))
+        cache = tmp / "int8-calibration.pt"
         rows = {}
         for task, page_set, n in (("inference", "dense", 1), ("train", "dense", steps), ("train", "sparse", sparse_steps)):
             for path in PATHS if task == "inference" else TRAINED:
                 rows[(task, page_set, path)] = run_worker(task, path, page_set, "pretrained", tmp / page_set, weights, n)
-        runs = {path: [] for path in PATHS}
+        def process_args(path: str) -> list[str]:
+            out = str(tmp / f"predicted-{path}")
+            if path == "stock":
+                return [str(ROOT / "bench" / "stock_predict.py"), str(checkpoint), page, out]
+            return ["-m", "charseg", "predict", page, "--model", str(checkpoint), "--out", out, "--precision",
+                    path.split("-")[1] if "-" in path else "fp32",
+                    # the limit stock has: random weights fill any limit, which predict would raise
+                    "--detections-per-img", str(spec.detections_per_img),
+                    *(["--calibration-cache", str(cache)] if path == CACHED else [])]
+
+        whole_process([sys.executable, *process_args(CACHED)])  # untimed: writes the calibration cache
+        runs = {path: [] for path in (*PATHS, CACHED)}
         for _ in range(process_runs):  # in turns, so a slower spell of the machine falls on each
             for path in runs:
-                out = str(tmp / f"predicted-{path}")
-                args = [str(ROOT / "bench" / "stock_predict.py"), str(checkpoint), page, out] if path == "stock" \
-                    else ["-m", "charseg", "predict", page, "--model", str(checkpoint), "--out", out, "--precision",
-                          path.split("-")[1] if "-" in path else "fp32",
-                          # the limit stock has: random weights fill any limit, which predict would raise
-                          "--detections-per-img", str(spec.detections_per_img)]
-                runs[path].append(whole_process([sys.executable, *args]))
+                runs[path].append(whole_process([sys.executable, *process_args(path)]))
                 print(f"  whole predict process {path:13s} {runs[path][-1]['seconds']:8.2f} s  "
                       f"{runs[path][-1]['peak_rss_mb']:9.0f} MB peak RSS", flush=True)
         for path, measured in runs.items():
@@ -165,7 +174,14 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str, calibration_dir
               + " run in turns, each just after an untimed `python -c 'import torch, torchvision'` (so each starts "
               "with those libraries in the page cache); each one's seconds: " + "; ".join(
                   f"{p} " + ", ".join(f"{v:.2f}" for v in rows[("process", "dense", p)]["all_seconds"])
-                  for p in PATHS) + "."]
+                  for p in (*PATHS, CACHED)) + "."]
+    cached, fp32 = rows[("process", "dense", CACHED)], rows[("process", "dense", "charseg")]
+    stock = rows[("process", "dense", "stock")]
+    lines += ["", f"int8 with its calibration read from a `--calibration-cache` file (written by an untimed run "
+              f"before; every run after the first reads it): whole predict process {cached['seconds']:.2f} s, "
+              f"{cached['peak_rss_mb']:.0f} MB peak RSS; {cached['seconds'] / stock['seconds']:.2f}x stock's time, "
+              f"{cached['peak_rss_mb'] / stock['peak_rss_mb']:.2f}x its memory, "
+              f"{cached['seconds'] / fp32['seconds']:.2f}x charseg fp32's time."]
     lines += ["", f"The same checkpoint (`{checkpoint}`) evaluated on `{data}` (`charseg evaluate --precision ...`; "
               f"int8 calibrated on the first pages of `{calibration_dir or data}`):",
               "", "| precision | " + " | ".join(METRICS) + " | evaluation time |",

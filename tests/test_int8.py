@@ -14,7 +14,7 @@ from charseg.data.dataset import scan_dataset
 from charseg.data.images import load_image_rgb
 from charseg.data.loading import image_to_tensor
 from charseg.errors import CharsegError
-from charseg.inference.int8 import page_calibration, quantizable_parts, quantize_model
+from charseg.inference.int8 import CalibrationCacheError, page_calibration, quantizable_parts, quantize_model
 from charseg.inference.predict import load_model_for_inference
 from charseg.inference.serving import CharsegPredictor
 from charseg.model.architecture import resolve_spec
@@ -116,3 +116,49 @@ def test_int8_is_refused_where_it_cannot_run(light_checkpoint, tiny_dataset, tmp
     with pytest.raises(CharsegError, match="no calibration page could be read"):
         quantize_model(model, page_calibration([tmp_path / "missing.png"]))
     assert not any(type(m).__module__.startswith("torch.ao") for m in model.modules())  # left as it was
+
+
+def test_a_calibration_cache_gives_the_calibrated_model_without_calibrating_again(tiny_dataset, tmp_path):
+    model, samples = _model(tiny_dataset, "demo")
+    fresh = [_model(tiny_dataset, "demo")[0] for _ in range(2)]  # the same weights (seed 0)
+    images = [image_to_tensor(load_image_rgb(s.image_path)) for s in samples]
+    boxes = [torch.tensor([[4.0, 4.0, 30.0, 40.0]])] * len(images)
+    cache = tmp_path / "calibration" / "int8.pt"
+    what = quantize_model(model, page_calibration([s.image_path for s in samples]), cache)
+    assert cache.is_file() and f"calibrated on 4 pages, written to {cache}" in what
+
+    def no_calibration(_):
+        raise AssertionError("the cache should have been read")
+    what = quantize_model(fresh[0], no_calibration, cache)
+    assert f"calibration read from {cache}, made on 4 pages" in what
+    torch.testing.assert_close(_mask_logits(fresh[0], images, boxes), _mask_logits(model, images, boxes),
+                               rtol=0, atol=0)
+
+    with torch.no_grad():
+        fresh[1].roi_heads.mask_predictor.conv5_mask.weight.add_(0.01)  # other weights
+    with pytest.raises(CalibrationCacheError, match="calibrated for another model"):
+        quantize_model(fresh[1], no_calibration, cache)
+    assert not any(type(m).__module__.startswith("torch.ao") for m in fresh[1].modules())  # left as it was
+    named = page_calibration([tmp_path / "other.png"], named=True)
+    with pytest.raises(CalibrationCacheError, match=r"calibrated on other pages \(00001.png"):
+        quantize_model(_model(tiny_dataset, "demo")[0], named, cache)
+    (tmp_path / "foreign.pt").write_bytes(b"not a calibration")
+    with pytest.raises(CalibrationCacheError, match="foreign.pt: not a charseg int8 calibration file"):
+        quantize_model(_model(tiny_dataset, "demo")[0], no_calibration, tmp_path / "foreign.pt")
+
+
+def test_predict_writes_then_reads_a_calibration_cache_and_refuses_it_without_int8(light_checkpoint, tiny_dataset,
+                                                                                   tmp_path):
+    cache = tmp_path / "int8.pt"
+    outputs = []
+    for run in range(2):
+        out = tmp_path / f"out{run}"
+        result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint),
+                                          "--out", str(out), "--precision", "int8", "--calibration-cache", str(cache)])
+        assert result.exit_code == 0, result.output
+        outputs.append(sorted((p.name, p.read_text()) for p in (out / "annotations").glob("*.csv")))
+        assert ("written to" if run == 0 else "calibration read from") in result.output
+    assert outputs[0] == outputs[1]
+    result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(light_checkpoint),
+                                      "--calibration-cache", str(cache), "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 2 and "--calibration-cache set int8's calibration; add --precision int8" in result.output

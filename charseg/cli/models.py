@@ -14,7 +14,8 @@ from ..inference.export import FORMATS as EXPORT_FORMATS
 from ..inference.predict import COCO_PREDICTIONS, LABELS
 from ..model.heads import PAGE_MAX_SIDE
 from ..precision import resolve_compute
-from .options import CALIBRATION_DIR, DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE, SCALE_TEST_OVERRIDE, SCORE, bounded
+from .options import (CALIBRATION_CACHE, CALIBRATION_DIR, DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE,
+                      SCALE_TEST_OVERRIDE, SCORE, bounded, check_int8_options)
 
 DETECTIONS_OVERRIDE = click.option(
     "--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
@@ -39,19 +40,22 @@ MAX_SIZE_OVERRIDE = click.option(
 @DEVICE_OPT
 @INFERENCE_PRECISION
 @CALIBRATION_DIR
+@CALIBRATION_CACHE
 @click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
 def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
                      scale_test: float | None, max_size: int | None, out_path: str, device: str, precision: str,
-                     calibration_dir: str | None, experiment_name: str | None) -> None:
+                     calibration_dir: str | None, calibration_cache: str | None, experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
     from .. import tracking
 
+    check_int8_options(precision, calibration_dir, calibration_cache)
     with jobs.resolve_source(model_source, prefer_best=True) as (path, lineage):
         with tracking.tracked_run(experiment_name) as run_id:
             result = evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
                                          detections_per_img=detections_per_img, scale_test=scale_test,
-                                         max_size=max_size, precision=precision, calibration_dir=calibration_dir)
+                                         max_size=max_size, precision=precision, calibration_dir=calibration_dir,
+                                         calibration_cache=calibration_cache)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
             tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
     for key, value in result.metrics.items():
@@ -83,10 +87,11 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
                    "take other kernels). Worth raising on a GPU; a CPU gains little.")
 @INFERENCE_PRECISION
 @CALIBRATION_DIR
+@CALIBRATION_CACHE
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, detections_per_img: int | None, max_size: int | None, device: str,
                     output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str,
-                    calibration_dir: str | None) -> None:
+                    calibration_dir: str | None, calibration_cache: str | None) -> None:
     """Find and outline every character in INPUT images (files or folders).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
@@ -96,6 +101,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     from ..inference.int8 import quantize_on_pages
     from ..inference.predict import load_model_for_inference, predict_files
 
+    check_int8_options(precision, calibration_dir, calibration_cache)
     paths: list[Path] = []
     for item in map(Path, inputs):
         paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
@@ -106,7 +112,7 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
         compute = resolve_compute(device, precision, training=False)
         model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test, max_size)
         if compute.precision == "int8":
-            quantize_on_pages(model, calibration_dir, paths)
+            quantize_on_pages(model, calibration_dir, paths, calibration_cache)
         summary = predict_files(model, paths, Path(out_dir), compute.device, score_threshold, labels=labels,
                                 coco_segmentation=coco_segmentation if output_format == "coco" else None,
                                 batch_size=batch_size, autocast=compute.autocast,

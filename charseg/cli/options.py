@@ -254,6 +254,23 @@ CALIBRATION_DIR = click.option(
          "Default: the first few input pages.")
 
 
+CALIBRATION_CACHE = click.option(
+    "--calibration-cache", type=click.Path(dir_okay=False), default=None,
+    help="With --precision int8: a file that keeps the calibration's value ranges. Where it does not exist, the "
+         "calibration runs and writes it; where it does, its ranges are used and the calibration pass is skipped. "
+         "It belongs to one model (a file made for other weights, or with --calibration-dir on other pages, is "
+         "refused with the fix).")
+
+
+def check_int8_options(precision: str, calibration_dir: str | None, calibration_cache: str | None) -> None:
+    """--calibration-dir and --calibration-cache mean something with --precision int8 only."""
+    given = [name for name, value in (("--calibration-dir", calibration_dir),
+                                      ("--calibration-cache", calibration_cache)) if value is not None]
+    if given and precision != "int8":
+        raise click.UsageError(f"{' and '.join(given)} set int8's calibration; add --precision int8 or leave "
+                               f"{'them' if len(given) > 1 else 'it'} out")
+
+
 SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchNorm (--norm batch from scratch) "
                                                     "normalises over the global batch instead of each process's pages")
 

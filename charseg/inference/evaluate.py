@@ -189,17 +189,19 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: s
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
                         scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0,
                         precision: str = "auto", max_size: int | None = None,
-                        calibration_dir: str | None = None):
+                        calibration_dir: str | None = None, calibration_cache: str | None = None):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
     `scale_test`, `max_size`: instead of the checkpoint's; load_model_for_inference) at
-    `precision` (int8: calibrated on `calibration_dir`'s first pages, else DATA_DIR's); pages
+    `precision` (int8: calibrated on `calibration_dir`'s first pages, else DATA_DIR's, or with
+    the ranges of `calibration_cache` where that file exists, else written there); pages
     shrunk by the input cap are named in a warning. Returns an EvalResult."""
     compute = resolve_compute(device, precision, training=False)
     model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test,
                                               max_size)
     report = load_dataset_report(data_dir)
     if compute.precision == "int8":
-        quantize_on_pages(model, calibration_dir, [sample.image_path for sample in report.samples])
+        quantize_on_pages(model, calibration_dir, [sample.image_path for sample in report.samples],
+                          calibration_cache)
     warning = shrink_warning(model, ((s.image_path.name, s.height, s.width) for s in report.samples))
     if warning:
         log.warning(warning)

@@ -9,12 +9,15 @@ body, the FPN's convolutions, the box head, the mask head and the mask predictor
 convolutions (a dense page's time is mostly the mask head's, run once per detection).
 What stays float32: the RPN head, RoI pooling, GroupNorm layers (run between a dequantise and
 a quantise), box and mask decoding, and every output. The checkpoint is not changed: the
-quantised model lives in the process.
+quantised model lives in the process. A calibration cache (`--calibration-cache FILE`, as
+TensorRT's calibration cache) keeps the value ranges a calibration observed, for one model:
+later processes read them instead of running the calibration pass again.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -39,6 +42,8 @@ CALIBRATION_PAGES = 4  # pages whose activations set the int8 ranges (the first 
 # ones show the heads' value ranges; every detection of a dense page would make the calibration
 # cost more than the float32 pass it is meant to shorten.
 CALIBRATION_DETECTIONS = 256
+
+CACHE_FORMAT = "charseg-int8-calibration/1"  # what a calibration cache file says it is
 
 log = logging.getLogger("charseg")
 
@@ -98,14 +103,18 @@ def _quiet_deprecation():
         yield
 
 
-def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], int]) -> str:
+def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], list[str]],
+                   cache: str | Path | None = None) -> str:
     """Replace MODEL's quantizable_parts (backbone body, FPN convolutions, RoI heads) by int8
     ones, in place.
 
     CALIBRATE(model) runs the model (float32, observers in those parts) over the calibration
-    pages and returns how many it read. MODEL must be a CPU model in eval mode. Returns a line
-    saying what was quantised. Raises CharsegError where PyTorch has no x86 int8 engine, MODEL
-    is not on the CPU or no calibration page could be read."""
+    pages and returns their names. With CACHE: where that file exists, its value ranges are
+    used instead (CALIBRATE is not called; CalibrationCacheError where it was made for other
+    weights or other pages); else it is written after the calibration. MODEL must be a CPU
+    model in eval mode. Returns a line saying what was quantised. Raises CharsegError where
+    PyTorch has no x86 int8 engine, MODEL is not on the CPU or no calibration page could be
+    read."""
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     if ENGINE not in torch.backends.quantized.supported_engines:
@@ -116,25 +125,104 @@ def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], int]) -> s
     parts = quantizable_parts(model)
     torch.backends.quantized.engine = ENGINE
     mapping = _qconfig_mapping()
+    cache = Path(cache) if cache is not None else None
     with _quiet_deprecation():
         floats = {name: model.get_submodule(name) for name in parts}
         # In a Sequential, a part that is one torch.nn layer is traced as that layer, not through its forward.
         observed = {name: prepare_fx(nn.Sequential(plain_convolutions(copy.deepcopy(floats[name]))), mapping, example)
                     for name, example in parts.items()}
-        _swap(model, observed)
-        try:
-            with torch.inference_mode():
-                pages = calibrate(model)
-        except BaseException:
-            _swap(model, floats)
-            raise
-        if not pages:
-            _swap(model, floats)
-            raise CharsegError("--precision int8: no calibration page could be read")
+        if cache is not None and cache.is_file():
+            pages = read_calibration(cache, observed, model_fingerprint(model), calibrate)
+            source = f"calibration read from {cache}, made on {len(pages)} page{'s' * (len(pages) != 1)}"
+        else:
+            pages = _calibrate(model, observed, floats, calibrate)
+            source = f"calibrated on {len(pages)} page{'s' * (len(pages) != 1)}"
+            if cache is not None:
+                write_calibration(cache, observed, model_fingerprint(model, floats), pages)
+                source += f", written to {cache}"
         _swap(model, {name: convert_fx(module) for name, module in observed.items()})
-    what = f"int8 {_summary(parts)} (calibrated on {pages} page{'s' * (pages != 1)}), the rest float32"
+    what = f"int8 {_summary(parts)} ({source}), the rest float32"
     log.info("inference precision %s", what)
     return what
+
+
+def _calibrate(model: nn.Module, observed: dict[str, nn.Module], floats: dict[str, nn.Module],
+               calibrate: Callable[[nn.Module], list[str]]) -> list[str]:
+    """Run CALIBRATE with the observed parts in MODEL; the float parts back on any failure."""
+    _swap(model, observed)
+    try:
+        with torch.inference_mode():
+            pages = calibrate(model)
+    except BaseException:
+        _swap(model, floats)
+        raise
+    if not pages:
+        _swap(model, floats)
+        raise CharsegError("--precision int8: no calibration page could be read")
+    return pages
+
+
+class CalibrationCacheError(CharsegError):
+    """A --calibration-cache file that does not belong to this model or these pages."""
+
+
+def model_fingerprint(model: nn.Module, parts: dict[str, nn.Module] | None = None) -> str:
+    """SHA-256 of MODEL's float32 state (names and values): which weights a calibration belongs
+    to. PARTS: float modules to count in place of those now in MODEL (observed copies)."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    if parts:
+        state = {k: v for k, v in state.items() if not any(k.startswith(name + ".") for name in parts)}
+        for name, module in parts.items():
+            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _observer_state(observed: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """The activation observers' buffers (their min..max) of each observed part."""
+    return {name: {k: v for k, v in module.state_dict().items() if "activation_post_process" in k}
+            for name, module in observed.items()}
+
+
+def write_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: str, pages: list[str]) -> None:
+    """Save the observed value ranges of a calibration, for the weights FINGERPRINT names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"format": CACHE_FORMAT, "model_sha256": fingerprint, "pages": list(pages),
+                "torch": str(torch.__version__), "observers": _observer_state(observed)}, partial)
+    partial.replace(path)
+
+
+def read_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: str,
+                     calibrate: Callable[[nn.Module], list[str]]) -> list[str]:
+    """Load PATH's value ranges into the observed parts; returns the pages they came from.
+    Raises CalibrationCacheError where PATH is not such a file, was made for other weights,
+    another layout or, with a calibration naming its pages, on other pages."""
+    fix = "delete it to calibrate again, or name another --calibration-cache file"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torch.load of a foreign file raises anything from pickle to zip errors
+        raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file ({exc}); "
+                                    f"{fix}") from exc
+    if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
+        raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file; {fix}")
+    if saved["model_sha256"] != fingerprint:
+        raise CalibrationCacheError(f"--calibration-cache {path}: calibrated for another model (its weights differ "
+                                    f"from this checkpoint's); {fix}")
+    wanted = getattr(calibrate, "pages", None)
+    if wanted is not None and not set(saved["pages"]) <= set(wanted):
+        raise CalibrationCacheError(f"--calibration-cache {path}: calibrated on other pages ({', '.join(saved['pages'])}) "
+                                    f"than these; {fix}")
+    expected = _observer_state(observed)
+    if {n: sorted(v) for n, v in saved["observers"].items()} != {n: sorted(v) for n, v in expected.items()}:
+        raise CalibrationCacheError(f"--calibration-cache {path}: made by torch {saved['torch']}, whose quantised "
+                                    f"layers differ from torch {torch.__version__}'s; {fix}")
+    for name, module in observed.items():
+        module.load_state_dict(saved["observers"][name], strict=False)
+    return saved["pages"]
 
 
 def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -149,23 +237,26 @@ def _summary(parts: dict) -> str:
     return ", ".join(owners)
 
 
-def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES) -> Callable[[nn.Module], int]:
+def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES,
+                     named: bool = False) -> Callable[[nn.Module], list[str]]:
     """A calibration for quantize_model: the model run once over each of the first PAGES
     readable images of PATHS (unreadable ones are passed over; predict names them), keeping
-    at most CALIBRATION_DETECTIONS per page."""
-    def calibrate(model: nn.Module) -> int:
-        read = 0
+    at most CALIBRATION_DETECTIONS per page; it returns their file names. NAMED: the pages
+    were chosen by the user (--calibration-dir), so a cache made on others is refused."""
+    def calibrate(model: nn.Module) -> list[str]:
+        read = []
         with detection_limit(model, min(CALIBRATION_DETECTIONS, model.roi_heads.detections_per_img)):
             for path in paths:
-                if read == pages:
+                if len(read) == pages:
                     break
                 try:
                     rgb = load_image_rgb(path)
                 except ImageUnusable:
                     continue
                 model([image_to_tensor(rgb)])
-                read += 1
+                read.append(path.name)
         return read
+    calibrate.pages = [path.name for path in paths] if named else None
     return calibrate
 
 
@@ -182,7 +273,10 @@ def calibration_pages(calibration_dir: str | None, inputs: Sequence[Path]) -> li
     return found
 
 
-def quantize_on_pages(model: nn.Module, calibration_dir: str | None, inputs: Sequence[Path]) -> str:
+def quantize_on_pages(model: nn.Module, calibration_dir: str | None, inputs: Sequence[Path],
+                      cache: str | None = None) -> str:
     """quantize_model calibrated on the first pages of CALIBRATION_DIR, else of INPUTS (the
-    pages the command reads): `--precision int8` of predict and evaluate."""
-    return quantize_model(model, page_calibration(calibration_pages(calibration_dir, inputs)))
+    pages the command reads), or with the value ranges of CACHE where that file exists (then
+    written otherwise): `--precision int8` of predict and evaluate."""
+    calibrate = page_calibration(calibration_pages(calibration_dir, inputs), named=calibration_dir is not None)
+    return quantize_model(model, calibrate, cache)
