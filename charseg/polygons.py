@@ -26,8 +26,6 @@ INK_COVERAGE = 0.5
 # ...down to this coverage where half coverage splits a stroke the font draws joined.
 JOINED_COVERAGE = 0.15
 COVERAGE_STEP = 0.05
-# outline_on_pixels measures a polygon's coverage of each pixel on this finer grid.
-OUTLINE_SUPERSAMPLE = 4
 
 
 def pack_polygons(polygons: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,39 +237,6 @@ def glyph_mask(coverage: np.ndarray) -> np.ndarray:
         if _parts(mask) <= drawn:
             return mask
     return coverage >= JOINED_COVERAGE
-
-
-def glyph_outline(mask: np.ndarray) -> np.ndarray | None:
-    """One polygon enclosing a glyph mask on its pixels' edges: its outer outline, or the
-    convex hull of its pixels when it has several parts (i, j, %). Returns (K, 2) float
-    image coordinates, or None if empty."""
-    outlines = edge_outlines(mask)
-    if not outlines:
-        return None
-    if len(outlines) == 1:
-        return outlines[0]
-    ys, xs = np.nonzero(mask)
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
-    hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2)
-    return hull if len(hull) >= 3 else None
-
-
-def outline_on_pixels(points: np.ndarray) -> np.ndarray:
-    """A polygon outlined again on the pixel grid it now lies on, as an annotator outlines the
-    ink they see: its pixels are those it covers (glyph_mask's levels), traced on their edges
-    (glyph_outline). A polygon drawn on pixel edges and then turned or scaled (augmentation)
-    keeps the old grid's staircase, up to half a pixel off the ink of the warped page; this
-    puts it back on the new page's pixels. A polygon traced as glyph_outline traces comes back
-    as it was; one that covers no pixel at all comes back unchanged."""
-    x0, y0 = np.floor(points.min(axis=0)).astype(int) - 1
-    x1, y1 = np.ceil(points.max(axis=0)).astype(int) + 1
-    width, height = x1 - x0, y1 - y0
-    flat = ((points - (x0, y0)) * OUTLINE_SUPERSAMPLE).reshape(-1).astype(np.float64).tolist()
-    inside = mask_utils.decode(mask_utils.frPyObjects([flat], height * OUTLINE_SUPERSAMPLE,
-                                                      width * OUTLINE_SUPERSAMPLE))[:, :, 0]
-    coverage = inside.reshape(height, OUTLINE_SUPERSAMPLE, width, OUTLINE_SUPERSAMPLE).mean(axis=(1, 3))
-    outline = glyph_outline(glyph_mask(coverage))
-    return points if outline is None else (outline + np.array([x0, y0], dtype=np.float32)).astype(np.float32)
 
 
 def _parts(mask: np.ndarray) -> int:

@@ -10,7 +10,7 @@ from charseg.data.augment import Augmentation, warp_page
 from charseg.data.dataset import scan_dataset
 from charseg.data.generate import generate_dataset
 from charseg.data.loading import CharacterDataset, EpochShuffleSampler
-from charseg.polygons import outline_on_pixels, polygons_to_masks
+from charseg.polygons import polygons_to_masks
 
 # Geometry only: no change of light, no blur, no noise.
 GEOMETRY_ONLY = Augmentation(contrast=(1.0, 1.0), max_brightness=0.0, gamma=(1.0, 1.0), max_blur=0.0,
@@ -65,19 +65,3 @@ def test_augmented_items_depend_only_on_seed_epoch_and_index(tiny_dataset):
     assert not torch.equal(first[0], a[(2, 4)][0])  # another epoch, another change
     assert torch.equal(a[2][0], CharacterDataset(samples)[2][0])  # a bare index is never changed
     assert list(EpochShuffleSampler(4, 1))[0][1] == 1  # the sampler hands out (index, epoch)
-
-
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_outline_where_landed_outlines_each_kept_polygon_again_and_changes_nothing_else(tiny_dataset, seed):
-    """The option's effect (outline_on_pixels, whose fidelity tests/test_polygons.py measures)
-    on the polygons that warp_page keeps; the page and the random stream stay as they were."""
-    sample = scan_dataset(tiny_dataset).samples[0]
-    page = np.full((sample.height, sample.width, 3), 255, dtype=np.uint8)
-    page[fill(sample.polygons, sample.height)[:, :sample.width]] = 0
-    plain = Augmentation()(page, sample.polygons, np.random.default_rng(seed))
-    landed = Augmentation(outline_where_landed=True)(page, sample.polygons, np.random.default_rng(seed))
-    assert np.array_equal(plain[0], landed[0]) and plain[1]
-    assert all(np.array_equal(outline_on_pixels(a), b) for a, b in zip(plain[1], landed[1], strict=True))
-    assert any(not np.array_equal(a, b) for a, b in zip(plain[1], landed[1]))

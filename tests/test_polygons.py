@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from charseg.data.generate import _render_glyph, load_font
-from charseg.polygons import (_parts, edge_outlines, glyph_mask, glyph_outline, mask_to_polygon, polygon_area,
-                              polygons_to_masks)
+from charseg.data.generate import _render_glyph, glyph_outline, load_font
+from charseg.polygons import _parts, edge_outlines, glyph_mask, mask_to_polygon, polygon_area, polygons_to_masks
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,32 +70,3 @@ def test_a_small_glyph_that_half_coverage_splits_is_outlined_not_hulled():
     drawn = polygons_to_masks([outline], *glyph.shape)[0].numpy().astype(bool)
     assert iou(drawn, glyph) >= 0.85  # its outline, not the hull of its pieces (a blob)
     assert drawn.sum() < 0.8 * glyph.size
-
-
-def test_outline_on_pixels_puts_a_turned_glyph_outline_back_on_the_ink_where_it_lands():
-    """A glyph drawn on the page, turned 9 degrees and scaled 1.2x: its outline turned with it
-    keeps the upright grid's staircase; outlined again on the new grid it is closer to the
-    outline of the glyph's own warped ink, and a generator outline comes back unchanged."""
-    import cv2
-    from pycocotools import mask as mask_utils
-
-    from charseg.data.generate import Glyph, glyph_polygon
-    from charseg.polygons import outline_on_pixels, warp_points
-
-    def polygon_iou(a, b):
-        rles = [mask_utils.frPyObjects([p.reshape(-1).astype(float).tolist()], 200, 200)[0] for p in (a, b)]
-        return float(mask_utils.iou([rles[0]], [rles[1]], [0])[0, 0])
-
-    matrix = cv2.getRotationMatrix2D((60.0, 60.0), 9.0, 1.2)
-    turned_iou, outlined_iou = [], []
-    for i, char in enumerate("kmWe3A"):
-        coverage = np.asarray(Image.fromarray((_render_glyph(char, load_font(None, 14)) * 255).astype(np.uint8)),
-                              dtype=np.float32) / 255.0
-        glyph = Glyph(char, coverage, 20 + 12 * i, 40)
-        upright = glyph_polygon(glyph)
-        np.testing.assert_allclose(outline_on_pixels(upright), upright)
-        landed = glyph_polygon(glyph.moved(matrix))
-        turned = warp_points(upright, matrix)
-        turned_iou.append(polygon_iou(turned, landed))
-        outlined_iou.append(polygon_iou(outline_on_pixels(turned), landed))
-    assert np.mean(outlined_iou) > np.mean(turned_iou) + 0.04, (turned_iou, outlined_iou)

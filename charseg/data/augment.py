@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ..polygons import clip_polygon_to_image, outline_on_pixels, polygon_area, warp_points
+from ..polygons import clip_polygon_to_image, polygon_area, warp_points
 
 # A clipped character stays a training target only while this share of it is on the page.
 MIN_VISIBLE = 0.6
@@ -34,17 +34,12 @@ class Augmentation:
     gamma: tuple[float, float] = (0.7, 1.5)
     max_blur: float = 1.2  # Gaussian sigma in pixels (applied to half of the images)
     max_noise: float = 10.0  # Gaussian noise sigma (0-255 scale)
-    # Outline each warped polygon again on the warped page's pixels (outline_on_pixels), as the
-    # ink that lands there would be annotated, instead of keeping the turned staircase.
-    outline_where_landed: bool = False
 
     def __call__(self, rgb: np.ndarray, polygons: list[np.ndarray], rng: np.random.Generator
                  ) -> tuple[np.ndarray, list[np.ndarray]]:
         """A changed copy of the HxWx3 uint8 page and its (K, 2) polygons (those that stay)."""
         matrix = self.random_affine(rng, rgb.shape[1], rgb.shape[0])
         rgb, polygons = warp_page(rgb, polygons, matrix)
-        if self.outline_where_landed:
-            polygons = [outline_on_pixels(points) for points in polygons]
         return self.photometric(rgb, rng), polygons
 
     def random_affine(self, rng: np.random.Generator, width: int, height: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import CharsegError
-from ..polygons import flat_polygon, glyph_mask, glyph_outline, polygon_area
+from ..polygons import edge_outlines, flat_polygon, glyph_mask, polygon_area
 from .dataset import write_annotation
 
 DEFAULT_CHARSET = string.ascii_letters + string.digits + "%&?#@"
@@ -111,6 +111,21 @@ def load_font(font_path: str | None, size: int) -> ImageFont.FreeTypeFont:
         except OSError as exc:
             raise CharsegError(f"{font_path}: cannot load font ({exc}); pass a .ttf or .otf file") from exc
     return ImageFont.load_default(size=size)
+
+
+def glyph_outline(mask: np.ndarray) -> np.ndarray | None:
+    """One polygon enclosing a glyph mask on its pixels' edges: its outer outline, or the
+    convex hull of its pixels when it has several parts (i, j, %). Returns (K, 2) float
+    image coordinates, or None if empty."""
+    outlines = edge_outlines(mask)
+    if not outlines:
+        return None
+    if len(outlines) == 1:
+        return outlines[0]
+    ys, xs = np.nonzero(mask)
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
+    hull = cv2.convexHull(corners.astype(np.float32)).reshape(-1, 2)
+    return hull if len(hull) >= 3 else None
 
 
 def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
