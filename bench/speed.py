@@ -58,7 +58,8 @@ def goals(rows: dict, scores: dict) -> str:
     loss = scores["fp32"]["segm_AP50"] - scores["int8"]["segm_AP50"]
     lines += ["", "int8 against fp32: " + ", ".join(f"{k} {v:.2f}x faster" for k, v in speedups.items())
               + f"; held-out segm AP50 {scores['fp32']['segm_AP50']:.4f} -> {scores['int8']['segm_AP50']:.4f} "
-              f"(loss {loss:+.4f}); a folder of pages: its table above. The rule (at least {INT8_RULE[0]}x faster, "
+              f"(loss {loss:+.4f}); a folder of pages: its own table (\"Folders of pages\"), where that part ran. "
+              f"The rule (at least {INT8_RULE[0]}x faster, "
               f"at most {INT8_RULE[1]} AP50 lost) holds "
               + ", ".join(f"for the {k}" if v >= INT8_RULE[0] and loss <= INT8_RULE[1] else f"not for the {k}"
                           for k, v in speedups.items()) + " on this CPU."]
