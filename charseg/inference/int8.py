@@ -177,7 +177,7 @@ def model_fingerprint(model: nn.Module, parts: dict[str, nn.Module] | None = Non
             state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
     return digest.hexdigest()
 
 
