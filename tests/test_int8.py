@@ -139,9 +139,8 @@ def test_a_calibration_cache_gives_the_calibrated_model_without_calibrating_agai
     with pytest.raises(CalibrationCacheError, match="calibrated for another model"):
         quantize_model(fresh[1], no_calibration, cache)
     assert not any(type(m).__module__.startswith("torch.ao") for m in fresh[1].modules())  # left as it was
-    named = page_calibration([tmp_path / "other.png"], named=True)
     with pytest.raises(CalibrationCacheError, match=r"calibrated on other pages \(00001.png"):
-        quantize_model(_model(tiny_dataset, "demo")[0], named, cache)
+        quantize_model(_model(tiny_dataset, "demo")[0], no_calibration, cache, chosen_pages=["other.png"])
     (tmp_path / "foreign.pt").write_bytes(b"not a calibration")
     with pytest.raises(CalibrationCacheError, match="foreign.pt: not a charseg int8 calibration file"):
         quantize_model(_model(tiny_dataset, "demo")[0], no_calibration, tmp_path / "foreign.pt")

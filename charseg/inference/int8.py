@@ -104,14 +104,15 @@ def _quiet_deprecation():
 
 
 def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], list[str]],
-                   cache: str | Path | None = None) -> str:
+                   cache: str | Path | None = None, chosen_pages: Sequence[str] | None = None) -> str:
     """Replace MODEL's quantizable_parts (backbone body, FPN convolutions, RoI heads) by int8
     ones, in place.
 
     CALIBRATE(model) runs the model (float32, observers in those parts) over the calibration
     pages and returns their names. With CACHE: where that file exists, its value ranges are
     used instead (CALIBRATE is not called; CalibrationCacheError where it was made for other
-    weights or other pages); else it is written after the calibration. MODEL must be a CPU
+    weights or on pages outside CHOSEN_PAGES, the names of the pages the user chose to calibrate
+    on); else it is written after the calibration. MODEL must be a CPU
     model in eval mode. Returns a line saying what was quantised. Raises CharsegError where
     PyTorch has no x86 int8 engine, MODEL is not on the CPU or no calibration page could be
     read."""
@@ -126,19 +127,20 @@ def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], list[str]]
     torch.backends.quantized.engine = ENGINE
     mapping = _qconfig_mapping()
     cache = Path(cache) if cache is not None else None
+    fingerprint = model_fingerprint(model) if cache is not None else None  # before any part is swapped
     with _quiet_deprecation():
         floats = {name: model.get_submodule(name) for name in parts}
         # In a Sequential, a part that is one torch.nn layer is traced as that layer, not through its forward.
         observed = {name: prepare_fx(nn.Sequential(plain_convolutions(copy.deepcopy(floats[name]))), mapping, example)
                     for name, example in parts.items()}
         if cache is not None and cache.is_file():
-            pages = read_calibration(cache, observed, model_fingerprint(model), calibrate)
+            pages = read_calibration(cache, observed, fingerprint, chosen_pages)
             source = f"calibration read from {cache}, made on {len(pages)} page{'s' * (len(pages) != 1)}"
         else:
             pages = _calibrate(model, observed, floats, calibrate)
             source = f"calibrated on {len(pages)} page{'s' * (len(pages) != 1)}"
             if cache is not None:
-                write_calibration(cache, observed, model_fingerprint(model, floats), pages)
+                write_calibration(cache, observed, fingerprint, pages)
                 source += f", written to {cache}"
         _swap(model, {name: convert_fx(module) for name, module in observed.items()})
     what = f"int8 {_summary(parts)} ({source}), the rest float32"
@@ -166,15 +168,11 @@ class CalibrationCacheError(CharsegError):
     """A --calibration-cache file that does not belong to this model or these pages."""
 
 
-def model_fingerprint(model: nn.Module, parts: dict[str, nn.Module] | None = None) -> str:
+def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 of MODEL's float32 state (names and values): which weights a calibration belongs
-    to. PARTS: float modules to count in place of those now in MODEL (observed copies)."""
+    to."""
     digest = hashlib.sha256()
     state = model.state_dict()
-    if parts:
-        state = {k: v for k, v in state.items() if not any(k.startswith(name + ".") for name in parts)}
-        for name, module in parts.items():
-            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
@@ -197,10 +195,10 @@ def write_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: s
 
 
 def read_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: str,
-                     calibrate: Callable[[nn.Module], list[str]]) -> list[str]:
+                     chosen_pages: Sequence[str] | None = None) -> list[str]:
     """Load PATH's value ranges into the observed parts; returns the pages they came from.
     Raises CalibrationCacheError where PATH is not such a file, was made for other weights,
-    another layout or, with a calibration naming its pages, on other pages."""
+    another layout or on pages outside CHOSEN_PAGES (where given)."""
     fix = "delete it to calibrate again, or name another --calibration-cache file"
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -212,8 +210,7 @@ def read_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: st
     if saved["model_sha256"] != fingerprint:
         raise CalibrationCacheError(f"--calibration-cache {path}: calibrated for another model (its weights differ "
                                     f"from this checkpoint's); {fix}")
-    wanted = getattr(calibrate, "pages", None)
-    if wanted is not None and not set(saved["pages"]) <= set(wanted):
+    if chosen_pages is not None and not set(saved["pages"]) <= set(chosen_pages):
         raise CalibrationCacheError(f"--calibration-cache {path}: calibrated on other pages ({', '.join(saved['pages'])}) "
                                     f"than these; {fix}")
     expected = _observer_state(observed)
@@ -237,12 +234,10 @@ def _summary(parts: dict) -> str:
     return ", ".join(owners)
 
 
-def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES,
-                     named: bool = False) -> Callable[[nn.Module], list[str]]:
+def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES) -> Callable[[nn.Module], list[str]]:
     """A calibration for quantize_model: the model run once over each of the first PAGES
     readable images of PATHS (unreadable ones are passed over; predict names them), keeping
-    at most CALIBRATION_DETECTIONS per page; it returns their file names. NAMED: the pages
-    were chosen by the user (--calibration-dir), so a cache made on others is refused."""
+    at most CALIBRATION_DETECTIONS per page; it returns their file names."""
     def calibrate(model: nn.Module) -> list[str]:
         read = []
         with detection_limit(model, min(CALIBRATION_DETECTIONS, model.roi_heads.detections_per_img)):
@@ -256,7 +251,6 @@ def page_calibration(paths: Sequence[Path], pages: int = CALIBRATION_PAGES,
                 model([image_to_tensor(rgb)])
                 read.append(path.name)
         return read
-    calibrate.pages = [path.name for path in paths] if named else None
     return calibrate
 
 
@@ -278,5 +272,7 @@ def quantize_on_pages(model: nn.Module, calibration_dir: str | None, inputs: Seq
     """quantize_model calibrated on the first pages of CALIBRATION_DIR, else of INPUTS (the
     pages the command reads), or with the value ranges of CACHE where that file exists (then
     written otherwise): `--precision int8` of predict and evaluate."""
-    calibrate = page_calibration(calibration_pages(calibration_dir, inputs), named=calibration_dir is not None)
-    return quantize_model(model, calibrate, cache)
+    paths = calibration_pages(calibration_dir, inputs)
+    # pages the user chose (--calibration-dir): a cache made on others is refused
+    chosen = [path.name for path in paths] if calibration_dir is not None else None
+    return quantize_model(model, page_calibration(paths), cache, chosen)
