@@ -203,7 +203,8 @@ def read_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: st
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a torch.load of a foreign file raises anything from pickle to zip errors
-        raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file ({exc}); "
+        raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file "
+                                    f"(torch.load: {type(exc).__name__}: {exc}); "
                                     f"{fix}") from exc
     if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
         raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file; {fix}")
