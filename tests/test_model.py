@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from charseg.config import MAX_PAGE_SCALE
+from charseg import checkpoint as ckpt
+from charseg.config import MAX_PAGE_SCALE, TrainConfig
 from charseg.errors import WeightsError
+from charseg.inference.predict import load_model_for_inference
 from charseg.model.build import ModelSpec, build_model, create_model, spec_for_weights
 from charseg.model.heads import FOLLOW_MAX_RATIO, PAGE_MAX_SIDE, page_scale_for
 
@@ -47,20 +52,28 @@ def test_none_builds_two_class_model_with_live_batchnorm():
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
 
 
+def _checkpoint_of(model: torch.nn.Module, spec: ModelSpec, path: Path) -> Path:
+    ckpt.save_checkpoint(ckpt.make_checkpoint(
+        epoch=1, model=model.state_dict(), optimizer={}, scheduler={}, warmup={}, seed=0, rng={},
+        config=TrainConfig(min_size=spec.min_size, max_size=spec.max_size).to_dict(), model_spec=spec.to_dict(),
+        num_classes=spec.num_classes, metrics={}, best={}), path)
+    return path
+
+
 @pytest.mark.parametrize("weights", ["none", "imagenet"])
-def test_a_model_built_without_random_init_predicts_as_its_source_once_loaded(weights):
-    """Inference builds without random fills (a strict load then sets everything): the loaded
-    model must predict as the one whose state it loads, and the build draw no random numbers."""
+def test_a_model_loaded_for_inference_predicts_as_its_source_and_leaves_the_random_stream(weights, tmp_path):
+    """Inference builds the model and loads the checkpoint's state into it strictly: it must
+    predict as the model whose state it loads, with the process's random stream and
+    torch.nn.init as they were."""
     spec = spec_for_weights("resnet18", weights, min_size=96, max_size=96)
     torch.manual_seed(0)
     source = build_model(spec).eval()
+    path = _checkpoint_of(source, spec, tmp_path / "model.pth")
     kaiming, rng = torch.nn.init.kaiming_uniform_, torch.get_rng_state()
-    with torch.device("meta"):
-        model = build_model(spec)
-    assert torch.equal(torch.get_rng_state(), rng), "a parameter was filled with random numbers"
+    model, _, _ = load_model_for_inference(path, torch.device("cpu"), fixed_scale=True)
+    assert torch.equal(torch.get_rng_state(), rng), "loading drew from the process's random stream"
     assert torch.nn.init.kaiming_uniform_ is kaiming, "torch.nn.init was patched"
-    model.to_empty(device="cpu").load_state_dict(source.state_dict())
-    model.eval()
+    source.glyph_height = 0.0  # as fixed_scale: one reading of the page
     for m in (source, model):
         m.roi_heads.score_thresh = 0.0
     image = torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(1))
@@ -69,6 +82,18 @@ def test_a_model_built_without_random_init_predicts_as_its_source_once_loaded(we
     assert len(expected["boxes"]) > 0
     for key in ("boxes", "scores", "box_masks"):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_loading_a_model_for_inference_does_not_import_torch_dynamo(tmp_path):
+    """A fresh predict process: building under torch.device("meta") imported torch._dynamo
+    (torch._refs' normal_), a large share of every start; a CPU build does not."""
+    spec = spec_for_weights("resnet18", "none", min_size=96, max_size=96)
+    path = _checkpoint_of(build_model(spec), spec, tmp_path / "model.pth")
+    code = ("import sys, torch; from charseg.inference.predict import load_model_for_inference; "
+            f"load_model_for_inference({str(path)!r}, torch.device('cpu')); print('torch._dynamo' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False"], "loading a model imported torch._dynamo"
 
 
 def test_local_coco_style_state_dict_loads_with_heads_reinitialised(tmp_path):

@@ -69,9 +69,13 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         spec = dataclasses.replace(spec, scale_test=scale_test)
     if scale_test is not None or fixed_scale:
         spec = dataclasses.replace(spec, glyph_height=0.0)
-    with torch.device("meta"):  # no random fills: the strict load sets every parameter and buffer
+    # Built on the CPU, its random fills drawn from a forked generator (the process's stream is
+    # left as it was), then overwritten by the strict load. Not under torch.device("meta"): there
+    # ResNet's kaiming_normal_ runs through torch._refs, whose first call imports torch._dynamo,
+    # which costs a start more time than drawing the fills.
+    with torch.random.fork_rng(devices=[]):
         model = build_model(spec)
-    model.to_empty(device="cpu").load_state_dict(state["model"])
+    model.load_state_dict(state["model"])
     model.to(device).eval()
     model.transform.max_input_side = max_size
     return model, spec, state

@@ -168,8 +168,7 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
     (model/heads.py and its neighbours: polygon mask targets, banded anchor matching, box-sized mask outputs,
     frozen norms folded into their convolutions, channels-last weights) whose state dict is
     torchvision's. polygon_native=False gives torchvision's own MaskRCNN with full-image masks
-    (for comparisons). Built under `torch.device("meta")`, no fill is drawn (for a checkpoint
-    to fill after `to_empty`)."""
+    (for comparisons)."""
     if spec.frozen_bn:
         norm_layer = misc_nn_ops.FrozenBatchNorm2d
     else:
