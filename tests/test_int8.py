@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,7 +17,8 @@ from charseg.data.dataset import scan_dataset
 from charseg.data.images import load_image_rgb
 from charseg.data.loading import image_to_tensor
 from charseg.errors import CharsegError
-from charseg.inference.int8 import CalibrationCacheError, page_calibration, quantizable_parts, quantize_model
+from charseg.inference.int8 import page_calibration, quantizable_parts, quantize_model
+from charseg.inference.int8_cache import CalibrationCacheError
 from charseg.inference.predict import load_model_for_inference
 from charseg.inference.serving import CharsegPredictor
 from charseg.model.architecture import resolve_spec
@@ -118,46 +122,83 @@ def test_int8_is_refused_where_it_cannot_run(light_checkpoint, tiny_dataset, tmp
     assert not any(type(m).__module__.startswith("torch.ao") for m in model.modules())  # left as it was
 
 
-def test_a_calibration_cache_gives_the_calibrated_model_without_calibrating_again(tiny_dataset, tmp_path):
-    model, samples = _model(tiny_dataset, "demo")
-    fresh = [_model(tiny_dataset, "demo")[0] for _ in range(2)]  # the same weights (seed 0)
+def _no_calibration(_):
+    raise AssertionError("the cache should have been read")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_calibration_cache_gives_the_calibrated_model_without_calibrating_again(tiny_dataset, tmp_path, layout):
+    model, samples = _model(tiny_dataset, layout)
+    fresh = _model(tiny_dataset, layout)[0]  # the same weights (seed 0)
     images = [image_to_tensor(load_image_rgb(s.image_path)) for s in samples]
     boxes = [torch.tensor([[4.0, 4.0, 30.0, 40.0]])] * len(images)
     cache = tmp_path / "calibration" / "int8.pt"
     what = quantize_model(model, page_calibration([s.image_path for s in samples]), cache)
     assert cache.is_file() and f"calibrated on 4 pages, written to {cache}" in what
-
-    def no_calibration(_):
-        raise AssertionError("the cache should have been read")
-    what = quantize_model(fresh[0], no_calibration, cache)
+    what = quantize_model(fresh, _no_calibration, cache)
     assert f"calibration read from {cache}, made on 4 pages" in what
-    torch.testing.assert_close(_mask_logits(fresh[0], images, boxes), _mask_logits(model, images, boxes),
+    # The parts were traced on small examples: pages of other sizes and other numbers of boxes
+    # must give what the converted parts give, to the bit.
+    torch.testing.assert_close(_mask_logits(fresh, images, boxes), _mask_logits(model, images, boxes),
                                rtol=0, atol=0)
+    for m in (model, fresh):
+        m.roi_heads.score_thresh = 0.0
+    with torch.inference_mode():
+        expected, got = model(images[:2]), fresh(images[:2])
+    assert len(expected[0]["boxes"]) > 1
+    for want, have in zip(expected, got):
+        for key in ("boxes", "scores", "box_masks"):
+            torch.testing.assert_close(have[key], want[key], rtol=0, atol=0)
 
+
+def test_a_calibration_cache_is_refused_for_other_weights_pages_torch_or_format(tiny_dataset, tmp_path):
+    model, samples = _model(tiny_dataset, "demo")
+    cache = tmp_path / "int8.pt"
+    quantize_model(model, page_calibration([s.image_path for s in samples]), cache)
+    other = _model(tiny_dataset, "demo")[0]
     with torch.no_grad():
-        fresh[1].roi_heads.mask_predictor.conv5_mask.weight.add_(0.01)  # other weights
-    with pytest.raises(CalibrationCacheError, match="calibrated for another model"):
-        quantize_model(fresh[1], no_calibration, cache)
-    assert not any(type(m).__module__.startswith("torch.ao") for m in fresh[1].modules())  # left as it was
+        other.roi_heads.mask_predictor.conv5_mask.weight.add_(0.01)  # other weights
+    with pytest.raises(CalibrationCacheError, match="made for another model"):
+        quantize_model(other, _no_calibration, cache)
+    assert not any(isinstance(m, torch.jit.ScriptModule) or type(m).__module__.startswith("torch.ao")
+                   for m in other.modules())  # left as it was
     with pytest.raises(CalibrationCacheError, match=r"calibrated on other pages \(00001.png"):
-        quantize_model(_model(tiny_dataset, "demo")[0], no_calibration, cache, chosen_pages=["other.png"])
+        quantize_model(_model(tiny_dataset, "demo")[0], _no_calibration, cache, chosen_pages=["other.png"])
+    saved = torch.load(cache, weights_only=True)
+    for change, message in (({"torch": "2.0.0"}, "made by torch 2.0.0"),
+                            ({"format": "charseg-int8-calibration/1"}, "written by another charseg version"),
+                            ({"parts": {"backbone.body": b"x"}}, "holds other parts"),
+                            ({"parts": dict.fromkeys(saved["parts"], b"not TorchScript")}, "a part does not load")):
+        torch.save({**saved, **change}, tmp_path / "changed.pt")
+        with pytest.raises(CalibrationCacheError, match=message):
+            quantize_model(_model(tiny_dataset, "demo")[0], _no_calibration, tmp_path / "changed.pt")
     (tmp_path / "foreign.pt").write_bytes(b"not a calibration")
     with pytest.raises(CalibrationCacheError, match="foreign.pt: not a charseg int8 calibration file"):
-        quantize_model(_model(tiny_dataset, "demo")[0], no_calibration, tmp_path / "foreign.pt")
+        quantize_model(_model(tiny_dataset, "demo")[0], _no_calibration, tmp_path / "foreign.pt")
+
+
+# A predict process that prints, at exit, whether it imported torch._dynamo.
+REPORTS_DYNAMO = ("import atexit, runpy, sys; "
+                  "atexit.register(lambda: print('torch._dynamo imported:', 'torch._dynamo' in sys.modules)); "
+                  "sys.argv = ['charseg', *sys.argv[1:]]; runpy.run_module('charseg', run_name='__main__')")
 
 
 def test_predict_writes_then_reads_a_calibration_cache_and_refuses_it_without_int8(light_checkpoint, tiny_dataset,
                                                                                    tmp_path):
     cache = tmp_path / "int8.pt"
-    outputs = []
-    for run in range(2):
-        out = tmp_path / f"out{run}"
-        result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint),
-                                          "--out", str(out), "--precision", "int8", "--calibration-cache", str(cache)])
-        assert result.exit_code == 0, result.output
-        outputs.append(sorted((p.name, p.read_text()) for p in (out / "annotations").glob("*.csv")))
-        assert ("written to" if run == 0 else "calibration read from") in result.output
-    assert outputs[0] == outputs[1]
+    args = ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint), "--precision", "int8",
+            "--calibration-cache", str(cache)]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "out0")])
+    assert result.exit_code == 0 and "written to" in result.output, result.output
+    # A later process loads the int8 parts: no calibration, no FX work (whose tracing imports torch._dynamo).
+    done = subprocess.run([sys.executable, "-c", REPORTS_DYNAMO, *args, "--out", str(tmp_path / "out1")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "calibration read from" in done.stdout + done.stderr
+    assert "torch._dynamo imported: False" in done.stdout
+    outputs = [sorted((p.name, p.read_text()) for p in (tmp_path / out / "annotations").glob("*.csv"))
+               for out in ("out0", "out1")]
+    assert outputs[0] and outputs[0] == outputs[1]
     result = CliRunner().invoke(cli, ["evaluate", str(tiny_dataset), "--model", str(light_checkpoint),
                                       "--calibration-cache", str(cache), "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 2 and "--calibration-cache set int8's calibration; add --precision int8" in result.output

@@ -256,10 +256,10 @@ CALIBRATION_DIR = click.option(
 
 CALIBRATION_CACHE = click.option(
     "--calibration-cache", type=click.Path(dir_okay=False), default=None,
-    help="With --precision int8: a file that keeps the calibration's value ranges. Where it does not exist, the "
-         "calibration runs and writes it; where it does, its ranges are used and the calibration pass is skipped. "
-         "It belongs to one model (a file made for other weights, or with --calibration-dir on other pages, is "
-         "refused with the fix).")
+    help="With --precision int8: a file that keeps the int8 model a calibration made. Where it does not exist, the "
+         "calibration runs and the quantised parts are written to it; where it does, they are loaded and neither "
+         "the calibration pass nor the quantisation runs. It belongs to one model and one torch (a file made for "
+         "other weights, by another torch, or with --calibration-dir on other pages, is refused with the fix).")
 
 
 def check_int8_options(precision: str, calibration_dir: str | None, calibration_cache: str | None) -> None:

@@ -9,15 +9,13 @@ body, the FPN's convolutions, the box head, the mask head and the mask predictor
 convolutions (a dense page's time is mostly the mask head's, run once per detection).
 What stays float32: the RPN head, RoI pooling, GroupNorm layers (run between a dequantise and
 a quantise), box and mask decoding, and every output. The checkpoint is not changed: the
-quantised model lives in the process. A calibration cache (`--calibration-cache FILE`, as
-TensorRT's calibration cache) keeps the value ranges a calibration observed, for one model:
-later processes read them instead of running the calibration pass again.
+quantised model lives in the process, or in a calibration cache (`--calibration-cache FILE`,
+int8_cache.py) from which later processes load it instead of calibrating and converting again.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ from ..data.loading import image_to_tensor
 from ..errors import CharsegError
 from ..model.frozen_norm import plain_convolutions
 from ..model.heads import PixelMaskPredictor
+from .int8_cache import model_fingerprint, read_cache, write_cache
 from .predict import detection_limit
 
 ENGINE = "x86"  # PyTorch's default quantised engine on x86: fbgemm's kernels, onednn's where they win
@@ -43,7 +42,6 @@ CALIBRATION_PAGES = 4  # pages whose activations set the int8 ranges (the first 
 # cost more than the float32 pass it is meant to shorten.
 CALIBRATION_DETECTIONS = 256
 
-CACHE_FORMAT = "charseg-int8-calibration/1"  # what a calibration cache file says it is
 
 log = logging.getLogger("charseg")
 
@@ -109,15 +107,13 @@ def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], list[str]]
     ones, in place.
 
     CALIBRATE(model) runs the model (float32, observers in those parts) over the calibration
-    pages and returns their names. With CACHE: where that file exists, its value ranges are
-    used instead (CALIBRATE is not called; CalibrationCacheError where it was made for other
-    weights or on pages outside CHOSEN_PAGES, the names of the pages the user chose to calibrate
-    on); else it is written after the calibration. MODEL must be a CPU
-    model in eval mode. Returns a line saying what was quantised. Raises CharsegError where
+    pages and returns their names. With CACHE (int8_cache): where that file exists, the int8
+    parts it holds are used instead (neither CALIBRATE nor the FX conversion runs;
+    CalibrationCacheError where it was made for other weights or on pages outside CHOSEN_PAGES,
+    the names of the pages the user chose to calibrate on); else it is written after the
+    conversion. MODEL must be a CPU model in eval mode. Returns a line saying what was quantised. Raises CharsegError where
     PyTorch has no x86 int8 engine, MODEL is not on the CPU or no calibration page could be
     read."""
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
     if ENGINE not in torch.backends.quantized.supported_engines:
         raise CharsegError(f"--precision int8 needs PyTorch's {ENGINE!r} quantised engine, which this build lacks "
                            f"(it has {', '.join(torch.backends.quantized.supported_engines)}); use fp32")
@@ -125,102 +121,44 @@ def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], list[str]]
         raise CharsegError("--precision int8 runs on the CPU only; pass --device cpu, or use bf16 / fp16 on CUDA")
     parts = quantizable_parts(model)
     torch.backends.quantized.engine = ENGINE
-    mapping = _qconfig_mapping()
     cache = Path(cache) if cache is not None else None
     fingerprint = model_fingerprint(model) if cache is not None else None  # before any part is swapped
-    with _quiet_deprecation():
-        floats = {name: model.get_submodule(name) for name in parts}
-        # In a Sequential, a part that is one torch.nn layer is traced as that layer, not through its forward.
-        observed = {name: prepare_fx(nn.Sequential(plain_convolutions(copy.deepcopy(floats[name]))), mapping, example)
-                    for name, example in parts.items()}
-        if cache is not None and cache.is_file():
-            pages = read_calibration(cache, observed, fingerprint, chosen_pages)
-            source = f"calibration read from {cache}, made on {len(pages)} page{'s' * (len(pages) != 1)}"
-        else:
-            pages = _calibrate(model, observed, floats, calibrate)
-            source = f"calibrated on {len(pages)} page{'s' * (len(pages) != 1)}"
-            if cache is not None:
-                write_calibration(cache, observed, fingerprint, pages)
-                source += f", written to {cache}"
-        _swap(model, {name: convert_fx(module) for name, module in observed.items()})
+    if cache is not None and cache.is_file():
+        converted, pages = read_cache(cache, list(parts), fingerprint, chosen_pages)
+        source = f"calibration read from {cache}, made on {len(pages)} page{'s' * (len(pages) != 1)}"
+    else:
+        converted, pages = _calibrate_and_convert(model, parts, calibrate)
+        source = f"calibrated on {len(pages)} page{'s' * (len(pages) != 1)}"
+        if cache is not None:
+            write_cache(cache, converted, parts, fingerprint, pages)
+            source += f", written to {cache}"
+    _swap(model, converted)
     what = f"int8 {_summary(parts)} ({source}), the rest float32"
     log.info("inference precision %s", what)
     return what
 
 
-def _calibrate(model: nn.Module, observed: dict[str, nn.Module], floats: dict[str, nn.Module],
-               calibrate: Callable[[nn.Module], list[str]]) -> list[str]:
-    """Run CALIBRATE with the observed parts in MODEL; the float parts back on any failure."""
-    _swap(model, observed)
-    try:
-        with torch.inference_mode():
-            pages = calibrate(model)
-    except BaseException:
-        _swap(model, floats)
-        raise
-    if not pages:
-        _swap(model, floats)
-        raise CharsegError("--precision int8: no calibration page could be read")
-    return pages
+def _calibrate_and_convert(model: nn.Module, parts: dict[str, tuple[torch.Tensor, ...]],
+                           calibrate: Callable[[nn.Module], list[str]]) -> tuple[dict[str, nn.Module], list[str]]:
+    """PARTS of MODEL prepared with observers, calibrated by CALIBRATE (run with them in MODEL,
+    the float parts put back after) and converted to int8: (the int8 parts by name, the pages)."""
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-
-class CalibrationCacheError(CharsegError):
-    """A --calibration-cache file that does not belong to this model or these pages."""
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of MODEL's float32 state (names and values): which weights a calibration belongs
-    to."""
-    digest = hashlib.sha256()
-    state = model.state_dict()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
-    return digest.hexdigest()
-
-
-def _observer_state(observed: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
-    """The activation observers' buffers (their min..max) of each observed part."""
-    return {name: {k: v for k, v in module.state_dict().items() if "activation_post_process" in k}
-            for name, module in observed.items()}
-
-
-def write_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: str, pages: list[str]) -> None:
-    """Save the observed value ranges of a calibration, for the weights FINGERPRINT names."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"format": CACHE_FORMAT, "model_sha256": fingerprint, "pages": list(pages),
-                "torch": str(torch.__version__), "observers": _observer_state(observed)}, partial)
-    partial.replace(path)
-
-
-def read_calibration(path: Path, observed: dict[str, nn.Module], fingerprint: str,
-                     chosen_pages: Sequence[str] | None = None) -> list[str]:
-    """Load PATH's value ranges into the observed parts; returns the pages they came from.
-    Raises CalibrationCacheError where PATH is not such a file, was made for other weights,
-    another layout or on pages outside CHOSEN_PAGES (where given)."""
-    fix = "delete it to calibrate again, or name another --calibration-cache file"
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torch.load of a foreign file raises anything from pickle to zip errors
-        raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file "
-                                    f"(torch.load: {type(exc).__name__}: {exc}); "
-                                    f"{fix}") from exc
-    if not isinstance(saved, dict) or saved.get("format") != CACHE_FORMAT:
-        raise CalibrationCacheError(f"--calibration-cache {path}: not a charseg int8 calibration file; {fix}")
-    if saved["model_sha256"] != fingerprint:
-        raise CalibrationCacheError(f"--calibration-cache {path}: calibrated for another model (its weights differ "
-                                    f"from this checkpoint's); {fix}")
-    if chosen_pages is not None and not set(saved["pages"]) <= set(chosen_pages):
-        raise CalibrationCacheError(f"--calibration-cache {path}: calibrated on other pages ({', '.join(saved['pages'])}) "
-                                    f"than these; {fix}")
-    expected = _observer_state(observed)
-    if {n: sorted(v) for n, v in saved["observers"].items()} != {n: sorted(v) for n, v in expected.items()}:
-        raise CalibrationCacheError(f"--calibration-cache {path}: made by torch {saved['torch']}, whose quantised "
-                                    f"layers differ from torch {torch.__version__}'s; {fix}")
-    for name, module in observed.items():
-        module.load_state_dict(saved["observers"][name], strict=False)
-    return saved["pages"]
+    mapping = _qconfig_mapping()
+    with _quiet_deprecation():
+        floats = {name: model.get_submodule(name) for name in parts}
+        # In a Sequential, a part that is one torch.nn layer is traced as that layer, not through its forward.
+        observed = {name: prepare_fx(nn.Sequential(plain_convolutions(copy.deepcopy(floats[name]))), mapping, example)
+                    for name, example in parts.items()}
+        _swap(model, observed)
+        try:
+            with torch.inference_mode():
+                pages = calibrate(model)
+        finally:
+            _swap(model, floats)
+        if not pages:
+            raise CharsegError("--precision int8: no calibration page could be read")
+        return {name: convert_fx(module) for name, module in observed.items()}, pages
 
 
 def _swap(model: nn.Module, modules: dict[str, nn.Module]) -> None:
