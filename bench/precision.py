@@ -11,7 +11,7 @@ turns, each just after an untimed import of torch and torchvision, so its librar
 page cache), and training steps (median after a warm-up).
 int8 (`--precision int8`) is calibrated on the page it reads, as `predict` does by default;
 its inference time leaves the calibration out (given apart), its whole process includes it;
-a further whole process reads the calibration from a `--calibration-cache` file that an
+a further whole process loads the int8 parts from a `--calibration-cache` file that an
 untimed run wrote (CACHED), as every run after the first does.
 Quality: `charseg evaluate`'s metrics of CHECKPOINT on DATA at fp32, bf16 and int8 (calibrated
 on CALIBRATION_DIR's first pages: pages other than the ones scored), and under the CPU's
@@ -177,8 +177,8 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str, calibration_dir
                   for p in (*PATHS, CACHED)) + "."]
     cached, fp32 = rows[("process", "dense", CACHED)], rows[("process", "dense", "charseg")]
     stock = rows[("process", "dense", "stock")]
-    lines += ["", f"int8 with its calibration read from a `--calibration-cache` file (written by an untimed run "
-              f"before; every run after the first reads it): whole predict process {cached['seconds']:.2f} s, "
+    lines += ["", f"int8 loaded from a `--calibration-cache` file (its calibrated int8 parts, written by an "
+              f"untimed run before; every run after the first loads them): whole predict process {cached['seconds']:.2f} s, "
               f"{cached['peak_rss_mb']:.0f} MB peak RSS; {cached['seconds'] / stock['seconds']:.2f}x stock's time, "
               f"{cached['peak_rss_mb'] / stock['peak_rss_mb']:.2f}x its memory, "
               f"{cached['seconds'] / fp32['seconds']:.2f}x charseg fp32's time."]

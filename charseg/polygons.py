@@ -122,6 +122,8 @@ def clip_polygon_to_image(points: np.ndarray, width: int, height: int) -> np.nda
 
     Exact for any simple polygon against a convex window; returns (K, 2), K may be 0.
     """
+    if len(points) and (points >= 0).all() and (points[:, 0] <= width).all() and (points[:, 1] <= height).all():
+        return np.asarray(points, dtype=np.float32).reshape(-1, 2)  # inside: what the clip would return
     edges = (  # (inside test, intersection with the boundary line)
         (lambda p: p[0] >= 0, 0, 0.0),
         (lambda p: p[0] <= width, 0, float(width)),

@@ -83,6 +83,12 @@ def test_polygon_partly_outside_is_clipped_exactly():
 def test_clip_keeps_inside_polygon_unchanged():
     square = np.array([[1, 1], [5, 1], [5, 5], [1, 5]], dtype=np.float32)
     assert np.allclose(clip_polygon_to_image(square, 10, 10), square)
+    # on the window's edges is inside: the same points, in order, as float32
+    edges = np.array([[0, 0], [10, 0], [10, 7.25], [3.5, 10], [0, 10]], dtype=np.float64)
+    clipped = clip_polygon_to_image(edges, 10, 10)
+    assert clipped.dtype == np.float32 and np.array_equal(clipped, edges.astype(np.float32))
+    just_past = edges + [[0, 0], [1e-3, 0], [0, 0], [0, 0], [0, 0]]
+    assert clip_polygon_to_image(just_past, 10, 10)[:, 0].max() == 10  # clipped back to the edge
 
 
 def test_mask_rasterises_polygon_area():

@@ -167,8 +167,9 @@ def test_a_calibration_cache_is_refused_for_other_weights_pages_torch_or_format(
     saved = torch.load(cache, weights_only=True)
     for change, message in (({"torch": "2.0.0"}, "made by torch 2.0.0"),
                             ({"format": "charseg-int8-calibration/1"}, "written by another charseg version"),
-                            ({"parts": {"backbone.body": b"x"}}, "holds other parts"),
-                            ({"parts": dict.fromkeys(saved["parts"], b"not TorchScript")}, "a part does not load")):
+                            ({"parts": {"backbone.body": saved["parts"]["backbone.body"]}}, "holds other parts"),
+                            ({"parts": dict.fromkeys(saved["parts"], torch.zeros(8, dtype=torch.uint8))},
+                             "a part does not load")):
         torch.save({**saved, **change}, tmp_path / "changed.pt")
         with pytest.raises(CalibrationCacheError, match=message):
             quantize_model(_model(tiny_dataset, "demo")[0], _no_calibration, tmp_path / "changed.pt")

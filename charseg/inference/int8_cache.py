@@ -64,7 +64,8 @@ def write_cache(path: Path, converted: dict[str, nn.Module], examples: dict[str,
         for name, module in converted.items():
             buffer = io.BytesIO()
             torch.jit.save(torch.jit.trace(module, examples[name], strict=False, check_trace=False), buffer)
-            blobs[name] = buffer.getvalue()
+            # as a tensor, not bytes: torch.load reads a tensor's storage at once, bytes through pickle
+            blobs[name] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     torch.save({"format": CACHE_FORMAT, "model_sha256": fingerprint, "pages": list(pages),
@@ -92,7 +93,8 @@ def read_cache(path: Path, part_names: Sequence[str], fingerprint: str,
                                     f" than this model quantises; {_FIX}")
     try:
         with _quiet_torchscript():
-            parts = {name: torch.jit.load(io.BytesIO(blob), map_location="cpu") for name, blob in saved["parts"].items()}
+            parts = {name: torch.jit.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu")
+                     for name, blob in saved["parts"].items()}
     except RuntimeError as exc:
         raise CalibrationCacheError(f"--calibration-cache {path}: a part does not load "
                                     f"(torch.jit.load: {exc}); {_FIX}") from exc
