@@ -2,8 +2,8 @@
 calibration cache, which keeps the calibration; this keeps what it made).
 
 A process that quantises a model calibrates it (a float32 pass over pages), then prepares and
-converts each part with FX (Python graph work that also imports torch._dynamo): on a dense page
-those steps cost a start as much as a fifth of the page's own compute. The cache file holds
+converts each part with FX (Python graph work that also imports torch._dynamo): a large share
+of a start, even on a dense page (docs/BENCHMARKS_AVX2.md). The cache file holds
 each converted part as TorchScript (its int8 weights and value ranges), so a later process
 loads the parts and skips all three. It belongs to one model: it records a SHA-256 of the float
 weights it was made from, the pages it was calibrated on and the torch that made it, and is
