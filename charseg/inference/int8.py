@@ -111,9 +111,9 @@ def quantize_model(model: nn.Module, calibrate: Callable[[nn.Module], list[str]]
     parts it holds are used instead (neither CALIBRATE nor the FX conversion runs;
     CalibrationCacheError where it was made for other weights or on pages outside CHOSEN_PAGES,
     the names of the pages the user chose to calibrate on); else it is written after the
-    conversion. MODEL must be a CPU model in eval mode. Returns a line saying what was quantised. Raises CharsegError where
-    PyTorch has no x86 int8 engine, MODEL is not on the CPU or no calibration page could be
-    read."""
+    conversion. MODEL must be a CPU model in eval mode. Returns a line saying what was
+    quantised. Raises CharsegError where PyTorch has no x86 int8 engine, MODEL is not on the CPU
+    or no calibration page could be read."""
     if ENGINE not in torch.backends.quantized.supported_engines:
         raise CharsegError(f"--precision int8 needs PyTorch's {ENGINE!r} quantised engine, which this build lacks "
                            f"(it has {', '.join(torch.backends.quantized.supported_engines)}); use fp32")

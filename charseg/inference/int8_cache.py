@@ -83,14 +83,14 @@ def read_cache(path: Path, part_names: Sequence[str], fingerprint: str,
         raise CalibrationCacheError(f"--calibration-cache {path}: made for another model (its weights differ "
                                     f"from this checkpoint's); {_FIX}")
     if chosen_pages is not None and not set(saved["pages"]) <= set(chosen_pages):
-        raise CalibrationCacheError(f"--calibration-cache {path}: calibrated on other pages ({', '.join(saved['pages'])}) "
-                                    f"than these; {_FIX}")
+        raise CalibrationCacheError(f"--calibration-cache {path}: calibrated on other pages "
+                                    f"({', '.join(saved['pages'])}) than these; {_FIX}")
     if saved["torch"] != str(torch.__version__):
         raise CalibrationCacheError(f"--calibration-cache {path}: made by torch {saved['torch']}, whose int8 "
                                     f"layers may differ from torch {torch.__version__}'s; {_FIX}")
     if sorted(saved["parts"]) != sorted(part_names):
-        raise CalibrationCacheError(f"--calibration-cache {path}: holds other parts ({', '.join(sorted(saved['parts']))})"
-                                    f" than this model quantises; {_FIX}")
+        raise CalibrationCacheError(f"--calibration-cache {path}: holds other parts "
+                                    f"({', '.join(sorted(saved['parts']))}) than this model quantises; {_FIX}")
     try:
         with _quiet_torchscript():
             parts = {name: torch.jit.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu")
