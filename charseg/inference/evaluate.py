@@ -192,8 +192,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: s
                         calibration_dir: str | None = None, calibration_cache: str | None = None):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
     `scale_test`, `max_size`: instead of the checkpoint's; load_model_for_inference) at
-    `precision` (int8: calibrated on `calibration_dir`'s first pages, else DATA_DIR's, or with
-    the ranges of `calibration_cache` where that file exists, else written there); pages
+    `precision` (int8: calibrated on `calibration_dir`'s first pages, else DATA_DIR's, or the
+    int8 parts of `calibration_cache` where that file exists, else written there); pages
     shrunk by the input cap are named in a warning. Returns an EvalResult."""
     compute = resolve_compute(device, precision, training=False)
     model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test,

@@ -42,7 +42,6 @@ CALIBRATION_PAGES = 4  # pages whose activations set the int8 ranges (the first 
 # cost more than the float32 pass it is meant to shorten.
 CALIBRATION_DETECTIONS = 256
 
-
 log = logging.getLogger("charseg")
 
 
@@ -209,8 +208,8 @@ def calibration_pages(calibration_dir: str | None, inputs: Sequence[Path]) -> li
 def quantize_on_pages(model: nn.Module, calibration_dir: str | None, inputs: Sequence[Path],
                       cache: str | None = None) -> str:
     """quantize_model calibrated on the first pages of CALIBRATION_DIR, else of INPUTS (the
-    pages the command reads), or with the value ranges of CACHE where that file exists (then
-    written otherwise): `--precision int8` of predict and evaluate."""
+    pages the command reads), or the int8 parts of CACHE where that file exists (then written
+    otherwise): `--precision int8` of predict and evaluate."""
     paths = calibration_pages(calibration_dir, inputs)
     # pages the user chose (--calibration-dir): a cache made on others is refused
     chosen = [path.name for path in paths] if calibration_dir is not None else None
