@@ -15,7 +15,7 @@ from charseg import checkpoint as ckpt
 from charseg.config import MAX_PAGE_SCALE, TrainConfig
 from charseg.errors import WeightsError
 from charseg.inference.predict import load_model_for_inference
-from charseg.model.build import ModelSpec, build_model, create_model, spec_for_weights
+from charseg.model.build import ModelSpec, build_model, build_model_from_state, create_model, spec_for_weights
 from charseg.model.heads import FOLLOW_MAX_RATIO, PAGE_MAX_SIDE, page_scale_for
 
 
@@ -85,8 +85,9 @@ def test_a_model_loaded_for_inference_predicts_as_its_source_and_leaves_the_rand
 
 
 def test_loading_a_model_for_inference_does_not_import_torch_dynamo(tmp_path):
-    """A fresh predict process: building under torch.device("meta") imported torch._dynamo
-    (torch._refs' normal_), a large share of every start; a CPU build does not."""
+    """A fresh predict process: building under torch.device("meta") with torch.nn.init's draws
+    imported torch._dynamo (torch._refs' normal_), a large share of every start; the inference
+    build skips the draws."""
     spec = spec_for_weights("resnet18", "none", min_size=96, max_size=96)
     path = _checkpoint_of(build_model(spec), spec, tmp_path / "model.pth")
     code = ("import sys, torch; from charseg.inference.predict import load_model_for_inference; "
@@ -94,6 +95,25 @@ def test_loading_a_model_for_inference_does_not_import_torch_dynamo(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False"], "loading a model imported torch._dynamo"
+
+
+def test_a_model_built_from_a_state_holds_its_tensors_in_the_built_layout_and_refuses_a_partial_one():
+    """build_model_from_state assigns the state's tensors (no draw, no second copy): each in
+    build_model's dtype and memory format, whatever the state's; a missing weight still fails
+    as a strict load fails."""
+    spec = spec_for_weights("resnet18", "none", min_size=96, max_size=96)
+    built = build_model(spec)
+    state = {key: value.contiguous().double() if value.is_floating_point() else value
+             for key, value in built.state_dict().items()}
+    model = build_model_from_state(spec, state)
+    for key, value in model.state_dict().items():
+        assert value.device.type == "cpu" and value.dtype == built.state_dict()[key].dtype, key
+        torch.testing.assert_close(value, built.state_dict()[key], rtol=0, atol=0)
+    conv = model.backbone.body.conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    state.pop("roi_heads.box_predictor.cls_score.weight")
+    with pytest.raises(RuntimeError, match="cls_score.weight"):
+        build_model_from_state(spec, state)
 
 
 def test_local_coco_style_state_dict_loads_with_heads_reinitialised(tmp_path):

@@ -25,7 +25,7 @@ from ..data.images import ImageUnusable, load_image_rgb
 from ..data.loading import image_to_tensor
 from ..errors import CharsegError
 from ..model.architecture import PROPOSALS_PER_DETECTION
-from ..model.build import NUM_CLASSES, ModelSpec, build_model
+from ..model.build import NUM_CLASSES, ModelSpec, build_model_from_state
 from ..polygons import box_mask_to_polygon, mask_to_polygon
 
 log = logging.getLogger("charseg")
@@ -69,13 +69,7 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         spec = dataclasses.replace(spec, scale_test=scale_test)
     if scale_test is not None or fixed_scale:
         spec = dataclasses.replace(spec, glyph_height=0.0)
-    # Built on the CPU, its random fills drawn from a forked generator (the process's stream is
-    # left as it was), then overwritten by the strict load. Not under torch.device("meta"): there
-    # ResNet's kaiming_normal_ runs through torch._refs, whose first call imports torch._dynamo,
-    # which costs a start more time than drawing the fills.
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(spec)
-    model.load_state_dict(state["model"])
+    model = build_model_from_state(spec, state["model"])
     model.to(device).eval()
     model.transform.max_input_side = max_size
     return model, spec, state

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import urllib.error
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torchvision.models import ResNet18_Weights, ResNet34_Weights, ResNet50_Weights, resnet
 from torchvision.models.detection import FasterRCNN, MaskRCNN, MaskRCNN_ResNet50_FPN_Weights
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -192,6 +194,36 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
     model = _polygon_mask_rcnn(backbone, spec, **_heads(spec, head_norm))
     # oneDNN's convolutions run channels-last without reordering each input and output.
     return model.to(memory_format=torch.channels_last)
+
+
+def build_model_from_state(spec: ModelSpec, state: dict[str, torch.Tensor]) -> MaskRCNN:
+    """build_model(spec) holding STATE's tensors (a checkpoint's model state, loaded strictly):
+    no initial weight is drawn, and none allocated only to be overwritten. Built on the meta
+    device with the random fills skipped (there torch.nn.init's draws run through torch._refs,
+    whose first call imports torch._dynamo, a large share of a start), then given STATE's
+    tensors, each in the dtype and memory format build_model gives it."""
+    with torch.device("meta"), _RandomFillsSkipped():
+        model = build_model(spec)
+    expected = model.state_dict()
+    state = {key: value.to(expected[key].dtype) if key in expected else value for key, value in state.items()}
+    model.load_state_dict(state, assign=True)
+    return model.to(memory_format=torch.channels_last)
+
+
+class _RandomFillsSkipped(TorchFunctionMode):
+    """Within it, the random fills of torch.nn.init and of the layers' reset_parameters return
+    their tensor untouched. A torch function mode: scoped to this block and thread, where
+    patching torch.nn.init would change it for the whole process."""
+
+    # The nn.init functions that dispatch to a mode themselves, and the Tensor methods that the
+    # others (kaiming_normal_, xavier_*) end in.
+    SKIPPED = frozenset({nn.init.uniform_, nn.init.normal_, nn.init.kaiming_uniform_, nn.init.trunc_normal_,
+                         torch.Tensor.uniform_, torch.Tensor.normal_})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SKIPPED:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 # torchvision's own defaults for what charseg does not set (thresholds, samplers, image norm).
