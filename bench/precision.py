@@ -20,6 +20,7 @@ float16 autocast (fp16's numerics; charseg runs fp16 on CUDA).
 
 from __future__ import annotations
 
+import compileall
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,9 @@ def whole_process(args: list[str]) -> dict:
     return {"seconds": seconds, "peak_rss_mb": int(peak_kb) / 1024}
 
 
-def speed(dense_chars: int, steps: int, sparse_steps: int, process_runs: int) -> dict:
+def speed(dense_chars: int, steps: int, sparse_steps: int, process_runs: int, paths: tuple[str, ...] = PATHS) -> dict:
+    """The speed rows of PATHS (stock, charseg and charseg-int8 always among them)."""
+    compileall.compile_dir(ROOT / "charseg", quiet=1)  # bytecode, as an installed charseg has (PYTHONDONTWRITEBYTECODE)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         generate_dataset(tmp / "dense", num_images=1, width=1024, height=1024, chars_per_image=(dense_chars,) * 2,
@@ -98,7 +101,7 @@ def speed(dense_chars: int, steps: int, sparse_steps: int, process_runs: int) ->
         cache = tmp / "int8-calibration.pt"
         rows = {}
         for task, page_set, n in (("inference", "dense", 1), ("train", "dense", steps), ("train", "sparse", sparse_steps)):
-            for path in PATHS if task == "inference" else TRAINED:
+            for path in [p for p in (PATHS if task == "inference" else TRAINED) if p in paths]:
                 rows[(task, page_set, path)] = run_worker(task, path, page_set, "pretrained", tmp / page_set, weights, n)
         def process_args(path: str) -> list[str]:
             out = str(tmp / f"predicted-{path}")
@@ -111,7 +114,7 @@ def speed(dense_chars: int, steps: int, sparse_steps: int, process_runs: int) ->
                     *(["--calibration-cache", str(cache)] if path == CACHED else [])]
 
         whole_process([sys.executable, *process_args(CACHED)])  # untimed: writes the calibration cache
-        runs = {path: [] for path in (*PATHS, CACHED)}
+        runs = {path: [] for path in (*paths, CACHED)}
         for _ in range(process_runs):  # in turns, so a slower spell of the machine falls on each
             for path in runs:
                 runs[path].append(whole_process([sys.executable, *process_args(path)]))
@@ -124,14 +127,17 @@ def speed(dense_chars: int, steps: int, sparse_steps: int, process_runs: int) ->
     return rows
 
 
-def quality(checkpoint: str, data: str, calibration_dir: str | None) -> dict:
+def quality(checkpoint: str, data: str, calibration_dir: str | None, emulated: bool = True) -> dict:
+    """CHECKPOINT's scores at fp32 and int8, and (EMULATED) bf16 and the CPU's fp16 autocast."""
     out = {}
-    for precision in ("fp32", "bf16", "int8"):
+    for precision in ("fp32", "bf16", "int8") if emulated else ("fp32", "int8"):
         start = time.perf_counter()
         result = evaluate_checkpoint(checkpoint, data, device="cpu", precision=precision,
                                      calibration_dir=calibration_dir)
         out[precision] = {**{k: result.metrics[k] for k in METRICS}, "seconds": time.perf_counter() - start}
         print(precision, out[precision], flush=True)
+    if not emulated:
+        return out
     # fp16 is CUDA-only in charseg (a CPU has no fast float16); its numerics, though, are what the
     # CPU's float16 autocast computes too: the same model code, the same casts, emulated and slow.
     start = time.perf_counter()
@@ -165,16 +171,16 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str, calibration_dir
             ratios = [f"{v / values[0]:.2f}x" if v is not None else "—" for v in values[1:]]
             ratios.append(f"{values[3] / values[1]:.2f}x" if values[3] is not None else "—")
             lines.append(f"| {label}: {unit} | " + " | ".join(cells + ratios) + " |")
-    inference = {p: rows[("inference", "dense", p)] for p in PATHS}
+    inference = {p: rows[("inference", "dense", p)] for p in PATHS if ("inference", "dense", p) in rows}
     lines += ["", "Detections on the dense page (limit " + str(inference["stock"]["detections"]) + "): "
-              + ", ".join(f"{p} {inference[p]['detections']}" for p in PATHS)
+              + ", ".join(f"{p} {inference[p]['detections']}" for p in inference)
               + f"; int8's calibration took {inference['charseg-int8']['calibration_seconds']:.1f} s (a float32 pass "
               "with observers over the page's 256 best detections, then the layers converted; docs/PRECISION.md)."]
     lines += ["", "Whole predict processes: the median of " + str(len(rows[("process", "dense", "stock")]["all_seconds"]))
               + " run in turns, each just after an untimed `python -c 'import torch, torchvision'` (so each starts "
               "with those libraries in the page cache); each one's seconds: " + "; ".join(
                   f"{p} " + ", ".join(f"{v:.2f}" for v in rows[("process", "dense", p)]["all_seconds"])
-                  for p in (*PATHS, CACHED)) + "."]
+                  for p in (*PATHS, CACHED) if ("process", "dense", p) in rows) + "."]
     cached, fp32 = rows[("process", "dense", CACHED)], rows[("process", "dense", "charseg")]
     stock = rows[("process", "dense", "stock")]
     lines += ["", f"int8 loaded from a `--calibration-cache` file (its calibrated int8 parts, written by an "
@@ -190,7 +196,8 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str, calibration_dir
         lines.append(f"| {precision} | " + " | ".join(f"{values[k]:.4f}" for k in METRICS)
                      + f" | {values['seconds']:.1f} s |")
     deltas = {p: max(abs(scores[p][k] - scores["fp32"][k]) for k in METRICS) for p in scores if p != "fp32"}
-    lines += ["", "Largest metric difference from fp32: " + ", ".join(f"{p} {d:.4f}" for p, d in deltas.items())
-              + f". {FP16_ON_CPU}: the model under the CPU's float16 autocast (charseg runs fp16 on CUDA only; this "
-              "shows its numerics on a trained model, not its speed: the CPU emulates float16)."]
+    lines += ["", "Largest metric difference from fp32: " + ", ".join(f"{p} {d:.4f}" for p, d in deltas.items()) + "."
+              + (f" {FP16_ON_CPU}: the model under the CPU's float16 autocast (charseg runs fp16 on CUDA only; this "
+                 "shows its numerics on a trained model, not its speed: the CPU emulates float16)."
+                 if FP16_ON_CPU in scores else " bf16 and fp16 left out (`--without-bf16`).")]
     return "\n".join(lines) + "\n"

@@ -77,9 +77,10 @@ def cpu_flags() -> list[str]:
     return [flag for flag in CPU_FLAGS if flag in flags]
 
 
-# Variables that keep PyTorch's and oneDNN's kernels below what the CPU has (e.g. AVX2 only on
-# an AVX-512 CPU, to approach an AVX2 machine's figures): a figure taken under them says so.
-KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+# Variables that keep the kernels below what the CPU has (e.g. AVX2 only on an AVX-512 CPU, to
+# approach an AVX2 machine's figures): PyTorch's own, oneDNN's, fbgemm's (int8; it ignores the
+# first two) and MKL's (float32 matrix products). A figure taken under them says so.
+KERNEL_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def cpu_description() -> str:

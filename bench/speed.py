@@ -11,8 +11,9 @@ CHECKPOINT: a trained model (the demo's), for the scores and the folder's detect
 dense-page comparisons use random-init ResNet-50 FPN weights of charseg's default layout
 (bench/benchmark.py). HELDOUT: pages the checkpoint never trained on. CALIBRATION_DIR: the pages
 int8 is calibrated on when scored (default: HELDOUT's first pages). Takes about 40 minutes on
-2 cores with --pages 200. Run under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, an AVX-512
-CPU computes with AVX2 kernels only (docs/BENCHMARKS_AVX2.md); the CPU line names such limits.
+2 cores with --pages 200 (--without-bf16 leaves out what a CPU without native bf16 emulates). Run under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2, an AVX-512 CPU computes with AVX2
+kernels only (docs/BENCHMARKS_AVX2.md); the CPU line names such limits.
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ def goals(rows: dict, scores: dict) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for key, label in (("seconds", "dense predict process, time / stock's"),
                        ("peak_rss_mb", "dense predict process, peak RSS / stock's")):
-        cells = [f"{rows[('process', 'dense', p)][key] / stock[key]:.2f}x" for p in (*precision.PATHS[1:],
-                                                                                     precision.CACHED)]
+        cells = [f"{rows[('process', 'dense', p)][key] / stock[key]:.2f}x" if ('process', 'dense', p) in rows else "—"
+                 for p in (*precision.PATHS[1:], precision.CACHED)]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | <= {DENSE_GOAL[key]}x |")
-    inference = {p: rows[("inference", "dense", p)]["seconds"] for p in precision.PATHS}
-    process = {p: rows[("process", "dense", p)]["seconds"] for p in precision.PATHS}
+    inference = {p: rows[("inference", "dense", p)]["seconds"] for p in ("charseg", "charseg-int8")}
+    process = {p: rows[("process", "dense", p)]["seconds"] for p in ("charseg", "charseg-int8")}
     cached = rows[("process", "dense", precision.CACHED)]["seconds"]
     speedups = {"dense page, inference": inference["charseg"] / inference["charseg-int8"],
                 "dense page, whole process (calibration included)": process["charseg"] / process["charseg-int8"],
@@ -80,6 +81,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                         help="stock: charseg vs stock in float32; precision: fp32 / bf16 / int8 and their scores "
                              "(and the goals table); folder: pages per minute.")
+    parser.add_argument("--without-bf16", action="store_true",
+                        help="precision: leave out bf16 and the CPU's fp16 autocast, for a CPU that emulates them "
+                             "(no AVX-512 BF16 or AMX, or kernels limited to AVX2), where they take most of the "
+                             "part's time and are far slower than fp32 anyway.")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args()
     print(f"CPU: {cpu_description()}; of {', '.join(CPU_FLAGS)} it has: {', '.join(cpu_flags()) or 'none'}",
@@ -92,8 +97,9 @@ def main() -> None:
         folder = folder_throughput.measure(args.checkpoint, args.pages)
         write_section(args.out, folder_throughput.report(folder, args.checkpoint, args.pages))
     if "precision" in args.only:
-        scores = precision.quality(args.checkpoint, args.heldout, args.calibration_dir)
-        rows = precision.speed(args.dense_chars, args.steps, args.sparse_steps, args.process_runs)
+        scores = precision.quality(args.checkpoint, args.heldout, args.calibration_dir, not args.without_bf16)
+        paths = tuple(p for p in precision.PATHS if not (args.without_bf16 and p == "charseg-bf16"))
+        rows = precision.speed(args.dense_chars, args.steps, args.sparse_steps, args.process_runs, paths)
         section = precision.render(rows, scores, args.checkpoint, args.heldout, args.calibration_dir)
         print(section)
         write_section(args.out, section)
