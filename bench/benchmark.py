@@ -40,7 +40,7 @@ from charseg.inference.int8 import page_calibration, quantize_model  # noqa: E40
 from charseg.inference.predict import output_to_instances  # noqa: E402
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
-from charseg.precision import Compute  # noqa: E402
+from charseg.precision import Compute, training_memory_format  # noqa: E402
 
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
@@ -77,6 +77,8 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     dataset = CharacterDataset(samples, full_masks=stock)
     if task == "train":
         model.train()
+        if not stock:  # the layout charseg trains in on this CPU (its fit does the same)
+            model.to(memory_format=training_memory_format(torch.device("cpu")))
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         times = []
         for step in range(steps):

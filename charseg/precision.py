@@ -117,14 +117,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def training_memory_format(device: torch.device) -> torch.memory_format:
+    """The layout the model trains in on DEVICE: channels-last (build_model's), except on a CPU
+    whose kernels stop at AVX2 (no AVX-512; torch's CPU capability). There oneDNN computes a
+    channels-last convolution's weight gradient with a kernel two to three times slower than
+    the one it reorders NCHW into (on a dense page's largest maps: docs/BENCHMARKS_AVX2.md),
+    and the forward passes run alike."""
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return torch.contiguous_format
+    return torch.channels_last
+
+
 @dataclass(frozen=True)
 class Compute:
     """Where and how a command's model computes, decided once per command (resolve_compute) and
-    passed down, as timm's `amp_autocast`: the device and the forward pass's precision."""
+    passed down, as timm's `amp_autocast`: the device, the forward pass's precision and, in
+    training, the layout of the weights and activations."""
 
     device: torch.device
     precision: str = "fp32"  # fp32 | bf16 | fp16 | int8 (the heads quantised: no autocast)
     why: str = field(default="", compare=False)  # how auto chose, for the log
+    memory_format: torch.memory_format = torch.channels_last  # training_memory_format in training
 
     def autocast(self):
         """The forward pass's autocast context (a no-op in fp32)."""
@@ -144,4 +157,4 @@ def resolve_compute(device: str | torch.device, precision: str, *, training: boo
         log.info("inference precision %s (%s)", chosen, why)
     elif chosen != "fp32":
         log.info("precision %s (%s)", chosen, why)
-    return Compute(device, chosen, why)
+    return Compute(device, chosen, why, training_memory_format(device) if training else torch.channels_last)

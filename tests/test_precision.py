@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from charseg.cli import cli
 from charseg.data.dataset import scan_dataset
 from charseg.data.images import load_image_rgb
 from charseg.data.loading import image_to_tensor
+from charseg.inference.predict import load_model_for_inference
 from charseg.model.architecture import resolve_spec
 from charseg.model.build import build_model
 from charseg.precision import DTYPES, Compute, autocast, native_bf16, resolve
@@ -215,3 +219,34 @@ def test_roi_align_reads_float32_features_cast_once_while_the_mask_head_runs_bf1
     assert all(dtype == torch.float32 for call in pooled for dtype, _ in call.values())
     assert all(call == pooled[0] for call in pooled)  # the same float32 tensors for every chunk
     assert set(head_dtypes) == {torch.bfloat16}  # the mask head's convolutions do run in bf16
+
+
+@pytest.mark.parametrize("capability, layout", [("avx2", "contiguous_format"), ("default", "channels_last")])
+def test_training_runs_nchw_where_the_cpu_kernels_stop_at_avx2(capability, layout):
+    """oneDNN's channels-last weight gradient is slow with AVX2 kernels only: training there runs
+    NCHW; inference, and training elsewhere, channels-last (torch's own CPU capability, which
+    ATEN_CPU_CAPABILITY lowers, decides)."""
+    code = ("import torch; from charseg.precision import resolve_compute; "
+            "print(resolve_compute('cpu', 'fp32', training=True).memory_format, "
+            "resolve_compute('cpu', 'fp32', training=False).memory_format)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"torch.{layout}", "torch.channels_last"]
+
+
+@pytest.mark.slow
+def test_a_run_trains_in_the_layout_its_compute_names_and_learns_alike(tiny_dataset, tmp_path):
+    """fit moves the model into Compute.memory_format (its checkpoints keep the layout, and
+    load channels-last for inference); the two layouts compute the same losses up to float
+    rounding."""
+    runs = {fmt: runner.train(light_config(tiny_dataset, tmp_path / str(fmt), epochs=1),
+                              compute=Compute(torch.device("cpu"), "fp32", memory_format=fmt))
+            for fmt in (torch.contiguous_format, torch.channels_last)}
+    for fmt, run in runs.items():
+        weight = ckpt.load_checkpoint(run.final_checkpoint)["model"]["backbone.body.layer1.0.conv1.weight"]
+        assert weight.is_contiguous(memory_format=fmt), fmt
+    nchw, channels_last = (runs[f].history[0]["loss"] for f in (torch.contiguous_format, torch.channels_last))
+    assert nchw == pytest.approx(channels_last, rel=1e-3)
+    model, _, _ = load_model_for_inference(runs[torch.contiguous_format].final_checkpoint, torch.device("cpu"))
+    assert model.backbone.body.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)

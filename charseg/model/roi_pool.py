@@ -97,13 +97,17 @@ class GatherRoIAlign(MultiScaleRoIAlign):
 def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The feature maps RoI pooling reads, in float32, cast once per forward: roi_align runs in
     float32 under autocast (torchvision's CPU kernel has no bfloat16), and each level it is
-    given would otherwise be cast on every call (once per mask chunk, 4 levels each). On a CPU
-    a no-op outside autocast; elsewhere, where torchvision's roi_align reads NCHW, the
-    channels-last maps are also reordered once."""
+    given would otherwise be cast on every call (once per mask chunk, 4 levels each). Reordered
+    once too: on a CPU into channels-last, which gather_roi_align reads as a view (a no-op for
+    build_model's layout outside autocast; a model trained NCHW, training_memory_format, would
+    otherwise copy each level on every call); elsewhere into NCHW, which torchvision's
+    roi_align reads."""
 
     def cast(v: torch.Tensor) -> torch.Tensor:
         if not v.is_floating_point():
             return v
-        return v.float() if v.device.type == "cpu" else v.float().contiguous()
+        if v.device.type == "cpu":
+            return v.float().contiguous(memory_format=torch.channels_last)
+        return v.float().contiguous()
 
     return {k: cast(v) for k, v in features.items()}

@@ -214,11 +214,11 @@ class _Training:
     @classmethod
     def prepare(cls, config: TrainConfig, model: torch.nn.Module, splits: Splits, resume_state: dict | None,
                 compute: Compute | None) -> "_Training":
-        """Move MODEL to the device (the run's precision recorded in CONFIG), build the loader
-        and optimizer, and put a resumed run's state back."""
+        """Move MODEL to the device in its layout (the run's precision recorded in CONFIG), build
+        the loader and optimizer, and put a resumed run's state back."""
         compute = compute or resolve_compute(_training_device(config.device), config.precision, training=True)
         device = compute.device
-        model.to(device)
+        model.to(device, memory_format=compute.memory_format)
         config.precision = compute.precision  # the run records the precision it used
         scaler = compute.loss_scaler()  # its state is in each checkpoint
         if not splits.train:
