@@ -1,7 +1,7 @@
 """Where a dense page's time goes: seconds per model part for charseg's training step and
 inference. Prints figures; run it alone on an idle machine.
 
-    python bench/profile_dense.py [--chars 1700] [--size 1024] [--weights none|coco]
+    python bench/profile_dense.py [--chars 1700] [--size 1024] [--weights none|coco] [--memory-format nchw]
 
 The page, limits and anchors are the benchmark's (bench/benchmark.py); random weights of the
 architecture `--weights` names. Times are forward passes of each part (the training step's
@@ -28,6 +28,9 @@ from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.loading import CharacterDataset, collate
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
+from charseg.precision import training_memory_format  # noqa: E402
+
+MEMORY_FORMATS = {"channels-last": torch.channels_last, "nchw": torch.contiguous_format}
 
 
 def part_timers(model: torch.nn.Module) -> dict[str, list[float]]:
@@ -68,6 +71,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024, help="Page side in pixels (also the model input).")
     parser.add_argument("--weights", default="none", choices=("none", "coco"),
                         help="Architecture layout: none (live BatchNorm, all stages trained) or coco (pretrained).")
+    parser.add_argument("--memory-format", default="auto", choices=("auto", *MEMORY_FORMATS),
+                        help="The training step's memory layout: auto is the one charseg trains in on this CPU "
+                             "(precision.training_memory_format); inference runs channels-last, as charseg's.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(tmp, num_images=1, width=args.size, height=args.size,
@@ -78,6 +84,8 @@ def main() -> None:
     spec = resolve_spec(TrainConfig(min_size=args.size, max_size=args.size, weights=args.weights), samples, samples)
     torch.manual_seed(0)
     model = build_model(spec)
+    layout = (training_memory_format(torch.device("cpu")) if args.memory_format == "auto"
+              else MEMORY_FORMATS[args.memory_format])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
     def train_step() -> dict[str, float]:
@@ -100,6 +108,9 @@ def main() -> None:
     # full detections_per_img, as a trained model does on a dense page (and as the benchmark).
     for name, step, mode in (("inference", inference, model.eval), ("training step", train_step, model.train)):
         mode()
+        if step is train_step:
+            model.to(memory_format=layout)
+            name += f" ({next(k for k, v in MEMORY_FORMATS.items() if v == layout)})"
         figures = run(model, step)
         print(f"\n{name}: {figures.pop('total'):.2f} s")
         for part, value in figures.items():
