@@ -220,10 +220,17 @@ class PixelMaskPredictor(nn.Module):
                 nn.init.constant_(module.bias, 0)
 
     def forward(self, x: torch.Tensor, pixels: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
-        x = F.relu(self.conv5_mask(x))
+        x = F.relu(self.conv5_mask(x), inplace=True)
         size = x.shape[-1]
         crops = roi_align(pixels, boxes, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=self.aligned)
-        return self.mask_fcn_logits(self.pixel_refine(torch.cat([x, crops.to(x.dtype)], 1)))
+        # in x's layout (channels-last from the deconvolution), so that the concatenation is too
+        # and the refine's first convolution reads it without a reorder
+        crops = crops.to(x.dtype).contiguous(memory_format=_layout_of(x))
+        return self.mask_fcn_logits(self.pixel_refine(torch.cat([x, crops], 1)))
+
+
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
 
 def _refine_block(in_channels: int, out_channels: int, dilation: int) -> nn.Sequential:
