@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import urllib.error
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 

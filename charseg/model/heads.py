@@ -118,7 +118,7 @@ class PolygonRoIHeads(RoIHeads):
             super().check_targets(targets)
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        features = float32_features(features)
+        features = float32_features(features, {*self.box_roi_pool.featmap_names, *self.mask_roi_pool.featmap_names})
         if not self.training:
             return self._infer(features, proposals, image_shapes), {}
         self.fg_bg_sampler.seed_from(targets, ROI_SALT)

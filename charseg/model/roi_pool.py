@@ -3,6 +3,8 @@ weights; torch's embedding_bag sums them on every core), in float32."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -94,20 +96,20 @@ class GatherRoIAlign(MultiScaleRoIAlign):
         return result
 
 
-def float32_features(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def float32_features(features: dict[str, torch.Tensor], levels: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """The feature maps RoI pooling reads, in float32, cast once per forward: roi_align runs in
     float32 under autocast (torchvision's CPU kernel has no bfloat16), and each level it is
     given would otherwise be cast on every call (once per mask chunk, 4 levels each). Reordered
-    once too: on a CPU into channels-last, which gather_roi_align reads as a view (a no-op for
-    build_model's layout outside autocast; a model trained NCHW, training_memory_format, would
-    otherwise copy each level on every call); elsewhere into NCHW, which torchvision's
-    roi_align reads."""
+    once too: on a CPU the LEVELS it gathers from into channels-last, which gather_roi_align
+    reads as a view (a no-op for build_model's layout outside autocast; a model trained NCHW,
+    training_memory_format, would otherwise copy each level on every call); elsewhere every map
+    into NCHW, which torchvision's roi_align reads."""
 
-    def cast(v: torch.Tensor) -> torch.Tensor:
+    def cast(name: str, v: torch.Tensor) -> torch.Tensor:
         if not v.is_floating_point():
             return v
-        if v.device.type == "cpu":
-            return v.float().contiguous(memory_format=torch.channels_last)
-        return v.float().contiguous()
+        if v.device.type != "cpu":
+            return v.float().contiguous()
+        return v.float().contiguous(memory_format=torch.channels_last) if name in levels else v.float()
 
-    return {k: cast(v) for k, v in features.items()}
+    return {k: cast(k, v) for k, v in features.items()}
