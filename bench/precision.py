@@ -184,7 +184,8 @@ def render(rows: dict, scores: dict, checkpoint: str, data: str, calibration_dir
     cached, fp32 = rows[("process", "dense", CACHED)], rows[("process", "dense", "charseg")]
     stock = rows[("process", "dense", "stock")]
     lines += ["", f"int8 loaded from a `--calibration-cache` file (its calibrated int8 parts, written by an "
-              f"untimed run before; every run after the first loads them): whole predict process {cached['seconds']:.2f} s, "
+              f"untimed run before; every run after the first loads them): whole predict process "
+              f"{cached['seconds']:.2f} s, "
               f"{cached['peak_rss_mb']:.0f} MB peak RSS; {cached['seconds'] / stock['seconds']:.2f}x stock's time, "
               f"{cached['peak_rss_mb'] / stock['peak_rss_mb']:.2f}x its memory, "
               f"{cached['seconds'] / fp32['seconds']:.2f}x charseg fp32's time."]

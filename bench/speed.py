@@ -11,9 +11,10 @@ CHECKPOINT: a trained model (the demo's), for the scores and the folder's detect
 dense-page comparisons use random-init ResNet-50 FPN weights of charseg's default layout
 (bench/benchmark.py). HELDOUT: pages the checkpoint never trained on. CALIBRATION_DIR: the pages
 int8 is calibrated on when scored (default: HELDOUT's first pages). Takes about 40 minutes on
-2 cores with --pages 200 (--without-bf16 leaves out what a CPU without native bf16 emulates). Run under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
-FBGEMM_ENABLE_INSTRUCTIONS=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2, an AVX-512 CPU computes with AVX2
-kernels only (docs/BENCHMARKS_AVX2.md); the CPU line names such limits.
+2 cores with --pages 200 (--without-bf16 leaves out what a CPU without native bf16 emulates).
+Run under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2, an AVX-512 CPU computes with AVX2 kernels only
+(docs/BENCHMARKS_AVX2.md); the CPU line names such limits.
 """
 
 from __future__ import annotations
