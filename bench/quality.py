@@ -73,8 +73,8 @@ VARIANTS = {"charseg, each page once at the checkpoint's scale": {"fixed_scale":
             "charseg, --scale-test 0": {"scale_test": 0.0}}
 # Held-out pages shown, outlines drawn at this zoom (nearest neighbour) to be judged.
 OVERLAY_ZOOM = 3
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "mask_dice", "min_size",
-              "max_size", "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "mask_head_convs",
+              "mask_dice", "min_size", "max_size", "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
               "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
 
 
@@ -84,6 +84,9 @@ def demo_recipe() -> tuple[dict, list[str]]:
     run = re.search(r"\ndemo:.*?mlflow run (.*?)\n", text, re.S).group(1)  # the demo's one `mlflow run` line
     params = dict(re.findall(r"-P (\w+)=(\S+)", run))
     generate = re.search(r"charseg generate \$\(DEMO_DATA\) (.*)", text).group(1)
+    unknown = set(params) - set(TRAIN_KEYS) - {"data_dir", "heldout_dir", "output_dir", "register_as"}
+    if unknown:  # a recipe setting this script would drop: add it to TRAIN_KEYS
+        raise SystemExit(f"the Makefile's demo passes {sorted(unknown)}, which bench/quality.py's TRAIN_KEYS lack")
     values = {k: v for k, v in params.items() if k in TRAIN_KEYS}
     config = TrainConfig(**{k: _parse(TrainConfig.__dataclass_fields__[k].type, v) for k, v in values.items()})
     return {k: getattr(config, k) for k in TRAIN_KEYS}, shlex.split(generate)

@@ -200,6 +200,23 @@ def test_group_norm_model_is_normalised_and_narrower():
         spec_for_weights("resnet18", "none", norm="group", fpn_channels=100)
 
 
+def test_mask_head_convs_sets_the_mask_heads_depth_and_older_checkpoints_keep_four():
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64, norm="group", fpn_channels=64,
+                            mask_pixels=True, mask_head_convs=2)
+    head = build_model(spec).roi_heads.mask_head
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in head.modules()) == 2
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == 2
+    assert ModelSpec.from_dict(spec.to_dict()).mask_head_convs == 2
+    old = {k: v for k, v in spec.to_dict().items() if k != "mask_head_convs"}
+    older = build_model(ModelSpec.from_dict(old)).roi_heads.mask_head
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in older.modules()) == 4
+    # torchvision's own head (256 channels, no norm, no pixels) has the depth asked too
+    stock_width = build_model(spec_for_weights("resnet18", "none", mask_head_convs=3)).roi_heads.mask_head
+    assert [m.out_channels for m in stock_width.modules() if isinstance(m, torch.nn.Conv2d)] == [256] * 3
+    with pytest.raises(WeightsError, match="mask head of 4 convolutions"):
+        spec_for_weights("resnet50", "coco", mask_head_convs=2)
+
+
 def test_pixel_mask_predictor_trains_and_predicts(tiny_dataset):
     from charseg.data.dataset import scan_dataset
     from charseg.data.loading import CharacterDataset, collate

@@ -26,6 +26,9 @@ MODEL = (
          help="FPN output channels and mask head width; torchvision's 256, 128 trains about 2.8x faster on a CPU."),
     _bool_opt("--mask-pixels", help="The mask predictor also reads the image's pixels inside each box at 28x28: "
                                     "glyphs of 10-30 px are only a few cells of the stride-4 features"),
+    _opt("--mask-head-convs", type=bounded("mask_head_convs"),
+         help="3x3 convolutions of the mask head before its deconvolution; torchvision's 4. Fewer cost less per "
+              "detection in training and inference (docs/FROM_SCRATCH.md: 2 in the demo recipe)."),
     _opt("--norm", type=click.Choice(NORMS),
          help="Normalisation of a model trained from scratch: batch (BatchNorm in the backbone) or group "
               "(GroupNorm in the backbone, FPN and mask head; --weights none or a group checkpoint)."),

@@ -80,6 +80,10 @@ class ModelSpec:
     # (2, 4, 8, 1) sees the whole 28x28 box, so it can fill a glyph's outline; () is the first
     # version's two plain convolutions (a 5x5 view), which checkpoints without this field have.
     pixel_dilations: tuple[int, ...] = ()
+    # 3x3 convolutions of the mask head before the predictor's deconvolution: torchvision's 4
+    # (and every checkpoint without this field). Fewer are cheaper per RoI, in training and at
+    # inference; what each count scores is in docs/FROM_SCRATCH.md.
+    mask_head_convs: int = 4
     trainable_layers: int = 3  # backbone stages trained, counted from the top (0-5)
     # torchvision's COCO weights were converted with FrozenBatchNorm eps 0 and must keep it.
     frozen_bn_eps: float = 1e-5
@@ -153,6 +157,9 @@ def spec_for_weights(backbone: str, weights: str, **sizes_and_limits) -> ModelSp
     if weights == "coco" and sizes_and_limits.get("fpn_channels", 256) != 256:
         raise WeightsError("COCO Mask R-CNN weights have 256 FPN channels; drop --fpn-channels or pass "
                            "--weights imagenet or none")
+    if weights == "coco" and sizes_and_limits.get("mask_head_convs", 4) != 4:
+        raise WeightsError("COCO Mask R-CNN weights have a mask head of 4 convolutions; drop --mask-head-convs "
+                           "or pass --weights imagenet or none")
     pretrained = weights != "none" and norm == "batch"
     dilations = PIXEL_DILATIONS if sizes_and_limits.get("mask_pixels") else ()
     return ModelSpec(backbone=backbone, frozen_bn=pretrained, trainable_layers=3 if pretrained else 5,
@@ -281,10 +288,10 @@ def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_lay
 
 
 def _heads(spec: ModelSpec, norm_layer) -> dict:
-    """MaskRCNN's head arguments: torchvision's defaults for 256 channels without norm;
-    otherwise a mask head as wide as the FPN (normalised with `norm_layer`), its predictor
-    reading the pixels too with `mask_pixels`."""
-    if spec.fpn_channels == 256 and norm_layer is None and not spec.mask_pixels:
+    """MaskRCNN's head arguments: torchvision's defaults for 256 channels without norm and its
+    4-convolution mask head; otherwise a mask head of `mask_head_convs` convolutions as wide as
+    the FPN (normalised with `norm_layer`), its predictor reading the pixels too with `mask_pixels`."""
+    if spec.fpn_channels == 256 and norm_layer is None and not spec.mask_pixels and spec.mask_head_convs == 4:
         return {"num_classes": spec.num_classes}
     width = spec.fpn_channels
     if spec.mask_pixels:
@@ -293,7 +300,7 @@ def _heads(spec: ModelSpec, norm_layer) -> dict:
     else:
         predictor = MaskRCNNPredictor(width, width, spec.num_classes)
     return {"num_classes": None, "box_predictor": FastRCNNPredictor(BOX_REPRESENTATION, spec.num_classes),
-            "mask_head": MaskRCNNHeads(width, [width] * 4, 1, norm_layer=norm_layer),
+            "mask_head": MaskRCNNHeads(width, [width] * spec.mask_head_convs, 1, norm_layer=norm_layer),
             "mask_predictor": predictor}
 
 
