@@ -28,7 +28,7 @@ MODEL = (
                                     "glyphs of 10-30 px are only a few cells of the stride-4 features"),
     _opt("--mask-head-convs", type=bounded("mask_head_convs"),
          help="3x3 convolutions of the mask head before its deconvolution; torchvision's 4. Fewer cost less per "
-              "detection in training and inference (docs/FROM_SCRATCH.md: 2 in the demo recipe)."),
+              "detection in training and inference, at some mask quality (docs/FROM_SCRATCH.md)."),
     _opt("--norm", type=click.Choice(NORMS),
          help="Normalisation of a model trained from scratch: batch (BatchNorm in the backbone) or group "
               "(GroupNorm in the backbone, FPN and mask head; --weights none or a group checkpoint)."),
