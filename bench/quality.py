@@ -88,12 +88,13 @@ def demo_recipe() -> tuple[dict, list[str]]:
     if unknown:  # a recipe setting this script would drop: add it to TRAIN_KEYS
         raise SystemExit(f"the Makefile's demo passes {sorted(unknown)}, which bench/quality.py's TRAIN_KEYS lack")
     values = {k: v for k, v in params.items() if k in TRAIN_KEYS}
-    config = TrainConfig(**{k: _parse(TrainConfig.__dataclass_fields__[k].type, v) for k, v in values.items()})
+    config = TrainConfig(**{k: parse_setting(k, v) for k, v in values.items()})
     return {k: getattr(config, k) for k in TRAIN_KEYS}, shlex.split(generate)
 
 
-def _parse(kind: str, text: str):
-    kind = kind.replace(" | None", "")  # the field's annotation, as text
+def parse_setting(name: str, text: str):
+    """TEXT (as the Makefile or a command line gives it) as TrainConfig's field NAME holds it."""
+    kind = TrainConfig.__dataclass_fields__[name].type.replace(" | None", "")  # the annotation, as text
     return {"int": int, "float": float, "bool": lambda v: v.lower() == "true"}.get(kind, str)(text)
 
 

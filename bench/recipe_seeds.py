@@ -27,8 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quality import (DOCUMENT, HELDOUT_PAGES, HELDOUT_SEED, _parse, demo_recipe,  # noqa: E402
-                     generate_training_pages, measure_document, read_as)
+from quality import (DOCUMENT, HELDOUT_PAGES, HELDOUT_SEED, demo_recipe,  # noqa: E402
+                     generate_training_pages, measure_document, parse_setting, read_as)
 from scaling import cpu_description  # noqa: E402  (bench/ is this script's folder)
 
 from charseg.config import TrainConfig  # noqa: E402
@@ -81,7 +81,6 @@ def main() -> None:
         raise SystemExit(f"{args.setting!r} is not a TrainConfig setting")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     recipe, generate_args = demo_recipe()
-    kind = TrainConfig.__dataclass_fields__[args.setting].type
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -92,7 +91,7 @@ def main() -> None:
         heldout = scan_dataset(tmp / "heldout").samples
         for seed in args.seeds:
             for value in args.values:
-                run = {**recipe, args.setting: _parse(kind, value), "seed": seed}
+                run = {**recipe, args.setting: parse_setting(args.setting, value), "seed": seed}
                 row = run_one(run, tmp / "train", tmp / f"run_{seed}_{value}", heldout, tmp / "document")
                 runs.append((value, seed, row))
                 print(f"{args.setting}={value} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),

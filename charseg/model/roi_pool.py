@@ -96,7 +96,7 @@ class GatherRoIAlign(MultiScaleRoIAlign):
         return result
 
 
-def float32_features(features: dict[str, torch.Tensor], levels: Collection[str] = ()) -> dict[str, torch.Tensor]:
+def float32_features(features: dict[str, torch.Tensor], levels: Collection[str]) -> dict[str, torch.Tensor]:
     """The feature maps RoI pooling reads, in float32, cast once per forward: roi_align runs in
     float32 under autocast (torchvision's CPU kernel has no bfloat16), and each level it is
     given would otherwise be cast on every call (once per mask chunk, 4 levels each). Reordered
