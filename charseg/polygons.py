@@ -9,6 +9,8 @@ target, and traces masks back into outlines. It knows nothing of models or files
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -79,42 +81,115 @@ def warp_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 
 
 def polygon_area(points: np.ndarray) -> float:
-    """Absolute shoelace area of a (K, 2) polygon."""
-    x, y = points[:, 0].astype(np.float64), points[:, 1].astype(np.float64)
-    return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+    """Absolute shoelace area of a (K, 2) polygon (0 below three points)."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if len(p) < 3:
+        return 0.0
+    x, y = p[:, 0], p[:, 1]
+    twice = np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]) + x[-1] * y[0] - y[-1] * x[0]
+    return float(abs(twice) / 2.0)
 
 
 # Polygons of more points than this are not checked for crossing themselves (the check is
 # quadratic); an annotator's outline of one character has tens of points.
 MAX_CROSSING_CHECK_POINTS = 4096
+# Edge pairs compared in one numpy pass: a dataset's CSV holds tens of small outlines, and one
+# pass each would cost more than the comparisons; a long outline is compared in blocks of rows.
+CROSSING_PASS_PAIRS = 1 << 16
+# Outlines up to this many points share passes (their pair lists are kept, one per length).
+SHARED_PASS_POINTS = 128
 
 
 def first_crossing(points: np.ndarray) -> tuple[int, int] | None:
     """Indices (i, j), i < j, of two non-adjacent edges of the closed polygon that cross (edge
     i runs from point i to point i+1), or None when it is simple; None too beyond
-    MAX_CROSSING_CHECK_POINTS points. Edges are compared in blocks of rows at once."""
+    MAX_CROSSING_CHECK_POINTS points."""
+    return first_crossings([points])[0]
+
+
+def first_crossings(polygons: list[np.ndarray]) -> list[tuple[int, int] | None]:
+    """first_crossing of each polygon; small ones are compared together, in passes of about
+    CROSSING_PASS_PAIRS edge pairs."""
+    found: list[tuple[int, int] | None] = [None] * len(polygons)
+    chunk: list[int] = []
+    pairs = 0
+    for k, points in enumerate(polygons):
+        n = len(points)
+        if n < 4 or n > MAX_CROSSING_CHECK_POINTS:
+            continue
+        if n > SHARED_PASS_POINTS:
+            found[k] = _long_crossing(np.asarray(points, dtype=np.float64))
+            continue
+        chunk.append(k)
+        pairs += n * n // 2
+        if pairs >= CROSSING_PASS_PAIRS:
+            _shared_crossings(polygons, chunk, found)
+            chunk, pairs = [], 0
+    if chunk:
+        _shared_crossings(polygons, chunk, found)
+    return found
+
+
+@functools.lru_cache(maxsize=SHARED_PASS_POINTS)
+def _edge_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-adjacent edge pairs (i, j) of a closed polygon of N points, each once, i before j:
+    j > i + 1, and not the closing pair (0, n - 1)."""
+    i, j = np.triu_indices(n, k=2)
+    keep = ~((i == 0) & (j == n - 1))
+    return i[keep], j[keep]
+
+
+def _shared_crossings(polygons: list[np.ndarray], chunk: list[int], found: list) -> None:
+    """first_crossing of the polygons numbered CHUNK, in one pass over their concatenated points."""
+    lengths = [len(polygons[k]) for k in chunk]
+    offsets = np.cumsum([0] + lengths[:-1])
+    points = np.concatenate([polygons[k] for k in chunk]).astype(np.float64)
+    following = np.arange(1, len(points) + 1)
+    following[offsets + np.array(lengths) - 1] = offsets  # each polygon's last point closes on its first
+    pairs = [_edge_pairs(n) for n in lengths]
+    i = np.concatenate([p[0] + o for p, o in zip(pairs, offsets)])
+    j = np.concatenate([p[1] + o for p, o in zip(pairs, offsets)])
+    hits = np.flatnonzero(_crosses(points, points[following] - points, i, j))
+    owner = np.repeat(np.arange(len(chunk)), [len(p[0]) for p in pairs])[hits]
+    for o, first in zip(*np.unique(owner, return_index=True)):  # pairs run row by row: the first is first_crossing's
+        hit = hits[first]
+        found[chunk[o]] = (int(i[hit] - offsets[o]), int(j[hit] - offsets[o]))
+
+
+def _long_crossing(points: np.ndarray) -> tuple[int, int] | None:
     n = len(points)
-    if n < 4 or n > MAX_CROSSING_CHECK_POINTS:
-        return None
-    a = points.astype(np.float64)
-    d = np.roll(a, -1, axis=0) - a  # edge vectors
-    block = max(1, 65536 // n)
+    edges = np.roll(points, -1, axis=0) - points
+    block = max(1, CROSSING_PASS_PAIRS // n)
     for start in range(0, n, block):
-        i = np.arange(start, min(start + block, n))[:, None]
-        j = np.arange(n)[None, :]
-        # Non-adjacent pairs, each once: j > i + 1, and not the closing pair (0, n-1).
-        pairs = (j > i + 1) & ~((i == 0) & (j == n - 1))
-        r, s = d[i[:, 0]][:, None, :], d[None, :, :]
-        qp = a[None, :, :] - a[i[:, 0]][:, None, :]
-        denom = r[..., 0] * s[..., 1] - r[..., 1] * s[..., 0]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = (qp[..., 0] * s[..., 1] - qp[..., 1] * s[..., 0]) / denom
-            u = (qp[..., 0] * r[..., 1] - qp[..., 1] * r[..., 0]) / denom
-        crossing = pairs & (denom != 0) & (t > 0) & (t < 1) & (u > 0) & (u < 1)
-        if crossing.any():
-            row, col = np.argwhere(crossing)[0]
-            return int(start + row), int(col)
+        i, j = np.nonzero(np.arange(n)[None, :] > np.arange(start, min(start + block, n))[:, None] + 1)
+        i += start
+        keep = ~((i == 0) & (j == n - 1))
+        i, j = i[keep], j[keep]
+        hits = np.flatnonzero(_crosses(points, edges, i, j))
+        if len(hits):
+            return int(i[hits[0]]), int(j[hits[0]])
     return None
+
+
+def _crosses(points: np.ndarray, edges: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Whether edge i (from points[i] along edges[i]) properly crosses edge j, pair by pair. Only
+    pairs whose x and then y ranges overlap (few of an outline's) are solved for where they meet."""
+    crossing = np.zeros(len(i), dtype=bool)
+    candidates = np.arange(len(i))
+    ends = points + edges
+    for axis in (0, 1):
+        low, high = np.minimum(points[:, axis], ends[:, axis]), np.maximum(points[:, axis], ends[:, axis])
+        a, b = i[candidates], j[candidates]
+        candidates = candidates[(low[a] < high[b]) & (low[b] < high[a])]
+    a, b = i[candidates], j[candidates]
+    r, s = edges[a], edges[b]
+    qp = points[b] - points[a]
+    denom = r[:, 0] * s[:, 1] - r[:, 1] * s[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (qp[:, 0] * s[:, 1] - qp[:, 1] * s[:, 0]) / denom
+        u = (qp[:, 0] * r[:, 1] - qp[:, 1] * r[:, 0]) / denom
+    crossing[candidates] = (denom != 0) & (t > 0) & (t < 1) & (u > 0) & (u < 1)
+    return crossing
 
 
 def clip_polygon_to_image(points: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -66,6 +66,8 @@ def test_target_holds_boxes_labels_and_polygons_not_full_masks(tiny_dataset):
     ("[1,2,3", "not valid JSON"),
     ('{"x": 1}', "flat JSON list"),
     ("[true,2,3,4,5,6]", "non-number"),
+    ("[1,2,1" + "0" * 400 + ",4,5,6]", "coordinate of 401 digits"),  # past float range: named, not a crash
+    ("[1,2," + "1" * 5000 + ",4,5,6]", "more than 4300 digits"),  # past what Python reads as an int
 ])
 def test_bad_polygon_is_skipped_with_reason(cell, reason):
     points, note = parse_polygon(cell, 50, 50)

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from charseg.data.generate import _render_glyph, glyph_outline, load_font
-from charseg.polygons import _parts, edge_outlines, glyph_mask, mask_to_polygon, polygon_area, polygons_to_masks
+from charseg.polygons import (_parts, edge_outlines, first_crossing, first_crossings, glyph_mask, mask_to_polygon,
+                              polygon_area, polygons_to_masks)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,3 +71,38 @@ def test_a_small_glyph_that_half_coverage_splits_is_outlined_not_hulled():
     drawn = polygons_to_masks([outline], *glyph.shape)[0].numpy().astype(bool)
     assert iou(drawn, glyph) >= 0.85  # its outline, not the hull of its pieces (a blob)
     assert drawn.sum() < 0.8 * glyph.size
+
+
+def _first_crossing_by_hand(points: np.ndarray) -> tuple[int, int] | None:
+    """Edge pairs in order, each tested by the signs of four orientations (no shared code)."""
+    n = len(points)
+
+    def side(a, b, c):
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+    for i in range(n):
+        for j in range(i + 2, n):
+            if i == 0 and j == n - 1:
+                continue
+            p, q, r, s = points[i], points[(i + 1) % n], points[j], points[(j + 1) % n]
+            if side(p, q, r) * side(p, q, s) < 0 and side(r, s, p) * side(r, s, q) < 0:
+                return i, j
+    return None
+
+
+def test_first_crossings_of_a_file_of_outlines_is_each_ones_first_crossing():
+    rng = np.random.default_rng(3)
+    sizes = [3, 4, 5, 8, 12, 30, 60, 100, 128, 129, 200] * 4 + [40] * 30  # shared passes, several, and long ones
+    polygons = []
+    for k, n in enumerate(sizes):
+        if k % 2:  # simple: points in angle order around a centre
+            angle, radius = np.sort(rng.uniform(0, 2 * np.pi, n)), rng.uniform(5, 20, n)
+            polygons.append(np.stack([25 + radius * np.cos(angle), 25 + radius * np.sin(angle)], 1).astype(np.float32))
+        else:
+            polygons.append(rng.uniform(0, 50, (n, 2)).astype(np.float32))
+    expected = [_first_crossing_by_hand(p.astype(np.float64)) if len(p) >= 4 else None for p in polygons]
+    assert any(e is None for e in expected[4:]) and any(e is not None for e in expected)
+    assert first_crossings(polygons) == expected
+    assert [first_crossing(p) for p in polygons] == expected
+    bow_tie = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], np.float32)
+    assert first_crossing(bow_tie) == (1, 3)  # its two diagonals

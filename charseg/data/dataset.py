@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DatasetError, reason
-from ..polygons import clip_polygon_to_image, first_crossing, polygon_area
+from ..polygons import clip_polygon_to_image, first_crossing, first_crossings, polygon_area
 from .images import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, ImageUnusable, open_image, upright_size
 
 CSV_HEADER = ["char", "polygon_json"]
@@ -162,8 +163,11 @@ def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None
     """
     try:
         values = json.loads(text)
-    except (json.JSONDecodeError, TypeError) as exc:
-        return None, f"polygon_json is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})"
+    except json.JSONDecodeError as exc:
+        return None, f"polygon_json is not valid JSON ({exc.msg})"
+    except ValueError:  # Python refuses to read an int of more than sys.get_int_max_str_digits() digits
+        return None, (f"polygon_json holds a number of more than {sys.get_int_max_str_digits()} digits; "
+                      "write coordinates in pixels")
     if not isinstance(values, list):
         return None, f"polygon_json must be a flat JSON list [x1,y1,x2,y2,...], got {type(values).__name__}"
     problem = coordinate_problem(values)
@@ -191,14 +195,23 @@ def parse_polygon(text: str, width: int, height: int) -> tuple[np.ndarray | None
 def coordinate_problem(values: list) -> str:
     """Why a polygon's flat list of values cannot be coordinates ("" when every one can): a
     non-number, a non-finite number, or a coordinate past MAX_COORDINATE."""
+    if set(map(type, values)) <= {int, float}:  # the common case, checked at C speed (bool is its own type)
+        try:
+            numbers = np.asarray(values, dtype=np.float64)
+        except OverflowError:  # an int past float range: the loop names it
+            numbers = np.array([np.inf])
+        if np.isfinite(numbers).all() and (np.abs(numbers) <= MAX_COORDINATE).all():
+            return ""
     for v in values:
         # bool is an int subclass in Python; JSON true/false are not coordinates.
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return f"polygon holds a non-number {json.dumps(v)[:40]}"
-        if not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):  # an int is finite, however long
             return f"polygon holds a non-finite number ({v})"
         if abs(v) > MAX_COORDINATE:
-            return f"polygon holds a coordinate of {v:g} px (beyond +-{MAX_COORDINATE:g}); check its units"
+            # {:g} of an int past float range overflows: its digits are counted instead
+            shown = f"{v:g} px" if isinstance(v, float) or abs(v) < 1e300 else f"{len(str(abs(v)))} digits"
+            return f"polygon holds a coordinate of {shown} (beyond +-{MAX_COORDINATE:g}); check its units"
     return ""
 
 
@@ -224,6 +237,7 @@ def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetRep
     """Read one CSV; record each problem in `report`. None when the whole file is unusable."""
     polygons: list[np.ndarray] = []
     chars: list[str] = []
+    lines: list[int] = []
     try:
         raw = csv_path.read_bytes()
     except OSError as exc:
@@ -261,15 +275,16 @@ def _read_annotation(csv_path: Path, width: int, height: int, report: DatasetRep
                 continue
             if note:
                 report.clipped_polygons.append(Problem(str(csv_path), line, note))
-            crossing = first_crossing(points)
-            if crossing is not None:
-                report.crossing_polygons.append(Problem(str(csv_path), line, (
-                    f"polygon crosses itself ({_edges(crossing)}); used as drawn: the mask is what it encloses")))
             polygons.append(points)
+            lines.append(line)
             chars.append(_char(row[0], Problem(str(csv_path), line, ""), report))
     except csv.Error as exc:
         report.skipped_images.append(Problem(str(csv_path), reader.line_num, f"malformed CSV ({exc})"))
         return None
+    for line, crossing in zip(lines, first_crossings(polygons)):  # one pass for the file's outlines
+        if crossing is not None:
+            report.crossing_polygons.append(Problem(str(csv_path), line, (
+                f"polygon crosses itself ({_edges(crossing)}); used as drawn: the mask is what it encloses")))
     return polygons, chars
 
 
