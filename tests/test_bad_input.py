@@ -222,12 +222,21 @@ def test_predict_skips_pages_it_cannot_use_and_names_them(light_checkpoint, tiny
     shutil.copy(tiny_dataset / "images" / "00001.png", inputs / "good.png")
     (inputs / "thin.png").write_bytes(_png_header(60000, 1))
     (inputs / "bomb.png").write_bytes(_png_header(30000, 30000))
+    from PIL import Image
+
+    Image.open(inputs / "good.png").save(inputs / "scan.tif")  # a scanner's format is read as a PNG is
+    (inputs / "scan.pdf").write_bytes(b"%PDF-1.4")
+    (inputs / "more").mkdir()
+    (inputs / ".DS_Store").write_bytes(b"")
     result = CliRunner().invoke(cli, ["predict", str(inputs), "--model", str(light_checkpoint),
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 0 and "Traceback" not in result.output
     assert f"skipped {inputs / 'thin.png'}: image is 60000x1" in result.stderr
     assert f"skipped {inputs / 'bomb.png'}: image of more than" in result.stderr
-    assert "in 1 images" in result.stdout and "2 images skipped" in result.stdout
+    assert f"not read in {inputs}: 2 entries that are not .png/" in result.stderr
+    assert "(more/, scan.pdf)" in result.stderr
+    assert "in 2 images" in result.stdout and "2 images skipped" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == ["good.png", "scan.png"]
 
 
 def test_training_prints_each_skip_but_counts_polygons_it_uses_all_the_same(tmp_path):

@@ -115,7 +115,7 @@ def test_int8_is_refused_where_it_cannot_run(light_checkpoint, tiny_dataset, tmp
     result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(light_checkpoint),
                                       "--out", str(tmp_path / "out"), "--precision", "int8",
                                       "--calibration-dir", str(tmp_path / "empty")])
-    assert result.exit_code == 1 and "--calibration-dir" in result.output and "no .png/.jpg/.jpeg image" in result.output
+    assert result.exit_code == 1 and "--calibration-dir" in result.output and "no .png/.jpg/.jpeg/" in result.output
     model, _, _ = load_model_for_inference(light_checkpoint, torch.device("cpu"))
     with pytest.raises(CharsegError, match="no calibration page could be read"):
         quantize_model(model, page_calibration([tmp_path / "missing.png"]))

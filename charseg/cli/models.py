@@ -92,21 +92,17 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
                     scale_test: float | None, detections_per_img: int | None, max_size: int | None, device: str,
                     output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str,
                     calibration_dir: str | None, calibration_cache: str | None) -> None:
-    """Find and outline every character in INPUT images (files or folders).
+    """Find and outline every character in INPUT images: files, or folders of PNG, JPEG, TIFF,
+    BMP, GIF or WebP pages (not their subfolders; each page is written out as PNG).
 
     The output folder is a dataset: `charseg validate-data OUT` accepts it and it can be
     fine-tuned on after review. The char column is '?' (the model does not read characters).
     """
-    from ..data.images import IMAGE_SUFFIXES
     from ..inference.int8 import quantize_on_pages
     from ..inference.predict import load_model_for_inference, predict_files
 
     check_int8_options(precision, calibration_dir, calibration_cache)
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        paths += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if item.is_dir() else [item]
-    if not paths:
-        raise click.ClickException(f"no .png/.jpg/.jpeg image in {', '.join(inputs)}")
+    paths = _input_pages(inputs)
     _check_distinct_names(paths)
     with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
         compute = resolve_compute(device, precision, training=False)
@@ -138,6 +134,28 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
                    f"pass --detections-per-img {2 * spec.detections_per_img} (or more)", err=True)
     if summary["shrunk"]:
         click.echo(summary["shrunk"], err=True)
+
+
+def _input_pages(inputs: tuple[str, ...]) -> list[Path]:
+    """The files INPUTS names and the pages in the folders it names (data.images.pages_in); one
+    line for what a folder holds that is not read."""
+    from ..data.images import PAGE_SUFFIXES, pages_in
+
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            paths.append(item)
+            continue
+        pages, left_out = pages_in(item)
+        paths += pages
+        if left_out:
+            names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in left_out[:3])
+            click.echo(f"not read in {item}: {len(left_out)} entries that are not {'/'.join(PAGE_SUFFIXES)} images "
+                       f"({names}{', ...' if len(left_out) > 3 else ''}); subfolders are not searched, and a PDF "
+                       "needs its pages exported as PNG", err=True)
+    if not paths:
+        raise click.ClickException(f"no {'/'.join(PAGE_SUFFIXES)} image in {', '.join(inputs)}")
+    return paths
 
 
 def _check_distinct_names(paths: list[Path]) -> None:

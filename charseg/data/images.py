@@ -16,6 +16,19 @@ from ..errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".webp")  # reported as "convert to PNG"
+# Pages predict and int8 calibration read from a folder: every format above (predict writes PNG).
+PAGE_SUFFIXES = IMAGE_SUFFIXES + OTHER_IMAGE_SUFFIXES
+
+
+def pages_in(folder: Path, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """The page files in FOLDER (PAGE_SUFFIXES, sorted), and what is left out: other files, and
+    subfolders unless RECURSIVE (hidden entries, such as .DS_Store, are neither)."""
+    entries = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    visible = [p for p in entries if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    pages = [p for p in visible if p.suffix.lower() in PAGE_SUFFIXES and p.is_file()]
+    chosen = set(pages)
+    left_out = [p for p in visible if p not in chosen and not (recursive and p.is_dir())]
+    return pages, left_out
 
 
 # Pages charseg reads. A larger one takes gigabytes to decode and resize (a 12000x12000 page:

@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from ..data.images import IMAGE_SUFFIXES, ImageUnusable, load_image_rgb
+from ..data.images import PAGE_SUFFIXES, ImageUnusable, load_image_rgb, pages_in
 from ..data.loading import image_to_tensor
 from ..errors import CharsegError
 from ..model.frozen_norm import plain_convolutions
@@ -198,10 +198,10 @@ def calibration_pages(calibration_dir: str | None, inputs: Sequence[Path]) -> li
     if calibration_dir is None:
         return list(inputs)
     folder = Path(calibration_dir)
-    found = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    found = pages_in(folder, recursive=True)[0] if folder.is_dir() else []
     if not found:
-        raise CharsegError(f"--calibration-dir {calibration_dir}: no .png/.jpg/.jpeg image in it; name a folder of "
-                           "pages like the ones you predict")
+        raise CharsegError(f"--calibration-dir {calibration_dir}: no {'/'.join(PAGE_SUFFIXES)} image in it; name a "
+                           "folder of pages like the ones you predict")
     return found
 
 
