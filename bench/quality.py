@@ -74,8 +74,9 @@ VARIANTS = {"charseg, each page once at the checkpoint's scale": {"fixed_scale":
 # Held-out pages shown, outlines drawn at this zoom (nearest neighbour) to be judged.
 OVERLAY_ZOOM = 3
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "mask_head_convs",
-              "mask_dice", "min_size", "max_size", "scale_train", "scale_test", "detections_per_img", "anchor_sizes",
-              "roi_samples", "rpn_proposals_train", "lr_schedule", "augment", "seed", "weights", "val_fraction")
+              "mask_head_channels", "mask_dice", "min_size", "max_size", "scale_train", "scale_test",
+              "detections_per_img", "anchor_sizes", "roi_samples", "rpn_proposals_train", "lr_schedule", "augment",
+              "seed", "weights", "val_fraction")
 
 
 def demo_recipe() -> tuple[dict, list[str]]:

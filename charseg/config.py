@@ -67,6 +67,7 @@ BOUNDS = {
     "rpn_proposals_test": Bound(0, 100_000, "each proposal's features are held in memory"),
     "roi_samples": Bound(1, 100_000, "each sample's features are held in memory"),
     "mask_head_convs": Bound(1, 16, "torchvision's is 4; each one more is another 3x3 convolution per RoI"),
+    "mask_head_channels": Bound(0, 1024, "0 is the FPN's width; 1024 is 16 times torchvision's compute per RoI"),
     "mask_dice": Bound(0, 100, "a loss weight; past this the mask loss drowns the detection losses"),
     "detections_per_img": Bound(0, 100_000, "each detection's mask is held in memory"),
     "val_fraction": Bound(0, 1, "a share of DATA_DIR; 1 would leave nothing to train on", high_open=True),
@@ -183,6 +184,7 @@ class TrainConfig:
     fpn_channels: int = 256  # FPN outputs and mask head width (torchvision: 256; 128 is ~2.8x faster on a CPU)
     mask_pixels: bool = False  # the mask predictor also reads the input pixels inside each box (small glyphs)
     mask_head_convs: int = 4  # 3x3 convolutions of the mask head (torchvision: 4; fewer are cheaper per RoI)
+    mask_head_channels: int = 0  # their width and the predictor's; 0: the FPN's (torchvision's head)
     # Weight of a Dice term added to the mask loss (1 - Dice of each mask against its target,
     # averaged): it scores a mask by its overlap, as AP75 does, where per-pixel BCE lets a small
     # glyph's outline stay blurred. 0: BCE alone (torchvision's).

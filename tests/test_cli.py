@@ -51,7 +51,7 @@ def test_help_lists_every_training_option(command):
             "world_size"}  # set from torchrun's WORLD_SIZE, not an option
     if command == "finetune":
         # the architecture the source weights were trained with
-        skip |= {"anchor_sizes", "norm", "fpn_channels", "mask_pixels", "mask_head_convs"}
+        skip |= {"anchor_sizes", "norm", "fpn_channels", "mask_pixels", "mask_head_convs", "mask_head_channels"}
     for name in TrainConfig.__dataclass_fields__:
         if name not in skip:
             assert f"--{name.replace('_', '-')}" in text, name

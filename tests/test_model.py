@@ -217,6 +217,29 @@ def test_mask_head_convs_sets_the_mask_heads_depth_and_older_checkpoints_keep_fo
         spec_for_weights("resnet50", "coco", mask_head_convs=2)
 
 
+def test_mask_head_channels_sets_the_mask_heads_width_and_older_checkpoints_keep_the_fpns():
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=64, norm="group", fpn_channels=64,
+                            mask_pixels=True, mask_head_channels=32)
+    model = build_model(spec).eval()
+    convs = [m for m in model.roi_heads.mask_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 32)] + [(32, 32)] * 3  # reads the FPN's 64
+    assert model.roi_heads.mask_predictor.conv5_mask.in_channels == 32
+    with torch.no_grad():
+        [out] = model([torch.rand(3, 64, 64)])
+    assert out["box_masks"].shape[1:] == (28, 28) and len(out["box_masks"]) == len(out["boxes"])
+    assert ModelSpec.from_dict(spec.to_dict()).mask_head_channels == 32
+    old = {k: v for k, v in spec.to_dict().items() if k != "mask_head_channels"}
+    older = build_model(ModelSpec.from_dict(old)).roi_heads.mask_head
+    assert {m.out_channels for m in older.modules() if isinstance(m, torch.nn.Conv2d)} == {64}
+    # torchvision's own head is kept where the width asked is its 256
+    stock = build_model(spec_for_weights("resnet18", "none", mask_head_channels=256)).roi_heads.mask_head
+    assert [m.out_channels for m in stock.modules() if isinstance(m, torch.nn.Conv2d)] == [256] * 4
+    with pytest.raises(WeightsError, match="multiple of 32, got 48"):
+        spec_for_weights("resnet18", "none", norm="group", mask_head_channels=48)
+    with pytest.raises(WeightsError, match="mask head of 256 channels"):
+        spec_for_weights("resnet50", "coco", mask_head_channels=64)
+
+
 def test_pixel_mask_predictor_trains_and_predicts(tiny_dataset):
     from charseg.data.dataset import scan_dataset
     from charseg.data.loading import CharacterDataset, collate

@@ -29,6 +29,10 @@ MODEL = (
     _opt("--mask-head-convs", type=bounded("mask_head_convs"),
          help="3x3 convolutions of the mask head before its deconvolution; torchvision's 4. Fewer cost less per "
               "detection in training and inference, at some mask quality (docs/FROM_SCRATCH.md)."),
+    _opt("--mask-head-channels", type=bounded("mask_head_channels"),
+         help="Width of the mask head's convolutions and of its predictor; 0 (the default) is the FPN's, as "
+              "torchvision builds it. Narrower costs less per detection in training and inference "
+              "(docs/FROM_SCRATCH.md); with --norm group a multiple of 32."),
     _opt("--norm", type=click.Choice(NORMS),
          help="Normalisation of a model trained from scratch: batch (BatchNorm in the backbone) or group "
               "(GroupNorm in the backbone, FPN and mask head; --weights none or a group checkpoint)."),

@@ -31,7 +31,7 @@ MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 # architecture is the source's, which its weights need. Limits are fitted to the new data.
 FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples", "mask_dice")
 # Requests a fine-tune takes from the source's spec, as its weights were built for them.
-FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels", "mask_head_convs")
+FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels", "mask_head_convs", "mask_head_channels")
 # px at the model's input: new runs outline each mask in its box grown by this
 # (ModelSpec.mask_box_margin); measured on the demo's pages in docs/FROM_SCRATCH.md.
 MASK_BOX_MARGIN = 1.0
@@ -59,7 +59,7 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
                             scale_train=config.scale_train, scale_test=config.scale_test,
                             roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
                             fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels,
-                            mask_head_convs=config.mask_head_convs,
+                            mask_head_convs=config.mask_head_convs, mask_head_channels=config.mask_head_channels,
                             mask_dice=config.mask_dice, **fitted)
 
 

@@ -84,6 +84,9 @@ class ModelSpec:
     # (and every checkpoint without this field). Fewer are cheaper per RoI, in training and at
     # inference; what each count scores is in docs/FROM_SCRATCH.md.
     mask_head_convs: int = 4
+    # Their width, and the predictor's deconvolution's: 0 (every checkpoint without this field)
+    # is the FPN's, as torchvision builds it. Narrower is cheaper per RoI (docs/FROM_SCRATCH.md).
+    mask_head_channels: int = 0
     trainable_layers: int = 3  # backbone stages trained, counted from the top (0-5)
     # torchvision's COCO weights were converted with FrozenBatchNorm eps 0 and must keep it.
     frozen_bn_eps: float = 1e-5
@@ -157,6 +160,12 @@ def spec_for_weights(backbone: str, weights: str, **sizes_and_limits) -> ModelSp
     if weights == "coco" and sizes_and_limits.get("fpn_channels", 256) != 256:
         raise WeightsError("COCO Mask R-CNN weights have 256 FPN channels; drop --fpn-channels or pass "
                            "--weights imagenet or none")
+    if norm == "group" and sizes_and_limits.get("mask_head_channels", 0) % GROUPS:
+        raise WeightsError(f"--norm group splits channels into {GROUPS} groups: --mask-head-channels must be a "
+                           f"multiple of {GROUPS}, got {sizes_and_limits['mask_head_channels']}")
+    if weights == "coco" and sizes_and_limits.get("mask_head_channels", 0) not in (0, 256):
+        raise WeightsError("COCO Mask R-CNN weights have a mask head of 256 channels; drop --mask-head-channels "
+                           "or pass --weights imagenet or none")
     if weights == "coco" and sizes_and_limits.get("mask_head_convs", 4) != 4:
         raise WeightsError("COCO Mask R-CNN weights have a mask head of 4 convolutions; drop --mask-head-convs "
                            "or pass --weights imagenet or none")
@@ -289,18 +298,19 @@ def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_lay
 
 def _heads(spec: ModelSpec, norm_layer) -> dict:
     """MaskRCNN's head arguments: torchvision's defaults for 256 channels without norm and its
-    4-convolution mask head; otherwise a mask head of `mask_head_convs` convolutions as wide as
-    the FPN (normalised with `norm_layer`), its predictor reading the pixels too with `mask_pixels`."""
-    if spec.fpn_channels == 256 and norm_layer is None and not spec.mask_pixels and spec.mask_head_convs == 4:
+    4-convolution mask head; otherwise a mask head of `mask_head_convs` convolutions of
+    `mask_head_channels` (0: as wide as the FPN), normalised with `norm_layer`, its predictor
+    reading the pixels too with `mask_pixels`."""
+    width = spec.mask_head_channels or spec.fpn_channels
+    if spec.fpn_channels == 256 == width and norm_layer is None and not spec.mask_pixels and spec.mask_head_convs == 4:
         return {"num_classes": spec.num_classes}
-    width = spec.fpn_channels
     if spec.mask_pixels:
         predictor = PixelMaskPredictor(width, width, spec.num_classes, dilations=spec.pixel_dilations,
                                        aligned=spec.mask_in_box)
     else:
         predictor = MaskRCNNPredictor(width, width, spec.num_classes)
     return {"num_classes": None, "box_predictor": FastRCNNPredictor(BOX_REPRESENTATION, spec.num_classes),
-            "mask_head": MaskRCNNHeads(width, [width] * spec.mask_head_convs, 1, norm_layer=norm_layer),
+            "mask_head": MaskRCNNHeads(spec.fpn_channels, [width] * spec.mask_head_convs, 1, norm_layer=norm_layer),
             "mask_predictor": predictor}
 
 
