@@ -7,8 +7,8 @@ e.g. `python bench/recipe_seeds.py mask_head_convs 4 2`. Trains `make demo`'s re
 Makefile, as bench/quality.py does) once per value and seed, in turns (seed 1: every value, then
 seed 2, ...), on the demo's training pages, and evaluates each final model on the demo's 40
 held-out pages and bench/quality.py's document page. The seed moves the initial weights, the
-sampling and the augmentation. Writes a table of every run and the mean of each value, with the
-CPU and the date. A script, not a test: run it alone (about 8 minutes a run on 2 cores).
+sampling and the augmentation. Adds to OUT a section: a table of every run and the mean of each
+value, with the CPU, the date and the recipe's commit. A script, not a test: run it alone (about 8 minutes a run on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +39,10 @@ from charseg.inference.evaluate import evaluate  # noqa: E402
 from charseg.training import runner  # noqa: E402
 
 METRICS = ("segm_AP50", "segm_AP75", "segm_AP", "char_f1", "bbox_AP50")
+TITLE = "# The demo recipe over seeds"
+INTRO = ("One setting of `make demo`'s recipe against another, run per seed (`python bench/recipe_seeds.py`): "
+         "each section one run of the script, added after the ones before. What each result decided: "
+         "[FROM_SCRATCH.md](FROM_SCRATCH.md).")
 
 
 def run_one(recipe: dict, data: Path, out: Path, heldout: list, document: Path) -> dict:
@@ -75,7 +80,7 @@ def main() -> None:
     parser.add_argument("setting", help="A TrainConfig field of the demo recipe, e.g. mask_head_convs.")
     parser.add_argument("values", nargs="+", help="Its values to compare, as on the command line.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3], help="Seeds, each run with every value.")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "QUALITY_SEEDS.md"), help="Markdown table to write.")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "QUALITY_SEEDS.md"), help="Markdown file a section is added to.")
     args = parser.parse_args()
     if args.setting not in TrainConfig.__dataclass_fields__:
         raise SystemExit(f"{args.setting!r} is not a TrainConfig setting")
@@ -96,15 +101,25 @@ def main() -> None:
                 runs.append((value, seed, row))
                 print(f"{args.setting}={value} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
                       flush=True)
-    lines = [f"# The demo recipe over seeds: {args.setting}", "",
+    lines = [f"## {args.setting}: {', '.join(args.values)} ({date.today().isoformat()})", "",
              f"Measured {date.today().isoformat()} by `python bench/recipe_seeds.py {args.setting} "
              f"{' '.join(args.values)} --seeds {' '.join(map(str, args.seeds))}` on {cpu_description()}, "
-             f"torch {torch.__version__}, CPU only. The Makefile's demo recipe with {args.setting} set to each value "
-             f"and the seed to each seed; final models on the demo's held-out pages (`charseg generate --held-out "
-             f"--num-images {HELDOUT_PAGES} --seed {HELDOUT_SEED}`) and bench/quality.py's document page; training "
-             "time is the whole `runner.train` (validation included).", "", *table(args.setting, runs)]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+             f"torch {torch.__version__}, CPU only. The Makefile's demo recipe (commit {commit()}: "
+             f"{', '.join(f'{k} {v}' for k, v in recipe.items() if k != args.setting)}) with {args.setting} set to "
+             "each value and the seed to each seed; final models on the demo's held-out pages (`charseg generate "
+             f"--held-out --num-images {HELDOUT_PAGES} --seed {HELDOUT_SEED}`) and bench/quality.py's document page; "
+             "training time is the whole `runner.train` (validation included).", "", *table(args.setting, runs)]
+    out = Path(args.out)
+    earlier = out.read_text().rstrip("\n") + "\n\n" if out.exists() else f"{TITLE}\n\n{INTRO}\n\n"
+    out.write_text(earlier + "\n".join(lines) + "\n")  # each run a section, after the ones before
     print("\n".join(lines))
+
+
+def commit() -> str:
+    """HEAD's short hash, with "+changes" when the working tree differs from it."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode
+    return head.stdout.strip() + (" +changes" if dirty else "") if head.returncode == 0 else "unknown"
 
 
 if __name__ == "__main__":

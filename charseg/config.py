@@ -181,7 +181,7 @@ class TrainConfig:
     weights: str = "coco"  # coco | imagenet | none | path to a local weights file
     backbone: str = "resnet50"  # resnet50 | resnet34 | resnet18
     norm: str = "batch"  # normalisation trained from scratch: batch | group (GroupNorm; --weights none only)
-    fpn_channels: int = 256  # FPN outputs and mask head width (torchvision: 256; 128 is ~2.8x faster on a CPU)
+    fpn_channels: int = 256  # FPN outputs, and mask head width unless mask_head_channels (torchvision: 256)
     mask_pixels: bool = False  # the mask predictor also reads the input pixels inside each box (small glyphs)
     mask_head_convs: int = 4  # 3x3 convolutions of the mask head (torchvision: 4; fewer are cheaper per RoI)
     mask_head_channels: int = 0  # their width and the predictor's; 0: the FPN's (torchvision's head)

@@ -23,7 +23,8 @@ MODEL = (
                                      "dict or charseg checkpoint."),
     _opt("--backbone", type=click.Choice(BACKBONES), help="ResNet FPN backbone; resnet18/34 are lighter for CPUs."),
     _opt("--fpn-channels", type=bounded("fpn_channels"),
-         help="FPN output channels and mask head width; torchvision's 256, 128 trains about 2.8x faster on a CPU."),
+         help="FPN output channels, and the mask head's width unless --mask-head-channels sets it; torchvision's 256, "
+              "128 trains about 2.8x faster on a CPU."),
     _bool_opt("--mask-pixels", help="The mask predictor also reads the image's pixels inside each box at 28x28: "
                                     "glyphs of 10-30 px are only a few cells of the stride-4 features"),
     _opt("--mask-head-convs", type=bounded("mask_head_convs"),
