@@ -8,7 +8,8 @@ Makefile, as bench/quality.py does) once per value and seed, in turns (seed 1: e
 seed 2, ...), on the demo's training pages, and evaluates each final model on the demo's 40
 held-out pages and bench/quality.py's document page. The seed moves the initial weights, the
 sampling and the augmentation. Adds to OUT a section: a table of every run and the mean of each
-value, with the CPU, the date and the recipe's commit. A script, not a test: run it alone (about 8 minutes a run on 2 cores).
+value, with the CPU, the date and the recipe's commit. A script, not a test: run it alone (about 8
+minutes a run on 2 cores).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("setting", help="A TrainConfig field of the demo recipe, e.g. mask_head_convs.")
     parser.add_argument("values", nargs="+", help="Its values to compare, as on the command line.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3], help="Seeds, each run with every value.")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "QUALITY_SEEDS.md"), help="Markdown file a section is added to.")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "QUALITY_SEEDS.md"),
+                        help="Markdown file a section is added to.")
     args = parser.parse_args()
     if args.setting not in TrainConfig.__dataclass_fields__:
         raise SystemExit(f"{args.setting!r} is not a TrainConfig setting")
