@@ -130,13 +130,19 @@ def first_crossings(polygons: list[np.ndarray]) -> list[tuple[int, int] | None]:
     return found
 
 
-@functools.lru_cache(maxsize=SHARED_PASS_POINTS)
-def _edge_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Non-adjacent edge pairs (i, j) of a closed polygon of N points, each once, i before j:
-    j > i + 1, and not the closing pair (0, n - 1)."""
-    i, j = np.triu_indices(n, k=2)
+def _pairs_in_rows(n: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Non-adjacent edge pairs (i, j) of a closed polygon of N points with START <= i < STOP, each
+    once, row by row: j > i + 1, and not the closing pair (0, n - 1)."""
+    i, j = np.nonzero(np.arange(n)[None, :] > np.arange(start, stop)[:, None] + 1)
+    i += start
     keep = ~((i == 0) & (j == n - 1))
     return i[keep], j[keep]
+
+
+@functools.lru_cache(maxsize=SHARED_PASS_POINTS)
+def _edge_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every non-adjacent edge pair of a closed polygon of N points (_pairs_in_rows), kept per N."""
+    return _pairs_in_rows(n, 0, n)
 
 
 def _shared_crossings(polygons: list[np.ndarray], chunk: list[int], found: list) -> None:
@@ -161,10 +167,7 @@ def _long_crossing(points: np.ndarray) -> tuple[int, int] | None:
     edges = np.roll(points, -1, axis=0) - points
     block = max(1, CROSSING_PASS_PAIRS // n)
     for start in range(0, n, block):
-        i, j = np.nonzero(np.arange(n)[None, :] > np.arange(start, min(start + block, n))[:, None] + 1)
-        i += start
-        keep = ~((i == 0) & (j == n - 1))
-        i, j = i[keep], j[keep]
+        i, j = _pairs_in_rows(n, start, min(start + block, n))
         hits = np.flatnonzero(_crosses(points, edges, i, j))
         if len(hits):
             return int(i[hits[0]]), int(j[hits[0]])

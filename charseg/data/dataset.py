@@ -198,10 +198,11 @@ def coordinate_problem(values: list) -> str:
     if set(map(type, values)) <= {int, float}:  # the common case, checked at C speed (bool is its own type)
         try:
             numbers = np.asarray(values, dtype=np.float64)
-        except OverflowError:  # an int past float range: the loop names it
-            numbers = np.array([np.inf])
-        if np.isfinite(numbers).all() and (np.abs(numbers) <= MAX_COORDINATE).all():
-            return ""
+        except OverflowError:  # an int past float range: the loop below names it
+            pass
+        else:
+            if np.isfinite(numbers).all() and (np.abs(numbers) <= MAX_COORDINATE).all():
+                return ""
     for v in values:
         # bool is an int subclass in Python; JSON true/false are not coordinates.
         if isinstance(v, bool) or not isinstance(v, (int, float)):
