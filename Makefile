@@ -35,7 +35,7 @@ demo: $(VENV)/.installed $(DEMO_DATA)/images $(DEMO_HELDOUT)/images
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/mlflow run . -e train --env-manager local --experiment-name charseg-demo \
 		-P data_dir=$(DEMO_DATA) -P heldout_dir=$(DEMO_HELDOUT) -P weights=none -P backbone=resnet18 -P norm=group \
 		-P fpn_channels=128 -P mask_head_channels=64 -P mask_pixels=true -P mask_dice=1 -P lr_schedule=cosine -P lr=0.02 \
-		-P augment=true -P epochs=6 \
+		-P augment=true -P epochs=6 -P val_every=3 \
 		-P min_size=192 -P max_size=1024 -P scale_train=1 -P scale_test=1.25 -P detections_per_img=200 \
 		-P anchor_sizes=16,32,64,128,256 \
 		-P roi_samples=128 -P rpn_proposals_train=500 -P output_dir=$(DEMO_OUT) \

@@ -71,6 +71,7 @@ BOUNDS = {
     "mask_dice": Bound(0, 100, "a loss weight; past this the mask loss drowns the detection losses"),
     "detections_per_img": Bound(0, 100_000, "each detection's mask is held in memory"),
     "val_fraction": Bound(0, 1, "a share of DATA_DIR; 1 would leave nothing to train on", high_open=True),
+    "val_every": Bound(1, 100_000, "epochs; the last epoch always validates"),
     "score_threshold": Bound(0, 1, "a score"),
     "val_images_logged": Bound(0, 10_000, "images uploaded to MLflow each epoch"),
     "num_workers": Bound(0, MAX_WORKERS, "processes started for loading"),
@@ -209,6 +210,10 @@ class TrainConfig:
     anchor_sizes: tuple[int, ...] | None = None
     val_dir: str = ""  # a separate validation dataset; "" splits val_fraction off data_dir
     val_fraction: float = 0.1  # share of data_dir held out for validation (by seed); 0: no validation
+    # Validate (and log held-out overlays) after every val_every-th epoch, the last one and one a
+    # --time-budget ends the run after; best.pth is the best of those. Early stopping is checked
+    # after each validation.
+    val_every: int = 1
     best_metric: str = "segm_AP"  # validation metric that picks best.pth (count_abs_error: lower wins)
     score_threshold: float = 0.5  # detections counted by the character metrics and drawn on overlays
     val_images_logged: int = 3  # validation (and held-out) images with predicted outlines logged each epoch

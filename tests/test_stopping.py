@@ -3,6 +3,7 @@ its final model, held-out metrics and the reason; a resume keeps counting."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -56,11 +57,43 @@ def test_a_resume_keeps_the_patience_count(tiny_dataset, tmp_path):
     assert resumed.history[-1]["epoch"] == 2 and not (out / "model_epoch_003.pth").exists()
 
 
+def test_val_every_validates_every_nth_epoch_and_patience_waits_for_a_validation(tiny_dataset, tmp_path, caplog):
+    """Validations at epochs 2 and 4 of 6: the best stays epoch 2, and patience 1 ends the run at
+    the next validation (epoch 4), not at epoch 3, which no validation judged."""
+    out = tmp_path / "out"
+    config = light_config(tiny_dataset, out, epochs=6, **FROZEN, val_fraction=0.25, val_every=2,
+                          early_stop_patience=1, heldout_dir=str(tiny_dataset), val_images_logged=1)
+
+    class HeldoutEpochs(runner.NullTracker):
+        epochs: list[int] = []
+
+        def log_heldout(self, epoch, metrics, overlays):
+            self.epochs.append(epoch)
+
+    result = runner.train(config, tracker=HeldoutEpochs())
+    assert HeldoutEpochs.epochs == [2, 4]  # held-out overlays come with the validations
+    assert [int(m["epoch"]) for m in result.history] == [1, 2, 3, 4]
+    assert [int(m["epoch"]) for m in result.history if "val_segm_AP" in m] == [2, 4]
+    final = ckpt.load_checkpoint(out / ckpt.FINAL_NAME, 2)
+    assert final["stopped"]["reason"] == EARLY_STOP and final["stopped"]["epoch"] == 4
+    assert ckpt.load_checkpoint(out / ckpt.BEST_NAME, 2)["epoch"] == 2
+    # A resume from an epoch that was not due leaves it unvalidated: the best is still epoch 2's.
+    (out / ckpt.FINAL_NAME).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="charseg"):
+        resumed = runner.resume(out / "model_epoch_003.pth", {"early_stop_patience": 0, "epochs": 4})
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "validation:" in r.getMessage()] == [
+        "epoch 4 validation"]
+    assert resumed.best["epoch"] == 2 and resumed.best["through_epoch"] == 4
+
+
 def test_time_budget_counts_every_resume_of_the_run(tiny_dataset, tmp_path):
     out = tmp_path / "out"
     budget = 1e-4  # minutes: spent within the first epoch
-    result = runner.train(light_config(tiny_dataset, out, epochs=2, time_budget=budget))
+    # val_every=5: the epoch the budget ends the run after validates all the same.
+    result = runner.train(light_config(tiny_dataset, out, epochs=2, time_budget=budget, val_fraction=0.25, val_every=5))
     assert len(result.history) == 1 and epochs_written(out) == ["model_epoch_001.pth"]
+    assert result.best["epoch"] == 1 and "val_segm_AP" in result.history[0]
     final = ckpt.load_checkpoint(out / ckpt.FINAL_NAME, 2)
     assert final["stopped"]["reason"] == TIME_BUDGET and final["train_seconds"] > budget * 60
     # The epoch's own file, as a run killed before its final model: the budget is still spent,

@@ -191,11 +191,16 @@ HYPER = (
 VAL_DIR = _opt("--val-dir", type=click.Path(file_okay=False),
                help="Separate validation dataset [default: hold out --val-fraction of DATA_DIR]")
 
+VAL_EVERY = _opt("--val-every", type=bounded("val_every"), metavar="EPOCHS",
+                 help="Validate, and log held-out overlays, after every this many epochs and after the last "
+                      "(best.pth is the best of the epochs validated; early stopping is checked at each validation).")
+
 
 VALIDATION = (
     VAL_DIR,
     _opt("--val-fraction", type=bounded("val_fraction"),
          help="Share of DATA_DIR held out for validation, chosen by the seed (0: no validation)."),
+    VAL_EVERY,
     _opt("--best-metric", type=click.Choice(METRICS), help="Validation metric that picks best.pth."),
     _opt("--score-threshold", type=bounded("score_threshold"),
          help="Detections counted by the character metrics and drawn on logged images."),

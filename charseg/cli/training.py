@@ -14,8 +14,8 @@ from ..jobs import TrackingChoices
 from ..model.build import BACKBONES, WEIGHT_CHOICES
 from ..precision import PRECISIONS
 from ..training import distributed, runner
-from .options import (DEVICE, LOG_EVERY, OUTPUT, REGISTER_AS, RUN, STOPPING, TRACKING, VAL_DIR, WORKERS, _anchor_sizes,
-                      _bool_opt, _given, _opt, _options, bounded)
+from .options import (DEVICE, LOG_EVERY, OUTPUT, REGISTER_AS, RUN, STOPPING, TRACKING, VAL_DIR, VAL_EVERY, WORKERS,
+                      _anchor_sizes, _bool_opt, _given, _opt, _options, bounded)
 
 # The initial weights and architecture of a run from scratch or pretrained weights (train, sweep).
 MODEL = (
@@ -93,7 +93,7 @@ def _print_plan(config: TrainConfig) -> None:
                        help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
-          VAL_DIR, *STOPPING, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
+          VAL_DIR, VAL_EVERY, *STOPPING, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
           _opt("--precision", type=click.Choice(PRECISIONS),
                help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
           *TRACKING, REGISTER_AS)

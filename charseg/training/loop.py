@@ -29,7 +29,7 @@ from .engine import train_one_epoch
 from .interrupts import deferred_interrupt
 from .optimization import Optimization
 from .reproducibility import capture_rng_state, restore_rng_state, seed_worker
-from .stopping import Stop, TrainingClock, stop_after
+from .stopping import Stop, TrainingClock, stop_after, validation_due
 
 log = logging.getLogger("charseg")
 
@@ -109,7 +109,7 @@ class Splits:
 def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
         tracker: Tracker, resume_state: dict | None = None, compute: Compute | None = None) -> RunResult:
     """Train MODEL epoch by epoch (from RESUME_STATE's next epoch when given): after each, its
-    checkpoint, then validation (best.pth), held-out pages, the tracker's records; after the
+    checkpoint, then validation when due (--val-every; best.pth), held-out pages, the tracker's records; after the
     last, model_final.pth. COMPUTE: the device and precision (default: CONFIG's, resolved
     once here; the run records the precision). Rank 0 holds the output folder for the whole
     run (one writer per folder); under torchrun the other ranks only train."""
@@ -144,7 +144,8 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
             state = run.checkpoint_state(epoch, config, spec, model, tracker)
             written = _save_epoch(state, config, epoch, metrics, tracker)
             result.checkpoints.extend(written)
-            if splits.val:
+            due = validation_due(config, epoch, run.clock.spent())
+            if splits.val and due:
                 val_metrics = _validate(model, config, spec, splits.val, run.compute, epoch, result.best, state,
                                         tracker)
                 metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
@@ -152,7 +153,7 @@ def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: Da
                 tracker.stop_requested(epoch) if epoch < config.epochs else None)
             if epoch == config.epochs or stop is not None:  # last: held-out pages, the final model
                 _end(run, config, spec, model, splits, tracker, state, written[0] if written else None, stop)
-            elif splits.heldout:
+            elif splits.heldout and due:
                 _heldout(model, config, spec, splits.heldout, run.compute, epoch, tracker, final=False)
             distributed.barrier()
             if distributed.broadcast_object(stop is not None):  # the other ranks stop with rank 0
@@ -281,11 +282,12 @@ def _train_beside_rank0(run: _Training, config: TrainConfig, model: torch.nn.Mod
 
 def _finish_resumed_epoch(run: _Training, config: TrainConfig, spec: ModelSpec, model: torch.nn.Module,
                           splits: Splits, tracker: Tracker, state: dict) -> None:
-    """What the resumed checkpoint's epoch had left to do: its validation (the checkpoint was
+    """What the resumed checkpoint's epoch had left to do: its validation where due (the checkpoint was
     written before it, and evaluation is deterministic, so the best-so-far is the true one);
     for a last epoch that stopped before model_final.pth, its held-out pages and that file."""
     result = run.result
-    if splits.val and result.best["through_epoch"] < state["epoch"]:
+    due = validation_due(config, state["epoch"], run.clock.spent())
+    if splits.val and due and result.best["through_epoch"] < state["epoch"]:
         _validate(model, config, spec, splits.val, run.compute, state["epoch"], result.best, state, tracker)
     if result.start_epoch > config.epochs:
         source = Path(config.init_checkpoint)

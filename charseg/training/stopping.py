@@ -1,7 +1,8 @@
 """When a run ends before its last epoch: `--early-stop-patience` (epochs without a better
 validation metric) and `--time-budget` (minutes of training, every resume of the run counted).
 
-Both are checked after an epoch's checkpoint and validation; the run then evaluates its
+Both are checked after an epoch's checkpoint and validation (patience at validations only,
+when `--val-every` skips some epochs); the run then evaluates its
 held-out pages, writes model_final.pth with the reason in it (a resume of that file says the
 run is complete) and ends FINISHED, the reason a tag of its MLflow run.
 """
@@ -50,15 +51,27 @@ def stop_after(config: TrainConfig, epoch: int, best: dict, spent_s: float) -> S
     if epoch >= config.epochs:
         return None
     patience = config.early_stop_patience
-    if patience and best.get("epoch") and epoch - best["epoch"] >= patience:
+    validated = best.get("through_epoch") == epoch  # patience is judged at validations (--val-every)
+    if patience and validated and best.get("epoch") and epoch - best["epoch"] >= patience:
         waited = epoch - best["epoch"]
         return Stop(EARLY_STOP, epoch, f"no better {best['metric']} for {waited} epoch{'s' if waited > 1 else ''} "
                                        f"(--early-stop-patience {patience}; best {best['value']:.4f} at epoch "
                                        f"{best['epoch']})")
-    if config.time_budget and spent_s >= config.time_budget * 60:
+    if budget_spent(config, spent_s):
         return Stop(TIME_BUDGET, epoch, f"the time budget is spent: {spent_s / 60:.1f} of --time-budget "
                                         f"{config.time_budget:g} minutes of training")
     return None
+
+
+def budget_spent(config: TrainConfig, spent_s: float) -> bool:
+    """Whether --time-budget (when set) is spent after SPENT_S seconds of training."""
+    return bool(config.time_budget) and spent_s >= config.time_budget * 60
+
+
+def validation_due(config: TrainConfig, epoch: int, spent_s: float) -> bool:
+    """Whether EPOCH validates: every --val-every epochs, the last, and the one the time budget
+    ends the run after (so its best.pth has seen the model it stops with)."""
+    return epoch % config.val_every == 0 or epoch >= config.epochs or budget_spent(config, spent_s)
 
 
 def stopped_message(state: dict, shown_as: str) -> str | None:
