@@ -151,6 +151,25 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
         assert rgb.min() == 255  # full-scale 16-bit white stays white, not clipped garbage
 
 
+@pytest.mark.parametrize("top", [1.0, 255.0, 65535.0])
+def test_a_float_tiff_reads_by_its_range(tmp_path, top):
+    """A mode F page (float TIFF): 0-1, 0-255 or 0-65535 values all read as the same gray ramp
+    (Pillow's own conversion clips, so a 0-1 page came out black)."""
+    ramp = np.linspace(0.0, 1.0, 6 * 8).reshape(8, 6)
+    path = tmp_path / "img.tiff"
+    Image.fromarray((ramp * top).astype(np.float32), mode="F").save(path)
+    rgb = load_image_rgb(path)
+    assert rgb.shape == (8, 6, 3) and rgb.dtype == np.uint8
+    assert np.abs(rgb[:, :, 0].astype(int) - np.rint(ramp * 255)).max() <= 1
+
+
+def test_a_float_page_out_of_every_range_is_refused(tmp_path):
+    path = tmp_path / "img.tiff"
+    Image.fromarray(np.full((8, 6), 1e6, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(DatasetError, match=r"img.tiff: float image with values up to 1e\+06.*rescale it"):
+        load_image_rgb(path)
+
+
 def test_unreadable_image_is_reported(tmp_path):
     root = write_dataset(tmp_path / "d", images={}, annotations={"a": f'char,polygon_json\nx,"{GOOD}"\n'})
     (root / "images" / "a.png").write_bytes(b"not a png")

@@ -93,7 +93,7 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
 
 
 def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarray:
-    """Read any image mode (gray, RGBA, palette, 16-bit) as an HxWx3 uint8 RGB array, upright
+    """Read any image mode (gray, RGBA, palette, 16-bit, float) as an HxWx3 uint8 RGB array, upright
     (its EXIF orientation applied, as viewers and labelling tools show it). Raises
     ImageUnusable (a DatasetError naming the file or NAME) when it cannot be used."""
     name = name or str(path)
@@ -107,6 +107,8 @@ def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarr
                 scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0
                 gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
                 return np.repeat(gray[:, :, None], 3, axis=2)
+            if img.mode == "F":
+                return np.repeat(_float_gray(np.asarray(img), name)[:, :, None], 3, axis=2)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # Transparent pixels often hold black RGB; composite on white like a page.
                 rgba = img.convert("RGBA")
@@ -115,3 +117,18 @@ def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarr
             return np.array(img.convert("RGB"))
     except (UnidentifiedImageError, OSError) as exc:
         raise unreadable_image(name, exc) from exc
+
+
+def _float_gray(values: np.ndarray, name: str) -> np.ndarray:
+    """A float page (Pillow's mode F, as scientific TIFFs hold) as 8-bit gray, its range read
+    from its values: 0-1 (the usual float convention) scaled to 0-255, 0-255 kept, up to 65535
+    scaled as 16-bit data. Pillow itself clips to 0-255, so a 0-1 page would read as black."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise ImageUnusable(name, "float image with no finite value; re-export it as PNG or JPEG")
+    top = float(finite.max())
+    if top > 65535:
+        raise ImageUnusable(name, f"float image with values up to {top:g}, not 0-1, 0-255 or 0-65535; "
+                                  f"rescale it and re-export it as PNG or JPEG")
+    scale = 255.0 if top <= 1.0 else 1.0 if top <= 255 else 255.0 / 65535.0
+    return np.clip(np.rint(np.nan_to_num(values.astype(np.float64), nan=0.0) * scale), 0, 255).astype(np.uint8)
