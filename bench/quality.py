@@ -76,7 +76,7 @@ OVERLAY_ZOOM = 3
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "backbone", "norm", "fpn_channels", "mask_pixels", "mask_head_convs",
               "mask_head_channels", "mask_dice", "min_size", "max_size", "scale_train", "scale_test",
               "detections_per_img", "anchor_sizes", "roi_samples", "rpn_proposals_train", "lr_schedule", "augment",
-              "seed", "weights", "val_fraction")
+              "seed", "weights", "val_fraction", "val_every")
 
 
 def demo_recipe() -> tuple[dict, list[str]]:
