@@ -7,19 +7,19 @@ outputs/demo/model_final.pth). The new domain is `charseg generate --held-out --
 fonts, inks and backgrounds the demo never trained on. Each path gets the same PAGES pages of
 it (seed 11) and the same epochs, at most MINUTES of training (`--time-budget`: the epoch under
 way finishes; its schedule is spread over EPOCHS, so pick as many as fit):
-`charseg finetune` at its defaults, the same with REPLAY_PAGES of the demo's own training pages
-mixed into its data (rehearsal, against forgetting), `charseg finetune --lr-factor 1`, and
-`charseg train` from random initialisation with the demo's recipe. Each model is then evaluated on 40 other pages of
-the new domain (seed 2027, bench/quality.py's unseen set) and on the demo's own held-out pages
-(`--held-out --seed 2026`: the old domain), as COCO segm AP50, AP75, AP and char F1. Writes
-the table to OUT. A script, not a test: run it alone.
+`charseg finetune` at its defaults, the same with `--replay-dir` of the demo's own training pages
+(REPLAY_PAGES of them, chosen by the seed, train beside the new ones: rehearsal, against
+forgetting), `charseg finetune --lr-factor 1`, and `charseg train` from random initialisation
+with the demo's recipe. Each model is then evaluated on 40 other pages of the new domain (seed
+2027, bench/quality.py's unseen set) and on the demo's own held-out pages (`--held-out --seed
+2026`: the old domain), as COCO segm AP50, AP75, AP and char F1. Writes the table to OUT. A
+script, not a test: run it alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +45,7 @@ from quality import (HELDOUT_PAGES, HELDOUT_SEED, UNSEEN_SEED, demo_recipe, metr
                      generate_training_pages)
 
 TRAIN_SEED = 11  # the new domain's training pages
-REPLAY_PAGES = 20  # the demo's own training pages mixed into one fine-tune's data
+REPLAY_PAGES = 20  # the demo's own training pages one fine-tune replays (--replay-pages)
 KEYS = ("segm_AP50", "segm_AP75", "segm_AP", "char_f1", "bbox_AP50")
 
 
@@ -55,29 +55,21 @@ def measure(checkpoint: Path, new: list, old: list) -> dict:
                                      ).metrics[k], 3) for k in KEYS} for name, pages in (("new", new), ("old", old))}
 
 
-def paths(model: Path, data: Path, mixed: Path, out: Path, epochs: int, minutes: float) -> dict:
-    """The ways to spend EPOCHS (at most MINUTES) on DATA (MIXED: with old pages): name -> a
-    callable returning its RunResult."""
+def paths(model: Path, data: Path, replay: Path, out: Path, epochs: int, minutes: float) -> dict:
+    """The ways to spend EPOCHS (at most MINUTES) on DATA (REPLAY: the old domain's pages, for
+    --replay-dir): name -> a callable returning its RunResult."""
     budget = {"data_dir": str(data), "epochs": epochs, "time_budget": minutes}
     recipe, _ = demo_recipe()
     scratch = {**recipe, **budget, "output_dir": str(out / "scratch")}
     return {
         "finetune (defaults)": lambda: runner.finetune(model, {**budget, "output_dir": str(out / "ft")}),
-        f"finetune (defaults), {REPLAY_PAGES} old pages mixed in": lambda: runner.finetune(
-            model, {**budget, "data_dir": str(mixed), "output_dir": str(out / "ft-mixed")}),
+        f"finetune --replay-dir OLD --replay-pages {REPLAY_PAGES}": lambda: runner.finetune(
+            model, {**budget, "replay_dir": str(replay), "replay_pages": REPLAY_PAGES,
+                    "output_dir": str(out / "ft-replay")}),
         "finetune --lr-factor 1": lambda: runner.finetune(model, {**budget, "lr_factor": 1.0,
                                                                    "output_dir": str(out / "ft1")}),
         "train from scratch": lambda: runner.train(TrainConfig(**scratch)),
     }
-
-
-def mix(out: Path, sources: dict[str, Path]) -> None:
-    """One dataset at OUT holding every page of SOURCES, each name prefixed with its key."""
-    for key, source in sources.items():
-        for kind in ("images", "annotations"):
-            (out / kind).mkdir(parents=True, exist_ok=True)
-            for path in (source / kind).iterdir():
-                shutil.copyfile(path, out / kind / f"{key}_{path.name}")
 
 
 def main() -> None:
@@ -95,11 +87,10 @@ def main() -> None:
         generate_unseen(tmp / "new", num_images=HELDOUT_PAGES, seed=UNSEEN_SEED)
         generate_heldout(tmp / "old", num_images=HELDOUT_PAGES, seed=HELDOUT_SEED)
         new, old = scan_dataset(tmp / "new").samples, scan_dataset(tmp / "old").samples
-        generate_training_pages(demo_recipe()[1], tmp / "replay", REPLAY_PAGES)
-        mix(tmp / "mixed", {"new": tmp / "train", "old": tmp / "replay"})
+        generate_training_pages(demo_recipe()[1], tmp / "replay", None)  # the demo's training pages, all
         rows = {"demo's model, before": {"seconds": 0.0, "epochs": 0, **measure(args.model, new, old)}}
         print(rows, flush=True)
-        for name, run in paths(args.model, tmp / "train", tmp / "mixed", tmp, args.epochs, args.minutes).items():
+        for name, run in paths(args.model, tmp / "train", tmp / "replay", tmp, args.epochs, args.minutes).items():
             start = time.perf_counter()
             result = run()
             seconds = time.perf_counter() - start
@@ -117,8 +108,8 @@ def write_report(out: Path, args: argparse.Namespace, rows: dict) -> None:
         f"{args.epochs} --minutes {args.minutes:g}` on {cpu_description()}, CPU only; MODEL: the demo's final model.",
         f"New domain: `charseg generate --held-out --unseen`, {args.pages} training pages (seed {TRAIN_SEED}), "
         f"evaluated on {HELDOUT_PAGES} others (seed {UNSEEN_SEED}); old domain: the demo's held-out pages "
-        f"(`--held-out --seed {HELDOUT_SEED}`); the old pages mixed into one fine-tune are the first "
-        f"{REPLAY_PAGES} of the demo's training pages. Each path trains {args.epochs} epochs or until {args.minutes:g} "
+        f"(`--held-out --seed {HELDOUT_SEED}`); `--replay-dir` is the demo's 220 "
+        f"training pages, {REPLAY_PAGES} of them chosen by the seed. Each path trains {args.epochs} epochs or until {args.minutes:g} "
         "minutes are spent (the epoch under way finishes, validation included); final models, fp32.",
         "",
         *metrics_table("path", rows, [

@@ -72,6 +72,7 @@ BOUNDS = {
     "detections_per_img": Bound(0, 100_000, "each detection's mask is held in memory"),
     "val_fraction": Bound(0, 1, "a share of DATA_DIR; 1 would leave nothing to train on", high_open=True),
     "val_every": Bound(1, 100_000, "epochs; the last epoch always validates"),
+    "replay_pages": Bound(1, 1_000_000, "pages read every epoch beside DATA_DIR's"),
     "score_threshold": Bound(0, 1, "a score"),
     "val_images_logged": Bound(0, 10_000, "images uploaded to MLflow each epoch"),
     "num_workers": Bound(0, MAX_WORKERS, "processes started for loading"),
@@ -214,6 +215,10 @@ class TrainConfig:
     # --time-budget ends the run after; best.pth is the best of those. Early stopping is checked
     # after each validation.
     val_every: int = 1
+    # Rehearsal (fine-tune): replay_pages pages of replay_dir (the source model's own domain),
+    # chosen by the seed, train beside DATA_DIR's so the model keeps what it knew. "": none.
+    replay_dir: str = ""
+    replay_pages: int = 20
     best_metric: str = "segm_AP"  # validation metric that picks best.pth (count_abs_error: lower wins)
     score_threshold: float = 0.5  # detections counted by the character metrics and drawn on overlays
     val_images_logged: int = 3  # validation (and held-out) images with predicted outlines logged each epoch

@@ -98,8 +98,12 @@ def test_resume_of_a_finished_run_says_so(server, trained_run):
 
 def test_finetune_from_run_id(server, trained_run, tiny_dataset, tmp_path):
     output = run_cli("finetune", "", str(tiny_dataset), "--run-id", trained_run, "--epochs", "1",
-                     "--num-workers", "0", "--output-dir", str(tmp_path))
+                     "--num-workers", "0", "--output-dir", str(tmp_path), "--replay-dir", str(tiny_dataset),
+                     "--replay-pages", "2")
     run = server.get_run(run_id_of(output))
+    # The replayed pages are a dataset input of their own, listed as an artifact.
+    assert run.data.params["data.replay_images"] == "2" and "replay" in datasets(server, run.info.run_id)
+    assert "replay_images.txt" in artifacts(server, run.info.run_id, "data")
     assert run.data.tags["charseg.mode"] == "finetune"
     assert run.data.tags["charseg.source_run_id"] == trained_run
     assert run.data.params["lr_factor"] == "0.2"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import light_config
 
 from charseg import checkpoint as ckpt
+from charseg.cli import cli
+from charseg.data.generate import generate_dataset
 from charseg.config import TrainConfig
 from charseg.errors import CharsegError
 from charseg.model.architecture import fit_limits
@@ -59,6 +62,40 @@ def test_finetune_starts_at_epoch_one_with_a_fifth_of_the_lr(tiny_dataset, tmp_p
     source_weights = ckpt.load_checkpoint(source.final_checkpoint)["model"]
     assert state["config"]["backbone"] == "resnet18" and state["model_spec"]["min_size"] == 64
     assert any(not torch.equal(source_weights[k], v) for k, v in state["model"].items())
+
+
+class SplitsSeen(runner.NullTracker):
+    def start(self, config, report, spec, splits):
+        self.splits = splits
+
+
+def test_finetune_replays_pages_of_the_source_domain_beside_the_new_ones(light_checkpoint, tiny_dataset, tmp_path,
+                                                                          caplog):
+    """--replay-dir: --replay-pages pages of another dataset, chosen by the seed, train beside
+    DATA_DIR's (validation stays DATA_DIR's); a folder of fewer pages gives all, said so."""
+    new = tmp_path / "new"
+    generate_dataset(new, num_images=3, width=64, height=64, chars_per_image=(2, 3), seed=9)
+    base = {"data_dir": str(new), "epochs": 1, "num_workers": 0, "val_fraction": 0.0, "replay_dir": str(tiny_dataset)}
+    seen = [SplitsSeen() for _ in range(3)]
+    for tracker, (seed, pages) in zip(seen, [(1, 2), (1, 2), (5, 10)]):
+        runner.finetune(light_checkpoint, {**base, "seed": seed, "replay_pages": pages,
+                                           "output_dir": str(tmp_path / f"ft{seed}{pages}")}, tracker=tracker)
+    first, again, every = (t.splits for t in seen)
+    assert len(first.train) == 3 and all(s.image_path.parent.parent == new for s in first.train)
+    assert len(first.replay) == 2 and all(s.image_path.parent.parent == tiny_dataset for s in first.replay)
+    assert [s.name for s in first.replay] == [s.name for s in again.replay]  # the seed chooses
+    assert len(every.replay) == 4 and "it holds 4, fewer than --replay-pages 10" in caplog.text
+    assert len(first.training) == 5 and not first.val
+
+
+def test_a_replay_folder_without_usable_pages_is_refused(light_checkpoint, tiny_dataset, tmp_path):
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "annotations").mkdir()
+    with pytest.raises(CharsegError, match="empty: no usable image .*run `charseg validate-data"):
+        runner.finetune(light_checkpoint, {"data_dir": str(tiny_dataset), "epochs": 1, "num_workers": 0,
+                                           "replay_dir": str(tmp_path / "empty"), "output_dir": str(tmp_path / "o")})
+    result = CliRunner().invoke(cli, ["finetune", str(light_checkpoint), str(tiny_dataset), "--replay-pages", "5"])
+    assert result.exit_code == 2 and "--replay-pages counts pages of --replay-dir" in result.output
 
 
 def test_unversioned_saves_overwrite_last(tiny_dataset, tmp_path):

@@ -120,7 +120,13 @@ def resume_command(source: str, epoch: int, register_as: str, **options: Any) ->
 @_options(*RUN)
 @click.option("--lr-factor", type=bounded("lr_factor"), default=None,
               help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
-@_options(*TRACKING, REGISTER_AS)
+@_options(_opt("--replay-dir", type=click.Path(file_okay=False),
+               help="A dataset of the source model's own domain (e.g. the data it was trained on): --replay-pages "
+                    "of its pages, chosen by the seed, train beside DATA_DIR's, so the model keeps what it knew "
+                    "(rehearsal) [default: none]"),
+          _opt("--replay-pages", type=bounded("replay_pages"),
+               help="Pages of --replay-dir trained on (all of them where it holds fewer, said so)."),
+          *TRACKING, REGISTER_AS)
 def finetune_command(source: str, data_dir: str, run_id: str, register_as: str, **options: Any) -> None:
     """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
 
@@ -132,6 +138,8 @@ def finetune_command(source: str, data_dir: str, run_id: str, register_as: str, 
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
     choices = TrackingChoices.pop(options)
     overrides = {"data_dir": data_dir, **_given(options)}
+    if "replay_pages" in overrides and "replay_dir" not in overrides:
+        raise click.UsageError("--replay-pages counts pages of --replay-dir; give the folder too, or leave it out")
     with jobs.training_job(overrides.get("device")):
         jobs.finetune_job(source or run_id, overrides, choices, register_as=register_as or None)
 

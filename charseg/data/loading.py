@@ -133,3 +133,9 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     val_idx = set(order[:n_val])
     return ([s for i, s in enumerate(samples) if i not in val_idx],
             [s for i, s in enumerate(samples) if i in val_idx])
+
+
+def choose_samples(samples: list[Sample], count: int, seed: int) -> list[Sample]:
+    """COUNT of SAMPLES (all of them where there are fewer) chosen by SEED, in their order."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [samples[i] for i in sorted(order[:count])]

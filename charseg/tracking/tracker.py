@@ -89,7 +89,8 @@ class MlflowTracker:
         params = config.to_dict()
         params.update({f"model.{k}": v for k, v in spec.to_dict().items()})
         params.update({f"data.{k}": v for k, v in report.summary().items()})
-        params.update({"data.train_images": len(splits.train), "data.val_images": len(splits.val)})
+        params.update({"data.train_images": len(splits.train), "data.val_images": len(splits.val),
+                       "data.replay_images": len(splits.replay)})
         params["log_checkpoints"] = self.log_checkpoints
         _log_params(_flatten("", params))
         writer = f"{ckpt.this_process()} into {Path(config.output_dir).resolve()}"
@@ -101,9 +102,11 @@ class MlflowTracker:
         mlflow.log_dict({"config": config.to_dict(), "model_spec": spec.to_dict()}, CONFIG_ARTIFACT)
         mlflow.log_text(report.format(), "data/dataset_report.txt")
         mlflow.log_text("".join(f"{s.image_path}\n" for s in splits.val), "data/val_images.txt")
+        if splits.replay:
+            mlflow.log_text("".join(f"{s.image_path}\n" for s in splits.replay), "data/replay_images.txt")
         log_datasets([(config.data_dir, "training", splits.train), (config.val_dir or config.data_dir, "validation",
                                                                      splits.val),
-                      (config.heldout_dir, "heldout", splits.heldout)])
+                      (config.heldout_dir, "heldout", splits.heldout), (config.replay_dir, "replay", splits.replay)])
         self._config = config
         _tag_git_commit()
         self._describe()

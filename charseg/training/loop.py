@@ -95,15 +95,22 @@ class RunResult:
 
 @dataclass
 class Splits:
-    """Training and validation samples of a run, and its held-out pages (--heldout-dir)."""
+    """Training and validation samples of a run, its held-out pages (--heldout-dir) and the
+    pages of another dataset it trains on beside its own (--replay-dir)."""
 
     train: list[Sample]
     val: list[Sample]
     heldout: list[Sample] = field(default_factory=list)
+    replay: list[Sample] = field(default_factory=list)
+
+    @property
+    def training(self) -> list[Sample]:
+        """What the run trains on: its own training pages, then the replayed ones."""
+        return self.train + self.replay
 
     @property
     def all(self) -> list[Sample]:
-        return self.train + self.val
+        return self.training + self.val
 
 
 def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
@@ -222,9 +229,9 @@ class _Training:
         model.to(device, memory_format=compute.memory_format)
         config.precision = compute.precision  # the run records the precision it used
         scaler = compute.loss_scaler()  # its state is in each checkpoint
-        if not splits.train:
+        if not splits.training:
             raise DatasetError(f"{config.data_dir}: no image left for training after the validation split")
-        loader, sampler = _loader(config, splits.train, device)
+        loader, sampler = _loader(config, splits.training, device)
         opt = Optimization.create(config, model, len(loader))
         result = RunResult(output_dir=Path(config.output_dir), start_epoch=1,
                            best={"metric": config.best_metric, "value": None, "epoch": 0, "through_epoch": 0})

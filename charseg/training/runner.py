@@ -16,8 +16,8 @@ from typing import Any
 
 from .. import checkpoint as ckpt
 from ..config import FINETUNE_LR_FACTOR, TrainConfig
-from ..data.dataset import DatasetReport, load_dataset_report
-from ..data.loading import split_samples
+from ..data.dataset import DatasetReport, Sample, load_dataset_report
+from ..data.loading import choose_samples, split_samples
 from ..errors import CharsegError
 from ..model.architecture import FINETUNE_CHANGEABLE, FINETUNE_FIXED, resolve_spec
 from ..model.build import NUM_CLASSES, ModelSpec, build_model, create_model
@@ -44,7 +44,7 @@ class TrainingAlreadyComplete(CharsegError):
 
 def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
     """Validation from --val-dir, else --val-fraction of DATA_DIR chosen by the seed; held-out
-    pages from --heldout-dir."""
+    pages from --heldout-dir; --replay-pages pages of --replay-dir, chosen by the seed."""
     if config.val_dir:
         train, val = report.samples, load_dataset_report(config.val_dir).samples
     else:
@@ -52,7 +52,20 @@ def make_splits(config: TrainConfig, report: DatasetReport) -> Splits:
     log.info("split: %d training images, %d validation images%s", len(train), len(val),
              "" if val else " (no validation: metrics and best.pth are off)")
     heldout = load_dataset_report(config.heldout_dir).samples if config.heldout_dir else []
-    return Splits(train, val, heldout)
+    return Splits(train, val, heldout, _replay(config))
+
+
+def _replay(config: TrainConfig) -> list[Sample]:
+    """config.replay_pages pages of config.replay_dir, chosen by the seed (all of them, said so,
+    where it holds fewer), in the folder's order."""
+    if not config.replay_dir:
+        return []
+    samples = load_dataset_report(config.replay_dir).samples  # refuses a folder of no usable page
+    chosen = choose_samples(samples, config.replay_pages, config.seed)
+    log.info("replay: %d pages of %s train beside %s's%s", len(chosen), config.replay_dir, config.data_dir,
+             f" (it holds {len(samples)}, fewer than --replay-pages {config.replay_pages})"
+             if len(samples) < config.replay_pages else "")
+    return chosen
 
 
 def default_output_dir(mode: str) -> str:
@@ -79,7 +92,7 @@ def plan_train(config: TrainConfig) -> TrainPlan:
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    return TrainPlan(config, report, splits, resolve_spec(config, splits.all, splits.train))
+    return TrainPlan(config, report, splits, resolve_spec(config, splits.all, splits.training))
 
 
 def train(config: TrainConfig, tracker: Tracker | None = None, compute: Compute | None = None) -> RunResult:
@@ -146,7 +159,7 @@ def resume(plan: ResumePlan | str | Path, overrides: dict[str, Any] | None = Non
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    spec = resolve_spec(config, splits.all, splits.train, source=ModelSpec.from_dict(state["model_spec"]))
+    spec = resolve_spec(config, splits.all, splits.training, source=ModelSpec.from_dict(state["model_spec"]))
     model = build_model(spec)
     if state["epoch"] < config.epochs:
         log.info("resuming %s at epoch %d of %d", plan.checkpoint_path, state["epoch"] + 1, config.epochs)
@@ -175,7 +188,7 @@ def finetune(checkpoint_path: str | Path, overrides: dict[str, Any],
     seed_everything(config.seed)
     report = load_dataset_report(config.data_dir)
     splits = make_splits(config, report)
-    spec = resolve_spec(config, splits.all, splits.train, source=source_spec)
+    spec = resolve_spec(config, splits.all, splits.training, source=source_spec)
     model = build_model(spec)
     model.load_state_dict(state["model"])
     log.info("fine-tuning weights of %s (epoch %d) at lr %.3g (%.1fx %.3g)", checkpoint_path, state["epoch"],
