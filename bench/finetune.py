@@ -109,7 +109,8 @@ def write_report(out: Path, args: argparse.Namespace, rows: dict) -> None:
         f"New domain: `charseg generate --held-out --unseen`, {args.pages} training pages (seed {TRAIN_SEED}), "
         f"evaluated on {HELDOUT_PAGES} others (seed {UNSEEN_SEED}); old domain: the demo's held-out pages "
         f"(`--held-out --seed {HELDOUT_SEED}`); `--replay-dir` is the demo's 220 "
-        f"training pages, {REPLAY_PAGES} of them chosen by the seed. Each path trains {args.epochs} epochs or until {args.minutes:g} "
+        f"training pages, {REPLAY_PAGES} of them chosen by the seed. Each path trains {args.epochs} epochs or until "
+        f"{args.minutes:g} "
         "minutes are spent (the epoch under way finishes, validation included); final models, fp32.",
         "",
         *metrics_table("path", rows, [

@@ -93,6 +93,8 @@ def _print_plan(config: TrainConfig) -> None:
                        help="With a run ID or a folder: resume from this epoch's checkpoint (0: the latest)."),
           _opt("--data-dir", type=click.Path(exists=True, file_okay=False),
                help="Dataset folder, if it moved since the checkpoint was written."),
+          _opt("--replay-dir", type=click.Path(exists=True, file_okay=False),
+               help="A fine-tune's --replay-dir, if it moved since the checkpoint was written."),
           VAL_DIR, VAL_EVERY, *STOPPING, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
           _opt("--precision", type=click.Choice(PRECISIONS),
                help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
