@@ -9,7 +9,7 @@ it (seed 11) and the same epochs, at most MINUTES of training (`--time-budget`: 
 way finishes; its schedule is spread over EPOCHS, so pick as many as fit):
 `charseg finetune` at its defaults, the same with `--replay-dir` of the demo's own training pages
 (REPLAY_PAGES of them, chosen by the seed, train beside the new ones: rehearsal, against
-forgetting), `charseg finetune --lr-factor 1`, and `charseg train` from random initialisation
+forgetting), at the default LR factor and at 1, `charseg finetune --lr-factor 1`, and `charseg train` from random initialisation
 with the demo's recipe. Each model is then evaluated on 40 other pages of the new domain (seed
 2027, bench/quality.py's unseen set) and on the demo's own held-out pages (`--held-out --seed
 2026`: the old domain), as COCO segm AP50, AP75, AP and char F1. Writes the table to OUT. A
@@ -61,11 +61,13 @@ def paths(model: Path, data: Path, replay: Path, out: Path, epochs: int, minutes
     budget = {"data_dir": str(data), "epochs": epochs, "time_budget": minutes}
     recipe, _ = demo_recipe()
     scratch = {**recipe, **budget, "output_dir": str(out / "scratch")}
+    replayed = {**budget, "replay_dir": str(replay), "replay_pages": REPLAY_PAGES}
     return {
         "finetune (defaults)": lambda: runner.finetune(model, {**budget, "output_dir": str(out / "ft")}),
         f"finetune --replay-dir OLD --replay-pages {REPLAY_PAGES}": lambda: runner.finetune(
-            model, {**budget, "replay_dir": str(replay), "replay_pages": REPLAY_PAGES,
-                    "output_dir": str(out / "ft-replay")}),
+            model, {**replayed, "output_dir": str(out / "ft-replay")}),
+        f"finetune --replay-dir OLD --replay-pages {REPLAY_PAGES} --lr-factor 1": lambda: runner.finetune(
+            model, {**replayed, "lr_factor": 1.0, "output_dir": str(out / "ft-replay1")}),
         "finetune --lr-factor 1": lambda: runner.finetune(model, {**budget, "lr_factor": 1.0,
                                                                    "output_dir": str(out / "ft1")}),
         "train from scratch": lambda: runner.train(TrainConfig(**scratch)),
