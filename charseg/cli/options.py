@@ -290,7 +290,24 @@ STOPPING = (
 )
 
 
-RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, *STOPPING, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY,
+REPLAY = (
+    _opt("--replay-dir", type=click.Path(file_okay=False),
+         help="Another dataset trained on beside DATA_DIR: in a fine-tune, the source model's own domain (e.g. the "
+              "data it was trained on), so the model keeps what it knew (rehearsal). --replay-pages of its pages, "
+              "chosen by the seed, join the training pages; validation stays DATA_DIR's [default: none]"),
+    _opt("--replay-pages", type=bounded("replay_pages"),
+         help="Pages of --replay-dir trained on (all of them where it holds fewer, said so)."),
+)
+
+
+def check_replay(given: dict[str, Any]) -> dict[str, Any]:
+    """GIVEN (the options set) unchanged, unless --replay-pages comes without its folder."""
+    if "replay_pages" in given and not given.get("replay_dir"):
+        raise click.UsageError("--replay-pages counts pages of --replay-dir; give the folder too, or leave it out")
+    return given
+
+
+RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, *REPLAY, *STOPPING, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY,
        DEVICE, PRECISION, SYNC_BATCHNORM)
 
 

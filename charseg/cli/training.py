@@ -15,7 +15,7 @@ from ..model.build import BACKBONES, WEIGHT_CHOICES
 from ..precision import PRECISIONS
 from ..training import distributed, runner
 from .options import (DEVICE, LOG_EVERY, OUTPUT, REGISTER_AS, RUN, STOPPING, TRACKING, VAL_DIR, VAL_EVERY, WORKERS,
-                      _anchor_sizes, _bool_opt, _given, _opt, _options, bounded)
+                      _anchor_sizes, _bool_opt, _given, _opt, _options, bounded, check_replay)
 
 # The initial weights and architecture of a run from scratch or pretrained weights (train, sweep).
 MODEL = (
@@ -64,7 +64,7 @@ def train_command(data_dir: str, register_as: str, config_source: str, print_con
     """
     choices = TrackingChoices.pop(options)
     settings, replayed_from = jobs.replayed_config(config_source) if config_source else ({}, "")
-    config = TrainConfig(data_dir=data_dir, **{**settings, **_given(options)})
+    config = TrainConfig(data_dir=data_dir, **{**settings, **check_replay(_given(options))})
     if print_config:
         _print_plan(config)
         return
@@ -122,13 +122,7 @@ def resume_command(source: str, epoch: int, register_as: str, **options: Any) ->
 @_options(*RUN)
 @click.option("--lr-factor", type=bounded("lr_factor"), default=None,
               help=f"Multiplier on the learning rate for fine-tuning [default: {FINETUNE_LR_FACTOR}]")
-@_options(_opt("--replay-dir", type=click.Path(file_okay=False),
-               help="A dataset of the source model's own domain (e.g. the data it was trained on): --replay-pages "
-                    "of its pages, chosen by the seed, train beside DATA_DIR's, so the model keeps what it knew "
-                    "(rehearsal) [default: none]"),
-          _opt("--replay-pages", type=bounded("replay_pages"),
-               help="Pages of --replay-dir trained on (all of them where it holds fewer, said so)."),
-          *TRACKING, REGISTER_AS)
+@_options(*TRACKING, REGISTER_AS)
 def finetune_command(source: str, data_dir: str, run_id: str, register_as: str, **options: Any) -> None:
     """Fine-tune a checkpoint's weights on DATA_DIR with a fresh optimizer at 0.2x the LR.
 
@@ -139,9 +133,7 @@ def finetune_command(source: str, data_dir: str, run_id: str, register_as: str, 
     if bool(source) == bool(run_id):
         raise click.UsageError("give the checkpoint either as SOURCE or as --run-id, not both or neither")
     choices = TrackingChoices.pop(options)
-    overrides = {"data_dir": data_dir, **_given(options)}
-    if "replay_pages" in overrides and "replay_dir" not in overrides:
-        raise click.UsageError("--replay-pages counts pages of --replay-dir; give the folder too, or leave it out")
+    overrides = {"data_dir": data_dir, **check_replay(_given(options))}
     with jobs.training_job(overrides.get("device")):
         jobs.finetune_job(source or run_id, overrides, choices, register_as=register_as or None)
 
@@ -169,7 +161,7 @@ def sweep_command(data_dir: str, space_path: str, trials: int, register_as: str,
     from .. import sweep
 
     choices = TrackingChoices.pop(options)
-    base = sweep.settings_of(_given(options), data_dir)
+    base = sweep.settings_of(check_replay(_given(options)), data_dir)
     folder = Path(base.output_dir or runner.default_output_dir("sweep"))
     plan = sweep.Sweep(base, sweep.load_space(space_path), trials, folder, seed=base.seed)
     click.echo(f"sweep in {folder} (run this command again with --output-dir {folder} to go on after a stop)")
