@@ -105,10 +105,9 @@ def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarr
                 arr = np.asarray(img).astype(np.float64)
                 # 16-bit data: scale the full 16-bit range, not the (often tiny) 8-bit one.
                 scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else 1.0
-                gray = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
-                return np.repeat(gray[:, :, None], 3, axis=2)
+                return _gray_rgb(arr, scale)
             if img.mode == "F":
-                return np.repeat(_float_gray(np.asarray(img), name)[:, :, None], 3, axis=2)
+                return _float_rgb(np.asarray(img), name)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # Transparent pixels often hold black RGB; composite on white like a page.
                 rgba = img.convert("RGBA")
@@ -119,7 +118,13 @@ def load_image_rgb(path: Path | io.BytesIO, name: str | None = None) -> np.ndarr
         raise unreadable_image(name, exc) from exc
 
 
-def _float_gray(values: np.ndarray, name: str) -> np.ndarray:
+def _gray_rgb(values: np.ndarray, scale: float) -> np.ndarray:
+    """One-channel VALUES times SCALE, rounded and clipped to 0-255, as an HxWx3 uint8 gray page."""
+    gray = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def _float_rgb(values: np.ndarray, name: str) -> np.ndarray:
     """A float page (Pillow's mode F, as scientific TIFFs hold) as 8-bit gray, its range read
     from its values: 0-1 (the usual float convention) scaled to 0-255, 0-255 kept, up to 65535
     scaled as 16-bit data. Pillow itself clips to 0-255, so a 0-1 page would read as black."""
@@ -131,4 +136,4 @@ def _float_gray(values: np.ndarray, name: str) -> np.ndarray:
         raise ImageUnusable(name, f"float image with values up to {top:g}, not 0-1, 0-255 or 0-65535; "
                                   f"rescale it and re-export it as PNG or JPEG")
     scale = 255.0 if top <= 1.0 else 1.0 if top <= 255 else 255.0 / 65535.0
-    return np.clip(np.rint(np.nan_to_num(values.astype(np.float64), nan=0.0) * scale), 0, 255).astype(np.uint8)
+    return _gray_rgb(np.nan_to_num(values.astype(np.float64), nan=0.0), scale)

@@ -129,13 +129,16 @@ def split_samples(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     n_val = min(max(round(fraction * len(samples)), 1 if fraction > 0 else 0), len(samples) - 1)
     if n_val <= 0:
         return list(samples), []
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx = set(order[:n_val])
+    val_idx = set(_seeded_order(len(samples), seed)[:n_val])
     return ([s for i, s in enumerate(samples) if i not in val_idx],
             [s for i, s in enumerate(samples) if i in val_idx])
 
 
 def choose_samples(samples: list[Sample], count: int, seed: int) -> list[Sample]:
     """COUNT of SAMPLES (all of them where there are fewer) chosen by SEED, in their order."""
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    return [samples[i] for i in sorted(order[:count])]
+    return [samples[i] for i in sorted(_seeded_order(len(samples), seed)[:count])]
+
+
+def _seeded_order(n: int, seed: int) -> list[int]:
+    """A permutation of range(N) that depends on SEED only (the split's and the replay's choice)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
