@@ -9,11 +9,11 @@ it (seed 11) and the same epochs, at most MINUTES of training (`--time-budget`: 
 way finishes; its schedule is spread over EPOCHS, so pick as many as fit):
 `charseg finetune` at its defaults, the same with `--replay-dir` of the demo's own training pages
 (REPLAY_PAGES of them, chosen by the seed, train beside the new ones: rehearsal, against
-forgetting), at the default LR factor and at 1, `charseg finetune --lr-factor 1`, and `charseg train` from random initialisation
-with the demo's recipe. Each model is then evaluated on 40 other pages of the new domain (seed
-2027, bench/quality.py's unseen set) and on the demo's own held-out pages (`--held-out --seed
-2026`: the old domain), as COCO segm AP50, AP75, AP and char F1. Writes the table to OUT. A
-script, not a test: run it alone.
+forgetting), at the default LR factor and at 1, `charseg finetune --lr-factor 1`, and `charseg
+train` from random initialisation with the demo's recipe. Each model is then evaluated on 40
+other pages of the new domain (seed 2027, bench/quality.py's unseen set) and on the demo's own
+held-out pages (`--held-out --seed 2026`: the old domain), as COCO segm AP50, AP75, AP and char
+F1. Writes the table to OUT. A script, not a test: run it alone.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def main() -> None:
         generate_heldout(tmp / "old", num_images=HELDOUT_PAGES, seed=HELDOUT_SEED)
         new, old = scan_dataset(tmp / "new").samples, scan_dataset(tmp / "old").samples
         generate_training_pages(demo_recipe()[1], tmp / "replay", None)  # the demo's training pages, all
+        replay_total = len(scan_dataset(tmp / "replay").samples)
         rows = {"demo's model, before": {"seconds": 0.0, "epochs": 0, **measure(args.model, new, old)}}
         print(rows, flush=True)
         for name, run in paths(args.model, tmp / "train", tmp / "replay", tmp, args.epochs, args.minutes).items():
@@ -99,10 +100,10 @@ def main() -> None:
             epochs = int(torch.load(result.final_checkpoint, map_location="cpu", weights_only=False)["epoch"])
             rows[name] = {"seconds": seconds, "epochs": epochs, **measure(result.final_checkpoint, new, old)}
             print(name, rows[name], flush=True)
-    write_report(Path(args.out), args, rows)
+    write_report(Path(args.out), args, rows, replay_total)
 
 
-def write_report(out: Path, args: argparse.Namespace, rows: dict) -> None:
+def write_report(out: Path, args: argparse.Namespace, rows: dict, replay_total: int) -> None:
     lines = [
         "# Fine-tuning to a new domain vs training from scratch",
         "",
@@ -110,9 +111,8 @@ def write_report(out: Path, args: argparse.Namespace, rows: dict) -> None:
         f"{args.epochs} --minutes {args.minutes:g}` on {cpu_description()}, CPU only; MODEL: the demo's final model.",
         f"New domain: `charseg generate --held-out --unseen`, {args.pages} training pages (seed {TRAIN_SEED}), "
         f"evaluated on {HELDOUT_PAGES} others (seed {UNSEEN_SEED}); old domain: the demo's held-out pages "
-        f"(`--held-out --seed {HELDOUT_SEED}`); `--replay-dir` is the demo's 220 "
-        f"training pages, {REPLAY_PAGES} of them chosen by the seed. Each path trains {args.epochs} epochs or until "
-        f"{args.minutes:g} "
+        f"(`--held-out --seed {HELDOUT_SEED}`); `--replay-dir` is the demo's {replay_total} training pages, "
+        f"{REPLAY_PAGES} of them chosen by the seed. Each path trains {args.epochs} epochs or until {args.minutes:g} "
         "minutes are spent (the epoch under way finishes, validation included); final models, fp32.",
         "",
         *metrics_table("path", rows, [

@@ -116,8 +116,8 @@ class Splits:
 def fit(config: TrainConfig, spec: ModelSpec, model: torch.nn.Module, report: DatasetReport, splits: Splits,
         tracker: Tracker, resume_state: dict | None = None, compute: Compute | None = None) -> RunResult:
     """Train MODEL epoch by epoch (from RESUME_STATE's next epoch when given): after each, its
-    checkpoint, then validation when due (--val-every; best.pth), held-out pages, the tracker's records; after the
-    last, model_final.pth. COMPUTE: the device and precision (default: CONFIG's, resolved
+    checkpoint, then validation when due (--val-every; best.pth), held-out pages, the
+    tracker's records; after the last, model_final.pth. COMPUTE: the device and precision (default: CONFIG's, resolved
     once here; the run records the precision). Rank 0 holds the output folder for the whole
     run (one writer per folder); under torchrun the other ranks only train."""
     config = dataclasses.replace(config, world_size=distributed.world().size)
@@ -289,8 +289,9 @@ def _train_beside_rank0(run: _Training, config: TrainConfig, model: torch.nn.Mod
 
 def _finish_resumed_epoch(run: _Training, config: TrainConfig, spec: ModelSpec, model: torch.nn.Module,
                           splits: Splits, tracker: Tracker, state: dict) -> None:
-    """What the resumed checkpoint's epoch had left to do: its validation where due (the checkpoint was
-    written before it, and evaluation is deterministic, so the best-so-far is the true one);
+    """What the resumed checkpoint's epoch had left to do: its validation where due (the
+    checkpoint was written before it, and evaluation is deterministic, so the best-so-far is the
+    true one);
     for a last epoch that stopped before model_final.pth, its held-out pages and that file."""
     result = run.result
     due = validation_due(config, state["epoch"], run.clock.spent())

@@ -2,9 +2,9 @@
 validation metric) and `--time-budget` (minutes of training, every resume of the run counted).
 
 Both are checked after an epoch's checkpoint and validation (patience at validations only,
-when `--val-every` skips some epochs); the run then evaluates its
-held-out pages, writes model_final.pth with the reason in it (a resume of that file says the
-run is complete) and ends FINISHED, the reason a tag of its MLflow run.
+when `--val-every` skips some epochs); the run then evaluates its held-out pages, writes
+model_final.pth with the reason in it (a resume of that file says the run is complete) and
+ends FINISHED, the reason a tag of its MLflow run.
 """
 
 from __future__ import annotations
