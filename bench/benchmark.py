@@ -35,9 +35,10 @@ from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import scan_dataset
 from charseg.data.generate import generate_dataset  # noqa: E402
+from charseg.data.images import load_image_rgb  # noqa: E402
 from charseg.data.loading import CharacterDataset, collate
 from charseg.inference.int8 import page_calibration, quantize_model  # noqa: E402
-from charseg.inference.predict import output_to_instances  # noqa: E402
+from charseg.inference.predict import outline_rule, output_to_instances  # noqa: E402
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
 from charseg.precision import Compute, training_memory_format  # noqa: E402
@@ -101,13 +102,13 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
         start = time.perf_counter()
         quantize_model(model, page_calibration([samples[0].image_path]))
         calibration = time.perf_counter() - start
-    image = dataset[0][0]
+    image, rgb = dataset[0][0], load_image_rgb(samples[0].image_path)
     with torch.inference_mode():
         start = time.perf_counter()
         with autocast():
             output = model([image])[0]
-        size = (image.shape[-1], image.shape[-2])
-        instances = output_to_instances(output, 0.0, size)  # polygons: from pasted masks (stock) or box masks
+        # polygons: from pasted masks (stock) or box masks, outlined by the model's rule
+        instances = output_to_instances(output, 0.0, rgb, outline_rule(model))
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "detections": len(output["boxes"]),
             "polygons": len(instances), "calibration_seconds": calibration}

@@ -67,8 +67,10 @@ LONG = {"num_images": 400, "epochs": 10}
 # The same trained model read another way (one row each): what each inference rule adds.
 # fixed_scale: no second, enlarged reading of a page of small characters; mask_box_margin 0:
 # masks outlined in the detected box itself, as checkpoints before the margin; scale_test 0:
-# pages resized to --min-size, as stock resizes them.
-VARIANTS = {"charseg, each page once at the checkpoint's scale": {"fixed_scale": True},
+# pages resized to --min-size, as stock resizes them; outline mask: each mask's own contour, not
+# snapped to the ink (inference/outlines.py), as checkpoints before the rule.
+VARIANTS = {"charseg, outlines of the masks alone (--outline mask)": {"outline": "mask"},
+            "charseg, each page once at the checkpoint's scale": {"fixed_scale": True},
             "charseg, masks in the detected box itself": {"mask_box_margin": 0.0},
             "charseg, --scale-test 0": {"scale_test": 0.0}}
 # Held-out pages shown, outlines drawn at this zoom (nearest neighbour) to be judged.
@@ -236,7 +238,7 @@ def main() -> None:
 def read_as(checkpoint: Path, how: dict) -> tuple[torch.nn.Module, object]:
     """The checkpoint's model and spec for inference, read as HOW (a VARIANTS value) says."""
     model, spec, _ = load_model_for_inference(checkpoint, torch.device("cpu"), scale_test=how.get("scale_test"),
-                                              fixed_scale=how.get("fixed_scale", False))
+                                              fixed_scale=how.get("fixed_scale", False), outline=how.get("outline"))
     if "mask_box_margin" in how:
         model.roi_heads.mask_box_margin = how["mask_box_margin"]
     return model, spec

@@ -10,6 +10,8 @@ from typing import Any
 MODES = ("train", "resume", "finetune")
 LR_SCHEDULES = ("step", "cosine")
 NORMS = ("batch", "group")
+# How inference outlines a mask: snapped to the ink's edge, or its own contour (inference/outlines.py).
+OUTLINES = ("ink", "mask")
 LOG_CHECKPOINTS = ("all", "last", "none")  # which checkpoints a run logs as MLflow artifacts
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (the seed script's rule).
 FINETUNE_LR_FACTOR = 0.2
@@ -197,6 +199,10 @@ class TrainConfig:
     # glyphs are sized in pixels, not as a share of their page. 0: the min_size rule.
     scale_train: float = 0.0  # in training
     scale_test: float = 0.0  # at inference (validation, evaluate, predict, serving)
+    # How inference outlines each mask (validation included): "ink" snaps its contour to the ink's
+    # edge on the page where the two agree, as the dataset format outlines a glyph; "mask" keeps
+    # the mask's own contour (ModelSpec.outline).
+    outline: str = "ink"
     # What the user asked of the architecture; the model a run trains is its ModelSpec
     # (architecture.resolve_spec), which resolves every None. Limits: None fits them to the
     # densest image of the data, since pages hold hundreds to thousands of characters and no
@@ -304,6 +310,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.outline not in OUTLINES:
+            raise ValueError(f"outline must be one of {', '.join(OUTLINES)}, got {self.outline!r}")
         if self.early_stop_patience and not (self.val_dir or self.val_fraction):
             raise ValueError("--early-stop-patience compares validation metrics, and this run has no validation "
                              "pages: pass --val-fraction (above 0) or --val-dir")

@@ -285,7 +285,7 @@ def test_low_scores_are_dropped_before_the_mask_head_with_the_same_instances(tin
     with torch.inference_mode():
         everything = model([image_to_tensor(rgb)])[0]
     threshold = float(everything["scores"].median())
-    expected = output_to_instances(everything, threshold, (rgb.shape[1], rgb.shape[0]))
+    expected = output_to_instances(everything, threshold, rgb)
     masked.clear()
     got = predict_arrays(model, [rgb], torch.device("cpu"), threshold)[0]
     assert 0 < len(got) < len(everything["scores"]) and sum(masked) < len(everything["scores"])

@@ -157,7 +157,7 @@ def traced_ious(model, polygons: list[np.ndarray], scale: float, margins: np.nda
               "scores": torch.ones(len(boxes)), "masks": torch.from_numpy(masks)[:, None]}
     side = round(120 * scale)
     [output] = model.transform.postprocess([output], [(side, side)], [(120, 120)])
-    instances = output_to_instances(output, 0.0, (120, 120))
+    instances = output_to_instances(output, 0.0, np.zeros((120, 120, 3), np.uint8))
     assert len(instances) == len(polygons)
     ious = []
     for polygon, inst in zip(polygons, instances):
@@ -209,7 +209,7 @@ def test_an_outline_at_the_page_edge_stays_on_the_page():
               "masks": torch.ones(2, 1, 28, 28)}
     transform = PasteFreeTransform(800, 1333, [0.0] * 3, [1.0] * 3).eval()
     [output] = transform.postprocess([output], [(128, 128)], [(128, 128)])
-    for inst in output_to_instances(output, 0.0, (128, 128)):
+    for inst in output_to_instances(output, 0.0, np.zeros((128, 128, 3), np.uint8)):
         points = np.array(inst.polygon).reshape(-1, 2)
         assert points.min() >= 0 and points.max() <= 128, inst.polygon
         assert points.max() == 128, inst.polygon

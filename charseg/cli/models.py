@@ -15,7 +15,7 @@ from ..inference.predict import COCO_PREDICTIONS, LABELS
 from ..model.heads import PAGE_MAX_SIDE
 from ..precision import resolve_compute
 from .options import (CALIBRATION_CACHE, CALIBRATION_DIR, DEVICE_OPT, INFERENCE_PRECISION, MODEL_SOURCE,
-                      SCALE_TEST_OVERRIDE, SCORE, bounded, check_int8_options)
+                      OUTLINE_OVERRIDE, SCALE_TEST_OVERRIDE, SCORE, bounded, check_int8_options)
 
 DETECTIONS_OVERRIDE = click.option(
     "--detections-per-img", type=bounded("detections_per_img", low=1), default=None,
@@ -35,6 +35,7 @@ MAX_SIZE_OVERRIDE = click.option(
 @DETECTIONS_OVERRIDE
 @SCALE_TEST_OVERRIDE
 @MAX_SIZE_OVERRIDE
+@OUTLINE_OVERRIDE
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), default="metrics.json", show_default=True,
               help="Where to write the metrics as JSON.")
 @DEVICE_OPT
@@ -43,8 +44,9 @@ MAX_SIZE_OVERRIDE = click.option(
 @CALIBRATION_CACHE
 @click.option("--experiment-name", default=None, help="MLflow experiment for the evaluation run.")
 def evaluate_command(data_dir: str, model_source: str, score_threshold: float, detections_per_img: int | None,
-                     scale_test: float | None, max_size: int | None, out_path: str, device: str, precision: str,
-                     calibration_dir: str | None, calibration_cache: str | None, experiment_name: str | None) -> None:
+                     scale_test: float | None, max_size: int | None, outline: str | None, out_path: str, device: str,
+                     precision: str, calibration_dir: str | None, calibration_cache: str | None,
+                     experiment_name: str | None) -> None:
     """Evaluate a model on DATA_DIR: COCO bbox/segm AP, AP50, AP75 and character precision,
     recall, F1 at mask IoU 0.5 and count error; printed, written as JSON, logged to MLflow."""
     from .. import tracking
@@ -54,8 +56,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
         with tracking.tracked_run(experiment_name) as run_id:
             result = evaluate_checkpoint(path, data_dir, device=device, score_threshold=score_threshold,
                                          detections_per_img=detections_per_img, scale_test=scale_test,
-                                         max_size=max_size, precision=precision, calibration_dir=calibration_dir,
-                                         calibration_cache=calibration_cache)
+                                         max_size=max_size, outline=outline, precision=precision,
+                                         calibration_dir=calibration_dir, calibration_cache=calibration_cache)
             Path(out_path).write_text(json.dumps(result.metrics, indent=2) + "\n")
             tracking.log_evaluation(result.metrics, lineage, data_dir, result.samples, Path(out_path))
     for key, value in result.metrics.items():
@@ -73,6 +75,7 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @SCALE_TEST_OVERRIDE
 @DETECTIONS_OVERRIDE
 @MAX_SIZE_OVERRIDE
+@OUTLINE_OVERRIDE
 @DEVICE_OPT
 @click.option("--format", "output_format", type=click.Choice(("csv", "coco")), default="csv", show_default=True,
               help="csv: the dataset layout only; coco: also OUT/predictions_coco.json, COCO instances JSON with a "
@@ -89,8 +92,8 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @CALIBRATION_DIR
 @CALIBRATION_CACHE
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
-                    scale_test: float | None, detections_per_img: int | None, max_size: int | None, device: str,
-                    output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str,
+                    scale_test: float | None, detections_per_img: int | None, max_size: int | None,
+                    outline: str | None, device: str, output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str,
                     calibration_dir: str | None, calibration_cache: str | None) -> None:
     """Find and outline every character in INPUT images: files, or folders of PNG, JPEG, TIFF,
     BMP, GIF or WebP pages (not their subfolders; each page is written out as PNG).
@@ -106,7 +109,8 @@ def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, sc
     _check_distinct_names(paths)
     with jobs.resolve_source(model_source, prefer_best=True) as (path, _):
         compute = resolve_compute(device, precision, training=False)
-        model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test, max_size)
+        model, spec, _ = load_model_for_inference(path, compute.device, detections_per_img, scale_test, max_size,
+                                                  outline=outline)
         if compute.precision == "int8":
             quantize_on_pages(model, calibration_dir, paths, calibration_cache)
         summary = predict_files(model, paths, Path(out_dir), compute.device, score_threshold, labels=labels,

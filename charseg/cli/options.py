@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import (BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, SETTING_TYPES, TrainConfig,
+from ..config import (BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, OUTLINES, SETTING_TYPES, TrainConfig,
                       parse_anchor_sizes)
 from ..inference.evaluate import METRICS
 from ..precision import INFERENCE_PRECISIONS, PRECISIONS
@@ -155,6 +155,12 @@ SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the re
                    "rule.")
 
 
+OUTLINE_HELP = ("How each mask becomes a character's outline: ink snaps the mask's contour to the ink's edge on the "
+                "page (pixels between the paper's and the ink's colour, outlined on their edges as the dataset format "
+                "outlines a glyph) wherever the two agree at IoU 0.5 or more, else keeps it; mask keeps the mask's own "
+                "contour (for annotations that do not follow the ink).")
+
+
 HYPER = (
     _opt("--batch-size", type=bounded("batch_size"), help="Images per optimizer step."),
     _opt("--lr", type=bounded("lr"), help="Base SGD learning rate."),
@@ -174,6 +180,8 @@ HYPER = (
     _opt("--max-size", type=bounded("max_size"), help="Longer image side cap after the model's resize."),
     _opt("--scale-train", type=PAGE_SCALE, help=SCALE_TRAIN_HELP),
     _opt("--scale-test", type=PAGE_SCALE, help=SCALE_TEST_HELP),
+    _opt("--outline", type=click.Choice(OUTLINES),
+         help=OUTLINE_HELP + " Stored with the model: validation, evaluate, predict and the registered model use it."),
     _opt("--rpn-proposals-train", type=bounded("rpn_proposals_train"),
          help="RPN proposals kept per image in training (0: max(2000, 2 x detections per image))."),
     _opt("--rpn-proposals-test", type=bounded("rpn_proposals_test"),
@@ -363,3 +371,6 @@ DEVICE_OPT = click.option("--device", default="auto", show_default=True, help="a
 SCALE_TEST_OVERRIDE = click.option("--scale-test", type=BlankFiniteFloat(min=0, max=MAX_PAGE_SCALE), default=None,
                                    help=f"{SCALE_TEST_HELP} [default: the checkpoint's; given, every page is read "
                                         "at this one scale]")
+OUTLINE_OVERRIDE = click.option("--outline", type=click.Choice(OUTLINES), default=None,
+                                help=f"{OUTLINE_HELP} [default: the checkpoint's; mask for models trained before "
+                                     "the option]")

@@ -24,7 +24,7 @@ from ..data.loading import image_to_tensor
 from ..polygons import polygon_area, polygon_boxes
 from ..precision import resolve_compute
 from .int8 import quantize_on_pages
-from .predict import (draw_overlay, load_model_for_inference, output_to_instances, same_size_batches,
+from .predict import (draw_overlay, load_model_for_inference, outline_rule, output_to_instances, same_size_batches,
                       shrink_warning)
 
 log = logging.getLogger("charseg")
@@ -160,7 +160,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
                 bbox_dets.append({"image_id": image_id, "category_id": 1, "score": score,
                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
             # Masks become polygons from their box-sized maps, then RLEs: no full-image mask.
-            instances = output_to_instances(output, 0.0, (sample.width, sample.height))
+            instances = output_to_instances(output, 0.0, rgb, outline_rule(model))
             rles = _polygons_to_rles([i.polygon for i in instances], sample.height, sample.width)
             for inst, rle in zip(instances, rles):
                 segm_dets.append({"image_id": image_id, "category_id": 1, "score": inst.score, "segmentation": rle})
@@ -188,16 +188,16 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
                         score_threshold: float = 0.5, detections_per_img: int | None = None,
                         scale_test: float | None = None, batch_size: int = 2, overlay_count: int = 0,
-                        precision: str = "auto", max_size: int | None = None,
+                        precision: str = "auto", max_size: int | None = None, outline: str | None = None,
                         calibration_dir: str | None = None, calibration_cache: str | None = None):
     """Evaluate a checkpoint on every usable image of DATA_DIR (`detections_per_img`,
-    `scale_test`, `max_size`: instead of the checkpoint's; load_model_for_inference) at
+    `scale_test`, `max_size`, `outline`: instead of the checkpoint's; load_model_for_inference) at
     `precision` (int8: calibrated on `calibration_dir`'s first pages, else DATA_DIR's, or the
     int8 parts of `calibration_cache` where that file exists, else written there); pages
     shrunk by the input cap are named in a warning. Returns an EvalResult."""
     compute = resolve_compute(device, precision, training=False)
     model, spec, _ = load_model_for_inference(checkpoint_path, compute.device, detections_per_img, scale_test,
-                                              max_size)
+                                              max_size, outline=outline)
     report = load_dataset_report(data_dir)
     if compute.precision == "int8":
         quantize_on_pages(model, calibration_dir, [sample.image_path for sample in report.samples],

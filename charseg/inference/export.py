@@ -241,7 +241,8 @@ class ExportedModel:
         return dict(zip(OUTPUT_NAMES, outputs))
 
     def predict(self, rgb: np.ndarray, score_threshold: float | None = None) -> list[Instance]:
-        """Instances as `charseg predict` gives them (polygons at mask probability 0.5)."""
+        """Instances as `charseg predict` gives them (polygons at mask probability 0.5, outlined
+        by the model's rule: ModelSpec.outline)."""
         threshold = self.metadata["score_threshold"] if score_threshold is None else score_threshold
         output = {k: torch.from_numpy(v) for k, v in self.detect(rgb, threshold).items()}
-        return output_to_instances(output, threshold, (rgb.shape[1], rgb.shape[0]))
+        return output_to_instances(output, threshold, rgb, self.metadata["model_spec"].get("outline", "mask"))

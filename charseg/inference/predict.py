@@ -27,6 +27,7 @@ from ..errors import CharsegError
 from ..model.architecture import PROPOSALS_PER_DETECTION
 from ..model.build import NUM_CLASSES, ModelSpec, build_model_from_state
 from ..polygons import box_mask_to_polygon, mask_to_polygon
+from .outlines import snap_to_ink
 
 log = logging.getLogger("charseg")
 
@@ -48,10 +49,10 @@ class Instance:
 
 
 def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, detections_per_img: int | None = None,
-                             scale_test: float | None = None, max_size: int | None = None, fixed_scale: bool = False
-                             ) -> tuple[torch.nn.Module, ModelSpec, dict]:
-    """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img` and
-    `scale_test` instead of the checkpoint's when given, and `max_size` as the cap of its
+                             scale_test: float | None = None, max_size: int | None = None, fixed_scale: bool = False,
+                             outline: str | None = None) -> tuple[torch.nn.Module, ModelSpec, dict]:
+    """Rebuild the checkpoint's model in eval mode on `device`, with `detections_per_img`,
+    `scale_test` and `outline` instead of the checkpoint's when given, and `max_size` as the cap of its
     input's long side (PasteFreeTransform.inference_cap otherwise). A given `scale_test`, or
     `fixed_scale`, reads every page at that one scale (no second reading of a page of small
     characters: spec.glyph_height 0). Its precision is the caller's autocast
@@ -69,6 +70,8 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
         spec = dataclasses.replace(spec, scale_test=scale_test)
     if scale_test is not None or fixed_scale:
         spec = dataclasses.replace(spec, glyph_height=0.0)
+    if outline is not None:
+        spec = dataclasses.replace(spec, outline=outline)
     model = build_model_from_state(spec, state["model"])
     model.to(device).eval()
     model.transform.max_input_side = max_size
@@ -89,15 +92,17 @@ def shrink_warning(model: torch.nn.Module, pages: Iterable[tuple[str, int, int]]
             f"pass --max-size {needed} to read them at the model's scale (memory grows with the page)")
 
 
-def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
-                        image_size: tuple[int, int]) -> list[Instance]:
-    """Turn one Mask R-CNN output for an image of `image_size` (width, height) into instances
-    at or above `score_threshold`.
+def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float, rgb: np.ndarray,
+                        outline: str = "mask") -> list[Instance]:
+    """Turn one Mask R-CNN output for the page RGB (H x W x 3 uint8) into instances at or
+    above `score_threshold`.
 
     Box-sized masks (`box_masks` over their `mask_frames`, charseg's default) become polygons
-    directly, clipped to the image; stock full-image `masks` are traced as they are. Instances
-    whose mask is empty are dropped.
+    directly, clipped to the image, and with OUTLINE "ink" snapped to the ink's edge on the
+    page (outlines.snap_to_ink; ModelSpec.outline); stock full-image `masks` are traced as they
+    are. Instances whose mask is empty are dropped.
     """
+    image_size = (rgb.shape[1], rgb.shape[0])
     instances = []
     scores = output["scores"].cpu()
     keep = torch.nonzero(scores >= score_threshold).flatten().tolist()
@@ -107,12 +112,19 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
     for idx in keep:
         if box_masks is not None:
             polygon = box_mask_to_polygon(box_masks[idx], frames[idx], MASK_THRESHOLD, bounds=image_size)
+            if outline == "ink" and polygon:
+                polygon = snap_to_ink(rgb, boxes[idx], polygon)
         else:
             polygon = mask_to_polygon(output["masks"][idx, 0].cpu().numpy() >= MASK_THRESHOLD)
         if polygon:
             instances.append(Instance(score=float(scores[idx]), box=[round(float(v), 2) for v in boxes[idx]],
                                       polygon=polygon))
     return instances
+
+
+def outline_rule(model: torch.nn.Module) -> str:
+    """How MODEL's masks become outlines (ModelSpec.outline); stock torchvision's: "mask"."""
+    return getattr(getattr(model, "roi_heads", None), "outline", "mask")
 
 
 @torch.inference_mode()
@@ -128,7 +140,7 @@ def predict_arrays(model: torch.nn.Module, images: list[np.ndarray], device: tor
         outputs = model(tensors)
     if at_limit is not None:
         at_limit.extend(len(o["scores"]) >= model.roi_heads.detections_per_img for o in outputs)
-    return [output_to_instances(o, score_threshold, (a.shape[1], a.shape[0])) for o, a in zip(outputs, images)]
+    return [output_to_instances(o, score_threshold, a, outline_rule(model)) for o, a in zip(outputs, images)]
 
 
 def predict_following_page(model: torch.nn.Module, images: list[np.ndarray], device: torch.device,
@@ -173,6 +185,18 @@ def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
         heads.detections_per_img, pre, post = saved
         rpn._pre_nms_top_n.update(pre)
         rpn._post_nms_top_n.update(post)
+
+
+@contextlib.contextmanager
+def outlined_by(model: torch.nn.Module, outline: str) -> Iterator[None]:
+    """MODEL's masks are outlined by the rule OUTLINE inside the block ("": its own,
+    ModelSpec.outline); for one call of a served model."""
+    saved = outline_rule(model)
+    model.roi_heads.outline = outline or saved
+    try:
+        yield
+    finally:
+        model.roi_heads.outline = saved
 
 
 @contextlib.contextmanager

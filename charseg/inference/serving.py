@@ -17,13 +17,14 @@ import threading
 import numpy as np
 import pandas as pd
 
+from ..config import OUTLINES
 from ..data.images import load_image_rgb
 from ..errors import CharsegError
 from ..precision import Compute
 from ..precision import resolve as resolve_precision
 from ..precision import resolve_compute
-from .predict import (MAX_DETECTIONS, detection_limit, input_limit, load_model_for_inference, predict_arrays,
-                      predict_following_page, shrink_warning)
+from .predict import (MAX_DETECTIONS, detection_limit, input_limit, load_model_for_inference, outlined_by,
+                      predict_arrays, predict_following_page, shrink_warning)
 
 log = logging.getLogger("charseg")
 OUTPUT_COLUMNS = ("image_id", "score", "box", "polygon")
@@ -54,7 +55,8 @@ class CharsegPredictor:
         params may set `score_threshold`, `precision` (fp32, bf16, fp16 on CUDA; auto: the
         loaded model's), `detections_per_img` (most instances per image; 0: the model's, raised
         for an image that reaches it: predict_following_page) and
-        `max_size` (the longest page side at the model's input; 0: the model's) for this call.
+        `max_size` (the longest page side at the model's input; 0: the model's) and `outline`
+        (ink or mask: how masks become outlines, ModelSpec.outline; "": the model's) for this call.
         An image whose detections reach that limit, or that the input cap shrinks below the
         model's page scale, is logged with a warning.
         """
@@ -67,12 +69,16 @@ class CharsegPredictor:
         max_side = int((params or {}).get("max_size", 0))
         if max_side < 0:
             raise CharsegError(f"max_size must be 0 (the model's input limit) or more, got {max_side}")
+        outline = str((params or {}).get("outline", "") or "")
+        if outline not in ("", *OUTLINES):
+            raise CharsegError(f"outline must be one of {', '.join(OUTLINES)} (or empty: the model's), got {outline!r}")
         asked = _served_precision(str((params or {}).get("precision", "auto")))
         # A call's own precision, resolved without a log line per request (the load logged the default).
         compute = self.compute if asked == "auto" else \
             Compute(self.compute.device, *resolve_precision(asked, self.compute.device, training=False))
         rows, full, sizes, limits = [], [], [], []
-        with self._one_call_at_a_time, detection_limit(self.model, limit), input_limit(self.model, max_side):
+        with self._one_call_at_a_time, detection_limit(self.model, limit), input_limit(self.model, max_side), \
+                outlined_by(self.model, outline):
             for image_id, data in enumerate(model_input["image"]):
                 image = decode_image(data, image_id)
                 sizes.append((f"image {image_id}", *image.shape[:2]))

@@ -27,9 +27,9 @@ MIN_DETECTIONS = 500
 DETECTION_MARGIN = 1.2
 PROPOSALS_PER_DETECTION = 2
 MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
-# Input size and sampler settings a fine-tune may change (given again); the rest of the
+# Input size, sampler and outline settings a fine-tune may change (given again); the rest of the
 # architecture is the source's, which its weights need. Limits are fitted to the new data.
-FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples", "mask_dice")
+FINETUNE_CHANGEABLE = ("min_size", "max_size", "scale_train", "scale_test", "roi_samples", "mask_dice", "outline")
 # Requests a fine-tune takes from the source's spec, as its weights were built for them.
 FINETUNE_FIXED = ("backbone", "norm", "fpn_channels", "mask_pixels", "mask_head_convs", "mask_head_channels")
 # px at the model's input: new runs outline each mask in its box grown by this
@@ -60,7 +60,7 @@ def resolve_spec(config: TrainConfig, samples: list[Sample], train: list[Sample]
                             roi_samples=config.roi_samples, anchor_sizes=tuple(sizes), norm=config.norm,
                             fpn_channels=config.fpn_channels, mask_pixels=config.mask_pixels,
                             mask_head_convs=config.mask_head_convs, mask_head_channels=config.mask_head_channels,
-                            mask_dice=config.mask_dice, **fitted)
+                            mask_dice=config.mask_dice, outline=config.outline, **fitted)
 
 
 def median_glyph_height(train: list[Sample]) -> float:

@@ -19,7 +19,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import misc as misc_nn_ops
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..config import NORMS
+from ..config import NORMS, OUTLINES
 from ..errors import WeightsError, empty_file, reason
 from ..polygons import PIXEL_CENTRE
 from .frozen_norm import fold_frozen_norms
@@ -114,6 +114,10 @@ class ModelSpec:
     # every side (PolygonRoIHeads.grown_for_masks); the reported box is not grown. 0: in the box
     # itself, as checkpoints without this field do.
     mask_box_margin: float = 0.0
+    # How inference outlines each mask (inference/outlines.py): "ink" snaps the mask's contour to
+    # the ink's edge on the page where the two agree; "mask" keeps the mask's own contour, as
+    # checkpoints without this field do.
+    outline: str = "mask"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,6 +130,8 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"unknown model_spec keys: {sorted(unknown)}")
         values = dict(values)
+        if values.get("outline", "mask") not in OUTLINES:
+            raise ValueError(f"model_spec outline must be one of {', '.join(OUTLINES)}, got {values['outline']!r}")
         for key in ("anchor_sizes", "pixel_dilations"):  # any sequence of ints; a tuple keeps the spec hashable
             if key in values:
                 values[key] = tuple(int(size) for size in values[key])
@@ -273,7 +279,7 @@ def _polygon_mask_rcnn(backbone: BackboneWithFPN, spec: ModelSpec, num_classes: 
         tv["box_score_thresh"], tv["box_nms_thresh"], spec.detections_per_img,
         mask_roi_pool=GatherRoIAlign(["0", "1", "2", "3"], 14, 2), mask_head=mask_head,
         mask_predictor=mask_predictor, mask_frame_offset=offset, mask_dice=spec.mask_dice,
-        mask_box_margin=spec.mask_box_margin)
+        mask_box_margin=spec.mask_box_margin, outline=spec.outline)
     transform = PasteFreeTransform(spec.min_size, spec.max_size, _IMAGE_MEAN, _IMAGE_STD,
                                    page_scales=(spec.scale_train, spec.scale_test), mask_frame_offset=offset)
     return PolygonMaskRCNN(backbone, rpn, roi_heads, transform, spec.glyph_height)

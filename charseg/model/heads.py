@@ -96,16 +96,19 @@ class PolygonRoIHeads(RoIHeads):
     """RoIHeads whose mask loss reads polygon targets (`polygon_points`, `polygon_lengths`,
     `image_size`) instead of full-image masks. Targets with `masks` take the stock path.
     `mask_frame_offset`: where each mask lies against its box (polygon_mask_targets);
-    `mask_dice`: the weight of the mask loss's Dice term (polygon_mask_loss)."""
+    `mask_dice`: the weight of the mask loss's Dice term (polygon_mask_loss); `outline`: how
+    inference outlines each mask (ModelSpec.outline), read by whoever turns the output into
+    polygons (inference/predict.output_to_instances)."""
 
     def __init__(self, *args, mask_frame_offset: float = PIXEL_CENTRE, mask_dice: float = 0.0,
-                 mask_box_margin: float = 0.0, **kwargs):
+                 mask_box_margin: float = 0.0, outline: str = "mask", **kwargs):
         super().__init__(*args, **kwargs)
         self.fg_bg_sampler = SeededSampler(self.fg_bg_sampler.batch_size_per_image,
                                            self.fg_bg_sampler.positive_fraction)
         self.mask_frame_offset = mask_frame_offset
         self.mask_dice = mask_dice
         self.mask_box_margin = mask_box_margin
+        self.outline = outline
 
     def check_targets(self, targets):
         if targets is None:

@@ -46,7 +46,8 @@ def model_signature():
         params=ParamSchema([ParamSpec("score_threshold", DataType.double, 0.5),
                             ParamSpec("precision", DataType.string, "auto"),
                             ParamSpec("detections_per_img", DataType.long, 0),
-                            ParamSpec("max_size", DataType.long, 0)]))
+                            ParamSpec("max_size", DataType.long, 0),
+                            ParamSpec("outline", DataType.string, "")]))
 
 
 def requirements() -> list[str]:
