@@ -325,8 +325,9 @@ def _parts(mask: np.ndarray) -> int:
 
 
 def flat_polygon(points: np.ndarray) -> list[float]:
-    """(K, 2) points as the dataset's flat [x1, y1, x2, y2, ...] list, to 0.01 px."""
-    return [round(float(v), 2) for v in points.reshape(-1)]
+    """(K, 2) points as the dataset's flat [x1, y1, x2, y2, ...] list, to 0.01 px (numpy's
+    rounding: Python's round per value cost a dense page's outlines a tenth of a second)."""
+    return np.round(np.asarray(points, dtype=np.float64).reshape(-1), 2).tolist()
 
 
 def mask_to_polygon(mask: np.ndarray) -> list[float]:

@@ -49,7 +49,7 @@ def snap_to_ink(rgb: np.ndarray, box: list[float], polygon: list[float]) -> list
     if np.linalg.norm(towards_ink) < MIN_CONTRAST:
         return polygon
     inkness = (crop - paper) @ (towards_ink / np.dot(towards_ink, towards_ink))  # paper 0, the mask's mean 1
-    low, high = np.median(inkness[ring]), np.percentile(inkness[mask], INK_PERCENTILE)
+    low, high = _rank(inkness[ring], 50), _rank(inkness[mask], INK_PERCENTILE)
     near = np.zeros_like(mask)  # the box grown by a pixel
     near[max(int(np.floor(y1)) - 1 - top, 0):int(np.ceil(y2)) + 1 - top,
          max(int(np.floor(x1)) - 1 - left, 0):int(np.ceil(x2)) + 1 - left] = True
@@ -64,6 +64,13 @@ def snap_to_ink(rgb: np.ndarray, box: list[float], polygon: list[float]) -> list
     if not outlines:
         return polygon
     return flat_polygon(outlines[0] + np.array([left, top], dtype=np.float32))
+
+
+def _rank(values: np.ndarray, percent: float) -> float:
+    """The value at PERCENT of VALUES' ranks (the nearest rank: np.percentile's interpolation,
+    a tenth of a millisecond a character, changes nothing here)."""
+    k = round(percent / 100 * (len(values) - 1))
+    return float(np.partition(values, k)[k])
 
 
 def _filled_largest_part(binary: np.ndarray) -> np.ndarray:
