@@ -93,8 +93,9 @@ def evaluate_command(data_dir: str, model_source: str, score_threshold: float, d
 @CALIBRATION_CACHE
 def predict_command(inputs: tuple[str, ...], model_source: str, out_dir: str, score_threshold: float,
                     scale_test: float | None, detections_per_img: int | None, max_size: int | None,
-                    outline: str | None, device: str, output_format: str, coco_segmentation: str, labels: str, batch_size: int, precision: str,
-                    calibration_dir: str | None, calibration_cache: str | None) -> None:
+                    outline: str | None, device: str, output_format: str, coco_segmentation: str, labels: str,
+                    batch_size: int, precision: str, calibration_dir: str | None,
+                    calibration_cache: str | None) -> None:
     """Find and outline every character in INPUT images: files, or folders of PNG, JPEG, TIFF,
     BMP, GIF or WebP pages (not their subfolders; each page is written out as PNG).
 

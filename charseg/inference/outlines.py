@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from ..polygons import edge_outlines, flat_polygon
+from ..polygons import edge_outlines, flat_polygon, polygons_to_masks
+
 # Thresholds tried, as a share of the way from the paper's level to the ink's.
 INK_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
 AGREEMENT = 0.5  # least IoU between the ink's outline and the mask's for the ink's to be kept
@@ -39,8 +39,8 @@ def snap_to_ink(rgb: np.ndarray, box: list[float], polygon: list[float]) -> list
     if len(polygon) < 6 or right - left < 3 or bottom - top < 3:
         return polygon
     crop = rgb[top:bottom, left:right].astype(np.float32)
-    shifted = (np.asarray(polygon, dtype=np.float64).reshape(-1, 2) - (left, top)).reshape(-1).tolist()
-    mask = mask_utils.decode(mask_utils.frPyObjects([shifted], bottom - top, right - left))[:, :, 0].astype(bool)
+    shifted = np.asarray(polygon, dtype=np.float64).reshape(-1, 2) - (left, top)
+    mask = polygons_to_masks([shifted], bottom - top, right - left)[0].numpy().astype(bool)
     ring = ~cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     if mask.sum() < 3 or ring.sum() < 4:
         return polygon
