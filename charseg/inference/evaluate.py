@@ -24,6 +24,7 @@ from ..data.loading import image_to_tensor
 from ..polygons import polygon_area, polygon_boxes
 from ..precision import resolve_compute
 from .int8 import quantize_on_pages
+from .matching import SparseCOCOeval, candidate_ious, greedy_matches
 from .predict import (draw_overlay, load_model_for_inference, outline_rule, output_to_instances, same_size_batches,
                       shrink_warning)
 
@@ -84,7 +85,7 @@ def _coco_stats(gt: COCO, detections: list[dict], iou_type: str, max_dets: int) 
         return dict.fromkeys(names, 0.0)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(detections)
-        coco_eval = COCOeval(gt, dt, iou_type)
+        coco_eval = SparseCOCOeval(gt, dt, iou_type)  # COCOeval's results, pages of thousands in seconds
         # Pages hold hundreds of characters: the AP must see every detection.
         coco_eval.params.maxDets = [1, 10, max_dets]
         # Only the AP over all areas is read: matching each page again for COCO's small, medium and
@@ -112,15 +113,7 @@ def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> i
     """Greedy one-to-one matching (detections sorted by score); returns true positives."""
     if not det_rles or not gt_rles:
         return 0
-    ious = mask_utils.iou(det_rles, gt_rles, [0] * len(gt_rles))
-    matched: set[int] = set()
-    tp = 0
-    for row in np.atleast_2d(ious):
-        candidates = [(iou, j) for j, iou in enumerate(row) if j not in matched and iou >= iou_threshold]
-        if candidates:
-            matched.add(max(candidates)[1])
-            tp += 1
-    return tp
+    return greedy_matches(candidate_ious(det_rles, gt_rles, [0] * len(gt_rles), boxes=False), iou_threshold)
 
 
 @torch.inference_mode()
