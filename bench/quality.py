@@ -13,7 +13,8 @@ Both are evaluated on held-out pages made by another process (`charseg generate 
 other fonts, rotation, texture, blur, noise, annotator polygons) and on the training
 generator's own held-back pages, and on pages in fonts and backgrounds no generator here uses
 (`generate --held-out --unseen`: needs `pip install 'charseg[fonts]'`); charseg's model also on a
-2048 px document page. The same trained model is also read each page once at its scale, with
+2048 px page of held-out lines in small type and on a scanned document page (`--document`). The
+same trained model is also read each page once at its scale, with
 masks outlined in the detected box itself, and at --scale-test 0 (VARIANTS, a row each). Prints
 the figures and writes docs/QUALITY.md with the outlines of the pages where charseg does best
 and worst, drawn over the annotations. A script, not a test: run it alone.
@@ -46,7 +47,7 @@ from charseg import __version__  # noqa: E402
 from charseg.config import TrainConfig  # noqa: E402
 from charseg.data.dataset import Sample, load_dataset_report, scan_dataset  # noqa: E402
 from charseg.data.images import load_image_rgb  # noqa: E402
-from charseg.data.heldout import generate_heldout  # noqa: E402
+from charseg.data.heldout import DOCUMENT_FONT_SIZES, DOCUMENT_SIZE, generate_heldout  # noqa: E402
 from charseg.data.unseen import generate_unseen  # noqa: E402
 from charseg.data.loading import CharacterDataset, EpochShuffleSampler, collate  # noqa: E402
 from charseg.inference.evaluate import evaluate  # noqa: E402
@@ -61,6 +62,11 @@ UNSEEN_SEED = 2027  # as many pages in unseen fonts, on unseen backgrounds (`gen
 # with a detection limit above its characters (predict raises the limit itself: predict_following_page).
 DOCUMENT = {"size": (2048, 2048), "font_sizes": (10, 18), "seed": 7}
 DOCUMENT_DETECTIONS = 2500
+# A scanned document page (`generate --held-out --document`, its default size and type): paragraphs
+# of full lines, as users scan them; read by the model as users get it and with --outline mask only,
+# since each reading of its thousands of characters takes minutes.
+SCAN = {"seed": 7, "detections": 25000,
+        "variants": ("charseg", "charseg, outlines of the masks alone (--outline mask)")}
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
 # (about 40 minutes on 2 cores).
 LONG = {"num_images": 400, "epochs": 10}
@@ -211,9 +217,11 @@ def main() -> None:
         if args.keep_model:
             shutil.copyfile(result.final_checkpoint, args.keep_model)
         splits = runner.make_splits(config, load_dataset_report(config.data_dir))
-        rows, document = {}, {}
+        rows, document, scan = {}, {}, {}
         generate_heldout(tmp / "document", num_images=1, size=DOCUMENT["size"], font_sizes=DOCUMENT["font_sizes"],
                          seed=DOCUMENT["seed"])
+        generate_heldout(tmp / "scan", num_images=1, seed=SCAN["seed"], document=True, size=DOCUMENT_SIZE,
+                         font_sizes=DOCUMENT_FONT_SIZES)
         model, spec = read_as(result.final_checkpoint, {})
         # A model without a page scale reads every page once, at --min-size: no variant to compare.
         for name, how in {"charseg": {}, **(VARIANTS if spec.scale_test else {})}.items():
@@ -221,9 +229,11 @@ def main() -> None:
             rows[name] = {"seconds": seconds, "epochs": recipe["epochs"],
                           **measure(reader, reader_spec, heldout, splits.val, config, unseen)}
             if "scale_test" not in how:
-                document[name] = measure_document(reader, tmp / "document")
-            print(f"  {name}: {seconds:.0f} s, held-out {rows[name]['heldout']}, document {document.get(name)}",
-                  flush=True)
+                document[name] = measure_document(reader, tmp / "document", DOCUMENT_DETECTIONS)
+            if name in SCAN["variants"]:
+                scan[name] = measure_document(reader, tmp / "scan", SCAN["detections"])
+            print(f"  {name}: {seconds:.0f} s, held-out {rows[name]['heldout']}, document {document.get(name)}, "
+                  f"scanned document {scan.get(name)}", flush=True)
         ranked = per_page(model, heldout, spec.detections_per_img, config.score_threshold)
         pages = [(kind, f1, page.name, outlines_drawn(model, page, config.score_threshold))
                  for kind, items in (("best", ranked[-2:][::-1]), ("worst", ranked[:2])) for f1, page in items]
@@ -232,7 +242,7 @@ def main() -> None:
             rows["stock"] = {"seconds": facts["seconds"], "epochs": facts["epochs"],
                              **measure(stock, facts["spec"], heldout, splits.val, config, unseen)}
             print(f"  stock: {facts['seconds']:.0f} s, held-out {rows['stock']['heldout']}", flush=True)
-        write_report(Path(args.out), args.recipe, recipe, generate_args, num_images, rows, pages, document)
+        write_report(Path(args.out), args.recipe, recipe, generate_args, num_images, rows, pages, document, scan)
 
 
 def read_as(checkpoint: Path, how: dict) -> tuple[torch.nn.Module, object]:
@@ -244,11 +254,12 @@ def read_as(checkpoint: Path, how: dict) -> tuple[torch.nn.Module, object]:
     return model, spec
 
 
-def measure_document(model: torch.nn.Module, out: Path) -> dict:
-    """The model's metrics on the DOCUMENT page generated at OUT, with its characters."""
+def measure_document(model: torch.nn.Module, out: Path, detections: int) -> dict:
+    """The model's metrics on the document page generated at OUT, read with a limit of DETECTIONS,
+    with its characters."""
     page = scan_dataset(out).samples
-    with detection_limit(model, DOCUMENT_DETECTIONS):
-        metrics = evaluate(model, page, torch.device("cpu"), max_dets=DOCUMENT_DETECTIONS).metrics
+    with detection_limit(model, detections):
+        metrics = evaluate(model, page, torch.device("cpu"), max_dets=detections).metrics
     return {"characters": len(page[0].polygons),
             **{k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP75", "segm_AP", "char_f1")}}
 
@@ -276,7 +287,7 @@ def metrics_table(first: str, rows: dict, columns: list[tuple[str, str, str]], t
 
 
 def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[str], num_images: int | None,
-                 rows: dict, pages: list, document: dict) -> None:
+                 rows: dict, pages: list, document: dict, scan: dict) -> None:
     images = out.parent / "quality"
     images.mkdir(parents=True, exist_ok=True)
     for stale in images.glob(f"{recipe_name}_*.png"):  # the pages shown last time
@@ -320,6 +331,14 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
               *metrics_table("recipe", {name: {"document": metrics} for name, metrics in document.items()},
                              [(m, "document", m) for m in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1",
                                                            "bbox_AP50")], trained=False)]
+    size, fonts = "x".join(map(str, DOCUMENT_SIZE)), "-".join(map(str, DOCUMENT_FONT_SIZES))
+    lines += ["", "A scanned document page: `charseg generate --held-out --document --num-images 1 "
+              f"--seed {SCAN['seed']}` ({size} px, fonts of {fonts} px, {scan['charseg']['characters']} characters "
+              "in paragraphs of full lines, dark ink on light paper, skewed up to 1.5 degrees, blur, noise), the "
+              f"charseg model with --detections-per-img {SCAN['detections']}:", "",
+              *metrics_table("recipe", {name: {"scan": metrics} for name, metrics in scan.items()},
+                             [(m, "scan", m) for m in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1", "bbox_AP50")],
+                             trained=False)]
     lines += ["", f"Best and worst held-out pages of the charseg model (char F1 per page), at {OVERLAY_ZOOM}x: "
               "annotations in green, the model's outlines (score >= 0.5) in red:", "", *names, ""]
     out.write_text("\n".join(lines))

@@ -88,6 +88,30 @@ def test_heldout_document_pages_take_the_size_and_font_sizes_given(tmp_path):
         generate_heldout(tmp_path / "bad", num_images=1, font_sizes=(3, 10))
 
 
+def test_heldout_document_pages_are_paragraphs_of_full_lines_outlined_on_their_glyphs(tmp_path):
+    """`generate --held-out --document`: a scanned page of small type: nearly level lines, most
+    of them filling the text block, dark ink on light paper, every annotation around its glyph's
+    ink; --document alone is refused."""
+    from PIL import Image
+
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "doc"), "--held-out", "--document", "--size",
+                                      "600x400", "--font-size", "10-14", "--num-images", "1", "--seed", "3"])
+    assert result.exit_code == 0 and "wrote 1 held-out document pages" in result.output, result.output
+    sample = scan_dataset(tmp_path / "doc").samples[0]
+    boxes = np.array([[p[:, 0].min(), p[:, 1].min(), p[:, 0].max(), p[:, 1].max()] for p in sample.polygons])
+    assert (sample.width, sample.height) == (600, 400) and len(boxes) >= 600  # a full page, not a few lines
+    assert np.median(boxes[:, 3] - boxes[:, 1]) <= 12
+    page = np.asarray(Image.open(sample.image_path).convert("L"), dtype=np.float32)
+    ink = polygons_to_masks([np.asarray(p, np.float32) for p in sample.polygons], 400, 600).numpy().any(0)
+    assert np.median(page[~ink]) >= 200 and np.median(page[ink]) <= np.median(page[~ink]) - 60
+    # Lines: the characters' centres fall on few rows (a skew of 1.5 degrees moves them 8 px across 300).
+    centre_rows = np.round((boxes[:, 1] + boxes[:, 3]) / 2)
+    assert len(np.unique(np.round(centre_rows / 8))) <= 0.06 * len(boxes)
+    assert boxes[:, 2].max() - boxes[:, 0].min() >= 0.75 * 600  # lines run across the text block
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "bad"), "--document"])
+    assert result.exit_code == 2 and "--document makes held-out pages" in result.output
+
+
 def test_heldout_pages_are_reproducible(tmp_path):
     generate_heldout(tmp_path / "a", num_images=2, seed=5)
     generate_heldout(tmp_path / "b", num_images=2, seed=5)

@@ -8,7 +8,7 @@ from click.core import ParameterSource
 from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
 from ..data.dataset import scan_dataset
 from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_ROTATION, MAX_SIDE, generate_dataset
-from ..data.heldout import FONT_SIZES, generate_heldout
+from ..data.heldout import DOCUMENT_FONT_SIZES, DOCUMENT_SIZE, FONT_SIZES, generate_heldout
 from ..data.unseen import INSTALL_FONTS, generate_unseen
 from .options import SEED, BlankPath, FiniteFloat
 
@@ -101,9 +101,15 @@ def _range(text: str) -> tuple[int, int]:
               help="With --held-out: pages in font families nothing else here renders (sans, serif, rounded, "
                    "handwriting-like; some lines condensed, stencil-cut or worn, in coloured ink) on paper, printed "
                    f"patterns or faded photographs, sides 128-256 px; needs `{INSTALL_FONTS}`.")
+@click.option("--document", is_flag=True,
+              help="With --held-out: scanned document pages: paragraphs of full lines in the held-out fonts, dark "
+                   "ink on light paper, skewed up to 1.5 degrees, blurred and noisy; "
+                   f"{'x'.join(map(str, DOCUMENT_SIZE))} px and fonts of {'-'.join(map(str, DOCUMENT_FONT_SIZES))} "
+                   "px unless --size and --font-size are given.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
 def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
-                     font: str | None, layout: str, rotation: float, held_out: bool, unseen: bool, seed: int) -> None:
+                     font: str | None, layout: str, rotation: float, held_out: bool, unseen: bool, document: bool,
+                     seed: int) -> None:
     """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
     try:
         w, _, h = size.lower().partition("x")
@@ -113,6 +119,9 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
         raise click.BadParameter(f"cannot parse {exc}; use e.g. --size 128x96 --chars-per-image 3-8") from exc
     if unseen and not held_out:
         raise click.BadParameter("--unseen makes held-out pages: pass --held-out too", param_hint="--unseen")
+    if document and (not held_out or unseen):
+        raise click.BadParameter("--document makes held-out pages in the held-out fonts: pass --held-out, "
+                                 "without --unseen", param_hint="--document")
     if rotation and (held_out or layout != "lines"):
         raise click.BadParameter("rotates --layout lines pages (held-out pages are rotated by their own process)",
                                  param_hint="--rotation")
@@ -124,10 +133,13 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
     if held_out:
         given = click.get_current_context().get_parameter_source
         summary = generate_heldout(
-            out_dir, num_images=num_images, seed=seed, progress=True,
-            size=(width, height) if given("size") is not ParameterSource.DEFAULT else None,
-            font_sizes=sizes if given("font_size") is not ParameterSource.DEFAULT else FONT_SIZES)
-        click.echo(f"wrote {summary.images} held-out pages with {summary.characters} characters to {summary.out_dir}")
+            out_dir, num_images=num_images, seed=seed, progress=True, document=document,
+            size=(width, height) if given("size") is not ParameterSource.DEFAULT else (
+                DOCUMENT_SIZE if document else None),
+            font_sizes=sizes if given("font_size") is not ParameterSource.DEFAULT else (
+                DOCUMENT_FONT_SIZES if document else FONT_SIZES))
+        click.echo(f"wrote {summary.images} held-out {'document ' if document else ''}pages with "
+                   f"{summary.characters} characters to {summary.out_dir}")
         return
     summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height, chars_per_image=chars,
                                font_size=sizes, font_path=font, seed=seed, layout=layout, rotation=rotation,
