@@ -346,6 +346,42 @@ def test_the_second_reading_is_the_model_at_the_followed_scale():
     assert ModelSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "glyph_height"}).glyph_height == 0.0
 
 
+def test_the_first_reading_outlines_only_the_pages_it_keeps(monkeypatch):
+    """In a batch where one page is kept and one read again, the mask head runs over the kept
+    page's detections only, and both results are what reading each once would give, to the bit."""
+    import charseg.model.heads as heads
+
+    torch.manual_seed(0)
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=400, norm="group", fpn_channels=64,
+                            mask_pixels=True, scale_train=1.0, scale_test=1.0, glyph_height=1000.0,
+                            mask_box_margin=1.0)
+    model = build_model(spec).eval()
+    model.roi_heads.score_thresh = 0.0
+    pages = [torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    decisions = iter([None, 1.5])
+    monkeypatch.setattr(heads, "page_scale_for", lambda *args: next(decisions))
+    outlined, mask_logits = [], model.roi_heads.mask_logits
+
+    def counting(features, boxes, image_shapes):
+        outlined.append([len(b) for b in boxes])
+        return mask_logits(features, boxes, image_shapes)
+
+    monkeypatch.setattr(model.roi_heads, "mask_logits", counting)
+    with torch.no_grad():
+        followed = model(pages)
+        first_reading_calls = [c for c in outlined if len(c) == 2]
+        model.glyph_height = 0.0
+        once = model(pages)[0]
+        model.transform.page_scales = (1.0, 1.5)
+        again = model([pages[1]])[0]
+    assert first_reading_calls and all(second == 0 for _, second in first_reading_calls)
+    assert sum(first for first, _ in first_reading_calls) == len(once["boxes"]) > 0
+    for got, expected in ((followed[0], once), (followed[1], again)):
+        assert set(got) == set(expected)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
 def test_masks_are_outlined_in_their_box_grown_by_the_margin_and_the_box_stays():
     """ModelSpec.mask_box_margin: the mask head reads each detected box grown by the margin (px
     at the model's input, inside the image); the reported box is the detector's, the mask's

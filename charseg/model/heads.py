@@ -109,6 +109,10 @@ class PolygonRoIHeads(RoIHeads):
         self.mask_dice = mask_dice
         self.mask_box_margin = mask_box_margin
         self.outline = outline
+        # Set by PolygonMaskRCNN.forward around a first reading: inference then keeps what the
+        # masks need (`deferred`) instead of computing them, for `add_masks` on the pages kept.
+        self.defer_masks = False
+        self.deferred: tuple | None = None
 
     def check_targets(self, targets):
         if targets is None:
@@ -168,17 +172,26 @@ class PolygonRoIHeads(RoIHeads):
             for result, masks in zip(results, maskrcnn_inference(logits, labels)):
                 result["masks"] = masks
             return results
+        if self.defer_masks:
+            self.deferred = (features, mask_boxes, [r["labels"] for r in results], image_shapes)
+            return results
         for i, result in enumerate(results):
-            chunks = []
-            for start in range(0, len(result["boxes"]), MASK_CHUNK):
-                chunk = mask_boxes[i][start:start + MASK_CHUNK]
-                # MultiScaleRoIAlign reads the image index from the list position.
-                per_image = [chunk if j == i else chunk[:0] for j in range(len(results))]
-                logits = self.mask_logits(features, per_image, image_shapes)
-                chunks.append(maskrcnn_inference(logits, [result["labels"][start:start + MASK_CHUNK]])[0])
-            size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
-            result["masks"] = torch.cat(chunks) if chunks else result["boxes"].new_zeros((0, 1, size, size))
+            result["masks"] = self.page_masks(features, mask_boxes, result["labels"], image_shapes, i)
         return results
+
+    def page_masks(self, features, mask_boxes: list[torch.Tensor], labels: torch.Tensor, image_shapes,
+                   page: int) -> torch.Tensor:
+        """The masks (N x 1 x 28 x 28) of PAGE's detections (their MASK_BOXES and LABELS), MASK_CHUNK
+        at a time."""
+        chunks = []
+        for start in range(0, len(labels), MASK_CHUNK):
+            chunk = mask_boxes[page][start:start + MASK_CHUNK]
+            # MultiScaleRoIAlign reads the image index from the list position.
+            per_image = [chunk if j == page else chunk[:0] for j in range(len(mask_boxes))]
+            logits = self.mask_logits(features, per_image, image_shapes)
+            chunks.append(maskrcnn_inference(logits, [labels[start:start + MASK_CHUNK]])[0])
+        size = 2 * self.mask_roi_pool.output_size[0]  # the predictor's deconvolution doubles it
+        return torch.cat(chunks) if chunks else mask_boxes[page].new_zeros((0, 1, size, size))
 
     def grown_for_masks(self, boxes: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
         """BOXES grown by mask_box_margin px on every side (inside the image): the boxes the mask
@@ -320,13 +333,16 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
             boxes = pred["boxes"]
             pred["boxes"] = resize_boxes(boxes, im_s, o_im_s)
             if "masks" in pred:
-                pred["box_masks"] = pred.pop("masks")[:, 0]
-                # The rectangle of the page each box mask covers, in the polygons' convention:
-                # the box (grown by the heads' mask margin) moved by the frame offset (of the
-                # resized page) its masks were trained with (polygon_mask_targets).
-                frames = pred.pop("mask_boxes", boxes)
-                pred["mask_frames"] = resize_boxes(frames + self.mask_frame_offset, im_s, o_im_s)
+                self.place_masks(pred, pred.pop("masks"), pred.pop("mask_boxes", boxes), im_s, o_im_s)
         return result
+
+    def place_masks(self, pred: dict, masks: torch.Tensor, frames: torch.Tensor, image_shape, original_size) -> None:
+        """PRED's box masks (MASKS, N x 1 x h x w) and the rectangle of the page each covers, in
+        the polygons' convention: FRAMES (the boxes grown by the heads' mask margin, on the
+        resized page of IMAGE_SHAPE) moved by the frame offset its masks were trained with
+        (polygon_mask_targets), then to the ORIGINAL_SIZE page."""
+        pred["box_masks"] = masks[:, 0]
+        pred["mask_frames"] = resize_boxes(frames + self.mask_frame_offset, image_shape, original_size)
 
 
 @contextlib.contextmanager
@@ -359,12 +375,26 @@ class PolygonMaskRCNN(MaskRCNN):
         self.glyph_height = glyph_height
 
     def forward(self, images, targets=None):
-        outputs = super().forward(images, targets)
         base = self.transform.page_scales[1]
         if self.training or not (self.glyph_height and base) or torchvision._is_tracing():
-            return outputs
-        for index, output in enumerate(outputs):
-            scale = page_scale_for(output["boxes"][output["scores"] >= FOLLOW_SCORE], self.glyph_height, base)
+            return super().forward(images, targets)
+        # The first reading's masks are computed only for the pages it keeps: a page read again
+        # would throw them away, and on a dense page they are most of a reading's time.
+        try:
+            with _swapped(self.roi_heads, defer_masks=True):
+                outputs = super().forward(images, targets)
+            features, mask_boxes, labels, image_shapes = self.roi_heads.deferred
+        finally:
+            self.roi_heads.deferred = None
+        scales = [page_scale_for(o["boxes"][o["scores"] >= FOLLOW_SCORE], self.glyph_height, base) for o in outputs]
+        for index, (output, scale) in enumerate(zip(outputs, scales)):
+            output.pop("mask_boxes", None)
+            if scale is None:
+                masks = self.roi_heads.page_masks(features, mask_boxes, labels[index], image_shapes, index)
+                self.transform.place_masks(output, masks, mask_boxes[index], image_shapes[index],
+                                           images[index].shape[-2:])
+        del features, mask_boxes
+        for index, scale in enumerate(scales):
             if scale is not None:
                 log.debug("characters smaller than the training pages' %.1f px: page read again at scale %.2f",
                           self.glyph_height, scale)
