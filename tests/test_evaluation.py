@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -87,6 +88,36 @@ def test_missing_characters_lower_recall_and_count(page):
     assert m["char_precision"] == 1.0
     assert m["char_recall"] == pytest.approx(0.5)
     assert m["count_abs_error"] == 75.0
+
+
+class CappedOracle(Oracle):
+    """The Oracle behind a detection limit, as a model has one (roi_heads.detections_per_img,
+    the RPN's proposals that detection_limit raises with it); records each reading's limit."""
+
+    def __init__(self, sample: Sample, limit: int):
+        super().__init__([sample])
+        self.roi_heads = SimpleNamespace(detections_per_img=limit, outline="mask")
+        self.rpn = SimpleNamespace(_pre_nms_top_n={"testing": 100}, _post_nms_top_n={"testing": 100})
+        self.readings: list[int] = []
+
+    def forward(self, images):
+        self.calls, self.limit = 0, self.roi_heads.detections_per_img
+        self.readings.append(self.limit)
+        return super().forward(images)
+
+
+def test_a_page_past_the_models_limit_is_read_again_with_a_higher_one_or_named(page):
+    """evaluate follows the page as predict does: a page whose detections reach the limit is read
+    again with twice the limit until they stay under it, COCO's maxDets follows; without
+    follow_page the page is named as reaching it, its characters past the limit missing."""
+    oracle = CappedOracle(page, limit=40)
+    followed = evaluate(oracle, [page], torch.device("cpu"), max_dets=40, follow_page=True)
+    assert oracle.readings == [40, 80, 160] and oracle.roi_heads.detections_per_img == 40
+    assert followed.raised == [("page", 160)] and followed.at_limit == []
+    assert followed.metrics["segm_AP50"] == pytest.approx(1.0) and followed.metrics["char_recall"] == 1.0
+    capped = evaluate(CappedOracle(page, limit=40), [page], torch.device("cpu"), max_dets=40)
+    assert capped.at_limit == ["page"] and capped.raised == []
+    assert capped.metrics["char_recall"] == pytest.approx(40 / 150)
 
 
 def test_is_better_knows_the_direction():

@@ -25,8 +25,8 @@ from ..polygons import polygon_area, polygon_boxes
 from ..precision import resolve_compute
 from .int8 import quantize_on_pages
 from .matching import SparseCOCOeval, candidate_ious, greedy_matches
-from .predict import (draw_overlay, load_model_for_inference, outline_rule, output_to_instances, same_size_batches,
-                      shrink_warning)
+from .predict import (MAX_DETECTIONS, detection_limit, draw_overlay, load_model_for_inference, outline_rule,
+                      output_to_instances, same_size_batches, shrink_warning)
 
 log = logging.getLogger("charseg")
 
@@ -43,6 +43,8 @@ class EvalResult:
     metrics: dict[str, float]
     overlays: list[tuple[str, Image.Image]] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)  # what was evaluated
+    raised: list[tuple[str, int]] = field(default_factory=list)  # pages read again with a higher limit, and it
+    at_limit: list[str] = field(default_factory=list)  # pages whose detections reached the limit: some missing
 
 
 def is_better(metric: str, value: float, best: float | None) -> bool:
@@ -120,11 +122,15 @@ def _match(det_rles: list[dict], gt_rles: list[dict], iou_threshold: float) -> i
 def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device, *, max_dets: int,
              score_threshold: float = 0.5, iou_threshold: float = 0.5, batch_size: int = 2,
              overlay_count: int = 0, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-             desc: str = "evaluating") -> EvalResult:
+             desc: str = "evaluating", follow_page: bool = False) -> EvalResult:
     """Evaluate `model` on `samples` (a progress bar named DESC on a terminal).
 
     Args:
-        max_dets: COCO maxDets for the AP summary (match the model's detections_per_img).
+        max_dets: COCO maxDets for the AP summary (match the model's detections_per_img; raised
+            with it for a page read again).
+        follow_page: a page whose detections reach the model's limit is read again with the limit
+            doubled until they stay under it (as predict does); without it such pages are listed
+            in the result's `at_limit`.
         score_threshold: detections kept for the character-level metrics and the overlays.
         batch_size: most pages per forward pass (only pages of one size share one).
         iou_threshold: mask IoU for a character to count as found.
@@ -140,6 +146,8 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     tp = n_pred = n_gt = 0
     count_errors: list[int] = []
     overlays: list[tuple[str, Image.Image]] = []
+    raised: list[tuple[str, int]] = []
+    at_limit: list[str] = []
     start = 0
     batches = list(same_size_batches(samples, lambda s: (s.height, s.width), batch_size))
     for batch in tqdm(batches, desc=desc, unit="batch", disable=None, dynamic_ncols=True, leave=False):
@@ -149,6 +157,13 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
             outputs = model(tensors)
         for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
             image_id = start + offset + 1
+            if len(output["scores"]) >= getattr(getattr(model, "roi_heads", None), "detections_per_img", np.inf):
+                if follow_page:
+                    output, limit = read_under_raised_limit(model, tensors[offset], autocast)
+                    raised.append((sample.name, limit))
+                    max_dets = max(max_dets, limit)
+                if not follow_page or len(output["scores"]) >= MAX_DETECTIONS:
+                    at_limit.append(sample.name)
             for score, box in zip(output["scores"].tolist(), output["boxes"].tolist()):
                 bbox_dets.append({"image_id": image_id, "category_id": 1, "score": score,
                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
@@ -175,7 +190,20 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
         "char_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "count_abs_error": float(np.mean(count_errors)) if count_errors else 0.0,
     }
-    return EvalResult(metrics=metrics, overlays=overlays, samples=samples)
+    return EvalResult(metrics=metrics, overlays=overlays, samples=samples, raised=raised, at_limit=at_limit)
+
+
+def read_under_raised_limit(model: torch.nn.Module, image: torch.Tensor,
+                            autocast: Callable[[], ContextManager]) -> tuple[dict, int]:
+    """MODEL's output for IMAGE (a page whose detections reached the model's limit) read again
+    with the limit doubled until they stay under it or reach MAX_DETECTIONS; and that limit."""
+    limit = model.roi_heads.detections_per_img
+    while True:
+        limit = min(2 * limit, MAX_DETECTIONS)
+        with detection_limit(model, limit), autocast():
+            output = model([image])[0]
+        if len(output["scores"]) < limit or limit >= MAX_DETECTIONS:
+            return output, limit
 
 
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",
@@ -198,6 +226,22 @@ def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: s
     warning = shrink_warning(model, ((s.image_path.name, s.height, s.width) for s in report.samples))
     if warning:
         log.warning(warning)
-    return evaluate(model, report.samples, compute.device, max_dets=spec.detections_per_img,
-                    score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count,
-                    autocast=compute.autocast)
+    result = evaluate(model, report.samples, compute.device, max_dets=spec.detections_per_img,
+                      score_threshold=score_threshold, batch_size=batch_size, overlay_count=overlay_count,
+                      autocast=compute.autocast, follow_page=not detections_per_img)
+    if result.raised:
+        log.warning("%d page(s) held more characters than the model's limit of %d detections and were read again "
+                    "with a higher one (COCO's maxDets follows it): %s", len(result.raised), spec.detections_per_img,
+                    _some(f"{name} ({limit})" for name, limit in result.raised))
+    if result.at_limit:
+        log.warning("%d page(s) reached the limit of %d detections, so characters past it are missing: %s; %s",
+                    len(result.at_limit), detections_per_img or MAX_DETECTIONS, _some(result.at_limit),
+                    f"pass --detections-per-img {2 * detections_per_img} (or more)" if detections_per_img
+                    else "split such pages")
+    return result
+
+
+def _some(names) -> str:
+    """The first ten of NAMES, joined."""
+    names = list(names)
+    return ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
