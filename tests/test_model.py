@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -380,6 +381,34 @@ def test_the_first_reading_outlines_only_the_pages_it_keeps(monkeypatch):
         assert set(got) == set(expected)
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_a_page_at_the_limit_is_not_outlined_while_it_is_to_be_read_again():
+    """unoutlined_at_limit: a page whose detections reach the limit gets no masks (it is read
+    again with a higher one, predict_following_page), a page under it keeps them; at
+    MAX_DETECTIONS every page is outlined, since none can be read again."""
+    from charseg.inference.predict import MAX_DETECTIONS, detection_limit, output_to_instances, unoutlined_at_limit
+
+    torch.manual_seed(0)
+    spec = spec_for_weights("resnet18", "none", min_size=64, max_size=400, norm="group", fpn_channels=64,
+                            mask_pixels=True, mask_box_margin=1.0)
+    model = build_model(spec).eval()
+    model.roi_heads.score_thresh = 0.0
+    page = torch.rand(3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outlined = model([page])[0]
+        found = len(outlined["boxes"])
+        with detection_limit(model, found - 1), unoutlined_at_limit(model):
+            full = model([page])[0]
+        with detection_limit(model, found + 1), unoutlined_at_limit(model):
+            under = model([page])[0]
+        with detection_limit(model, MAX_DETECTIONS), unoutlined_at_limit(model):
+            assert model.roi_heads.outline_full_pages
+    assert 1 < found < spec.detections_per_img and model.roi_heads.outline_full_pages
+    assert len(full["boxes"]) == found - 1 and not {"box_masks", "mask_frames", "mask_boxes"} & set(full)
+    assert output_to_instances(full, 0.0, np.zeros((96, 128, 3), np.uint8)) == []
+    for key in ("boxes", "box_masks", "mask_frames"):
+        torch.testing.assert_close(under[key], outlined[key], rtol=0, atol=0)
 
 
 def test_masks_are_outlined_in_their_box_grown_by_the_margin_and_the_box_stays():

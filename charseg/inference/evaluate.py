@@ -26,7 +26,7 @@ from ..precision import resolve_compute
 from .int8 import quantize_on_pages
 from .matching import SparseCOCOeval, candidate_ious, greedy_matches
 from .predict import (MAX_DETECTIONS, detection_limit, draw_overlay, load_model_for_inference, outline_rule,
-                      output_to_instances, same_size_batches, shrink_warning)
+                      output_to_instances, same_size_batches, shrink_warning, unoutlined_at_limit)
 
 log = logging.getLogger("charseg")
 
@@ -153,7 +153,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     for batch in tqdm(batches, desc=desc, unit="batch", disable=None, dynamic_ncols=True, leave=False):
         arrays = [load_image_rgb(s.image_path) for s in batch]
         tensors = [image_to_tensor(a).to(device) for a in arrays]
-        with autocast():
+        with autocast(), unoutlined_at_limit(model) if follow_page else contextlib.nullcontext():
             outputs = model(tensors)
         for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
             image_id = start + offset + 1
@@ -200,7 +200,7 @@ def read_under_raised_limit(model: torch.nn.Module, image: torch.Tensor,
     limit = model.roi_heads.detections_per_img
     while True:
         limit = min(2 * limit, MAX_DETECTIONS)
-        with detection_limit(model, limit), autocast():
+        with detection_limit(model, limit), unoutlined_at_limit(model), autocast():
             output = model([image])[0]
         if len(output["scores"]) < limit or limit >= MAX_DETECTIONS:
             return output, limit

@@ -102,6 +102,8 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
     page (outlines.snap_to_ink; ModelSpec.outline); stock full-image `masks` are traced as they
     are. Instances whose mask is empty are dropped.
     """
+    if "box_masks" not in output and "masks" not in output:
+        return []  # a page at the limit, not outlined: it is read again (unoutlined_at_limit)
     image_size = (rgb.shape[1], rgb.shape[0])
     instances = []
     scores = output["scores"].cpu()
@@ -152,13 +154,14 @@ def predict_following_page(model: torch.nn.Module, images: list[np.ndarray], dev
     (or reach MAX_DETECTIONS). LIMITS, when given, gets each page's final limit (the model's
     when it was not raised); a page at MAX_DETECTIONS there may still miss characters."""
     reached: list[bool] = []
-    results = predict_arrays(model, images, device, score_threshold, autocast, reached)
+    with unoutlined_at_limit(model):
+        results = predict_arrays(model, images, device, score_threshold, autocast, reached)
     for index, full in enumerate(reached):
         limit = model.roi_heads.detections_per_img
         while full and limit < MAX_DETECTIONS:
             limit = min(2 * limit, MAX_DETECTIONS)
             again: list[bool] = []
-            with detection_limit(model, limit):
+            with detection_limit(model, limit), unoutlined_at_limit(model):
                 results[index] = predict_arrays(model, [images[index]], device, score_threshold, autocast, again)[0]
             full = again[0]
         if limits is not None:
@@ -185,6 +188,22 @@ def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
         heads.detections_per_img, pre, post = saved
         rpn._pre_nms_top_n.update(pre)
         rpn._post_nms_top_n.update(post)
+
+
+@contextlib.contextmanager
+def unoutlined_at_limit(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block MODEL outlines no page whose detections reach its limit, below
+    MAX_DETECTIONS (their outputs have no masks and give no instances): for a caller that reads
+    such pages again with a higher limit. A model without the switch outlines every page."""
+    heads = getattr(model, "roi_heads", None)
+    if not hasattr(heads, "outline_full_pages") or heads.detections_per_img >= MAX_DETECTIONS:
+        yield
+        return
+    heads.outline_full_pages = False
+    try:
+        yield
+    finally:
+        heads.outline_full_pages = True
 
 
 @contextlib.contextmanager

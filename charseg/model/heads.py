@@ -113,6 +113,9 @@ class PolygonRoIHeads(RoIHeads):
         # masks need (`deferred`) instead of computing them, for `add_masks` on the pages kept.
         self.defer_masks = False
         self.deferred: tuple | None = None
+        # False while a caller reads pages that reach detections_per_img again with a higher
+        # limit (inference/predict.unoutlined_at_limit): their masks would be thrown away.
+        self.outline_full_pages = True
 
     def check_targets(self, targets):
         if targets is None:
@@ -176,8 +179,14 @@ class PolygonRoIHeads(RoIHeads):
             self.deferred = (features, mask_boxes, [r["labels"] for r in results], image_shapes)
             return results
         for i, result in enumerate(results):
-            result["masks"] = self.page_masks(features, mask_boxes, result["labels"], image_shapes, i)
+            if self.outlines(result):
+                result["masks"] = self.page_masks(features, mask_boxes, result["labels"], image_shapes, i)
         return results
+
+    def outlines(self, result: dict) -> bool:
+        """Whether a page's detections (RESULT) get masks: not when they reach the limit while
+        outline_full_pages is off."""
+        return self.outline_full_pages or len(result["labels"]) < self.detections_per_img
 
     def page_masks(self, features, mask_boxes: list[torch.Tensor], labels: torch.Tensor, image_shapes,
                    page: int) -> torch.Tensor:
@@ -332,8 +341,9 @@ class PasteFreeTransform(GeneralizedRCNNTransform):
         for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             boxes = pred["boxes"]
             pred["boxes"] = resize_boxes(boxes, im_s, o_im_s)
+            frames = pred.pop("mask_boxes", boxes)
             if "masks" in pred:
-                self.place_masks(pred, pred.pop("masks"), pred.pop("mask_boxes", boxes), im_s, o_im_s)
+                self.place_masks(pred, pred.pop("masks"), frames, im_s, o_im_s)
         return result
 
     def place_masks(self, pred: dict, masks: torch.Tensor, frames: torch.Tensor, image_shape, original_size) -> None:
@@ -388,8 +398,7 @@ class PolygonMaskRCNN(MaskRCNN):
             self.roi_heads.deferred = None
         scales = [page_scale_for(o["boxes"][o["scores"] >= FOLLOW_SCORE], self.glyph_height, base) for o in outputs]
         for index, (output, scale) in enumerate(zip(outputs, scales)):
-            output.pop("mask_boxes", None)
-            if scale is None:
+            if scale is None and self.roi_heads.outlines(output):
                 masks = self.roi_heads.page_masks(features, mask_boxes, labels[index], image_shapes, index)
                 self.transform.place_masks(output, masks, mask_boxes[index], image_shapes[index],
                                            images[index].shape[-2:])
