@@ -62,10 +62,10 @@ UNSEEN_SEED = 2027  # as many pages in unseen fonts, on unseen backgrounds (`gen
 # with a detection limit above its characters (predict raises the limit itself: predict_following_page).
 DOCUMENT = {"size": (2048, 2048), "font_sizes": (10, 18), "seed": 7}
 DOCUMENT_DETECTIONS = 2500
-# A scanned document page (`generate --held-out --document`, its default size and type): paragraphs
+# Scanned document pages (`generate --held-out --document`, its default size and type): paragraphs
 # of full lines, as users scan them; read by the model as users get it and with --outline mask only,
-# since each reading of its thousands of characters takes minutes.
-SCAN = {"seed": 7, "detections": 25000,
+# since each reading of a page's thousands of characters takes a minute.
+SCAN = {"pages": 4, "seed": 7, "detections": 25000,
         "variants": ("charseg", "charseg, outlines of the masks alone (--outline mask)")}
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
 # (about 40 minutes on 2 cores).
@@ -220,7 +220,7 @@ def main() -> None:
         rows, document, scan = {}, {}, {}
         generate_heldout(tmp / "document", num_images=1, size=DOCUMENT["size"], font_sizes=DOCUMENT["font_sizes"],
                          seed=DOCUMENT["seed"])
-        generate_heldout(tmp / "scan", num_images=1, seed=SCAN["seed"], document=True, size=DOCUMENT_SIZE,
+        generate_heldout(tmp / "scan", num_images=SCAN["pages"], seed=SCAN["seed"], document=True, size=DOCUMENT_SIZE,
                          font_sizes=DOCUMENT_FONT_SIZES)
         model, spec = read_as(result.final_checkpoint, {})
         # A model without a page scale reads every page once, at --min-size: no variant to compare.
@@ -255,12 +255,12 @@ def read_as(checkpoint: Path, how: dict) -> tuple[torch.nn.Module, object]:
 
 
 def measure_document(model: torch.nn.Module, out: Path, detections: int) -> dict:
-    """The model's metrics on the document page generated at OUT, read with a limit of DETECTIONS,
-    with its characters."""
-    page = scan_dataset(out).samples
+    """The model's metrics on the document pages generated at OUT, read with a limit of DETECTIONS,
+    with their characters."""
+    pages = scan_dataset(out).samples
     with detection_limit(model, detections):
-        metrics = evaluate(model, page, torch.device("cpu"), max_dets=detections).metrics
-    return {"characters": len(page[0].polygons),
+        metrics = evaluate(model, pages, torch.device("cpu"), max_dets=detections).metrics
+    return {"characters": sum(len(page.polygons) for page in pages),
             **{k: round(metrics[k], 3) for k in ("bbox_AP50", "segm_AP50", "segm_AP75", "segm_AP", "char_f1")}}
 
 
@@ -332,7 +332,7 @@ def write_report(out: Path, recipe_name: str, recipe: dict, generate_args: list[
                              [(m, "document", m) for m in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1",
                                                            "bbox_AP50")], trained=False)]
     size, fonts = "x".join(map(str, DOCUMENT_SIZE)), "-".join(map(str, DOCUMENT_FONT_SIZES))
-    lines += ["", "A scanned document page: `charseg generate --held-out --document --num-images 1 "
+    lines += ["", f"Scanned document pages: `charseg generate --held-out --document --num-images {SCAN['pages']} "
               f"--seed {SCAN['seed']}` ({size} px, fonts of {fonts} px, {scan['charseg']['characters']} characters "
               "in paragraphs of full lines, dark ink on light paper, skewed up to 1.5 degrees, blur, noise), the "
               f"charseg model with --detections-per-img {SCAN['detections']}:", "",
