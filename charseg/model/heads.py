@@ -110,7 +110,7 @@ class PolygonRoIHeads(RoIHeads):
         self.mask_box_margin = mask_box_margin
         self.outline = outline
         # Set by PolygonMaskRCNN.forward around a first reading: inference then keeps what the
-        # masks need (`deferred`) instead of computing them, for `add_masks` on the pages kept.
+        # masks need (`deferred`) instead of computing them, for `page_masks` on the pages kept.
         self.defer_masks = False
         self.deferred: tuple | None = None
         # False while a caller reads pages that reach detections_per_img again with a higher
@@ -389,7 +389,7 @@ class PolygonMaskRCNN(MaskRCNN):
         if self.training or not (self.glyph_height and base) or torchvision._is_tracing():
             return super().forward(images, targets)
         # The first reading's masks are computed only for the pages it keeps: a page read again
-        # would throw them away, and on a dense page they are most of a reading's time.
+        # would throw them away, and on a dense page they are a large share of a reading's time.
         try:
             with _swapped(self.roi_heads, defer_masks=True):
                 outputs = super().forward(images, targets)
