@@ -96,7 +96,8 @@ def _range(text: str) -> tuple[int, int]:
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
                    "rotated up to 12 degrees, textured, blurred and noisy, tight annotator polygons; sides 128-256 "
                    "px and fonts of 12-30 px unless --size and --font-size are given (--size 2048 --font-size 10-18: "
-                   "document pages). --chars-per-image, --font and --layout do not apply.")
+                   "small type on a large page; --document: scanned document pages). --chars-per-image, --font and "
+                   "--layout do not apply.")
 @click.option("--unseen", is_flag=True,
               help="With --held-out: pages in font families nothing else here renders (sans, serif, rounded, "
                    "handwriting-like; some lines condensed, stencil-cut or worn, in coloured ink) on paper, printed "
