@@ -25,8 +25,8 @@ from ..polygons import polygon_area, polygon_boxes
 from ..precision import resolve_compute
 from .int8 import quantize_on_pages
 from .matching import SparseCOCOeval, candidate_ious, greedy_matches
-from .predict import (MAX_DETECTIONS, detection_limit, draw_overlay, load_model_for_inference, outline_rule,
-                      output_to_instances, same_size_batches, shrink_warning, unoutlined_at_limit)
+from .predict import (MAX_DETECTIONS, draw_overlay, load_model_for_inference, outline_rule, output_to_instances,
+                      read_with_raised_limit, same_size_batches, shrink_warning, unoutlined_at_limit)
 
 log = logging.getLogger("charseg")
 
@@ -143,8 +143,7 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
     gt = coco_ground_truth(samples)
     bbox_dets: list[dict] = []
     segm_dets: list[dict] = []
-    tp = n_pred = n_gt = 0
-    count_errors: list[int] = []
+    counts: list[tuple[int, int, int]] = []  # per page: characters matched, kept, annotated
     overlays: list[tuple[str, Image.Image]] = []
     raised: list[tuple[str, int]] = []
     at_limit: list[str] = []
@@ -157,53 +156,64 @@ def evaluate(model: torch.nn.Module, samples: list[Sample], device: torch.device
             outputs = model(tensors)
         for offset, (sample, rgb, output) in enumerate(zip(batch, arrays, outputs)):
             image_id = start + offset + 1
-            if len(output["scores"]) >= getattr(getattr(model, "roi_heads", None), "detections_per_img", np.inf):
-                if follow_page:
-                    output, limit = read_under_raised_limit(model, tensors[offset], autocast)
-                    raised.append((sample.name, limit))
-                    max_dets = max(max_dets, limit)
-                if not follow_page or len(output["scores"]) >= MAX_DETECTIONS:
-                    at_limit.append(sample.name)
-            for score, box in zip(output["scores"].tolist(), output["boxes"].tolist()):
-                bbox_dets.append({"image_id": image_id, "category_id": 1, "score": score,
-                                  "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            full = _reached_limit(model, output)
+            if full and follow_page:
+                output, limit, full = read_with_raised_limit(
+                    model, output, lambda image=tensors[offset]: _read_page(model, image, autocast))
+                raised.append((sample.name, limit))
+                max_dets = max(max_dets, limit)
+            if full:
+                at_limit.append(sample.name)
             # Masks become polygons from their box-sized maps, then RLEs: no full-image mask.
             instances = output_to_instances(output, 0.0, rgb, outline_rule(model))
             rles = _polygons_to_rles([i.polygon for i in instances], sample.height, sample.width)
-            for inst, rle in zip(instances, rles):
-                segm_dets.append({"image_id": image_id, "category_id": 1, "score": inst.score, "segmentation": rle})
+            boxes, masks = _coco_detections(image_id, output, instances, rles)
+            bbox_dets += boxes
+            segm_dets += masks
             kept = [rle for rle, inst in zip(rles, instances) if inst.score >= score_threshold]
             gt_rles = _polygons_to_rles([p.reshape(-1).tolist() for p in sample.polygons], sample.height, sample.width)
-            tp += _match(kept, gt_rles, iou_threshold)
-            n_pred += len(kept)
-            n_gt += len(gt_rles)
-            count_errors.append(abs(len(kept) - len(gt_rles)))
+            counts.append((_match(kept, gt_rles, iou_threshold), len(kept), len(gt_rles)))
             if len(overlays) < overlay_count:
                 overlays.append((sample.name, draw_overlay(rgb, [i for i in instances if i.score >= score_threshold])))
         start += len(batch)
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_gt if n_gt else 0.0
-    metrics = {
-        **_coco_stats(gt, bbox_dets, "bbox", max_dets),
-        **_coco_stats(gt, segm_dets, "segm", max_dets),
-        "char_precision": precision, "char_recall": recall,
-        "char_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "count_abs_error": float(np.mean(count_errors)) if count_errors else 0.0,
-    }
+    metrics = {**_coco_stats(gt, bbox_dets, "bbox", max_dets), **_coco_stats(gt, segm_dets, "segm", max_dets),
+               **_character_metrics(counts)}
     return EvalResult(metrics=metrics, overlays=overlays, samples=samples, raised=raised, at_limit=at_limit)
 
 
-def read_under_raised_limit(model: torch.nn.Module, image: torch.Tensor,
-                            autocast: Callable[[], ContextManager]) -> tuple[dict, int]:
-    """MODEL's output for IMAGE (a page whose detections reached the model's limit) read again
-    with the limit doubled until they stay under it or reach MAX_DETECTIONS; and that limit."""
-    limit = model.roi_heads.detections_per_img
-    while True:
-        limit = min(2 * limit, MAX_DETECTIONS)
-        with detection_limit(model, limit), unoutlined_at_limit(model), autocast():
-            output = model([image])[0]
-        if len(output["scores"]) < limit or limit >= MAX_DETECTIONS:
-            return output, limit
+def _coco_detections(image_id: int, output: dict, instances: list, rles: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A page's detections as COCO results: every box of OUTPUT, every outlined instance's mask (its RLE)."""
+    boxes = [{"image_id": image_id, "category_id": 1, "score": score,
+              "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]}
+             for score, box in zip(output["scores"].tolist(), output["boxes"].tolist())]
+    masks = [{"image_id": image_id, "category_id": 1, "score": inst.score, "segmentation": rle}
+             for inst, rle in zip(instances, rles)]
+    return boxes, masks
+
+
+def _reached_limit(model: torch.nn.Module, output: dict) -> bool:
+    """Whether a page's OUTPUT holds as many detections as MODEL keeps (a model without a limit:
+    never)."""
+    return len(output["scores"]) >= getattr(getattr(model, "roi_heads", None), "detections_per_img", np.inf)
+
+
+def _read_page(model: torch.nn.Module, image: torch.Tensor, autocast: Callable[[], ContextManager]
+               ) -> tuple[dict, bool]:
+    """MODEL's output for one page, and whether it reached the model's limit."""
+    with autocast():
+        output = model([image])[0]
+    return output, _reached_limit(model, output)
+
+
+def _character_metrics(counts: list[tuple[int, int, int]]) -> dict[str, float]:
+    """Character precision, recall, F1 and mean count error from each page's (matched, kept,
+    annotated) counts."""
+    matched, kept, annotated = (sum(column) for column in zip(*counts)) if counts else (0, 0, 0)
+    precision = matched / kept if kept else 0.0
+    recall = matched / annotated if annotated else 0.0
+    return {"char_precision": precision, "char_recall": recall,
+            "char_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "count_abs_error": float(np.mean([abs(k - a) for _, k, a in counts])) if counts else 0.0}
 
 
 def evaluate_checkpoint(checkpoint_path: str | Path, data_dir: str, *, device: str = "auto",

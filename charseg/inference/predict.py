@@ -158,15 +158,31 @@ def predict_following_page(model: torch.nn.Module, images: list[np.ndarray], dev
         results = predict_arrays(model, images, device, score_threshold, autocast, reached)
     for index, full in enumerate(reached):
         limit = model.roi_heads.detections_per_img
-        while full and limit < MAX_DETECTIONS:
-            limit = min(2 * limit, MAX_DETECTIONS)
-            again: list[bool] = []
-            with detection_limit(model, limit), unoutlined_at_limit(model):
-                results[index] = predict_arrays(model, [images[index]], device, score_threshold, autocast, again)[0]
-            full = again[0]
+        if full:
+            def read_page(image=images[index]):
+                again: list[bool] = []
+                found = predict_arrays(model, [image], device, score_threshold, autocast, again)[0]
+                return found, again[0]
+
+            results[index], limit, _ = read_with_raised_limit(model, results[index], read_page)
         if limits is not None:
             limits.append(limit)
     return results
+
+
+def read_with_raised_limit(model: torch.nn.Module, result: T, read: Callable[[], tuple[T, bool]]
+                           ) -> tuple[T, int, bool]:
+    """A page that reached MODEL's detection limit (RESULT, its first reading) read again by
+    READ() (a result, and whether it reached the limit in force) with the limit doubled until
+    it stays under it or the limit reaches MAX_DETECTIONS; readings that reach it are not
+    outlined meanwhile (unoutlined_at_limit). Returns the last result, its limit, and whether
+    it still reached it."""
+    limit, full = model.roi_heads.detections_per_img, True
+    while full and limit < MAX_DETECTIONS:
+        limit = min(2 * limit, MAX_DETECTIONS)
+        with detection_limit(model, limit), unoutlined_at_limit(model):
+            result, full = read()
+    return result, limit, full
 
 
 @contextlib.contextmanager
