@@ -411,6 +411,24 @@ def test_a_page_at_the_limit_is_not_outlined_while_it_is_to_be_read_again():
         torch.testing.assert_close(under[key], outlined[key], rtol=0, atol=0)
 
 
+def test_a_raised_limit_lets_each_level_offer_more_anchors_to_nms_than_it_keeps():
+    """detection_limit: PRE_NMS_PER_DETECTION anchors per detection from each level before NMS,
+    PROPOSALS_PER_DETECTION after it, the model's own counts where larger; restored after."""
+    from charseg.inference.predict import detection_limit
+    from charseg.model.architecture import PRE_NMS_PER_DETECTION, PROPOSALS_PER_DETECTION
+
+    model = build_model(spec_for_weights("resnet18", "none", min_size=64, max_size=64, detections_per_img=100,
+                                         rpn_proposals_test=1000)).eval()
+    rpn = model.rpn
+    with detection_limit(model, 5000):
+        assert (model.roi_heads.detections_per_img, rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (
+            5000, PRE_NMS_PER_DETECTION * 5000, PROPOSALS_PER_DETECTION * 5000)
+        assert PRE_NMS_PER_DETECTION > PROPOSALS_PER_DETECTION
+    with detection_limit(model, 200):
+        assert (rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (1000, 1000)
+    assert (model.roi_heads.detections_per_img, rpn.pre_nms_top_n(), rpn.post_nms_top_n()) == (100, 1000, 1000)
+
+
 def test_masks_are_outlined_in_their_box_grown_by_the_margin_and_the_box_stays():
     """ModelSpec.mask_box_margin: the mask head reads each detected box grown by the margin (px
     at the model's input, inside the image); the reported box is the detector's, the mask's

@@ -24,7 +24,7 @@ from ..data.dataset import write_annotation
 from ..data.images import ImageUnusable, load_image_rgb
 from ..data.loading import image_to_tensor
 from ..errors import CharsegError
-from ..model.architecture import PROPOSALS_PER_DETECTION
+from ..model.architecture import PRE_NMS_PER_DETECTION, PROPOSALS_PER_DETECTION
 from ..model.build import NUM_CLASSES, ModelSpec, build_model_from_state
 from ..polygons import box_mask_to_polygon, mask_to_polygon
 from .outlines import snap_to_ink
@@ -59,7 +59,7 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
     (precision.Compute). Returns (model, its spec, the checkpoint)."""
     state = ckpt.load_checkpoint(checkpoint_path, NUM_CLASSES)
     spec = ModelSpec.from_dict(state["model_spec"])
-    if detections_per_img:  # the RPN keeps enough proposals for them, as a run's fitted limits do
+    if detections_per_img:  # the RPN keeps enough proposals for them (set_detection_limit)
         spec = dataclasses.replace(spec, detections_per_img=detections_per_img, rpn_proposals_test=max(
             spec.rpn_proposals_test, PROPOSALS_PER_DETECTION * detections_per_img))
     if scale_test is not None:
@@ -73,6 +73,8 @@ def load_model_for_inference(checkpoint_path: str | Path, device: torch.device, 
     if outline is not None:
         spec = dataclasses.replace(spec, outline=outline)
     model = build_model_from_state(spec, state["model"])
+    if detections_per_img:
+        set_detection_limit(model, detections_per_img)
     model.to(device).eval()
     model.transform.max_input_side = max_size
     return model, spec, state
@@ -185,19 +187,26 @@ def read_with_raised_limit(model: torch.nn.Module, result: T, read: Callable[[],
     return result, limit, full
 
 
+def set_detection_limit(model: torch.nn.Module, detections: int) -> None:
+    """MODEL returns up to DETECTIONS per image at inference, its RPN keeping enough proposals for
+    them: PRE_NMS_PER_DETECTION per detection from each FPN level before NMS and
+    PROPOSALS_PER_DETECTION after it, or its own counts where larger."""
+    rpn = model.rpn
+    model.roi_heads.detections_per_img = detections
+    rpn._pre_nms_top_n["testing"] = max(rpn._pre_nms_top_n["testing"], PRE_NMS_PER_DETECTION * detections)
+    rpn._post_nms_top_n["testing"] = max(rpn._post_nms_top_n["testing"], PROPOSALS_PER_DETECTION * detections)
+
+
 @contextlib.contextmanager
 def detection_limit(model: torch.nn.Module, detections: int) -> Iterator[None]:
-    """The model returns up to DETECTIONS per image inside the block (0: its own limit), its RPN
-    keeping enough proposals for them (load_model_for_inference's rule); for one call of a
-    served model."""
+    """set_detection_limit inside the block (DETECTIONS 0: the model's own limit); for one call
+    of a served model, or one reading of a page that reached the limit."""
     if not detections:
         yield
         return
     heads, rpn = model.roi_heads, model.rpn
     saved = heads.detections_per_img, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
-    heads.detections_per_img = detections
-    for limits in (rpn._pre_nms_top_n, rpn._post_nms_top_n):
-        limits["testing"] = max(limits["testing"], PROPOSALS_PER_DETECTION * detections)
+    set_detection_limit(model, detections)
     try:
         yield
     finally:

@@ -26,6 +26,11 @@ log = logging.getLogger("charseg")
 MIN_DETECTIONS = 500
 DETECTION_MARGIN = 1.2
 PROPOSALS_PER_DETECTION = 2
+# A limit raised at inference (predict.detection_limit) also lets each FPN level offer NMS this
+# many of its best anchors per detection: on a dense page most anchors of the finest level lie on
+# characters, and cut at PROPOSALS_PER_DETECTION they left characters without a proposal
+# (docs/DENSE_PAGES.md, "Proposals on a dense page").
+PRE_NMS_PER_DETECTION = 4
 MIN_PROPOSALS_TRAIN, MIN_PROPOSALS_TEST = 2000, 1000
 # Input size, sampler and outline settings a fine-tune may change (given again); the rest of the
 # architecture is the source's, which its weights need. Limits are fitted to the new data.

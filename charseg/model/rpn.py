@@ -1,12 +1,15 @@
-"""The RPN of dense pages: anchor-to-box matching only where boxes can overlap, float32
-anchors and outputs whatever the autocast precision."""
+"""The RPN of dense pages: anchor-to-box matching only where boxes can overlap, NMS comparing only
+boxes that can suppress each other (nms.py), float32 anchors and outputs whatever the autocast
+precision."""
 
 from __future__ import annotations
 
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.ops import boxes as box_ops
 
+from . import nms
 from .heads import PIXELS
 from .sampling import RPN_SALT, SeededSampler
 
@@ -34,6 +37,26 @@ class BandedMatchingRPN(RegionProposalNetwork):
         self.fg_bg_sampler.seed_from(targets, RPN_SALT)
         # The RPN has one anchor size per FPN level: the input pixels are not a level.
         return super().forward(images, {k: v for k, v in features.items() if k != PIXELS}, targets)
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """torchvision's, with nms.batched_nms: the same proposals, on a dense page in a tenth of the time."""
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)  # no backprop through objectness
+        levels = torch.cat([torch.full((n,), idx, dtype=torch.int64, device=proposals.device)
+                            for idx, n in enumerate(num_anchors_per_level)]).reshape(1, -1).expand_as(objectness)
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # per level, before NMS
+        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
+        objectness, levels, proposals = (t[batch_idx, top_n_idx] for t in (objectness, levels, proposals))
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, img_shape in zip(proposals, torch.sigmoid(objectness), levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, img_shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            keep = keep[scores[keep] >= self.score_thresh]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = nms.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]  # per level
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
     def assign_targets_to_anchors(self, anchors, targets):
         labels, matched_gt_boxes = [], []
