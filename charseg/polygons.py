@@ -307,16 +307,27 @@ def glyph_mask(coverage: np.ndarray) -> np.ndarray:
     """The pixels whose outline is a glyph's polygon, from its anti-aliased coverage (H x W in
     [0, 1]): those covered at least INK_COVERAGE. Thin strokes of a small glyph (an m, an X or
     a W at 12 px) cover some pixels less than half, and those pixels alone would split it into
-    pieces whose convex hull, a blob, would become its annotation. Then the coverage level is
-    lowered in COVERAGE_STEP steps, down to JOINED_COVERAGE, until the glyph has no more parts
-    than it has at JOINED_COVERAGE: an annotator outlines the glyph they see, joined where the
-    font joins it; glyphs drawn in several parts (i, j, %) keep them."""
-    drawn = _parts(coverage >= JOINED_COVERAGE)
+    pieces whose convex hull, a blob, would become its annotation, or open the ring of an o, a
+    0 or a D, whose outer outline would then run into its counter and leave it out. Then the
+    coverage level is lowered in COVERAGE_STEP steps, down to JOINED_COVERAGE, until the glyph
+    has no more parts than it has at JOINED_COVERAGE and encloses every counter it encloses
+    there: an annotator outlines the glyph they see, joined and closed where the font draws it
+    so; glyphs drawn in several parts (i, j, %) keep them."""
+    joined = coverage >= JOINED_COVERAGE
+    drawn, counters = _parts(joined), filled(joined) & ~joined
     for level in np.arange(INK_COVERAGE, JOINED_COVERAGE, -COVERAGE_STEP):
         mask = coverage >= level
-        if _parts(mask) <= drawn:
+        if _parts(mask) <= drawn and not (counters & ~filled(mask)).any():
             return mask
-    return coverage >= JOINED_COVERAGE
+    return joined
+
+
+def filled(mask: np.ndarray) -> np.ndarray:
+    """MASK with its holes filled: every pixel that background 4-connected to the border does
+    not reach (OpenCV's outer contours see the ink 8-connected, so a hole is what they enclose)."""
+    outside = np.pad(~mask, 1, constant_values=True).astype(np.uint8)
+    cv2.floodFill(outside, None, (0, 0), 2, flags=4)
+    return outside[1:-1, 1:-1] != 2
 
 
 def _parts(mask: np.ndarray) -> int:
