@@ -58,23 +58,22 @@ def suppressing_pairs(boxes: torch.Tensor, idxs: torch.Tensor, iou_threshold: fl
     size = torch.maximum(x2 - x1, y2 - y1)[real].double()
     classes = torch.floor(torch.log2(size.clamp(min=2.0 ** -8))).long()
     reach = math.ceil(-math.log2(iou_threshold))  # size classes a partner may lie above
+    category = idxs[real].long()
     corner = torch.stack([x1[real], y1[real]], 1).double()
     corner = corner - corner.min(0).values
-    cell = lambda k: (1.0 - iou_threshold) * torch.exp2((k + 1 + reach).double())  # noqa: E731
-    keys = _cell_keys(idxs[real].long(), classes, torch.floor(corner / cell(classes)[:, None]).long())
+    side = (1.0 - iou_threshold) * 2.0 ** (1 + reach)  # a size class's cell, over 2 ** class
+    keys = _cell_keys(category, classes, torch.floor(corner / torch.exp2(classes.double())[:, None] / side).long())
     sorted_keys, filed = torch.sort(keys)
     found_a, found_b = [], []
     for step in range(reach + 1):
         target = classes + step
-        at = torch.floor(corner / cell(target)[:, None]).long()
-        for dx, dy in _NEIGHBOURS:
-            query = _cell_keys(idxs[real].long(), target, at + torch.tensor([dx, dy]))
+        at = torch.floor(corner / torch.exp2(target.double())[:, None] / side).long()
+        for offset in torch.tensor(_NEIGHBOURS):
+            query = _cell_keys(category, target, at + offset)
             lo = torch.searchsorted(sorted_keys, query)
-            hi = torch.searchsorted(sorted_keys, query, right=True)
-            counts = hi - lo
-            a = torch.repeat_interleave(torch.arange(real.numel()), counts)
-            b = filed[torch.arange(counts.sum()) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-                      + torch.repeat_interleave(lo, counts)]
+            counts = torch.searchsorted(sorted_keys, query, right=True) - lo
+            a = torch.repeat_interleave(counts)  # each box, once per key matching its query
+            b = filed[_ranges(lo, counts)]
             once = (a < b) if step == 0 else torch.ones_like(a, dtype=torch.bool)
             found_a.append(a[once])
             found_b.append(b[once])
@@ -88,9 +87,16 @@ def suppressing_pairs(boxes: torch.Tensor, idxs: torch.Tensor, iou_threshold: fl
 
 def _cell_keys(category: torch.Tensor, size_class: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     """One int64 key per (category, size class, cell column, cell row)."""
-    # Cells are at most 2**40 apart on a page (corners from 0, the finest cell 2**-8 px wide).
+    # Columns and rows keep 20 bits: past them distant boxes share a key (more candidates, none
+    # lost, as clamping keeps neighbouring cells neighbours).
     column, row = (cells + 1).clamp(0, 2 ** 20 - 1).unbind(1)  # -1 (a neighbour of column 0) -> 0
     return (((category * 64 + size_class + 16) << 20 | column) << 20) | row
+
+
+def _ranges(starts: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """starts[0], starts[0] + 1, ... (counts[0] values), then the same from starts[1], ..."""
+    begins = torch.cumsum(counts, 0) - counts
+    return torch.arange(int(counts.sum())) - torch.repeat_interleave(begins - starts, counts)
 
 
 def greedy_kept(count: int, first: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
