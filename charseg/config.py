@@ -10,8 +10,9 @@ from typing import Any
 MODES = ("train", "resume", "finetune")
 LR_SCHEDULES = ("step", "cosine")
 NORMS = ("batch", "group")
-# How inference outlines a mask: snapped to the ink's edge, or its own contour (inference/outlines.py).
-OUTLINES = ("ink", "mask")
+# How inference outlines a mask: snapped to the ink's edge at a level a learned chooser picks, or
+# at the level that agrees best with the mask, or its own contour (inference/outlines.py).
+OUTLINES = ("learned", "ink", "mask")
 LOG_CHECKPOINTS = ("all", "last", "none")  # which checkpoints a run logs as MLflow artifacts
 # Fine-tuning starts a fresh optimizer at this fraction of the learning rate (the seed script's rule).
 FINETUNE_LR_FACTOR = 0.2
@@ -199,10 +200,11 @@ class TrainConfig:
     # glyphs are sized in pixels, not as a share of their page. 0: the min_size rule.
     scale_train: float = 0.0  # in training
     scale_test: float = 0.0  # at inference (validation, evaluate, predict, serving)
-    # How inference outlines each mask (validation included): "ink" snaps its contour to the ink's
-    # edge on the page where the two agree, as the dataset format outlines a glyph; "mask" keeps
+    # How inference outlines each mask (validation included): "learned" and "ink" snap its contour
+    # to the ink's edge on the page where the two agree, as the dataset format outlines a glyph, at
+    # the level a learned chooser picks or at the one agreeing best with the mask; "mask" keeps
     # the mask's own contour (ModelSpec.outline).
-    outline: str = "ink"
+    outline: str = "learned"
     # What the user asked of the architecture; the model a run trains is its ModelSpec
     # (architecture.resolve_spec), which resolves every None. Limits: None fits them to the
     # densest image of the data, since pages hold hundreds to thousands of characters and no

@@ -32,11 +32,11 @@ def iou(a: list[float], b: list[float], height: int, width: int) -> float:
     return float(mask_utils.iou([rles[0]], [rles[1]], [0])[0, 0])
 
 
-def snapped_and_rough(pages, change) -> tuple[np.ndarray, np.ndarray]:
+def snapped_and_rough(pages, change, learned: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per annotated glyph: the IoU with its annotation of a rough outline (its 28x28 mask in its
     box, grown by a pixel as a detector's, blurred: a mask about right at IoU 0.5 and wrong at
     0.75, as the demo's on held-out pages), and of that outline snapped to the ink of
-    change(page)."""
+    change(page) (at the level the learned chooser picks, if LEARNED)."""
     snapped, rough = [], []
     for rgb, polygons in pages:
         page = change(rgb)
@@ -46,17 +46,18 @@ def snapped_and_rough(pages, change) -> tuple[np.ndarray, np.ndarray]:
             outline = box_mask_to_polygon(cv2.GaussianBlur(target, (0, 0), 3.5), box, 0.5, bounds=(width, height))
             if outline:
                 rough.append(iou(outline, flat_polygon(points), height, width))
-                snapped.append(iou(snap_to_ink(page, list(box), outline), flat_polygon(points), height, width))
+                snapped.append(iou(snap_to_ink(page, list(box), outline, learned), flat_polygon(points), height, width))
     return np.array(snapped), np.array(rough)
 
 
+@pytest.mark.parametrize("rule", ["ink", "learned"])
 @pytest.mark.parametrize("change", ["none", "light on dark", "coloured"])
-def test_outlines_snapped_to_the_ink_follow_the_annotated_glyphs(heldout_pages, change):
+def test_outlines_snapped_to_the_ink_follow_the_annotated_glyphs(heldout_pages, change, rule):
     """Rough outlines come closer to the annotator's outline, the ink's edge, on blurred, noisy,
-    rotated pages, whatever the ink's colour against the paper's."""
+    rotated pages, whatever the ink's colour against the paper's, by either rule's level."""
     changes = {"none": lambda rgb: rgb, "light on dark": lambda rgb: 255 - rgb,
                "coloured": lambda rgb: (rgb * np.array([1.0, 0.45, 0.2])).astype(np.uint8)}
-    snapped, rough = snapped_and_rough(heldout_pages, changes[change])
+    snapped, rough = snapped_and_rough(heldout_pages, changes[change], learned=rule == "learned")
     assert len(snapped) > 150
     assert np.median(snapped) > np.median(rough) + 0.04, (np.median(snapped), np.median(rough))
     assert np.mean(snapped >= 0.75) > np.mean(rough >= 0.75) + 0.1, (np.mean(snapped >= 0.75), np.mean(rough >= 0.75))
@@ -90,20 +91,38 @@ def test_a_glyph_s_outline_encloses_its_counters():
     assert mask_utils.iou(snapped, [truth], [0])[0, 0] > 0.95
 
 
+def test_the_learned_rule_s_weights_fit_its_features(heldout_pages):
+    """The chooser's weights (written by bench/outline_chooser.py) are one per product of a
+    level's feature and the window's, for the levels they were learned at, and the chooser
+    returns one of the window's outlines."""
+    from charseg.inference import ink_chooser_weights
+    from charseg.inference.outlines import CHOSEN_LEVELS, choose_level, ink_window, level_features, window_features
+
+    rgb, polygons = heldout_pages[0]
+    box = polygon_boxes(polygons[:1])[0]
+    window = ink_window(rgb, list(box), flat_polygon(polygons[0]), CHOSEN_LEVELS, parts=True)
+    assert tuple(ink_chooser_weights.LEVELS) == CHOSEN_LEVELS
+    assert np.asarray(ink_chooser_weights.WEIGHTS).shape == (level_features(window).shape[1],
+                                                             len(window_features(window)))
+    assert len(level_features(window)) == len(window.candidates) == len(CHOSEN_LEVELS)
+    chosen = choose_level(window)
+    assert any(chosen is ink for _, ink in window.candidates)
+
+
 def test_new_models_outline_by_the_ink_and_older_checkpoints_by_their_masks():
-    """TrainConfig.outline (default ink) becomes the model's ModelSpec.outline; a checkpoint
+    """TrainConfig.outline (default learned) becomes the model's ModelSpec.outline; a checkpoint
     written before the field keeps its masks' outlines; an unknown rule is refused."""
     from charseg.model.architecture import resolve_spec
 
-    assert TrainConfig().outline == "ink"
-    assert resolve_spec(TrainConfig(weights="none", anchor_sizes=(16, 32, 64, 128, 256)), [], []).outline == "ink"
+    assert TrainConfig().outline == "learned"
+    assert resolve_spec(TrainConfig(weights="none", anchor_sizes=(16, 32, 64, 128, 256)), [], []).outline == "learned"
     assert resolve_spec(TrainConfig(weights="none", anchor_sizes=(16, 32, 64, 128, 256), outline="mask"),
                         [], []).outline == "mask"
     old = {k: v for k, v in ModelSpec().to_dict().items() if k != "outline"}
     assert ModelSpec.from_dict(old).outline == "mask"
-    with pytest.raises(ValueError, match="outline must be one of ink, mask"):
+    with pytest.raises(ValueError, match="outline must be one of learned, ink, mask"):
         ModelSpec.from_dict({**old, "outline": "hull"})
-    with pytest.raises(ValueError, match="outline must be one of ink, mask"):
+    with pytest.raises(ValueError, match="outline must be one of learned, ink, mask"):
         TrainConfig(outline="hull").validate()
     source = dataclasses.replace(ModelSpec(), outline="mask")
     finetuned = resolve_spec(TrainConfig(mode="finetune", outline="ink"), [], [], source=source)
@@ -112,7 +131,7 @@ def test_new_models_outline_by_the_ink_and_older_checkpoints_by_their_masks():
 
 def test_output_to_instances_outlines_by_the_rule_it_is_given():
     """The same box mask (blurred, a little fat) on a page with the glyph's ink: `mask` traces the
-    mask, `ink` outlines the ink it agrees with."""
+    mask, `ink` and `learned` outline the ink it agrees with."""
     import torch
 
     from charseg.inference.predict import output_to_instances
@@ -127,8 +146,10 @@ def test_output_to_instances_outlines_by_the_rule_it_is_given():
     truth = [20.0, 12.0, 26.0, 12.0, 26.0, 36.0, 20.0, 36.0]
     [by_mask] = output_to_instances(output, 0.5, page, "mask")
     [by_ink] = output_to_instances(output, 0.5, page, "ink")
+    [by_learned] = output_to_instances(output, 0.5, page, "learned")
     assert iou(by_mask.polygon, truth, 48, 48) < 0.85
     assert iou(by_ink.polygon, truth, 48, 48) == pytest.approx(1.0)
+    assert iou(by_learned.polygon, truth, 48, 48) == pytest.approx(1.0)
 
 
 def test_the_outline_rule_is_the_checkpoint_s_unless_a_command_or_a_call_gives_another(light_checkpoint,
@@ -141,12 +162,12 @@ def test_the_outline_rule_is_the_checkpoint_s_unless_a_command_or_a_call_gives_a
     from charseg.inference.serving import CharsegPredictor
 
     model, spec, _ = load_model_for_inference(light_checkpoint, torch.device("cpu"))
-    assert spec.outline == outline_rule(model) == "ink"  # a new run's default
+    assert spec.outline == outline_rule(model) == "learned"  # a new run's default
     model, spec, _ = load_model_for_inference(light_checkpoint, torch.device("cpu"), outline="mask")
     assert spec.outline == outline_rule(model) == "mask"
     predictor = CharsegPredictor(str(light_checkpoint), device="cpu", precision="fp32")
     images = pd.DataFrame({"image": [(tiny_dataset / "images" / "00001.png").read_bytes()]})
-    with pytest.raises(CharsegError, match="outline must be one of ink, mask"):
+    with pytest.raises(CharsegError, match="outline must be one of learned, ink, mask"):
         predictor.predict(images, {"outline": "hull"})
     predictor.predict(images, {"outline": "mask", "score_threshold": 0.0})
-    assert outline_rule(predictor.model) == "ink"  # the call's rule ended with the call
+    assert outline_rule(predictor.model) == "learned"  # the call's rule ended with the call

@@ -155,10 +155,12 @@ SCALE_TEST_HELP = ("The same at inference (validation, evaluate, predict, the re
                    "rule.")
 
 
-OUTLINE_HELP = ("How each mask becomes a character's outline: ink snaps the mask's contour to the ink's edge on the "
-                "page (pixels between the paper's and the ink's colour, outlined on their edges as the dataset format "
-                "outlines a glyph) wherever the two agree at IoU 0.5 or more, else keeps it; mask keeps the mask's own "
-                "contour (for annotations that do not follow the ink).")
+OUTLINE_HELP = ("How each mask becomes a character's outline: learned and ink snap the mask's contour to the ink's "
+                "edge on the page (pixels between the paper's and the ink's colour, outlined on their edges as the "
+                "dataset format outlines a glyph) wherever the two agree at IoU 0.5 or more, else keep it; learned "
+                "takes the level between paper and ink that a chooser learned against annotated pages picks, ink the "
+                "level whose outline agrees best with the mask; mask keeps the mask's own contour (for annotations "
+                "that do not follow the ink).")
 
 
 HYPER = (

@@ -10,15 +10,24 @@ text work alike) are outlined on their pixels' edges, as the dataset format outl
 (its outer outline, holes filled). Of a few levels, the one whose outline agrees best with the
 mask's is kept, and only when it agrees at IoU AGREEMENT at least: where the ink cannot be told
 from the paper (faint, textured, touching a neighbour) the mask's own outline stays.
-(docs/FROM_SCRATCH.md measures it; ModelSpec.outline says which rule a model uses.)
+The `learned` rule outlines the ink at more levels (CHOSEN_LEVELS) and keeps the one a linear
+chooser scores highest (choose_level: features of each level's outline, such as its agreement
+with the mask, its area, the ink's gradient along it and whether the level splits the glyph,
+weighed by features of the window, such as its size, blur and noise). The chooser's weights were
+learned against annotated pages of the training generator (ink_chooser_weights.py, written by
+bench/outline_chooser.py); the outline it picks must agree with the mask at AGREEMENT too.
+(docs/FROM_SCRATCH.md measures both; ModelSpec.outline says which rule a model uses.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import cv2
 import numpy as np
 
-from ..polygons import edge_outlines, flat_polygon, polygons_to_masks
+from ..polygons import edge_outlines, filled, flat_polygon, polygons_to_masks
+from . import ink_chooser_weights
 
 # Thresholds tried, as a share of the way from the paper's level to the ink's.
 INK_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
@@ -26,44 +35,144 @@ AGREEMENT = 0.5  # least IoU between the ink's outline and the mask's for the in
 INK_PERCENTILE = 90  # the ink's level: this percentile of the mask's pixels (the paper's: its ring's median)
 MIN_CONTRAST = 8.0  # RGB distance (of 255) between the mask's mean colour and the paper's, below which no ink is seen
 WINDOW = 2  # px around the box read for the paper; the ink's outline stays within 1 px of the box
+CHOSEN_LEVELS = ink_chooser_weights.LEVELS  # the learned rule's levels, as its weights were learned
 
 
-def snap_to_ink(rgb: np.ndarray, box: list[float], polygon: list[float]) -> list[float]:
+@dataclass
+class InkWindow:
+    """The page around one detection, as snap_to_ink reads it: `origin` (left, top) of the
+    window on the page, the mask's outline rasterised in it (`mask`), and the ink's outline at
+    each of the levels (`candidates`: level, binary of the window's size)."""
+
+    origin: tuple[int, int]
+    mask: np.ndarray
+    candidates: list[tuple[float, np.ndarray]]
+    coverage: np.ndarray | None = None  # the ink's share at each pixel: the paper's level 0, the ink's 1
+    ring: np.ndarray | None = None  # the paper around the mask
+    contrast: float = 0.0  # RGB distance (of 255) between the paper's level and the ink's
+    part_shares: list[float] = field(default_factory=list)  # per candidate: its largest part's share of the ink
+    hole_shares: list[float] = field(default_factory=list)  # per candidate: its filled holes' share of it
+
+
+def snap_to_ink(rgb: np.ndarray, box: list[float], polygon: list[float], learned: bool = False) -> list[float]:
     """POLYGON (a flat outline from the mask of a character detected in BOX, x1 y1 x2 y2) moved
     onto the ink's edge on RGB (H x W x 3 uint8, the page), or POLYGON itself where the ink
-    does not agree with it (module docstring)."""
+    does not agree with it; LEARNED: at the level choose_level picks (module docstring)."""
+    if learned:
+        window = ink_window(rgb, box, polygon, CHOSEN_LEVELS, parts=True)
+        best = choose_level(window) if window is not None else None
+    else:
+        window = ink_window(rgb, box, polygon)
+        best = most_agreeing(window) if window is not None else None
+    if best is None:
+        return polygon
+    return window_outline(best, window) or polygon
+
+
+def most_agreeing(window: InkWindow) -> np.ndarray | None:
+    """The ink's outline (of WINDOW's candidates) that agrees best with the mask, at AGREEMENT
+    at least; None if none does."""
+    best, agreement = None, AGREEMENT
+    for _, ink in window.candidates:
+        overlap = iou(ink, window.mask)
+        if overlap >= agreement:
+            best, agreement = ink, overlap
+    return best
+
+
+def choose_level(window: InkWindow) -> np.ndarray | None:
+    """The ink's outline (of WINDOW's candidates, one per CHOSEN_LEVELS) that the learned chooser
+    scores highest: each candidate's features (level_features) weighed, through
+    ink_chooser_weights.WEIGHTS, by the window's (window_features). None if it agrees with the
+    mask at less than AGREEMENT."""
+    levels = level_features(window)
+    scores = levels @ np.asarray(ink_chooser_weights.WEIGHTS, np.float32) @ window_features(window)
+    best = int(np.argmax(scores))
+    return window.candidates[best][1] if levels[best, 2] >= AGREEMENT else None
+
+
+def window_features(window: InkWindow) -> np.ndarray:
+    """What the chooser knows of the window: a constant, its height (log px), the paper's noise
+    and the mean gradient along the mask's outline (both in the ink's share), the mask's mean
+    share of ink, and the contrast between paper and ink."""
+    mask, coverage = window.mask, window.coverage
+    edge = _boundary(mask)
+    return np.array([1.0, np.log(mask.shape[0]), np.std(coverage[window.ring]),
+                     _gradient(coverage)[edge].mean() if edge.any() else 0.0, coverage[mask].mean(),
+                     window.contrast], np.float32)
+
+
+def level_features(window: InkWindow) -> np.ndarray:
+    """Each candidate's features (a row per level): the level and its square, its IoU with the
+    mask, its area against the mask's (log), the mean gradient of the ink's share along its
+    outline, the share of the level's ink (within the box) that its largest part holds, and
+    the share of its area that is filled holes."""
+    gradient = _gradient(window.coverage)
+    mask_area = max(int(window.mask.sum()), 1)
+    rows = []
+    for (level, ink), share, holes in zip(window.candidates, window.part_shares, window.hole_shares):
+        edge = _boundary(ink)
+        area = max(int(ink.sum()), 1)
+        rows.append([level, level * level, iou(ink, window.mask), np.log(area / mask_area),
+                     gradient[edge].mean() if edge.any() else 0.0, share, holes])
+    return np.array(rows, np.float32)
+
+
+def ink_window(rgb: np.ndarray, box: list[float], polygon: list[float], levels: tuple[float, ...] = INK_LEVELS,
+               parts: bool = False) -> InkWindow | None:
+    """The window of RGB around BOX with POLYGON's mask and the ink's outline at each of LEVELS
+    (filled, largest part, within the box grown by a pixel); PARTS: also what each level's
+    largest part leaves out and fills (for choose_level). None where no ink can be told from the
+    paper there (too small, no ring of paper, too little contrast)."""
     height, width = rgb.shape[:2]
     x1, y1, x2, y2 = box
     left, top = max(int(np.floor(x1)) - WINDOW, 0), max(int(np.floor(y1)) - WINDOW, 0)
     right, bottom = min(int(np.ceil(x2)) + WINDOW, width), min(int(np.ceil(y2)) + WINDOW, height)
     if len(polygon) < 6 or right - left < 3 or bottom - top < 3:
-        return polygon
+        return None
     crop = rgb[top:bottom, left:right].astype(np.float32)
     shifted = np.asarray(polygon, dtype=np.float64).reshape(-1, 2) - (left, top)
     mask = polygons_to_masks([shifted], bottom - top, right - left)[0].numpy().astype(bool)
     ring = ~cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     if mask.sum() < 3 or ring.sum() < 4:
-        return polygon
+        return None
     paper = np.median(crop[ring], axis=0)
     towards_ink = crop[mask].mean(axis=0) - paper
     if np.linalg.norm(towards_ink) < MIN_CONTRAST:
-        return polygon
+        return None
     inkness = (crop - paper) @ (towards_ink / np.dot(towards_ink, towards_ink))  # paper 0, the mask's mean 1
     low, high = _rank(inkness[ring], 50), _rank(inkness[mask], INK_PERCENTILE)
     near = np.zeros_like(mask)  # the box grown by a pixel
     near[max(int(np.floor(y1)) - 1 - top, 0):int(np.ceil(y2)) + 1 - top,
          max(int(np.floor(x1)) - 1 - left, 0):int(np.ceil(x2)) + 1 - left] = True
-    best, agreement = None, AGREEMENT
-    for level in INK_LEVELS:
-        ink = _filled_largest_part((inkness > low + level * (high - low)) & near)
-        union = (ink | mask).sum()
-        overlap = (ink & mask).sum() / union if union else 0.0
-        if overlap >= agreement:
-            best, agreement = ink, overlap
-    outlines = edge_outlines(best) if best is not None else []
+    window = InkWindow(origin=(left, top), mask=mask, candidates=[], ring=ring,
+                       coverage=(inkness - low) / max(high - low, 1e-6),
+                       contrast=float(np.linalg.norm(towards_ink)) / 255 * (high - low))
+    for level in levels:
+        ink = (inkness > low + level * (high - low)) & near
+        if parts:
+            ink, share = _largest_part(ink)
+            whole = filled(ink)
+            window.part_shares.append(share)
+            window.hole_shares.append(float((whole.sum() - ink.sum()) / max(whole.sum(), 1)))
+            window.candidates.append((level, whole))
+        else:
+            window.candidates.append((level, _filled_largest_part(ink)))
+    return window
+
+
+def window_outline(binary: np.ndarray, window: InkWindow) -> list[float]:
+    """BINARY's (a binary of WINDOW's size) first outer outline on the page, flat; [] if empty."""
+    outlines = edge_outlines(binary)
     if not outlines:
-        return polygon
-    return flat_polygon(outlines[0] + np.array([left, top], dtype=np.float32))
+        return []
+    return flat_polygon(outlines[0] + np.array(window.origin, dtype=np.float32))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two binaries of one shape (0 when both are empty)."""
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
 
 
 def _rank(values: np.ndarray, percent: float) -> float:
@@ -71,6 +180,27 @@ def _rank(values: np.ndarray, percent: float) -> float:
     a tenth of a millisecond a character, changes nothing here)."""
     k = round(percent / 100 * (len(values) - 1))
     return float(np.partition(values, k)[k])
+
+
+def _largest_part(binary: np.ndarray) -> tuple[np.ndarray, float]:
+    """The largest 8-connected part of BINARY (by pixels), and its share of BINARY's pixels."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return binary, 1.0
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    largest = int(np.argmax(areas))
+    return labels == largest + 1, float(areas[largest] / areas.sum())
+
+
+def _boundary(binary: np.ndarray) -> np.ndarray:
+    """BINARY's pixels with a pixel outside it among their eight neighbours (or the window's edge)."""
+    return binary & ~cv2.erode(binary.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+
+def _gradient(values: np.ndarray) -> np.ndarray:
+    """The gradient's magnitude of VALUES (float32), by 3x3 Sobel filters."""
+    values = values.astype(np.float32)
+    return np.hypot(cv2.Sobel(values, cv2.CV_32F, 1, 0), cv2.Sobel(values, cv2.CV_32F, 0, 1))
 
 
 def _filled_largest_part(binary: np.ndarray) -> np.ndarray:

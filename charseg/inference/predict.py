@@ -100,9 +100,9 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
     above `score_threshold`.
 
     Box-sized masks (`box_masks` over their `mask_frames`, charseg's default) become polygons
-    directly, clipped to the image, and with OUTLINE "ink" snapped to the ink's edge on the
-    page (outlines.snap_to_ink; ModelSpec.outline); stock full-image `masks` are traced as they
-    are. Instances whose mask is empty are dropped.
+    directly, clipped to the image, and with OUTLINE "learned" or "ink" snapped to the ink's edge
+    on the page (outlines.snap_to_ink; ModelSpec.outline); stock full-image `masks` are traced as
+    they are. Instances whose mask is empty are dropped.
     """
     if "box_masks" not in output and "masks" not in output:
         return []  # a page at the limit, not outlined: it is read again (unoutlined_at_limit)
@@ -116,8 +116,8 @@ def output_to_instances(output: dict[str, torch.Tensor], score_threshold: float,
     for idx in keep:
         if box_masks is not None:
             polygon = box_mask_to_polygon(box_masks[idx], frames[idx], MASK_THRESHOLD, bounds=image_size)
-            if outline == "ink" and polygon:
-                polygon = snap_to_ink(rgb, boxes[idx], polygon)
+            if outline != "mask" and polygon:
+                polygon = snap_to_ink(rgb, boxes[idx], polygon, learned=outline == "learned")
         else:
             polygon = mask_to_polygon(output["masks"][idx, 0].cpu().numpy() >= MASK_THRESHOLD)
         if polygon:

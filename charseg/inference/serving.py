@@ -56,7 +56,7 @@ class CharsegPredictor:
         loaded model's), `detections_per_img` (most instances per image; 0: the model's, raised
         for an image that reaches it: predict_following_page) and
         `max_size` (the longest page side at the model's input; 0: the model's) and `outline`
-        (ink or mask: how masks become outlines, ModelSpec.outline; "": the model's) for this call.
+        (learned, ink or mask: how masks become outlines, ModelSpec.outline; "": the model's) for this call.
         An image whose detections reach that limit, or that the input cap shrinks below the
         model's page scale, is logged with a warning.
         """

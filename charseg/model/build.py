@@ -114,8 +114,9 @@ class ModelSpec:
     # every side (PolygonRoIHeads.grown_for_masks); the reported box is not grown. 0: in the box
     # itself, as checkpoints without this field do.
     mask_box_margin: float = 0.0
-    # How inference outlines each mask (inference/outlines.py): "ink" snaps the mask's contour to
-    # the ink's edge on the page where the two agree; "mask" keeps the mask's own contour, as
+    # How inference outlines each mask (inference/outlines.py): "learned" and "ink" snap the mask's
+    # contour to the ink's edge on the page where the two agree (at the level a learned chooser
+    # picks, or at the one agreeing best with the mask); "mask" keeps the mask's own contour, as
     # checkpoints without this field do.
     outline: str = "mask"
 
