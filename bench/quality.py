@@ -14,8 +14,9 @@ other fonts, rotation, texture, blur, noise, annotator polygons) and on the trai
 generator's own held-back pages, and on pages in fonts and backgrounds no generator here uses
 (`generate --held-out --unseen`: needs `pip install 'charseg[fonts]'`); charseg's model also on a
 2048 px page of held-out lines in small type and on a scanned document page (`--document`). The
-same trained model is also read each page once at its scale, with
-masks outlined in the detected box itself, and at --scale-test 0 (VARIANTS, a row each). Prints
+same trained model is also read with the ink rule's and the masks' own outlines, each page once
+at its scale, with masks outlined in the detected box itself, and at --scale-test 0 (VARIANTS, a
+row each). Prints
 the figures and writes docs/QUALITY.md with the outlines of the pages where charseg does best
 and worst, drawn over the annotations. A script, not a test: run it alone.
 """
@@ -63,10 +64,10 @@ UNSEEN_SEED = 2027  # as many pages in unseen fonts, on unseen backgrounds (`gen
 DOCUMENT = {"size": (2048, 2048), "font_sizes": (10, 18), "seed": 7}
 DOCUMENT_DETECTIONS = 2500
 # Scanned document pages (`generate --held-out --document`, its default size and type): paragraphs
-# of full lines, as users scan them; read by the model as users get it and with --outline mask only,
+# of full lines, as users scan them; read by the model as users get it and with --outline ink only,
 # since each reading of a page's thousands of characters takes a minute.
 SCAN = {"pages": 4, "seed": 7, "detections": 25000,
-        "variants": ("charseg", "charseg, outlines of the masks alone (--outline mask)")}
+        "variants": ("charseg", "charseg, the ink's level agreeing best with the mask (--outline ink)")}
 # The longer recipe (docs/QUALITY_LONG.md): the demo's, on more pages for twice the epochs
 # (about 40 minutes on 2 cores).
 LONG = {"num_images": 400, "epochs": 10}
@@ -74,8 +75,10 @@ LONG = {"num_images": 400, "epochs": 10}
 # fixed_scale: no second, enlarged reading of a page of small characters; mask_box_margin 0:
 # masks outlined in the detected box itself, as checkpoints before the margin; scale_test 0:
 # pages resized to --min-size, as stock resizes them; outline mask: each mask's own contour, not
-# snapped to the ink (inference/outlines.py), as checkpoints before the rule.
-VARIANTS = {"charseg, outlines of the masks alone (--outline mask)": {"outline": "mask"},
+# snapped to the ink (inference/outlines.py), as checkpoints before the rule; outline ink: snapped
+# at the level agreeing best with the mask, not at the learned chooser's (new runs' rule).
+VARIANTS = {"charseg, the ink's level agreeing best with the mask (--outline ink)": {"outline": "ink"},
+            "charseg, outlines of the masks alone (--outline mask)": {"outline": "mask"},
             "charseg, each page once at the checkpoint's scale": {"fixed_scale": True},
             "charseg, masks in the detected box itself": {"mask_box_margin": 0.0},
             "charseg, --scale-test 0": {"scale_test": 0.0}}
