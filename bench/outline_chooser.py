@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import textwrap
 from datetime import date
 from pathlib import Path
 
@@ -99,8 +100,9 @@ def fit(features: np.ndarray, ious: np.ndarray, steps: int = 1000) -> np.ndarray
 
 def write_weights(out: Path, weights: np.ndarray, provenance: str) -> None:
     rows = ",\n    ".join("(" + ", ".join(f"{v:.6g}" for v in row) + ")" for row in weights)
-    out.write_text(f'''"""Weights of the learned outline rule (outlines.choose_level), written by bench/outline_chooser.py:
-{provenance}
+    provenance = "\n".join(textwrap.wrap(provenance, 96))
+    out.write_text(f'''"""Weights of the learned outline rule (outlines.choose_level), written by
+bench/outline_chooser.py: {provenance}
 Do not edit by hand: run the script again."""
 
 LEVELS = {tuple(float(v) for v in CHOSEN_LEVELS)}
@@ -125,8 +127,9 @@ def main() -> None:
     weights = fit(features, ious)
     picked = np.einsum("ncij,ij->nc", features, weights).argmax(1)
     got = ious[np.arange(len(ious)), picked]
+    at_half = ious[:, CHOSEN_LEVELS.index(0.5)]
     print(f"{len(ious)} detections; IoU >= 0.75: picked {(got >= 0.75).mean():.3f}, "
-          f"level 0.5 {(ious[:, CHOSEN_LEVELS.index(0.5)] >= 0.75).mean():.3f}, best {(ious.max(1) >= 0.75).mean():.3f}")
+          f"level 0.5 {(at_half >= 0.75).mean():.3f}, best {(ious.max(1) >= 0.75).mean():.3f}")
     write_weights(args.out, weights, f"{date.today().isoformat()}, `python bench/outline_chooser.py MODEL --pages "
                                      f"{args.pages} --seed {args.seed}` with MODEL {args.model}, "
                                      f"{len(ious)} detections.")

@@ -104,7 +104,8 @@ def main() -> None:
     print("| choice of level | segm_AP50 | segm_AP75 | segm_AP | char_f1 | detections on a character | IoU >= 0.75 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for rule, label, lv in (("ink", "the ink rule (agreeing best with the mask)", (0.5,)),
-                            ("learned", "the learned rule (outlines.choose_level)", (0.5,)), ("fixed", "level 0.5", (0.5,)),
+                            ("learned", "the learned rule (outlines.choose_level)", (0.5,)),
+                            ("fixed", "level 0.5", (0.5,)),
                             ("oracle", f"oracle: best of {args.levels} levels or the mask", levels)):
         chooser = Chooser(rule, lv)
         m = score(model, samples, chooser, spec.detections_per_img)
