@@ -51,7 +51,7 @@ class InkWindow:
     ring: np.ndarray | None = None  # the paper around the mask
     contrast: float = 0.0  # RGB distance (of 255) between the paper's level and the ink's
     part_shares: list[float] = field(default_factory=list)  # per candidate: its largest part's share of the ink
-    part_areas: list[int] = field(default_factory=list)  # per candidate: that part's pixels, before its holes are filled
+    part_areas: list[int] = field(default_factory=list)  # per candidate: that part's pixels, holes not filled
     gradient: np.ndarray | None = None  # the gradient's magnitude of `coverage`
 
 
