@@ -70,7 +70,7 @@ def tracked(choices: TrackingChoices, output_dir: str, lineage: ckpt.Lineage,
         click.echo(f"best {result.best['metric']} {result.best['value']:.4f} at epoch {result.best['epoch']}: {where}")
     if result.heldout:
         click.echo("held-out pages (final model): " + ", ".join(
-            f"{k} {result.heldout[k]:.3f}" for k in ("segm_AP50", "char_f1", "bbox_AP50", "segm_AP")))
+            f"{k} {result.heldout[k]:.3f}" for k in ("segm_AP50", "segm_AP75", "segm_AP", "char_f1", "bbox_AP50")))
     if registration:
         click.echo(registration.message)
     echo_run(run_id)

@@ -156,8 +156,11 @@ def test_best_checkpoint_survives_resume(tiny_dataset, tmp_path):
 def test_predict_round_trip(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["train", str(tiny_dataset), *LIGHT_ARGS, "--epochs", "3",
-                                      "--output-dir", str(out)])
+                                      "--output-dir", str(out), "--heldout-dir", str(tiny_dataset)])
     assert result.exit_code == 0, result.output
+    # the final model on the held-out pages, AP75 among what the command prints (README's demo output)
+    assert re.search(r"held-out pages \(final model\): segm_AP50 [\d.]+, segm_AP75 [\d.]+, segm_AP [\d.]+, "
+                     r"char_f1 [\d.]+, bbox_AP50 [\d.]+", result.output), result.output
     pred = tmp_path / "pred"
     result = CliRunner().invoke(cli, ["predict", str(tiny_dataset / "images"), "--model", str(out / "model_final.pth"),
                                       "--out", str(pred), "--score-threshold", "0.05", "--format", "coco",
