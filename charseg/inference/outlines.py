@@ -36,13 +36,15 @@ INK_PERCENTILE = 90  # the ink's level: this percentile of the mask's pixels (th
 MIN_CONTRAST = 8.0  # RGB distance (of 255) between the mask's mean colour and the paper's, below which no ink is seen
 WINDOW = 2  # px around the box read for the paper; the ink's outline stays within 1 px of the box
 CHOSEN_LEVELS = ink_chooser_weights.LEVELS  # the learned rule's levels, as its weights were learned
+_CHOOSER_WEIGHTS = np.asarray(ink_chooser_weights.WEIGHTS, np.float32)  # level features x window features
 
 
 @dataclass
 class InkWindow:
     """The page around one detection, as snap_to_ink reads it: `origin` (left, top) of the
     window on the page, the mask's outline rasterised in it (`mask`), and the ink's outline at
-    each of the levels (`candidates`: level, binary of the window's size)."""
+    each of the levels (`candidates`: level, binary of the window's size). The fields after
+    those are what choose_level reads; ink_window fills them only when asked (`parts`)."""
 
     origin: tuple[int, int]
     mask: np.ndarray
@@ -87,7 +89,7 @@ def choose_level(window: InkWindow) -> np.ndarray | None:
     ink_chooser_weights.WEIGHTS, by the window's (window_features). None if it agrees with the
     mask at less than AGREEMENT."""
     levels = level_features(window)
-    scores = levels @ np.asarray(ink_chooser_weights.WEIGHTS, np.float32) @ window_features(window)
+    scores = levels @ _CHOOSER_WEIGHTS @ window_features(window)
     best = int(np.argmax(scores))
     return window.candidates[best][1] if levels[best, 2] >= AGREEMENT else None
 
@@ -145,10 +147,10 @@ def ink_window(rgb: np.ndarray, box: list[float], polygon: list[float], levels: 
     near = np.zeros_like(mask)  # the box grown by a pixel
     near[max(int(np.floor(y1)) - 1 - top, 0):int(np.ceil(y2)) + 1 - top,
          max(int(np.floor(x1)) - 1 - left, 0):int(np.ceil(x2)) + 1 - left] = True
-    window = InkWindow(origin=(left, top), mask=mask, candidates=[], ring=ring,
-                       coverage=(inkness - low) / max(high - low, 1e-6),
-                       contrast=float(np.linalg.norm(towards_ink)) / 255 * (high - low))
+    window = InkWindow(origin=(left, top), mask=mask, candidates=[])
     if parts:
+        window.ring, window.coverage = ring, (inkness - low) / max(high - low, 1e-6)
+        window.contrast = float(np.linalg.norm(towards_ink)) / 255 * (high - low)
         window.gradient = _gradient(window.coverage)
     for level in levels:
         ink = (inkness > low + level * (high - low)) & near
