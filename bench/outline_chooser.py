@@ -1,6 +1,7 @@
 """Learn the weights of the `learned` outline rule (inference/outlines.py choose_level).
 
-    python bench/outline_chooser.py MODEL [--pages 240] [--seed 5] [--out charseg/inference/ink_chooser_weights.py]
+    python bench/outline_chooser.py MODEL [--pages 240] [--seed 5] [--hidden 8]
+                                          [--out charseg/inference/ink_chooser_weights.py]
 
 Makes PAGES pages of the training generator (lines in its own fonts, rotated up to 8 degrees,
 glyphs of 10-26 px, outlined where they land), each then changed by training's photometric
@@ -8,12 +9,13 @@ augmentation (contrast, gamma, blur on half of them, noise: the polygons stay ex
 held-out set's generator or annotator is seen. Runs MODEL over them (fp32) and, for each
 detection whose mask overlaps a character at IoU 0.3 or more, outlines the ink at each of
 CHOSEN_LEVELS (outlines.ink_window) and notes each outline's IoU with the character. Fits a
-linear scorer over the products of each level's features and the window's
-(outlines.level_features x outlines.window_features) that maximises the expected COCO-style
-reward of its softmax choice (the share of IoU thresholds 0.50:0.05:0.95 the chosen outline
-reaches), and writes its weights, standardisation folded in, to OUT. Prints the share of
-detections at IoU >= 0.75 with the level it picks, at level 0.5, and at the best level.
-docs/FROM_SCRATCH.md measures the rule on held-out pages. A script, not a test.
+scorer of each level (one layer of HIDDEN tanh units over the level's and the window's features,
+outlines.chooser_inputs) that maximises the expected COCO-style reward of its softmax choice
+(the share of IoU thresholds 0.50:0.05:0.95 the chosen outline reaches), and writes its weights,
+standardisation folded in, to OUT. Prints the share of detections at IoU >= 0.75 with the level
+it picks, at level 0.5, and at the best level. --validation-seed scores the fit on other pages
+of the same generator (how HIDDEN was chosen). docs/FROM_SCRATCH.md measures the rule on
+held-out pages. A script, not a test.
 """
 
 from __future__ import annotations
@@ -37,14 +39,14 @@ from charseg.data.dataset import load_dataset_report  # noqa: E402
 from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.images import load_image_rgb  # noqa: E402
 from charseg.data.loading import image_to_tensor  # noqa: E402
-from charseg.inference.outlines import (CHOSEN_LEVELS, ink_window, iou, level_features,  # noqa: E402
-                                        window_features)
+from charseg.inference.outlines import (CHOSEN_LEVELS, chooser_inputs, ink_window, iou,  # noqa: E402
+                                        level_features, window_features)
 from charseg.inference.predict import load_model_for_inference, output_to_instances  # noqa: E402
 from charseg.polygons import polygons_to_masks  # noqa: E402
 
 THRESHOLDS = np.arange(0.5, 0.96, 0.05)  # COCO's IoU thresholds
 TEMPERATURE = 0.1  # of the softmax choice while fitting
-L2 = 1e-3
+WEIGHT_DECAY = 1e-4
 
 
 def make_pages(out: Path, pages: int, seed: int) -> None:
@@ -58,8 +60,8 @@ def make_pages(out: Path, pages: int, seed: int) -> None:
 
 @torch.inference_mode()
 def examples(model: torch.nn.Module, data: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Per detection on a character: its (levels x level features x window features) products,
-    and each level's IoU with the character."""
+    """Per detection on a character: the chooser's inputs (levels x features), and each level's
+    IoU with the character."""
     features, ious = [], []
     for sample in load_dataset_report(data).samples:
         rgb = load_image_rgb(sample.image_path)
@@ -74,43 +76,68 @@ def examples(model: torch.nn.Module, data: Path) -> tuple[np.ndarray, np.ndarray
             truth = max((t[top:top + h, left:left + w] for t in truths), key=lambda t: iou(t, window.mask))
             if iou(truth, window.mask) < 0.3:
                 continue
-            features.append(np.einsum("ci,j->cij", level_features(window), window_features(window)))
+            features.append(chooser_inputs(level_features(window), window_features(window)))
             ious.append([iou(ink, truth) for _, ink in window.candidates])
     return np.stack(features), np.array(ious, np.float32)
 
 
-def fit(features: np.ndarray, ious: np.ndarray, steps: int = 1000) -> np.ndarray:
-    """The weights (level features x window features), standardisation folded in."""
-    shape = features.shape[2:]
-    features = features.reshape(*features.shape[:2], -1)
+def fit(features: np.ndarray, ious: np.ndarray, hidden: int, steps: int = 1500) -> dict[str, np.ndarray]:
+    """The chooser's weights (HIDDEN, HIDDEN_BIAS, OUTPUT), the inputs' standardisation folded in."""
+    torch.manual_seed(0)
     flat = features.reshape(-1, features.shape[-1])
     mean, spread = flat.mean(0), flat.std(0) + 1e-6
     x = torch.tensor((features - mean) / spread, dtype=torch.float32)
     reward = torch.tensor((ious[..., None] >= THRESHOLDS).mean(-1), dtype=torch.float32)
-    weights = torch.zeros(x.shape[-1], requires_grad=True)
-    optimizer = torch.optim.Adam([weights], lr=0.05)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[-1], hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=WEIGHT_DECAY)
     for _ in range(steps):
-        chosen = torch.softmax(x @ weights / TEMPERATURE, dim=1)
-        loss = -(chosen * reward).sum(1).mean() + L2 * (weights * weights).sum()
+        chosen = torch.softmax(net(x).squeeze(-1) / TEMPERATURE, dim=1)
+        loss = -(chosen * reward).sum(1).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (weights.detach().numpy() / spread).reshape(shape)
+    weights = net[0].weight.detach().numpy().T.astype(np.float64)  # inputs x hidden
+    bias = net[0].bias.detach().numpy().astype(np.float64)
+    return {"HIDDEN": weights / spread[:, None], "HIDDEN_BIAS": bias - (mean / spread) @ weights,
+            "OUTPUT": net[2].weight.detach().numpy()[0].astype(np.float64)}
 
 
-def write_weights(out: Path, weights: np.ndarray, provenance: str) -> None:
-    rows = ",\n    ".join("(" + ", ".join(f"{v:.6g}" for v in row) + ")" for row in weights)
-    provenance = "\n".join(textwrap.wrap(provenance, 96))
+def scores(features: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """The fitted chooser's score of every level of every detection (as outlines.chooser_scores)."""
+    return np.tanh(features @ weights["HIDDEN"] + weights["HIDDEN_BIAS"]) @ weights["OUTPUT"]
+
+
+def report(name: str, features: np.ndarray, ious: np.ndarray, weights: dict[str, np.ndarray]) -> None:
+    got = ious[np.arange(len(ious)), scores(features, weights).argmax(1)]
+    at_half = ious[:, CHOSEN_LEVELS.index(0.5)]
+    print(f"{name}: {len(ious)} detections; IoU >= 0.75: picked {(got >= 0.75).mean():.3f}, "
+          f"level 0.5 {(at_half >= 0.75).mean():.3f}, best {(ious.max(1) >= 0.75).mean():.3f}; "
+          f"mean COCO reward picked {(got[:, None] >= THRESHOLDS).mean():.3f}")
+
+
+def write_weights(out: Path, weights: dict[str, np.ndarray], provenance: str) -> None:
+    def rows(array: np.ndarray) -> str:
+        if array.ndim == 1:
+            return "(" + ", ".join(f"{v:.6g}" for v in array) + ")"
+        return "(\n    " + ",\n    ".join(rows(row) for row in array) + ",\n)"
+    provenance = textwrap.fill(f"bench/outline_chooser.py: {provenance}", 100)
     out.write_text(f'''"""Weights of the learned outline rule (outlines.choose_level), written by
-bench/outline_chooser.py: {provenance}
+{provenance}
 Do not edit by hand: run the script again."""
 
 LEVELS = {tuple(float(v) for v in CHOSEN_LEVELS)}
-# WEIGHTS[i][j]: level feature i (outlines.level_features) times window feature j (outlines.window_features)
-WEIGHTS = (
-    {rows},
-)
+# HIDDEN[i][k]: input i (outlines.chooser_inputs: level_features, then window_features) to hidden unit k
+HIDDEN = {rows(weights["HIDDEN"])}
+HIDDEN_BIAS = {rows(weights["HIDDEN_BIAS"])}
+# OUTPUT[k]: hidden unit k (tanh) to the level's score
+OUTPUT = {rows(weights["OUTPUT"])}
 ''')
+
+
+def page_examples(model: torch.nn.Module, pages: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    with tempfile.TemporaryDirectory() as tmp:
+        make_pages(Path(tmp), pages, seed)
+        return examples(model, Path(tmp))
 
 
 def main() -> None:
@@ -118,21 +145,20 @@ def main() -> None:
     parser.add_argument("model", help="A trained checkpoint (the demo's).")
     parser.add_argument("--pages", type=int, default=240, help="Training-generator pages to learn from.")
     parser.add_argument("--seed", type=int, default=5, help="The pages' seed (the demo trains on seed 1's).")
+    parser.add_argument("--hidden", type=int, default=8, help="Tanh units of the chooser.")
+    parser.add_argument("--validation-seed", type=int, default=None,
+                        help="Also score the fit on 80 pages of this seed (the weights are written all the same).")
     parser.add_argument("--out", type=Path, default=ROOT / "charseg" / "inference" / "ink_chooser_weights.py")
     args = parser.parse_args()
     model, _, _ = load_model_for_inference(args.model, torch.device("cpu"))
-    with tempfile.TemporaryDirectory() as tmp:
-        make_pages(Path(tmp), args.pages, args.seed)
-        features, ious = examples(model, Path(tmp))
-    weights = fit(features, ious)
-    picked = np.einsum("ncij,ij->nc", features, weights).argmax(1)
-    got = ious[np.arange(len(ious)), picked]
-    at_half = ious[:, CHOSEN_LEVELS.index(0.5)]
-    print(f"{len(ious)} detections; IoU >= 0.75: picked {(got >= 0.75).mean():.3f}, "
-          f"level 0.5 {(at_half >= 0.75).mean():.3f}, best {(ious.max(1) >= 0.75).mean():.3f}")
+    features, ious = page_examples(model, args.pages, args.seed)
+    weights = fit(features, ious, args.hidden)
+    report("fit pages", features, ious, weights)
+    if args.validation_seed is not None:
+        report("validation pages", *page_examples(model, 80, args.validation_seed), weights)
     write_weights(args.out, weights, f"{date.today().isoformat()}, `python bench/outline_chooser.py MODEL --pages "
-                                     f"{args.pages} --seed {args.seed}` with MODEL {args.model}, "
-                                     f"{len(ious)} detections.")
+                                     f"{args.pages} --seed {args.seed} --hidden {args.hidden}` with MODEL "
+                                     f"{args.model}, {len(ious)} detections.")
     print(f"written to {args.out}")
 
 

@@ -92,19 +92,24 @@ def test_a_glyph_s_outline_encloses_its_counters():
 
 
 def test_the_learned_rule_s_weights_fit_its_features(heldout_pages):
-    """The chooser's weights (written by bench/outline_chooser.py) are one per product of a
-    level's feature and the window's, for the levels they were learned at, and the chooser
-    returns one of the window's outlines."""
+    """The chooser's weights (written by bench/outline_chooser.py) take one input per level
+    feature and window feature, for the levels they were learned at, and score each candidate;
+    the chooser returns one of the window's outlines."""
     from charseg.inference import ink_chooser_weights
-    from charseg.inference.outlines import CHOSEN_LEVELS, choose_level, ink_window, level_features, window_features
+    from charseg.inference.outlines import (CHOSEN_LEVELS, choose_level, chooser_inputs, chooser_scores, ink_window,
+                                            level_features, window_features)
 
     rgb, polygons = heldout_pages[0]
     box = polygon_boxes(polygons[:1])[0]
     window = ink_window(rgb, list(box), flat_polygon(polygons[0]), CHOSEN_LEVELS, parts=True)
     assert tuple(ink_chooser_weights.LEVELS) == CHOSEN_LEVELS
-    assert np.asarray(ink_chooser_weights.WEIGHTS).shape == (level_features(window).shape[1],
-                                                             len(window_features(window)))
-    assert len(level_features(window)) == len(window.candidates) == len(CHOSEN_LEVELS)
+    inputs = chooser_inputs(level_features(window), window_features(window))
+    hidden = np.asarray(ink_chooser_weights.HIDDEN)
+    assert inputs.shape == (len(window.candidates), hidden.shape[0]) and len(window.candidates) == len(CHOSEN_LEVELS)
+    assert np.asarray(ink_chooser_weights.HIDDEN_BIAS).shape == np.asarray(ink_chooser_weights.OUTPUT).shape == (
+        hidden.shape[1],)
+    scores = chooser_scores(inputs)
+    assert scores.shape == (len(CHOSEN_LEVELS),) and np.isfinite(scores).all() and np.ptp(scores) > 0
     chosen = choose_level(window)
     assert any(chosen is ink for _, ink in window.candidates)
 

@@ -10,10 +10,10 @@ text work alike) are outlined on their pixels' edges, as the dataset format outl
 (its outer outline, holes filled). Of a few levels, the one whose outline agrees best with the
 mask's is kept, and only when it agrees at IoU AGREEMENT at least: where the ink cannot be told
 from the paper (faint, textured, touching a neighbour) the mask's own outline stays.
-The `learned` rule outlines the ink at more levels (CHOSEN_LEVELS) and keeps the one a linear
-chooser scores highest (choose_level: features of each level's outline, such as its agreement
-with the mask, its area, the ink's gradient along it and whether the level splits the glyph,
-weighed by features of the window, such as its size, blur and noise). The chooser's weights were
+The `learned` rule outlines the ink at more levels (CHOSEN_LEVELS) and keeps the one a small
+network scores highest (choose_level: from features of each level's outline, such as its
+agreement with the mask, its area, the ink's gradient along it and whether the level splits the
+glyph, beside features of the window, such as its size, blur and noise). The chooser's weights were
 learned against annotated pages of the training generator (ink_chooser_weights.py, written by
 bench/outline_chooser.py); the outline it picks must agree with the mask at AGREEMENT too.
 (docs/FROM_SCRATCH.md measures both; ModelSpec.outline says which rule a model uses.)
@@ -36,7 +36,10 @@ INK_PERCENTILE = 90  # the ink's level: this percentile of the mask's pixels (th
 MIN_CONTRAST = 8.0  # RGB distance (of 255) between the mask's mean colour and the paper's, below which no ink is seen
 WINDOW = 2  # px around the box read for the paper; the ink's outline stays within 1 px of the box
 CHOSEN_LEVELS = ink_chooser_weights.LEVELS  # the learned rule's levels, as its weights were learned
-_CHOOSER_WEIGHTS = np.asarray(ink_chooser_weights.WEIGHTS, np.float32)  # level features x window features
+# The chooser: features (level_features, then window_features) -> tanh(x @ HIDDEN + HIDDEN_BIAS) @ OUTPUT
+_HIDDEN = np.asarray(ink_chooser_weights.HIDDEN, np.float32)
+_HIDDEN_BIAS = np.asarray(ink_chooser_weights.HIDDEN_BIAS, np.float32)
+_OUTPUT = np.asarray(ink_chooser_weights.OUTPUT, np.float32)
 
 
 @dataclass
@@ -85,22 +88,30 @@ def most_agreeing(window: InkWindow) -> np.ndarray | None:
 
 def choose_level(window: InkWindow) -> np.ndarray | None:
     """The ink's outline (of WINDOW's candidates, one per CHOSEN_LEVELS) that the learned chooser
-    scores highest: each candidate's features (level_features) weighed, through
-    ink_chooser_weights.WEIGHTS, by the window's (window_features). None if it agrees with the
-    mask at less than AGREEMENT."""
+    scores highest (chooser_scores). None if it agrees with the mask at less than AGREEMENT."""
     levels = level_features(window)
-    scores = levels @ _CHOOSER_WEIGHTS @ window_features(window)
-    best = int(np.argmax(scores))
+    best = int(np.argmax(chooser_scores(chooser_inputs(levels, window_features(window)))))
     return window.candidates[best][1] if levels[best, 2] >= AGREEMENT else None
 
 
+def chooser_inputs(levels: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """The chooser's input per candidate: its LEVELS row (level_features) beside the WINDOW's features."""
+    return np.concatenate([levels, np.broadcast_to(window, (len(levels), len(window)))], axis=1)
+
+
+def chooser_scores(inputs: np.ndarray) -> np.ndarray:
+    """The learned chooser's score of each candidate (a row of INPUTS, chooser_inputs): one hidden
+    layer of tanh units, weights in ink_chooser_weights.py (their standardisation folded in)."""
+    return np.tanh(inputs @ _HIDDEN + _HIDDEN_BIAS) @ _OUTPUT
+
+
 def window_features(window: InkWindow) -> np.ndarray:
-    """What the chooser knows of the window: a constant, its height (log px), the paper's noise
-    and the mean gradient along the mask's outline (both in the ink's share), the mask's mean
-    share of ink, and the contrast between paper and ink."""
+    """What the chooser knows of the window: its height (log px), the paper's noise and the mean
+    gradient along the mask's outline (both in the ink's share), the mask's mean share of ink,
+    and the contrast between paper and ink."""
     mask, coverage = window.mask, window.coverage
     [edge_gradient] = _mean_along_outlines(mask[None], window.gradient)
-    return np.array([1.0, np.log(mask.shape[0]), np.std(coverage[window.ring]), edge_gradient, coverage[mask].mean(),
+    return np.array([np.log(mask.shape[0]), np.std(coverage[window.ring]), edge_gradient, coverage[mask].mean(),
                      window.contrast], np.float32)
 
 
