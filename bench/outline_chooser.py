@@ -6,16 +6,16 @@
 Makes PAGES pages of the training generator (lines in its own fonts, rotated up to 8 degrees,
 fonts of FONT_SIZE px: down to the small type of scanned pages, outlined where they land), each
 then changed by training's photometric augmentation (contrast, gamma, blur on half of them,
-noise: the polygons stay exact), so no held-out set's generator or annotator is seen. Runs MODEL over them (fp32) and, for each
-detection whose mask overlaps a character at IoU 0.3 or more, outlines the ink at each of
-CHOSEN_LEVELS (outlines.ink_window) and notes each outline's IoU with the character. Fits a
-scorer of each level (one layer of HIDDEN tanh units over the level's and the window's features,
-outlines.chooser_inputs) that maximises the expected COCO-style reward of its softmax choice
-(the share of IoU thresholds 0.50:0.05:0.95 the chosen outline reaches), and writes its weights,
-standardisation folded in, to OUT. Prints the share of detections at IoU >= 0.75 with the level
-it picks, at level 0.5, and at the best level. --validation-seed scores the fit on other pages
-of the same generator (how HIDDEN was chosen). docs/FROM_SCRATCH.md measures the rule on
-held-out pages. A script, not a test.
+noise: the polygons stay exact), so no held-out set's generator or annotator is seen. Runs MODEL
+over them (fp32) and, for each detection whose mask overlaps a character at IoU 0.3 or more,
+outlines the ink at each of CHOSEN_LEVELS (outlines.ink_window) and notes each outline's IoU
+with the character. Fits a scorer of each level (one layer of HIDDEN tanh units over the level's
+and the window's features, outlines.chooser_inputs) that maximises the expected COCO-style
+reward of its softmax choice (the share of IoU thresholds 0.50:0.05:0.95 the chosen outline
+reaches), and writes its weights, standardisation folded in, to OUT. Prints the share of
+detections at IoU >= 0.75 with the level it picks, at level 0.5, and at the best level.
+--validation-seed scores the fit on other pages of the same generator (how HIDDEN was chosen).
+docs/FROM_SCRATCH.md measures the rule on held-out pages. A script, not a test.
 """
 
 from __future__ import annotations
