@@ -39,8 +39,8 @@ from charseg.data.dataset import load_dataset_report  # noqa: E402
 from charseg.data.generate import generate_dataset  # noqa: E402
 from charseg.data.images import load_image_rgb  # noqa: E402
 from charseg.data.loading import image_to_tensor  # noqa: E402
-from charseg.inference.outlines import (CHOSEN_LEVELS, chooser_inputs, ink_window, iou,  # noqa: E402
-                                        level_features, window_features)
+from charseg.inference.outlines import (CHOSEN_LEVELS, chooser_inputs, chooser_scores, ink_window,  # noqa: E402
+                                        iou, level_features, window_features)
 from charseg.inference.predict import load_model_for_inference, output_to_instances  # noqa: E402
 from charseg.polygons import polygons_to_masks  # noqa: E402
 
@@ -103,13 +103,9 @@ def fit(features: np.ndarray, ious: np.ndarray, hidden: int, steps: int = 1500) 
             "OUTPUT": net[2].weight.detach().numpy()[0].astype(np.float64)}
 
 
-def scores(features: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-    """The fitted chooser's score of every level of every detection (as outlines.chooser_scores)."""
-    return np.tanh(features @ weights["HIDDEN"] + weights["HIDDEN_BIAS"]) @ weights["OUTPUT"]
-
-
 def report(name: str, features: np.ndarray, ious: np.ndarray, weights: dict[str, np.ndarray]) -> None:
-    got = ious[np.arange(len(ious)), scores(features, weights).argmax(1)]
+    scores = chooser_scores(features, weights["HIDDEN"], weights["HIDDEN_BIAS"], weights["OUTPUT"])
+    got = ious[np.arange(len(ious)), scores.argmax(1)]
     at_half = ious[:, CHOSEN_LEVELS.index(0.5)]
     print(f"{name}: {len(ious)} detections; IoU >= 0.75: picked {(got >= 0.75).mean():.3f}, "
           f"level 0.5 {(at_half >= 0.75).mean():.3f}, best {(ious.max(1) >= 0.75).mean():.3f}; "

@@ -99,10 +99,12 @@ def chooser_inputs(levels: np.ndarray, window: np.ndarray) -> np.ndarray:
     return np.concatenate([levels, np.broadcast_to(window, (len(levels), len(window)))], axis=1)
 
 
-def chooser_scores(inputs: np.ndarray) -> np.ndarray:
+def chooser_scores(inputs: np.ndarray, hidden: np.ndarray = _HIDDEN, hidden_bias: np.ndarray = _HIDDEN_BIAS,
+                   output: np.ndarray = _OUTPUT) -> np.ndarray:
     """The learned chooser's score of each candidate (a row of INPUTS, chooser_inputs): one hidden
-    layer of tanh units, weights in ink_chooser_weights.py (their standardisation folded in)."""
-    return np.tanh(inputs @ _HIDDEN + _HIDDEN_BIAS) @ _OUTPUT
+    layer of tanh units, weights in ink_chooser_weights.py (their standardisation folded in), or
+    the ones given (bench/outline_chooser.py scores a fit with them)."""
+    return np.tanh(inputs @ hidden + hidden_bias) @ output
 
 
 def window_features(window: InkWindow) -> np.ndarray:
