@@ -82,6 +82,7 @@ BOUNDS = {
     "log_every": Bound(1, 10_000_000, "iterations between loss reports"),
     "world_size": Bound(1, 100_000, "torchrun's processes"),
     "seed": Bound(0, 2**32 - 1, "numpy's seeds"),
+    "recompute_stages": Bound(0, 4, "ResNet has four stages"),
     "early_stop_patience": Bound(0, 100_000, "at most the most epochs; 0 turns early stopping off"),
     "time_budget": Bound(0, 525_600, "minutes: a year; 0 turns the budget off"),
 }
@@ -252,6 +253,10 @@ class TrainConfig:
     # Multi-process training of live BatchNorm (--norm batch from scratch): statistics over the
     # global batch instead of each process's own pages. Frozen BatchNorm and GroupNorm need nothing.
     sync_batchnorm: bool = False
+    # The backbone's lowest stages (1: stem and layer1; up to 4) whose activations are recomputed
+    # in the backward pass instead of kept (model/recompute.py): less memory for more time when
+    # they train (from scratch); the same gradients. 0: every activation kept.
+    recompute_stages: int = 0
     init_checkpoint: str = ""  # fine-tune / resume: the checkpoint the run started from
     # Stopping rules (training/stopping.py), checked after each epoch's validation; the run then
     # writes its final model and ends FINISHED with the reason. Both count across resumes.

@@ -290,6 +290,14 @@ SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchN
                                                     "normalises over the global batch instead of each process's pages")
 
 
+RECOMPUTE_STAGES = _opt(
+    "--recompute-stages", type=bounded("recompute_stages"), metavar="N",
+    help="Recompute the backbone's N lowest stages (1: the stem and layer1, up to 4) in the backward pass instead "
+         "of keeping their activations: less memory for about one more forward pass of them, with the same "
+         "gradients. It pays where those stages train (--weights none) on large pages; 0 keeps everything "
+         "(figures: docs/BENCHMARKS.md).")
+
+
 STOPPING = (
     _opt("--early-stop-patience", type=bounded("early_stop_patience"), metavar="EPOCHS",
          help="Stop after this many epochs without a better --best-metric on the validation pages, then write the "
@@ -318,7 +326,7 @@ def check_replay(given: dict[str, Any]) -> dict[str, Any]:
 
 
 RUN = (OUTPUT, EPOCHS, *HYPER, AUGMENT, *VALIDATION, *REPLAY, *STOPPING, WORKERS, SAVE_EVERY, SAVE_VERSIONED, LOG_EVERY,
-       DEVICE, PRECISION, SYNC_BATCHNORM)
+       DEVICE, PRECISION, SYNC_BATCHNORM, RECOMPUTE_STAGES)
 
 
 def _given(options: dict[str, Any]) -> dict[str, Any]:

@@ -98,6 +98,10 @@ def _print_plan(config: TrainConfig) -> None:
           VAL_DIR, VAL_EVERY, *STOPPING, OUTPUT, WORKERS, LOG_EVERY, DEVICE,
           _opt("--precision", type=click.Choice(PRECISIONS),
                help="Change the run's precision (the resumed run is then not bit-exact) [default: the run's]"),
+          click.option("--recompute-stages", type=bounded("recompute_stages"), default=None, metavar="N",
+                       help="Change how many of the backbone's lowest stages the backward pass recomputes instead of "
+                            "keeping their activations (train's --recompute-stages; the same gradients) "
+                            "[default: the run's]"),
           *TRACKING, REGISTER_AS)
 def resume_command(source: str, epoch: int, register_as: str, **options: Any) -> None:
     """Continue an interrupted run: model, optimizer, LR schedule, epoch and RNG.

@@ -24,6 +24,7 @@ from ..errors import WeightsError, empty_file, reason
 from ..polygons import PIXEL_CENTRE
 from .frozen_norm import fold_frozen_norms
 from .heads import PasteFreeTransform, PixelFPN, PixelMaskPredictor, PolygonMaskRCNN, PolygonRoIHeads
+from .recompute import RecomputingFPN
 from .roi_pool import GatherRoIAlign
 from .rpn import BandedMatchingRPN, Float32Anchors, Float32RPNHead
 
@@ -211,7 +212,7 @@ def build_model(spec: ModelSpec, polygon_native: bool = True) -> MaskRCNN:
         backbone = fpn_backbone(body, spec.trainable_layers, spec.fpn_channels, head_norm)
         return MaskRCNN(backbone, **_heads(spec, head_norm), **spec.detector_kwargs())
     backbone = fpn_backbone(body, spec.trainable_layers, spec.fpn_channels, head_norm,
-                            PixelFPN if spec.mask_pixels else BackboneWithFPN)
+                            PixelFPN if spec.mask_pixels else RecomputingFPN)
     fold_frozen_norms(backbone)
     model = _polygon_mask_rcnn(backbone, spec, **_heads(spec, head_norm))
     # oneDNN's convolutions run channels-last without reordering each input and output.
@@ -290,7 +291,7 @@ def fpn_backbone(body: nn.Module, trainable_layers: int, channels: int, norm_lay
                  kind: type[BackboneWithFPN] = BackboneWithFPN) -> BackboneWithFPN:
     """torchvision's _resnet_fpn_extractor (stages 1-4, P6 by max pooling, the lower stages
     frozen) with `channels` FPN outputs instead of its fixed 256; KIND: BackboneWithFPN or a
-    subclass (PixelFPN)."""
+    subclass (RecomputingFPN, PixelFPN)."""
     layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         layers_to_train.append("bn1")

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, maskrcnn_inference
@@ -33,6 +32,7 @@ from torchvision.ops import roi_align
 from ..config import MAX_PAGE_SCALE
 from ..data.loading import POLYGON_KEYS
 from ..polygons import PIXEL_CENTRE, polygon_mask_targets, unpack_polygons
+from .recompute import RecomputingFPN
 from .roi_pool import float32_features
 from .sampling import ROI_SALT, SeededSampler
 
@@ -263,9 +263,10 @@ def _refine_block(in_channels: int, out_channels: int, dilation: int) -> nn.Sequ
                          nn.GroupNorm(REFINE_GROUPS, out_channels), nn.ReLU(inplace=True))
 
 
-class PixelFPN(BackboneWithFPN):
-    """BackboneWithFPN that also hands on its input (the normalised, batched images) as the
-    feature PIXELS, for a PixelMaskPredictor; RoI pooling reads only its named levels."""
+class PixelFPN(RecomputingFPN):
+    """RecomputingFPN (torchvision's BackboneWithFPN) that also hands on its input (the normalised,
+    batched images) as the feature PIXELS, for a PixelMaskPredictor; RoI pooling reads only its
+    named levels."""
 
     def forward(self, x: torch.Tensor):
         features = super().forward(x)

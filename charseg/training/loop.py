@@ -23,6 +23,7 @@ from ..data.loading import CharacterDataset, EpochShuffleSampler, collate
 from ..errors import CharsegError, DatasetError
 from ..inference.evaluate import METRICS, evaluate, is_better
 from ..model.build import ModelSpec
+from ..model.recompute import set_recompute_stages
 from ..precision import Compute, resolve_compute, resolve_device
 from . import distributed
 from .engine import train_one_epoch
@@ -227,6 +228,7 @@ class _Training:
         compute = compute or resolve_compute(_training_device(config.device), config.precision, training=True)
         device = compute.device
         model.to(device, memory_format=compute.memory_format)
+        set_recompute_stages(model, config.recompute_stages)
         config.precision = compute.precision  # the run records the precision it used
         scaler = compute.loss_scaler()  # its state is in each checkpoint
         if not splits.training:

@@ -35,7 +35,7 @@ FINETUNE_INHERITED = ("lr", "batch_size", "momentum", "weight_decay", "lr_schedu
 # Settings a resume may change: where things are and how fast they run, never the maths.
 RESUME_OVERRIDABLE = ("epochs", "data_dir", "val_dir", "heldout_dir", "replay_dir", "output_dir", "device",
                       "num_workers", "log_every", "save_every_epoch", "save_versioned", "world_size", "sync_batchnorm",
-                      "precision", "val_every", *STOPPING_SETTINGS)
+                      "precision", "recompute_stages", "val_every", *STOPPING_SETTINGS)
 
 
 class TrainingAlreadyComplete(CharsegError):
