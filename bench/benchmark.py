@@ -41,8 +41,13 @@ from charseg.inference.int8 import page_calibration, quantize_model  # noqa: E40
 from charseg.inference.predict import outline_rule, output_to_instances  # noqa: E402
 from charseg.model.architecture import resolve_spec  # noqa: E402
 from charseg.model.build import build_model  # noqa: E402
+from charseg.model.recompute import set_recompute_stages  # noqa: E402
 from charseg.precision import Compute, training_memory_format  # noqa: E402
 
+# The dense scratch step is also measured with this many backbone stages recomputed in the backward
+# pass (--recompute-stages, model/recompute.py): the path RECOMPUTED.
+RECOMPUTE_STAGES = 3
+RECOMPUTED = "charseg-recompute"
 LAYOUTS = {"scratch": "none", "pretrained": "coco"}  # the weights option whose architecture each layout is
 SIZES = {"dense": 1024, "sparse": 256}  # page side; the model input keeps it (min_size = max_size)
 
@@ -73,13 +78,15 @@ def worker(task: str, path: str, page: str, layout: str, data_dir: str, weights:
     model = build_model(spec_for(page, layout, data_dir), polygon_native=not stock)
     model.load_state_dict(torch.load(weights, weights_only=True))
     # charseg-bf16: the same model under autocast; charseg-int8: quantised (bench/precision.py)
-    autocast = Compute(torch.device("cpu"), path.split("-", 1)[1] if path.startswith("charseg-") else "fp32").autocast
+    precision = path.split("-", 1)[1] if path in ("charseg-bf16", "charseg-int8") else "fp32"
+    autocast = Compute(torch.device("cpu"), precision).autocast
     samples = scan_dataset(data_dir).samples
     dataset = CharacterDataset(samples, full_masks=stock)
     if task == "train":
         model.train()
         if not stock:  # the layout charseg trains in on this CPU (its fit does the same)
             model.to(memory_format=training_memory_format(torch.device("cpu")))
+            set_recompute_stages(model, RECOMPUTE_STAGES if path == RECOMPUTED else 0)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
         times = []
         for step in range(steps):
@@ -180,7 +187,8 @@ def measure(dense_chars: int = 1700, dense_steps: int = 3, sparse_steps: int = 6
             if layout == "pretrained":  # at inference both layouts are the same network
                 runs.insert(1, ("inference", "dense", 1))
             for task, page, steps in runs:
-                for path in ("stock", "charseg"):
+                recomputed = (RECOMPUTED,) if (task, page, layout) == ("train", "dense", "scratch") else ()
+                for path in ("stock", "charseg", *recomputed):
                     rows[(task, page, layout, path)] = run_worker(task, path, page, layout, tmp / page, weights,
                                                                   steps)
         loading = loader_figures(tmp / "sparse", workers)
@@ -220,10 +228,11 @@ def render(rows: dict, loading: dict, workers: int, specs: dict) -> str:
               ("inference", "dense"): "dense page: inference to polygons",
               ("train", "sparse"): "sparse 256² pages: training step"}
     for (task, page, layout, path), charseg in rows.items():
-        if path != "charseg":
+        if path == "stock":
             continue
         stock = rows[(task, page, layout, "stock")]
         label = labels[(task, page)] + ("" if task == "inference" else f", {layout.replace('scratch', 'from scratch')}")
+        label += f", charseg with --recompute-stages {RECOMPUTE_STAGES}" if path == RECOMPUTED else ""
         for key, unit in (("seconds", "time"), ("peak_rss_mb", "peak RSS")):
             fmt = (lambda v: f"{v:.2f} s") if key == "seconds" else (lambda v: f"{v:.0f} MB")
             lines.append(f"| {label}: {unit} | {fmt(stock[key])} | {fmt(charseg[key])} | "
