@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quality import (DOCUMENT, HELDOUT_PAGES, HELDOUT_SEED, demo_recipe,  # noqa: E402
+from quality import (DOCUMENT, DOCUMENT_DETECTIONS, HELDOUT_PAGES, HELDOUT_SEED, demo_recipe,  # noqa: E402
                      generate_training_pages, measure_document, parse_setting, read_as)
 from scaling import cpu_description  # noqa: E402  (bench/ is this script's folder)
 
@@ -55,7 +55,7 @@ def run_one(recipe: dict, data: Path, out: Path, heldout: list, document: Path) 
     model, spec = read_as(result.final_checkpoint, {})
     metrics = evaluate(model, heldout, torch.device("cpu"), max_dets=spec.detections_per_img,
                        score_threshold=config.score_threshold).metrics
-    page = measure_document(model, document)
+    page = measure_document(model, document, DOCUMENT_DETECTIONS)
     return {"minutes": minutes, **{m: metrics[m] for m in METRICS},
             **{f"document {m}": page[m] for m in ("segm_AP50", "char_f1")}}
 
