@@ -274,3 +274,59 @@ def test_ctrl_c_while_best_is_written_still_reports_the_validation(tiny_dataset,
         runner.train(light_config(tiny_dataset, tmp_path, epochs=2, val_fraction=0.5), tracker)
     assert tracker.validated == [1]  # logged before stopping
     assert ckpt.load_checkpoint(tmp_path / ckpt.BEST_NAME)["best"]["epoch"] == 1
+
+
+class _FailingModel(torch.nn.Module):
+    """Raises ERROR in the forward pass, or in the backward pass with BACKWARD."""
+
+    def __init__(self, error: Exception, backward: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.error, self.backward = error, backward
+
+    def forward(self, images, targets):
+        if not self.backward:
+            raise self.error
+        error = self.error
+
+        class Fails(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                raise error
+
+        return {"loss_a": Fails.apply(self.weight).sum()}
+
+
+def _one_epoch(model: torch.nn.Module) -> None:
+    from charseg.training.engine import train_one_epoch
+
+    batch = ([torch.zeros(3, 8, 8)] * 2, [{}, {}], ("00003", "00004"))
+    train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), [batch, batch], torch.device("cpu"), 2,
+                    steps_per_epoch=2)
+
+
+@pytest.mark.parametrize("error, backward", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1125899906842624 bytes.\nmore"), False),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+])
+def test_running_out_of_memory_names_the_step_its_images_and_the_options_that_use_less(error, backward):
+    from charseg.training.engine import TrainingOutOfMemoryError
+
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        _one_epoch(_FailingModel(error, backward))
+    message = str(info.value)
+    assert message.startswith("out of memory at epoch 2, step 3 (batch images: 00003, 00004): ")
+    assert str(error).splitlines()[0] in message and "\n" not in message  # the cause's first line only
+    assert "--recompute-stages N" in message and "--batch-size" in message and info.value.__cause__ is error
+
+
+def test_other_errors_in_a_step_pass_unchanged():
+    error = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError) as info:
+        _one_epoch(_FailingModel(error))
+    assert info.value is error

@@ -7,7 +7,7 @@ import contextlib
 import math
 import time
 from collections import defaultdict
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 from tqdm import tqdm
@@ -25,6 +25,33 @@ class NonFiniteLossError(CharsegError):
         parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
         super().__init__(f"non-finite loss at epoch {epoch}, step {step}: {parts}; batch images: "
                          f"{', '.join(image_names)}. Lower --lr, keep --clip-grad-norm on, or check these images")
+
+
+class TrainingOutOfMemoryError(CharsegError):
+    """A training step ran out of memory (the GPU's, or the CPU allocator's where it raises)."""
+
+    def __init__(self, epoch: int, step: int, image_names: list[str], cause: Exception):
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"out of memory at epoch {epoch}, step {step} (batch images: {', '.join(image_names)}): {reason}. "
+            "Keep fewer activations with --recompute-stages N (1-4; a resume may add it), or train with a smaller "
+            "--batch-size, smaller pages (--max-size, --scale-train) or fewer --roi-samples")
+
+
+# What the CPU allocator's error says when an allocation fails (a plain RuntimeError, not torch.OutOfMemoryError).
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(epoch: int, step: int, image_names: list[str]) -> Iterator[None]:
+    """Within it, running out of memory is a TrainingOutOfMemoryError that names the step, its
+    images and the options that use less; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not (isinstance(exc, torch.OutOfMemoryError) or CPU_OUT_OF_MEMORY in str(exc)):
+            raise
+        raise TrainingOutOfMemoryError(epoch, step, list(image_names), exc) from exc
 
 
 # on_step(global_step, losses, lr): called every `log_every` steps with float losses.
@@ -62,18 +89,15 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch}", disable=None, dynamic_ncols=True, leave=True)
     for i, (images, targets, names) in enumerate(bar, start=1):
         step = (epoch - 1) * steps_per_epoch + i
-        images = [img.to(device, non_blocking=True) for img in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with autocast():
-            loss_dict = model(images, targets)
-        if distributed.active():
-            loss_dict = weigh_by_share(loss_dict, unwrap(model))
+        with out_of_memory_explained(epoch, step, names):
+            loss_dict = _batch_losses(model, images, targets, device, autocast)
         loss = sum(loss_dict.values())
         values = global_values({**loss_dict, "loss": loss})
         if not math.isfinite(values["loss"]):
             bar.close()
             raise NonFiniteLossError(epoch, step, values, list(names))
-        optimizer_step(model, optimizer, loss, clip_grad_norm, scaler)
+        with out_of_memory_explained(epoch, step, names):
+            optimizer_step(model, optimizer, loss, clip_grad_norm, scaler)
         lr = optimizer.param_groups[0]["lr"]
         if iteration_scheduler is not None and iteration_scheduler.last_epoch < iteration_steps:
             iteration_scheduler.step()
@@ -91,6 +115,17 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     result.update(lr=optimizer.param_groups[0]["lr"], images=float(n_images), seconds=seconds,
                   images_per_s=n_images / seconds if seconds > 0 else 0.0)
     return result
+
+
+def _batch_losses(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict], device: torch.device,
+                  autocast: Callable[[], ContextManager]) -> dict[str, torch.Tensor]:
+    """The batch moved to DEVICE and through MODEL in training: its losses, under torchrun weighed
+    by this process's share (weigh_by_share)."""
+    images = [img.to(device, non_blocking=True) for img in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    with autocast():
+        loss_dict = model(images, targets)
+    return weigh_by_share(loss_dict, unwrap(model)) if distributed.active() else loss_dict
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
