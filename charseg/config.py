@@ -18,6 +18,7 @@ LOG_CHECKPOINTS = ("all", "last", "none")  # which checkpoints a run logs as MLf
 FINETUNE_LR_FACTOR = 0.2
 LIMITS = ("rpn_proposals_train", "rpn_proposals_test", "detections_per_img")
 ANCHOR_LEVELS = 5  # FPN levels P2-P6, one anchor size each
+RESNET_STAGES = 4  # the backbone's layer1-layer4 (--recompute-stages counts them)
 MAX_ANCHOR = 8192  # px: no page the model reads is larger
 MAX_PAGE_SCALE = 8.0  # --scale-train / --scale-test: beyond this a page is mostly interpolation
 # Most data-loader workers a config may ask for; the command line allows at most the CPU count.
@@ -82,7 +83,7 @@ BOUNDS = {
     "log_every": Bound(1, 10_000_000, "iterations between loss reports"),
     "world_size": Bound(1, 100_000, "torchrun's processes"),
     "seed": Bound(0, 2**32 - 1, "numpy's seeds"),
-    "recompute_stages": Bound(0, 4, "ResNet has four stages"),
+    "recompute_stages": Bound(0, RESNET_STAGES, "ResNet has four stages"),
     "early_stop_patience": Bound(0, 100_000, "at most the most epochs; 0 turns early stopping off"),
     "time_budget": Bound(0, 525_600, "minutes: a year; 0 turns the budget off"),
 }

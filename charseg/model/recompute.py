@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
-STAGES = 4  # ResNet's layer1-layer4
+from ..config import RESNET_STAGES
 
 
 class RecomputingFPN(BackboneWithFPN):
@@ -42,8 +42,8 @@ class RecomputingFPN(BackboneWithFPN):
 def set_recompute_stages(model: nn.Module, stages: int) -> None:
     """Have MODEL's backbone (a RecomputingFPN, as build_model makes it) recompute its STAGES
     lowest stages in training (0: none)."""
-    if not 0 <= stages <= STAGES:
-        raise ValueError(f"recompute_stages must be 0-{STAGES}, got {stages}")
+    if not 0 <= stages <= RESNET_STAGES:
+        raise ValueError(f"recompute_stages must be 0-{RESNET_STAGES}, got {stages}")
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, RecomputingFPN):
         if stages:

@@ -31,7 +31,8 @@ class TrainingOutOfMemoryError(CharsegError):
     """A training step ran out of memory (the GPU's, or the CPU allocator's where it raises)."""
 
     def __init__(self, epoch: int, step: int, image_names: list[str], cause: Exception):
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        text = str(cause).strip()
+        reason = text.splitlines()[0] if text else type(cause).__name__
         super().__init__(
             f"out of memory at epoch {epoch}, step {step} (batch images: {', '.join(image_names)}): {reason}. "
             "Keep fewer activations with --recompute-stages N (1-4; a resume may add it), or train with a smaller "
@@ -91,12 +92,11 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
         step = (epoch - 1) * steps_per_epoch + i
         with out_of_memory_explained(epoch, step, names):
             loss_dict = _batch_losses(model, images, targets, device, autocast)
-        loss = sum(loss_dict.values())
-        values = global_values({**loss_dict, "loss": loss})
-        if not math.isfinite(values["loss"]):
-            bar.close()
-            raise NonFiniteLossError(epoch, step, values, list(names))
-        with out_of_memory_explained(epoch, step, names):
+            loss = sum(loss_dict.values())
+            values = global_values({**loss_dict, "loss": loss})
+            if not math.isfinite(values["loss"]):
+                bar.close()
+                raise NonFiniteLossError(epoch, step, values, list(names))
             optimizer_step(model, optimizer, loss, clip_grad_norm, scaler)
         lr = optimizer.param_groups[0]["lr"]
         if iteration_scheduler is not None and iteration_scheduler.last_epoch < iteration_steps:
