@@ -28,6 +28,38 @@ def test_lines_layout_sets_text_in_lines_and_is_fully_valid(tmp_path):
         assert len({round(t / 8) for t in tops}) < len(tops)  # characters share lines
 
 
+def test_lines_tracking_sets_glyphs_touching_each_keeping_its_own_outline(tmp_path):
+    """`--tracking MIN MAX`: glyphs closer than their advance overlap their neighbours' boxes, each
+    still outlined on its own ink; without it the pages are as before; bad ranges are refused."""
+    from charseg.polygons import polygon_boxes
+
+    def overlapping_neighbours(folder):  # the share of glyphs whose box the next one on its line enters
+        count = total = 0
+        for sample in scan_dataset(folder).samples:
+            boxes = polygon_boxes(sample.polygons)
+            total += len(boxes)
+            for a, b in zip(boxes[:-1], boxes[1:]):  # drawn in reading order: the next glyph on a line
+                count += abs(a[3] - b[3]) < 4 and b[0] < a[2]
+        return count / total
+
+    generate_dataset(tmp_path / "tight", num_images=3, width=160, height=160, chars_per_image=(30, 60),
+                     font_size=(14, 24), layout="lines", seed=0, tracking=(-0.2, -0.1))
+    generate_dataset(tmp_path / "plain", num_images=3, width=160, height=160, chars_per_image=(30, 60),
+                     font_size=(14, 24), layout="lines", seed=0)
+    assert scan_dataset(tmp_path / "tight").summary()["polygons_skipped"] == 0
+    assert overlapping_neighbours(tmp_path / "tight") > 0.25 and overlapping_neighbours(tmp_path / "plain") < 0.05
+    result = CliRunner().invoke(cli, ["generate", str(tmp_path / "cli"), "--layout", "lines", "--num-images", "3",
+                                      "--size", "160", "--chars-per-image", "30-60", "--font-size", "14-24"])
+    assert result.exit_code == 0, result.output  # no --tracking: the default pages
+    same = "annotations/00002.csv"
+    assert (tmp_path / "cli" / same).read_bytes() == (tmp_path / "plain" / same).read_bytes()
+    for bad in ((0.2, 0.1), (-0.5, 0.0)):
+        with pytest.raises(CharsegError, match="tracking must be"):
+            generate_dataset(tmp_path / "bad", layout="lines", tracking=bad)
+    with pytest.raises(CharsegError, match="only with --layout lines"):
+        generate_dataset(tmp_path / "bad", layout="scatter", tracking=(0.0, 0.1))
+
+
 def test_a_rotated_glyph_is_outlined_on_the_rotated_page_not_by_rotating_its_upright_outline():
     canvas = Image.new("L", (40, 40), 0)
     ImageDraw.Draw(canvas).text((12, 10), "W", fill=255, font=load_font(None, 14))  # strokes 1-2 px wide

@@ -7,7 +7,8 @@ from click.core import ParameterSource
 
 from ..data.coco import CHAR_FROM_HELP, export_coco, import_coco
 from ..data.dataset import scan_dataset
-from ..data.generate import LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_ROTATION, MAX_SIDE, generate_dataset
+from ..data.generate import (LAYOUTS, MAX_CHARS, MAX_FONT_SIZE, MAX_IMAGES, MAX_ROTATION, MAX_SIDE,
+                             TRACKING_LIMITS, generate_dataset)
 from ..data.heldout import DOCUMENT_FONT_SIZES, DOCUMENT_SIZE, FONT_SIZES, generate_heldout
 from ..data.unseen import INSTALL_FONTS, generate_unseen
 from .options import SEED, BlankPath, FiniteFloat
@@ -91,6 +92,11 @@ def _range(text: str) -> tuple[int, int]:
               help="lines: rotate each page by up to this many degrees either way and outline each glyph where it "
                    "lands, on the rotated page's pixels (training's --augment rotates polygons drawn on the upright "
                    "page instead, up to half a pixel off the rotated ink).")
+@click.option("--tracking", type=FiniteFloat(min=TRACKING_LIMITS[0], max=TRACKING_LIMITS[1]), nargs=2, default=None,
+              metavar="MIN MAX",
+              help="lines: space each line's glyphs by a share of its font size drawn from MIN to MAX (below 0 "
+                   "neighbours touch or overlap, as in kerned, italic and dense small type), e.g. --tracking -0.08 "
+                   "0.08 for pages like documents [default: 0-2 px, glyphs a little apart].")
 @click.option("--held-out", "held_out", type=click.BOOL, is_flag=False, flag_value=True, default=False,
               metavar="[BOOL]",
               help="Pages for measuring a model, made by another process: lines of text in other fonts, "
@@ -109,8 +115,8 @@ def _range(text: str) -> tuple[int, int]:
                    "px unless --size and --font-size are given.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed; same seed, same dataset.")
 def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: str, font_size: str,
-                     font: str | None, layout: str, rotation: float, held_out: bool, unseen: bool, document: bool,
-                     seed: int) -> None:
+                     font: str | None, layout: str, rotation: float, tracking: tuple[float, float] | None,
+                     held_out: bool, unseen: bool, document: bool, seed: int) -> None:
     """Render a synthetic dataset of characters with polygon annotations into OUT_DIR."""
     try:
         w, _, h = size.lower().partition("x")
@@ -126,6 +132,9 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
     if rotation and (held_out or layout != "lines"):
         raise click.BadParameter("rotates --layout lines pages (held-out pages are rotated by their own process)",
                                  param_hint="--rotation")
+    if tracking and held_out:
+        raise click.BadParameter("spaces --layout lines pages (held-out pages are typeset by their own process)",
+                                 param_hint="--tracking")
     if unseen:
         summary = generate_unseen(out_dir, num_images=num_images, seed=seed, progress=True)
         click.echo(f"wrote {summary.images} unseen-font pages with {summary.characters} characters to "
@@ -144,5 +153,5 @@ def generate_command(out_dir: str, num_images: int, size: str, chars_per_image: 
         return
     summary = generate_dataset(out_dir, num_images=num_images, width=width, height=height, chars_per_image=chars,
                                font_size=sizes, font_path=font, seed=seed, layout=layout, rotation=rotation,
-                               progress=True)
+                               tracking=tracking, progress=True)
     click.echo(f"wrote {summary.images} images with {summary.characters} characters to {summary.out_dir}")

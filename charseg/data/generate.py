@@ -41,6 +41,9 @@ MAX_MISSES = 100
 # `lines` ink is at least this much darker than the paper (0-255): faint, but legible.
 MIN_INK_CONTRAST = 45.0
 MAX_ROTATION = 45.0  # degrees, either way: `lines --rotation` (past this, lines run down the page)
+# `lines --tracking MIN MAX`: space added to each glyph's advance, as a share of the line's font
+# size (below 0 neighbours touch or overlap, as kerned, italic and small dense type does).
+TRACKING_LIMITS = (-0.3, 1.0)
 
 
 @dataclass(frozen=True)
@@ -144,13 +147,15 @@ def _render_glyph(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
 def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 128, height: int = 128,
                      chars_per_image: tuple[int, int] = (3, 8), font_size: tuple[int, int] = (18, 40),
                      font_path: str | None = None, charset: str = DEFAULT_CHARSET, seed: int = 0,
-                     layout: str = "scatter", rotation: float = 0.0, progress: bool = False) -> GenerationSummary:
+                     layout: str = "scatter", rotation: float = 0.0, tracking: tuple[float, float] | None = None,
+                     progress: bool = False) -> GenerationSummary:
     """Render `num_images` pages of characters and their polygons.
 
     layout: "scatter" (single glyphs anywhere, never touching) or "lines" (lines of words in
     TRAINING_FONTS and Pillow's font, or only `font_path` when given; at most the drawn
     number of characters; each page rotated by up to `rotation` degrees either way, its glyphs
-    outlined where they land). Writes OUT_DIR/images/00001.png ... and
+    outlined where they land; with `tracking` (MIN, MAX), each line's glyphs spaced by a share of
+    its font size drawn from that range, instead of 0-2 px). Writes OUT_DIR/images/00001.png ... and
     OUT_DIR/annotations/00001.csv (char,polygon_json). Returns counts of what was written.
     """
     if not (1 <= num_images <= MAX_IMAGES and 8 <= width <= MAX_SIDE and 8 <= height <= MAX_SIDE):
@@ -166,10 +171,12 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
     if not 0 <= rotation <= MAX_ROTATION or (rotation and layout != "lines"):
         raise CharsegError(f"rotation must be 0 to {MAX_ROTATION:g} degrees, and only with --layout lines; "
                            f"got {rotation:g} with {layout}")
+    check_tracking(tracking, layout)
     out = Path(out_dir)
     rng = random.Random(seed)
     fonts = _FontCache([font_path] if font_path else [None, *font_files(TRAINING_FONTS)])
-    render = _render_page if layout == "scatter" else functools.partial(_render_lines, rotation=rotation)
+    render = _render_page if layout == "scatter" else functools.partial(_render_lines, rotation=rotation,
+                                                                          tracking=tracking)
     total = 0
     indices = range(1, num_images + 1)
     if progress:
@@ -180,6 +187,16 @@ def generate_dataset(out_dir: str | Path, *, num_images: int = 20, width: int = 
         write_page(out, f"{index:05d}", page, rows)
         total += len(rows)
     return GenerationSummary(out_dir=out, images=num_images, characters=total)
+
+
+def check_tracking(tracking: tuple[float, float] | None, layout: str) -> None:
+    """Refuse a tracking range outside TRACKING_LIMITS, reversed, or for the scatter layout."""
+    if tracking is None:
+        return
+    lo, hi = tracking
+    if layout != "lines" or not TRACKING_LIMITS[0] <= lo <= hi <= TRACKING_LIMITS[1]:
+        raise CharsegError(f"tracking must be {TRACKING_LIMITS[0]:g} <= min <= max <= {TRACKING_LIMITS[1]:g} "
+                           f"(a share of the font size), and only with --layout lines; got {lo:g} {hi:g} with {layout}")
 
 
 def sample_page(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -251,12 +268,13 @@ def _free_place(rng: random.Random, occupied: np.ndarray, shape: tuple[int, int]
 
 
 def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[int, int],
-                  font_size: tuple[int, int], fonts: _FontCache, charset: str, rotation: float = 0.0
-                  ) -> tuple[np.ndarray, list[tuple]]:
+                  font_size: tuple[int, int], fonts: _FontCache, charset: str, rotation: float = 0.0,
+                  tracking: tuple[float, float] | None = None) -> tuple[np.ndarray, list[tuple]]:
     """Lines of words, each line in one font, size and ink (from black to faint gray), glyph
     by glyph with anti-aliased edges on an unevenly lit, tinted, noisy paper, the page rotated
     by up to `rotation` degrees; a glyph's polygon outlines its pixels (glyph_polygon) where
-    it lands. Stops at the drawn number of characters or the page's end."""
+    it lands; glyphs `tracking` x the font size apart, plus up to a pixel (without it 0-2 px). Stops at
+    the drawn number of characters or the page's end."""
     paper = rng.uniform(150, 255)
     page = _paper(rng, width, height, paper)
     budget, drawn = rng.randint(*count), []  # (glyph, its polygon on the upright page)
@@ -267,10 +285,12 @@ def _render_lines(rng: random.Random, width: int, height: int, *, count: tuple[i
         if y + ascent + descent > height:
             break
         ink = np.array([rng.uniform(0, paper - MIN_INK_CONTRAST)] * 3, dtype=np.float32)
+        spacing = rng.uniform(*tracking) * font.size if tracking else 0.0  # no draw without it: the same pages
         x = rng.uniform(0, font.size)
         while len(drawn) < budget:
             char = " " if rng.random() < 0.15 else rng.choice(charset)
-            advance = font.getlength(char) + rng.uniform(0, 2)
+            advance = max(1.0, font.getlength(char) + spacing + rng.uniform(0, 1)) if tracking else (
+                font.getlength(char) + rng.uniform(0, 2))
             if x + advance > width:
                 break
             placed = _draw_glyph(page, char, font, x, y, ink)
