@@ -36,10 +36,10 @@ def test_every_float_option_is_a_finite_float():
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
 def test_every_float_option_refuses_non_finite_values(tiny_dataset, value):
-    cases = [(name, p.opts[0]) for name, c in sorted(cli.commands.items()) for p in c.params
+    cases = [(name, p.opts[0], p.nargs) for name, c in sorted(cli.commands.items()) for p in c.params
              if isinstance(p.type, FiniteFloat)]
-    for command, option in cases:
-        result = CliRunner().invoke(cli, [command, *minimal_args(command, tiny_dataset), option, value])
+    for command, option, nargs in cases:  # an option of two numbers (generate --tracking) gets the value twice
+        result = CliRunner().invoke(cli, [command, *minimal_args(command, tiny_dataset), option, *[value] * nargs])
         assert result.exit_code == 2, (command, option, result.output)
         assert f"Invalid value for '{option}'" in result.output or "is not a finite number" in result.output, (
             command, option, result.output)
@@ -291,7 +291,8 @@ def test_a_value_past_any_upper_bound_is_refused_at_parse_time(command, tiny_dat
     assert cases
     for param in cases:
         too_big = "1e300" if "float" in param.type.name else "1000000000000"
-        result = CliRunner().invoke(cli, [command, *minimal_args(command, tiny_dataset), param.opts[0], too_big])
+        result = CliRunner().invoke(cli, [command, *minimal_args(command, tiny_dataset), param.opts[0],
+                                          *[too_big] * param.nargs])
         assert result.exit_code == 2, (command, param.opts[0], result.output)
         assert f"Invalid value for '{param.opts[0]}'" in result.output and "Traceback" not in result.output
 
