@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import click
 
-from ..config import (BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, OUTLINES, SETTING_TYPES, TrainConfig,
-                      parse_anchor_sizes)
+from ..config import (BOUNDS, LOG_CHECKPOINTS, LR_SCHEDULES, MAX_PAGE_SCALE, OUTLINES, RESNET_STAGES, SETTING_TYPES,
+                      TrainConfig, parse_anchor_sizes)
 from ..inference.evaluate import METRICS
 from ..precision import INFERENCE_PRECISIONS, PRECISIONS
 from ..precision import resolve as resolve_precision
@@ -292,9 +292,9 @@ SYNC_BATCHNORM = _bool_opt("--sync-batchnorm", help="Under torchrun, live BatchN
 
 RECOMPUTE_STAGES = _opt(
     "--recompute-stages", type=bounded("recompute_stages"), metavar="N",
-    help="Recompute the backbone's N lowest stages (1: the stem and layer1, up to 4) in the backward pass instead "
-         "of keeping their activations: less memory for about one more forward pass of them, with the same "
-         "gradients. It pays where those stages train (--weights none) on large pages; 0 keeps everything "
+    help=f"Recompute the backbone's N lowest stages (1: the stem and layer1, up to {RESNET_STAGES}) in the backward "
+         "pass instead of keeping their activations: less memory for about one more forward pass of them, with the "
+         "same gradients. It pays where those stages train (--weights none) on large pages; 0 keeps everything "
          "(figures: docs/BENCHMARKS.md).")
 
 

@@ -12,6 +12,7 @@ from typing import Callable, ContextManager, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
+from ..config import RESNET_STAGES
 from ..errors import CharsegError
 from ..model.sampling import loss_denominators
 from . import distributed
@@ -35,8 +36,8 @@ class TrainingOutOfMemoryError(CharsegError):
         reason = text.splitlines()[0] if text else type(cause).__name__
         super().__init__(
             f"out of memory at epoch {epoch}, step {step} (batch images: {', '.join(image_names)}): {reason}. "
-            "Keep fewer activations with --recompute-stages N (1-4; a resume may add it), or train with a smaller "
-            "--batch-size, smaller pages (--max-size, --scale-train) or fewer --roi-samples")
+            f"Keep fewer activations with --recompute-stages N (1-{RESNET_STAGES}; a resume may add it), or train "
+            "with a smaller --batch-size, smaller pages (--max-size, --scale-train) or fewer --roi-samples")
 
 
 # What the CPU allocator's error says when an allocation fails (a plain RuntimeError, not torch.OutOfMemoryError).
